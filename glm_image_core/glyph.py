@@ -1,0 +1,110 @@
+"""Glyph text encoding (reference §2 step 4): quoted spans of the prompt -> Glyph-ByT5 (T5 encoder) embeddings.
+
+Reproduces diffusers' ``GlmImagePipeline.get_glyph_texts`` and ``_get_glyph_embeds`` exactly, odd parts included,
+so the DiT sees the same text stream it was trained with. The one deliberate difference is the batch form:
+``encode_glyphs_batch`` also returns a boolean key mask, because the reference's float mask masks nothing
+(diffusers issue 13587).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from .errors import InvalidInputError
+
+# The four quote styles, in the reference's order: all '...' spans first, then “...”, then "...", then 「...」.
+# The order matters: the spans are encoded one after another and their embeddings joined in this order.
+GLYPH_QUOTE_PATTERNS = (
+    re.compile(r"'([^']*)'"),
+    re.compile(r"\u201c([^\u201c\u201d]*)\u201d"),
+    re.compile(r'"([^"]*)"'),
+    re.compile(r"「([^「」]*)」"),
+)
+
+GLYPH_MAX_LENGTH = 2048  # bytes (ByT5 tokens) per span, end-of-sequence token included, as in the reference
+
+
+def extract_glyph_texts(prompt: str) -> list[str]:
+    """The text inside quotes, grouped by quote style (see ``GLYPH_QUOTE_PATTERNS``), not by position in the prompt.
+
+    ``'Hello' and “World”`` -> ``["Hello", "World"]``; empty quotes give an empty span ``""``; no quotes -> ``[]``.
+    """
+    return [span for pattern in GLYPH_QUOTE_PATTERNS for span in pattern.findall(prompt)]
+
+
+def tokenize_glyph_texts(
+    texts: Sequence[str], tokenizer, max_length: int = GLYPH_MAX_LENGTH
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ByT5 token ids of each span, padded into one batch: ``(input_ids, attention_mask)``, both int64 ``[N, L]``.
+
+    No spans -> one empty span ``[""]`` (just the end-of-sequence token). Each span is tokenised on its own and
+    truncated to ``max_length``; shorter rows are right-padded with the pad id and mask 0.
+    """
+    texts = list(texts) or [""]
+    rows = tokenizer(texts, max_length=max_length, truncation=True).input_ids
+    pad_id = tokenizer.pad_token_id
+    # The reference prepends one pad token to EVERY span when the NUMBER OF SPANS is even: it computes
+    # `(len(input_ids) + 1) % 2` on the list of spans, not on each span's length (probably meant per span, to make
+    # lengths even). The prefix is a real position (mask 1) and its encoder output is kept; reproduced as is.
+    prefix = [pad_id] * ((len(rows) + 1) % 2)
+    rows = [prefix + row for row in rows]
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    return input_ids, attention_mask
+
+
+def glyph_texts_for(prompt_or_texts: str | Sequence[str]) -> list[str]:
+    """The spans to encode: extracted from a prompt string, or taken as given (the "glyph text override")."""
+    if isinstance(prompt_or_texts, str):
+        return extract_glyph_texts(prompt_or_texts)
+    return [str(text) for text in prompt_or_texts]
+
+
+@torch.no_grad()
+def encode_glyphs(
+    prompt_or_texts: str | Sequence[str], text_encoder, tokenizer, max_length: int = GLYPH_MAX_LENGTH
+) -> torch.Tensor:
+    """Glyph embeddings of one prompt: ``[1, T, d_model]`` in the encoder's dtype, on its device.
+
+    Args:
+        prompt_or_texts: a prompt (its quoted spans are extracted) or a list of glyph strings used as is
+            (an override; an empty list encodes ``""`` like a prompt without quotes).
+        text_encoder: a ``transformers.T5EncoderModel`` (the Glyph-ByT5 encoder).
+        tokenizer: a ``transformers.ByT5Tokenizer``.
+
+    Every span is encoded in one padded batch; only the non-pad positions are kept and joined span after span,
+    so ``T`` is the total token count (plus the reference's pad prefix, see ``tokenize_glyph_texts``).
+    """
+    input_ids, attention_mask = tokenize_glyph_texts(glyph_texts_for(prompt_or_texts), tokenizer, max_length)
+    device = text_encoder.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    hidden = text_encoder(input_ids, attention_mask=attention_mask).last_hidden_state  # [N, L, C]
+    return hidden[attention_mask.bool()].unsqueeze(0)  # [1, T, C]
+
+
+def encode_glyphs_batch(
+    prompts_or_texts: Sequence[str | Sequence[str]], text_encoder, tokenizer, max_length: int = GLYPH_MAX_LENGTH
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Glyph embeddings of several prompts, padded to one length: ``(embeds [B, Tmax, C], mask [B, Tmax])``.
+
+    Each item is a prompt string or an override list of glyph strings (see ``encode_glyphs``). ``mask`` is bool,
+    True on real tokens. Rows are LEFT-padded with zeros, which makes ``embeds`` identical to the reference's
+    ``_get_glyph_embeds`` for a batch of prompts; with a real key mask in the DiT the padding side does not change
+    the result (text tokens carry no position embedding), so the choice only keeps that identity.
+    """
+    if isinstance(prompts_or_texts, str):
+        prompts_or_texts = [prompts_or_texts]
+    if len(prompts_or_texts) == 0:
+        raise InvalidInputError('encode_glyphs_batch got no prompts; pass a list with at least one prompt (or "").')
+    embeds = [encode_glyphs(item, text_encoder, tokenizer, max_length)[0] for item in prompts_or_texts]  # [T_i, C]
+    width = max(e.shape[0] for e in embeds)
+    out = embeds[0].new_zeros(len(embeds), width, embeds[0].shape[1])  # [B, Tmax, C]
+    mask = torch.zeros(len(embeds), width, dtype=torch.bool, device=out.device)  # [B, Tmax]
+    for i, e in enumerate(embeds):
+        out[i, width - e.shape[0] :] = e
+        mask[i, width - e.shape[0] :] = True
+    return out, mask
