@@ -275,6 +275,7 @@ class GlmImageTransformer2DModel(nn.Module):
         encoder_attention_mask: torch.Tensor | None = None,
         reference_kv: ReferenceKV | None = None,
         collect_kv: list | None = None,
+        attention: AttentionFn | None = None,
     ) -> torch.Tensor:
         """Flow velocity (noise - x0) for a latent.
 
@@ -288,6 +289,7 @@ class GlmImageTransformer2DModel(nn.Module):
         encoder_attention_mask: bool [B, T], True for real glyph tokens; padded ones are never attended to.
         reference_kv: reference-image keys/values to attend to (conditional branch of editing).
         collect_kv: if given, each layer appends its (k, v) here (how `encode_reference` records them).
+        attention: overrides the model's attention function for this call (a host passes per-call options this way).
         Returns [B, out_channels, H, W].
         """
         b, _, height, width = hidden_states.shape
@@ -303,7 +305,7 @@ class GlmImageTransformer2DModel(nn.Module):
             key_mask = torch.cat([encoder_attention_mask.bool(), image_keys.bool()], dim=1)
         for i, block in enumerate(self.transformer_blocks):
             reference = None if reference_kv is None else reference_kv.layers[i]
-            x, text = block(x, text, temb, rope, key_mask, self.attention, reference, collect_kv)
+            x, text = block(x, text, temb, rope, key_mask, attention or self.attention, reference, collect_kv)
 
         scale, shift = self.norm_out.linear(temb.to(dtype))[:, None].chunk(2, dim=-1)
         x = self.proj_out(modulate(x, shift, scale))  # [B, N, p*p*C]
@@ -319,7 +321,9 @@ class GlmImageTransformer2DModel(nn.Module):
         [B, (h/p)(w/p)]."""
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         b = latent.shape[0]
-        self(
+        # Called unbound so that a host subclass with its own forward() signature still runs this model's forward.
+        GlmImageTransformer2DModel.forward(
+            self,
             latent,
             latent.new_zeros(b, 0, self.glyph_projector.net[0].proj.in_features),
             prior_token_id,
