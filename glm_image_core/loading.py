@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from .errors import InvalidInputError, ModelFilesError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-REDOWNLOAD = "re-download it from zai-org/GLM-Image"
+REDOWNLOAD = "re-download it from zai-org/GLM-Image"  # ends most messages: what to do
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def _scan_sharded(folder: Path, index_path: Path) -> WeightFiles:
             raise ModelFilesError(
                 f"{display_name(shard)} lacks {len(absent)} of the {len(listed)} tensors that {index_path.name} "
                 f"puts in it (e.g. {absent[0]}); the shard and the index come from different downloads. "
-                f"Delete both and {REDOWNLOAD}."
+                f"Delete both and download them again from zai-org/GLM-Image."
             )
         for key in shard_shapes:
             key_file[key] = shard
@@ -222,7 +222,8 @@ def scan_weights(location: str | Path, weights_name: str | None = None) -> Weigh
         raise _refuse_pickle(pickles[0])
     expected = f"{weights_name}.safetensors" if weights_name else "a .safetensors file"
     raise ModelFilesError(
-        f"{location.name}/ has no weights (expected {expected} or an index with shards); {REDOWNLOAD}."
+        f"{location.name}/ has no weights (expected {expected} or an index with shards); download them from "
+        "zai-org/GLM-Image."
     )
 
 
@@ -323,7 +324,8 @@ def _check_config_class(component: Component, config: dict, source: str) -> None
     hint = f" It is the config of {other.label}." if other else ""
     raise ModelFilesError(
         f"{source} has {component.config_field} {value!r}; expected {component.config_value!r} for "
-        f"{component.label}.{hint} Point this loader at the {component.subfolder}/ folder, or {REDOWNLOAD}."
+        f"{component.label}.{hint} Point this loader at the {component.subfolder}/ folder, or download that "
+        "config.json again from zai-org/GLM-Image."
     )
 
 
@@ -424,8 +426,8 @@ def check_weights_match(
         details.append(f"{len(unexpected)} tensors are not in the model (e.g. {unexpected[0]})")
     raise ModelFilesError(
         f"{files.weights.where} does not match {files.config_source}: {'; '.join(details)}. The weights and the "
-        f"config come from different models or downloads: {REDOWNLOAD} (config.json and weights together), or "
-        "re-export a single file with save_single_file."
+        f"config come from different models or downloads: download the {component.subfolder}/ folder again from "
+        "zai-org/GLM-Image (config.json and weights together), or re-export a single file with save_single_file."
     )
 
 
@@ -484,6 +486,11 @@ def infer_transformer_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     """The DiT config from tensor shapes; head size (128) and patch size (2) are the published values."""
     inner_dim, patch_in = shapes["image_projector.proj.weight"]
     patch_area = DIT_PATCH_SIZE**2
+    if inner_dim % DIT_ATTENTION_HEAD_DIM:
+        raise ValueError(
+            f"its width {inner_dim} is not a multiple of the published head size {DIT_ATTENTION_HEAD_DIM}, so the "
+            "head count is unknown"
+        )
     return {
         "_class_name": TRANSFORMER.config_value,
         "attention_head_dim": DIT_ATTENTION_HEAD_DIM,
@@ -576,12 +583,11 @@ def infer_text_encoder_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     prefix = "encoder.block.0.layer"
     vocab_size, d_model = shapes.get("shared.weight", shapes.get("encoder.embed_tokens.weight"))
     buckets, num_heads = shapes[f"{prefix}.0.SelfAttention.relative_attention_bias.weight"]
-    gated = f"{prefix}.1.DenseReluDense.wi_0.weight" in shapes
+    gated = f"{prefix}.1.DenseReluDense.wi_0.weight" in shapes  # gated-gelu (ByT5) has wi_0 and wi_1, relu has wi
+    d_ff = shapes[f"{prefix}.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight"][0]
     return {
         "architectures": ["T5EncoderModel"],
-        "d_ff": shapes[f"{prefix}.1.DenseReluDense.wi_0.weight" if gated else f"{prefix}.1.DenseReluDense.wi.weight"][
-            0
-        ],
+        "d_ff": d_ff,
         "d_kv": shapes[f"{prefix}.0.SelfAttention.q.weight"][0] // num_heads,
         "d_model": d_model,
         "feed_forward_proj": "gated-gelu" if gated else "relu",
@@ -661,20 +667,29 @@ def load_ar_model(folder: str | Path, dtype: torch.dtype | None = torch.bfloat16
         )
     files = open_component(location, AR_MODEL, None)
     try:
+        # ignore_mismatched_sizes: transformers then reports shape mismatches instead of raising a bare RuntimeError
         model, info = GlmImageForConditionalGeneration.from_pretrained(
-            location, dtype=dtype, local_files_only=True, output_loading_info=True
+            location, dtype=dtype, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
         )
     except Exception as e:  # transformers raises many types for inconsistent checkpoints
         raise ModelFilesError(
             f"{AR_MODEL.subfolder}/ could not be loaded by transformers ({type(e).__name__}: {e}); {REDOWNLOAD}."
         ) from e
-    problems = {name: info.get(name) for name in ("missing_keys", "mismatched_keys", "unexpected_keys")}
-    problems = {name: sorted(map(str, keys)) for name, keys in problems.items() if keys}
-    if problems:
-        details = "; ".join(f"{len(keys)} {name.replace('_', ' ')} (e.g. {keys[0]})" for name, keys in problems.items())
+    details = []
+    if info.get("mismatched_keys"):
+        key, found, expected = sorted(info["mismatched_keys"], key=str)[0]
+        details.append(
+            f"{key} is {list(found)} in {display_name(files.weights.key_file.get(key, location))}, the config expects "
+            f"{list(expected)} ({len(info['mismatched_keys'])} tensors differ in shape)"
+        )
+    for name, what in (("missing_keys", "are missing"), ("unexpected_keys", "are not in the model")):
+        if info.get(name):
+            details.append(f"{len(info[name])} tensors {what} (e.g. {sorted(info[name])[0]})")
+    if details:
         raise ModelFilesError(
-            f"{files.weights.where} does not match {files.config_source}: {details}. The weights and the config come "
-            f"from different models or downloads; {REDOWNLOAD} (config.json and the shards together)."
+            f"{files.weights.where} does not match {files.config_source}: {'; '.join(details)}. The weights and the "
+            "config come from different models or downloads: download the vision_language_encoder/ folder again "
+            "from zai-org/GLM-Image (config.json and the shards together)."
         )
     return model.to(device).eval()
 

@@ -155,3 +155,21 @@ def test_batch_accepts_override_lists_next_to_prompts(text_encoder, tokenizer):
 def test_batch_refuses_no_prompts(text_encoder, tokenizer):
     with pytest.raises(InvalidInputError, match="no prompts"):
         encode_glyphs_batch([], text_encoder, tokenizer)
+
+
+def test_tiny_folder_encoding_matches_reference_pipeline_components(tiny_model_dir):
+    """Loaded through glm_image_core.loading vs the reference's own loading (transformers from_pretrained)."""
+    from diffusers import GlmImagePipeline
+
+    from glm_image_core.loading import load_glyph_encoder, load_glyph_tokenizer
+
+    pipe = GlmImagePipeline.__new__(GlmImagePipeline)
+    pipe.tokenizer = ByT5Tokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    pipe.text_encoder = T5EncoderModel.from_pretrained(tiny_model_dir / "text_encoder", dtype=torch.float32).eval()
+    encoder = load_glyph_encoder(tiny_model_dir, dtype=torch.float32)
+    tokenizer = load_glyph_tokenizer(tiny_model_dir)
+    prompts = [PROMPTS["mixed styles"], PROMPTS["corner brackets"], PROMPTS["no quotes"]]
+    with torch.no_grad():
+        expected = pipe._get_glyph_embeds(prompts, device=torch.device("cpu"))
+    embeds, _ = encode_glyphs_batch(prompts, encoder, tokenizer)
+    assert torch.equal(embeds, expected)
