@@ -32,7 +32,9 @@ def make_inputs(reference, batch, height, width, text_len, seed=0):
 
 def run_reference(reference, latent, glyph, prior, drop, timestep, target, crop, kv_caches=None):
     with torch.no_grad():
-        return reference(latent, glyph, prior, drop.clone(), timestep, target, crop, kv_caches=kv_caches, return_dict=False)[0]
+        return reference(
+            latent, glyph, prior, drop.clone(), timestep, target, crop, kv_caches=kv_caches, return_dict=False
+        )[0]
 
 
 @pytest.mark.parametrize("height,width", [(512, 512), (512, 768), (768, 512)])
@@ -75,7 +77,9 @@ def test_reference_kv_written_once_and_read_matches_diffusers_cache(dits):
     for latent, _, prior, _, target, crop in refs:
         no_text = torch.zeros(1, 0, reference.config.text_embed_dim)
         zero_t = torch.zeros(1)
-        run_reference(reference, latent, no_text, prior, torch.zeros_like(prior, dtype=torch.bool), zero_t, target, crop, caches)
+        run_reference(
+            reference, latent, no_text, prior, torch.zeros_like(prior, dtype=torch.bool), zero_t, target, crop, caches
+        )
         parts.append(ours.encode_reference(latent, prior, tuple(int(s) for s in target[0])))
     kv = ReferenceKV.concat(parts)
 
