@@ -71,7 +71,7 @@ class ComfyGlmImageDiT(GlmImageTransformer2DModel):
 
     def forward(
         self, x, timestep, context=None, glyph=None, prior_token_id=None, prior_token_drop=None, reference_kv=None,
-        transformer_options={}, **kwargs,
+        transformer_options=None, **kwargs,
     ):  # fmt: skip
         embeds, mask = glyph
         b, _, h, w = x.shape
@@ -86,7 +86,7 @@ class ComfyGlmImageDiT(GlmImageTransformer2DModel):
             torch.zeros_like(target),
             encoder_attention_mask=mask.bool(),
             reference_kv=reference_kv,
-            attention=comfy_attention(transformer_options),
+            attention=comfy_attention(transformer_options or {}),
         )
 
 
