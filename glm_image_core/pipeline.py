@@ -1,0 +1,135 @@
+"""The whole GLM-Image pipeline, reference §2 in code: AR tokens -> glyph embeddings -> DiT sampling -> VAE decode.
+
+Each stage is a function of its own so callers (the CLI, tests, the ComfyUI nodes) can run, replace or cache them
+one by one; `generate` strings them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import ar, glyph, loading
+from .dit import GlmImageTransformer2DModel, ReferenceKV
+from .sampling import DitCondition, denoise
+from .schedule import glm_schedule
+from .sizes import LATENT_CHANNELS, VAE_SCALE, check_image_size
+from .vae import AutoencoderKL
+
+
+@dataclass
+class GlmImageModels:
+    ar_model: torch.nn.Module  # transformers GlmImageForConditionalGeneration
+    processor: object  # transformers GlmImageProcessor
+    glyph_encoder: torch.nn.Module  # transformers T5EncoderModel
+    glyph_tokenizer: object  # transformers ByT5Tokenizer
+    dit: GlmImageTransformer2DModel
+    vae: AutoencoderKL
+
+
+def load_models(
+    folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> GlmImageModels:
+    """Every component from the published GLM-Image folder. The VAE runs in float32 when dtype is float16."""
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    return GlmImageModels(
+        ar_model=loading.load_ar_model(folder, dtype=dtype, device=device),
+        processor=loading.load_ar_processor(folder),
+        glyph_encoder=loading.load_glyph_encoder(folder, dtype=dtype, device=device),
+        glyph_tokenizer=loading.load_glyph_tokenizer(folder),
+        dit=loading.load_transformer(folder, dtype=dtype, device=device),
+        vae=loading.load_vae(folder, dtype=vae_dtype, device=device),
+    )
+
+
+def image_to_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """A reference image as the VAE takes it: resized (Lanczos) to height x width, [1, 3, H, W] in [-1, 1]."""
+    image = image.convert("RGB").resize((width, height), resample=Image.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2 - 1
+
+
+def tensor_to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """VAE output [B, 3, H, W] in about [-1, 1] -> PIL images."""
+    array = ((pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+@torch.no_grad()
+def encode_references(
+    dit: GlmImageTransformer2DModel, vae: AutoencoderKL, images: Sequence[Image.Image], tokens: ar.ARResult
+) -> ReferenceKV | None:
+    """The reference K/V of every reference image: VAE mode latent (normalised) + its own prior ids, one DiT pass
+    each, joined. The latent size is set by the AR's grid for that image (stride 16 px per DiT token)."""
+    if not images:
+        return None
+    parts = []
+    device = next(dit.parameters()).device
+    for image, ids, (gh, gw) in zip(images, tokens.reference_prior_ids, tokens.reference_grid_sizes):
+        size = (gh * 16, gw * 16)
+        pixels = image_to_tensor(image, *size).to(device, vae.dtype or torch.float32)
+        latent = vae.normalize(vae.encode(pixels).float()).to(dit.dtype or torch.float32)
+        parts.append(dit.encode_reference(latent, ids[None].to(device), size))
+    return ReferenceKV.concat(parts)
+
+
+def glyph_conditions(
+    models: GlmImageModels, glyph_source: str | Sequence[str], prior_token_ids: torch.Tensor, reference_kv=None
+) -> tuple[DitCondition, DitCondition]:
+    """(cond, uncond): the prompt's glyphs + prior tokens (+ references) and GLM's unconditional branch (glyphs of
+    "", every prior token dropped, no references)."""
+
+    def encode(source):
+        return glyph.encode_glyphs(source, models.glyph_encoder, models.glyph_tokenizer)
+
+    cond = DitCondition(encode(glyph_source), prior_token_ids, reference_kv=reference_kv)
+    uncond = DitCondition(encode(""), prior_token_ids, drop_prior=True)
+    return cond, uncond
+
+
+def initial_noise(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Gaussian latent noise from its own CPU generator (device-independent, never the global RNG)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE, generator=generator)
+
+
+@torch.no_grad()
+def generate(
+    models: GlmImageModels,
+    prompt: str,
+    height: int = 1024,
+    width: int = 1024,
+    steps: int = 50,
+    guidance: float = 1.5,
+    seed: int = 0,
+    references: Sequence[Image.Image] = (),
+    glyph_texts: Sequence[str] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    on_token: Callable[[int, int, torch.Tensor], None] | None = None,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> Image.Image:
+    """Text-to-image, or editing when `references` are given. `glyph_texts` overrides the quoted spans."""
+    check_image_size(height, width)
+    device = models.ar_model.device
+    inputs = ar.build_ar_inputs(models.processor, prompt, height, width, list(references))
+    ar_generator = torch.Generator(device).manual_seed(seed)
+    tokens = ar.generate_prior_tokens(
+        models.ar_model, inputs, [ar_generator], temperature=temperature, top_p=top_p, top_k=top_k, callback=on_token
+    )
+    dit_device = next(models.dit.parameters()).device
+    reference_kv = encode_references(models.dit, models.vae, list(references), tokens)
+    cond, uncond = glyph_conditions(
+        models, prompt if glyph_texts is None else glyph_texts, tokens.prior_token_ids.to(dit_device), reference_kv
+    )
+    sigmas, timesteps = glm_schedule(steps, height, width)
+    noise = initial_noise(1, height, width, seed).to(dit_device)
+    latent = denoise(models.dit, noise, sigmas.to(dit_device), timesteps, cond, uncond, guidance, on_step)
+    pixels = models.vae.decode(models.vae.denormalize(latent).to(models.vae.dtype or torch.float32))
+    return tensor_to_images(pixels)[0]
