@@ -1,0 +1,18 @@
+"""`python -m glm_image_core generate`: the smoke run a newcomer starts with, and its error path."""
+
+from PIL import Image
+
+from glm_image_core.__main__ import main
+
+
+def test_generate_writes_an_image_from_the_tiny_folder(tiny_model_dir, tmp_path):
+    out = tmp_path / "out.png"
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", 'A sign "Hi"', "--width", "512", "--height", "512"]
+    assert main([*args, "--steps", "2", "--seed", "3", "-o", str(out)]) == 0
+    assert Image.open(out).size == (512, 512)
+
+
+def test_bad_size_is_a_clear_error_not_a_traceback(tiny_model_dir, tmp_path, capsys):
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--width", "500", "--height", "512"]
+    assert main([*args, "-o", str(tmp_path / "x.png")]) == 2
+    assert "width 500 is not a multiple of 32" in capsys.readouterr().err
