@@ -1,0 +1,371 @@
+"""The AR stage (glm_image_core.ar) against transformers' GlmImageProcessor / GlmImageForConditionalGeneration."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from transformers import GlmImageForConditionalGeneration, GlmImageProcessor, LogitsProcessorList
+from transformers.generation.logits_process import (
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from glm_image_core import ar
+from glm_image_core.errors import GenerationCancelled, InvalidInputError
+
+NON_GRID_IDS = list(range(16384, 16512))  # image start, EOS and the unused visual ids
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Tiny matmuls gain nothing from threads, and multi-threaded CPU SDPA costs ~15 ms per call on small VMs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return GlmImageForConditionalGeneration.from_pretrained(
+        tiny_model_dir / "vision_language_encoder", dtype=torch.float32
+    )
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    return GlmImageProcessor.from_pretrained(tiny_model_dir / "processor")
+
+
+@pytest.fixture(scope="module")
+def references():
+    rng = np.random.default_rng(0)
+    return [
+        PIL.Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)),
+        PIL.Image.fromarray(rng.integers(0, 256, (512, 768, 3), dtype=np.uint8)),  # 512 high, 768 wide
+    ]
+
+
+@pytest.fixture(scope="module")
+def t2i_inputs(processor):
+    return ar.build_ar_inputs(processor, "A 'cat' on a mat", 256, 256)  # 16x16 preview + 8x8 grid: 320 tokens
+
+
+@pytest.fixture(scope="module")
+def i2i_inputs(processor, references):
+    return ar.build_ar_inputs(processor, "make it 'blue'", 256, 256, references[:1])  # 8x8 grid: 64 tokens
+
+
+def seeded(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def generate_kwargs(inputs):
+    kwargs = dict(
+        input_ids=inputs.input_ids,
+        attention_mask=inputs.attention_mask,
+        image_grid_thw=inputs.image_grid_thw,
+        images_per_sample=inputs.images_per_sample,
+    )
+    if inputs.pixel_values is not None:
+        kwargs["pixel_values"] = inputs.pixel_values
+    return kwargs
+
+
+# --- sizes ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("height,width", [(512, 512), (512, 768), (768, 512), (1024, 1024), (2048, 512), (96, 64)])
+def test_geometry_matches_the_processor_target_shape(processor, height, width):
+    geometry = ar.ar_geometry(height, width)
+    assert (geometry.grid_h, geometry.grid_w, geometry.preview_h, geometry.preview_w) == tuple(
+        processor._get_target_shape(height, width)
+    )
+    assert geometry.num_new_tokens == geometry.preview_h * geometry.preview_w + height * width // 1024 + 1
+
+
+def test_geometry_step_counts():
+    assert ar.ar_geometry(1024, 1024).num_new_tokens == 1281
+    assert ar.ar_geometry(2048, 2048).num_new_tokens == 4353
+    i2i = ar.ar_geometry(1024, 768, image_to_image=True)
+    assert (i2i.preview_h, i2i.preview_w, i2i.num_new_tokens) == (0, 0, 32 * 24 + 1)
+
+
+@pytest.mark.parametrize("height,width", [(500, 512), (512, 1000), (0, 512), (-32, 64)])
+def test_sizes_that_are_not_multiples_of_32_are_refused(height, width):
+    with pytest.raises(InvalidInputError, match="multiples of 32"):
+        ar.ar_geometry(height, width)
+
+
+# --- prompt and positions ------------------------------------------------------------------------------------------
+
+
+def test_t2i_prompt_is_the_pipelines(processor):
+    inputs = ar.build_ar_inputs(processor, "A 'cat' on a mat", 512, 768)
+    # diffusers' generate_prior_tokens call, as written there
+    messages = [[{"role": "user", "content": [{"type": "text", "text": "A 'cat' on a mat"}]}]]
+    reference = processor.apply_chat_template(
+        messages, tokenize=True, padding=False, target_h=512, target_w=768, return_dict=True, return_tensors="pt"
+    )
+    assert torch.equal(inputs.input_ids, reference["input_ids"])
+    assert torch.equal(inputs.image_grid_thw, reference["image_grid_thw"])
+    assert torch.equal(inputs.images_per_sample, reference["images_per_sample"])
+    text = processor.tokenizer.decode(inputs.input_ids[0])
+    assert text == "A 'cat' on a mat<sop>16 24<eop><sop>13 19<eop><|dit_token_16384|>"
+
+
+def test_i2i_prompt_puts_each_reference_before_the_text(processor, references):
+    inputs = ar.build_ar_inputs(processor, "make it blue", 512, 512, references)
+    ids = inputs.input_ids[0].tolist()
+    assert inputs.reference_grids == [(16, 16), (16, 24)]  # the processor halves the image: 32 px per token
+    assert ids.count(167855) == 16 * 16 + 16 * 24
+    assert inputs.pixel_values.shape == (16 * 16 + 16 * 24, 3 * 16 * 16)
+    image = "<|dit_token_16384|>{}<|dit_token_16385|>".format
+    expected = image("<|image|>" * 256) + image("<|image|>" * 384) + "make it blue<sop>16 16<eop><|dit_token_16384|>"
+    assert processor.tokenizer.decode(ids) == expected
+
+
+@pytest.mark.parametrize(
+    "height,width,num_references", [(512, 768, 0), (768, 512, 0), (512, 512, 1), (512, 768, 2)], ids=str
+)
+def test_positions_equal_get_rope_index(model, processor, references, height, width, num_references):
+    inputs = ar.build_ar_inputs(processor, "a red 'sign'", height, width, references[:num_references])
+    expected, _ = model.model.get_rope_index(
+        inputs.input_ids, inputs.image_grid_thw, inputs.images_per_sample, inputs.attention_mask
+    )
+    assert torch.equal(inputs.position_ids, expected)  # [3, 1, L]
+    cached = model.model._cached_decode_position_ids  # [1, 3, num_new_tokens], what generate() reads per step
+    assert torch.equal(inputs.decode_position_ids, cached.permute(1, 0, 2))
+    assert inputs.decode_position_ids.shape[-1] == inputs.geometry.num_new_tokens
+
+
+def test_control_tokens_in_the_prompt_are_refused(processor):
+    for prompt in ["a <|image|> b", "x<sop>1 2<eop>", "<|dit_token_5|>"]:
+        with pytest.raises(InvalidInputError, match="control tokens"):
+            ar.build_ar_inputs(processor, prompt, 512, 512)
+
+
+# --- logits and tokens against transformers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_references", [0, 2])
+def test_step_logits_equal_generate_logits(model, processor, references, num_references):
+    from transformers import DynamicCache, StaticCache
+
+    inputs = ar.build_ar_inputs(processor, "a red 'sign'", 256, 384, references[:num_references])
+    steps = 6
+    out = model.generate(
+        **generate_kwargs(inputs),
+        max_new_tokens=steps + 1,
+        do_sample=False,
+        suppress_tokens=NON_GRID_IDS,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    new_tokens = out.sequences[:, inputs.input_ids.shape[1] :]  # [1, steps + 1]
+    input_ids = inputs.input_ids
+    if num_references:
+        reference_ids = torch.cat(ar.encode_reference_images(model, inputs))
+        input_ids = input_ids.masked_scatter(input_ids == model.config.image_token_id, reference_ids)
+    for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=2000)):
+        with torch.inference_mode():
+            diffs = [(ar.next_token_logits(model, input_ids, inputs.position_ids, cache) - out.logits[0]).abs().max()]
+            for k in range(steps):
+                position = inputs.decode_position_ids[:, :, k : k + 1]
+                logits = ar.next_token_logits(model, new_tokens[:, k : k + 1], position, cache)
+                diffs.append((logits - out.logits[k + 1]).abs().max())
+        assert max(diffs) <= 1e-5, (type(cache).__name__, diffs)
+
+
+@pytest.mark.parametrize("num_references", [0, 1])
+def test_top_k_1_equals_greedy_generate_with_non_grid_ids_suppressed(model, processor, references, num_references):
+    inputs = ar.build_ar_inputs(processor, "a red 'sign'", 256, 256, references[:num_references])
+    result = ar.generate_prior_tokens(model, inputs, seeded(0), top_k=1)
+    out = model.generate(
+        **generate_kwargs(inputs),
+        max_new_tokens=inputs.geometry.num_grid_tokens,
+        do_sample=False,
+        suppress_tokens=NON_GRID_IDS,
+    )
+    greedy = out[:, inputs.input_ids.shape[1] :]
+    assert torch.equal(torch.cat([result.preview_ids, result.target_ids], dim=1), greedy)
+
+
+def test_static_and_dynamic_caches_sample_the_same_tokens(model, i2i_inputs):
+    static = ar.generate_prior_tokens(model, i2i_inputs, seeded(3), static_cache=True)
+    dynamic = ar.generate_prior_tokens(model, i2i_inputs, seeded(3), static_cache=False)
+    assert torch.equal(static.target_ids, dynamic.target_ids)
+
+
+# --- sampling ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(0.9, None, 0.75), (0.7, 50, 0.9), (1.0, 16512, 1.0), (1.3, 3, 0.5)]
+)
+def test_warped_distribution_equals_transformers_warpers(temperature, top_k, top_p):
+    logits = torch.randn(3, 16512, generator=torch.Generator().manual_seed(0)) * 3
+    chain = [SuppressTokensLogitsProcessor(NON_GRID_IDS)]
+    if temperature != 1.0:
+        chain.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        chain.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        chain.append(TopPLogitsWarper(top_p))
+    expected = LogitsProcessorList(chain)(torch.zeros(3, 1, dtype=torch.long), logits)
+    ours = ar.warp_logits(logits[:, :16384], temperature, top_k, top_p)
+    assert torch.isinf(expected[:, 16384:]).all()
+    torch.testing.assert_close(ours.softmax(-1), expected.softmax(-1)[:, :16384], rtol=0, atol=1e-7)
+    assert torch.equal(torch.isinf(ours), torch.isinf(expected[:, :16384]))
+
+
+def test_sampling_picks_the_inverse_cdf_token_and_never_a_removed_one():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0]])
+    picks = [ar.sample_tokens(probs, torch.tensor([u])).item() for u in (0.0, 0.49, 0.5, 0.74, 0.75, 0.9999999)]
+    assert picks == [1, 1, 3, 3, 4, 4]
+    unnormalised = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.0]])  # u * total may round up to the total
+    assert ar.sample_tokens(unnormalised, torch.tensor([1.0 - 2**-24])).item() == 3
+
+
+def test_same_seed_same_tokens_and_other_seed_other_tokens(model, i2i_inputs):
+    first = ar.generate_prior_tokens(model, i2i_inputs, seeded(7))
+    again = ar.generate_prior_tokens(model, i2i_inputs, seeded(7))
+    other = ar.generate_prior_tokens(model, i2i_inputs, seeded(8))
+    assert torch.equal(first.target_ids, again.target_ids)
+    assert (first.target_ids != other.target_ids).float().mean() > 0.9
+
+
+def test_samples_in_a_batch_follow_their_own_generator(model, i2i_inputs):
+    batch = ar.generate_prior_tokens(model, i2i_inputs, seeded(7, 8))
+    assert torch.equal(batch.target_ids[0], ar.generate_prior_tokens(model, i2i_inputs, seeded(7)).target_ids[0])
+    assert torch.equal(batch.target_ids[1], ar.generate_prior_tokens(model, i2i_inputs, seeded(8)).target_ids[0])
+
+
+def test_global_rng_is_untouched(model, t2i_inputs):
+    state = torch.get_rng_state()
+    ar.generate_prior_tokens(model, t2i_inputs, seeded(1))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_sampling_defaults_come_from_the_generation_config(model, i2i_inputs):
+    default = ar.generate_prior_tokens(model, i2i_inputs, seeded(5))
+    explicit = ar.generate_prior_tokens(model, i2i_inputs, seeded(5), temperature=0.9, top_p=0.75, top_k=16512)
+    assert torch.equal(default.target_ids, explicit.target_ids)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=0.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)], ids=lambda k: str(k)
+)
+def test_invalid_sampling_parameters_are_refused(model, i2i_inputs, kwargs):
+    with pytest.raises(InvalidInputError):
+        ar.generate_prior_tokens(model, i2i_inputs, seeded(0), **kwargs)
+
+
+def test_at_least_one_generator_is_needed(model, i2i_inputs):
+    with pytest.raises(InvalidInputError, match="Generator"):
+        ar.generate_prior_tokens(model, i2i_inputs, [])
+
+
+# --- the grid is always full ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_wanting_to_stop(model):
+    """The tiny model with EOS, image start and an unused id made overwhelmingly likely at every step."""
+    bias = torch.zeros(16512)
+    bias[[16384, 16385, 16500]] = torch.tensor([5e3, 1e4, 5e3])
+    handle = model.lm_head.register_forward_hook(lambda module, args, logits: logits + bias)
+    yield model
+    handle.remove()
+
+
+@pytest.mark.parametrize("height,width", [(512, 512), (512, 768), (768, 512)])
+def test_grid_is_exactly_full_even_when_the_model_wants_eos(model_wanting_to_stop, processor, height, width):
+    model = model_wanting_to_stop
+    inputs = ar.build_ar_inputs(processor, "a red 'sign'", height, width)
+    stopped = model.generate(**generate_kwargs(inputs), max_new_tokens=5, do_sample=False)
+    assert stopped[0, inputs.input_ids.shape[1] :].tolist() == [16385]  # transformers stops at once
+
+    result = ar.generate_prior_tokens(model, inputs, seeded(0))
+    h, w = height // 32, width // 32
+    ph, pw = inputs.geometry.preview_h, inputs.geometry.preview_w
+    assert result.target_ids.shape == (1, h * w) and result.preview_ids.shape == (1, ph * pw)
+    assert 0 <= result.target_ids.min() and result.target_ids.max() < 16384
+    assert 0 <= result.preview_ids.min() and result.preview_ids.max() < 16384
+    assert result.prior_token_ids.shape == (1, (height // 16) * (width // 16))
+
+
+# --- callback ------------------------------------------------------------------------------------------------------
+
+
+def test_callback_sees_every_token(model, t2i_inputs):
+    seen = []
+    result = ar.generate_prior_tokens(
+        model, t2i_inputs, seeded(2), callback=lambda step, total, ids: seen.append((step, total, ids.clone()))
+    )
+    total = t2i_inputs.geometry.num_grid_tokens
+    assert [(step, t) for step, t, _ in seen] == [(k, total) for k in range(1, total + 1)]
+    assert all(ids.shape == (1, step) for step, _, ids in seen)
+    assert torch.equal(seen[-1][2][:, -64:], result.target_ids)
+
+
+def test_an_exception_in_the_callback_stops_generation(model, t2i_inputs):
+    calls = []
+
+    def cancel_at_5(step, total, ids):
+        calls.append(step)
+        if step == 5:
+            raise GenerationCancelled("stop")
+
+    with pytest.raises(GenerationCancelled):
+        ar.generate_prior_tokens(model, t2i_inputs, seeded(2), callback=cancel_at_5)
+    assert calls == [1, 2, 3, 4, 5]
+
+
+# --- image-to-image references and upsampling ----------------------------------------------------------------------
+
+
+def test_reference_ids_are_get_image_tokens_of_each_image_alone(model, processor, references):
+    inputs = ar.build_ar_inputs(processor, "make it blue", 512, 512, references)
+    together = ar.encode_reference_images(model, inputs)
+
+    alone = []
+    offset = 0
+    for i, (h, w) in enumerate(inputs.reference_grids):
+        pixels = inputs.pixel_values[offset : offset + h * w]
+        offset += h * w
+        with torch.inference_mode():
+            features = model.get_image_features(pixels, image_grid_thw=inputs.image_grid_thw[i : i + 1]).pooler_output
+            alone.append(model.get_image_tokens(features))
+    assert [t.shape for t in together] == [(16 * 16,), (16 * 24,)]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+
+
+def test_concatenating_the_feature_maps_like_diffusers_breaks_get_image_tokens(model, processor, references):
+    """diffusers 0.42.1 generate_prior_tokens: torch.cat(pooler_output, dim=0) then get_image_tokens. The
+    concatenation is a [n*C, h, w] tensor, which get_image_tokens iterates over channel by channel: the VQ conv
+    gets a 1-channel map and fails, even for a single reference (different sizes fail in the cat already)."""
+    inputs = ar.build_ar_inputs(processor, "make it blue", 512, 512, references[:1])
+    with torch.inference_mode():
+        features = model.get_image_features(inputs.pixel_values, image_grid_thw=inputs.image_grid_thw[:1]).pooler_output
+        with pytest.raises(RuntimeError, match="channels"):
+            model.get_image_tokens(torch.cat(features, dim=0), inputs.image_grid_thw[:1])
+
+
+def test_i2i_result_carries_each_references_upsampled_ids(model, processor, references):
+    inputs = ar.build_ar_inputs(processor, "make it blue", 256, 256, references)
+    result = ar.generate_prior_tokens(model, inputs, seeded(0))
+    reference_ids = ar.encode_reference_images(model, inputs)
+    assert result.preview_ids.shape == (1, 0) and result.target_ids.shape == (1, 64)
+    assert result.reference_grid_sizes == [(32, 32), (32, 48)]
+    for ids, prior, (h, w) in zip(reference_ids, result.reference_prior_ids, inputs.reference_grids):
+        assert torch.equal(prior, ar.upsample_token_ids(ids[None], h, w)[0])
+
+
+def test_upsampling_equals_the_pipelines():
+    from diffusers import GlmImagePipeline
+
+    ids = torch.randint(0, 16384, (1, 6 * 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ar.upsample_token_ids(ids, 6, 4), GlmImagePipeline._upsample_token_ids(ids, 6, 4))
