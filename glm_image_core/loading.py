@@ -447,6 +447,38 @@ def _assign_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         raise RuntimeError(f"{type(model).__name__} kept tensors on the meta device after loading: {left[:3]}")
 
 
+def _checked_meta_model(cls: type, kwargs: dict, component: Component, files: ComponentFiles, dtype, ops: dict):
+    """``cls(**kwargs)`` on the meta device (no memory), after checking the files hold exactly its tensors."""
+    try:
+        meta_model = cls(**kwargs, dtype=dtype, device="meta", **ops)
+    except (InvalidInputError, TypeError, ValueError) as e:
+        raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {component.label}: {e}") from e
+    check_weights_match(component, {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}, files)
+    return meta_model
+
+
+def read_checked_weights(
+    path: str | Path, component: Component, dtype: torch.dtype | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config, state_dict)`` of the DiT or the VAE, with every check the loaders make, for hosts that build the
+    module themselves (ComfyUI builds the DiT with its own layer classes and the VAE as its own VAE object)."""
+    if component is TRANSFORMER:
+        from .dit import GlmImageTransformer2DModel as cls
+
+        files = open_component(path, TRANSFORMER, infer_transformer_config)
+    elif component is VAE:
+        from .vae import AutoencoderKL as cls
+
+        files = open_component(path, VAE, infer_vae_config)
+    else:
+        raise ValueError(f"read_checked_weights reads the DiT or the VAE, not {component.label}")
+    kwargs = {
+        k: v for k, v in _constructor_kwargs(cls, files.config).items() if k not in ("dtype", "device", "operations")
+    }
+    _checked_meta_model(cls, kwargs, component, files, None, {})
+    return files.config, load_tensors(files.weights, dtype)
+
+
 def _build_and_load(
     cls: type,
     kwargs: dict,
@@ -463,11 +495,7 @@ def _build_and_load(
     the host's layer hooks see an ordinary ``load_state_dict``.
     """
     ops = {} if operations is None else {"operations": operations}
-    try:
-        meta_model = cls(**kwargs, dtype=dtype, device="meta", **ops)
-    except (InvalidInputError, TypeError, ValueError) as e:
-        raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {component.label}: {e}") from e
-    check_weights_match(component, {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}, files)
+    meta_model = _checked_meta_model(cls, kwargs, component, files, dtype, ops)
     state_dict = load_tensors(files.weights, dtype, device)
     if operations is None:
         model = meta_model
