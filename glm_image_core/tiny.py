@@ -338,14 +338,14 @@ _VAE_CONFIG = {
     "_class_name": "AutoencoderKL",
     "_diffusers_version": "0.37.0.dev0",
     "act_fn": "silu",
-    "block_out_channels": [16, 32, 32, 32],  # [128, 512, 1024, 1024]
+    "block_out_channels": [32, 32, 64, 64],  # [128, 512, 1024, 1024]; multiples of 32: ComfyUI builds 32 groups first
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "force_upcast": True,
     "in_channels": 3,
     "latent_channels": 16,
     "latents_mean": _LATENTS_MEAN,
     "latents_std": _LATENTS_STD,
-    "layers_per_block": 2,  # 3
+    "layers_per_block": 3,  # as published: exercises the third resnet the stock converter misses
     "mid_block_add_attention": False,
     "norm_num_groups": 8,  # 32
     "out_channels": 3,

@@ -1,0 +1,247 @@
+"""AR stage nodes: load the AR model, generate visual tokens, save and load token grids."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..glm_image_core import ar, loading
+from ..glm_image_core.pipeline import image_to_tensor
+from ..glm_image_core.sizes import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, check_image_size
+from . import paths
+from .dit_nodes import validate_size
+from .types import ARModel, GlmARModel, GlmTokens, ManagedHFModel, Reference, VisualTokens
+
+MAX_REFERENCE_INPUTS = 4
+TOKENS_EXTENSION = ".glm_tokens"  # a safetensors file with the grids and their prompt, size and seed
+
+
+def devices() -> list[str]:
+    return ["default", "cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
+
+
+class ARModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GLMImageARModelLoader",
+            display_name="Load GLM-Image AR Model",
+            category="GLM-Image",
+            description="The 9B autoregressive model that writes the visual token grid, with its processor.",
+            inputs=[
+                io.Combo.Input(
+                    "model_folder", options=paths.model_folders("vision_language_encoder"),
+                    tooltip="A GLM-Image folder as downloaded, under models/glm_image.",
+                ),
+                io.Combo.Input("dtype", options=["auto", "bf16", "fp32"], tooltip="auto: bf16 where supported."),
+                io.Combo.Input(
+                    "device", options=devices(),
+                    tooltip="Where the AR runs: 'default' is ComfyUI's GPU; pick another GPU to keep the DiT's free.",
+                ),
+            ],
+            outputs=[GlmARModel.Output(display_name="ar_model")],
+        )  # fmt: skip
+
+    @classmethod
+    def execute(cls, model_folder, dtype, device) -> io.NodeOutput:
+        folder = paths.resolve(model_folder)
+        load_device = mm.get_torch_device() if device == "default" else torch.device(device)
+        model = loading.load_ar_model(folder, dtype=pick_dtype(dtype, load_device), device="cpu")
+        managed = ManagedHFModel.wrap(model, load_device, mm.unet_offload_device())
+        return io.NodeOutput(ARModel(managed, loading.load_ar_processor(folder)))
+
+
+def image_batch_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """IMAGE [B, H, W, 3] in 0..1 -> PIL images."""
+    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+class GenerateTokens(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        size = dict(default=1024, min=MIN_SIDE, max=MAX_SIDE, step=SIZE_MULTIPLE)
+        references = [
+            io.Image.Input(
+                f"reference_{i}", optional=True,
+                tooltip="Reference image(s) for editing; every image of a batch is one reference.",
+            )
+            for i in range(1, MAX_REFERENCE_INPUTS + 1)
+        ]  # fmt: skip
+        return io.Schema(
+            node_id="GLMImageGenerateTokens",
+            display_name="GLM-Image Generate Visual Tokens",
+            category="GLM-Image",
+            description="Runs the AR model: the prompt (and reference images) become the grid of visual tokens the "
+            "DiT paints from. Re-runs only when its own inputs change.",
+            inputs=[
+                GlmARModel.Input("ar_model"),
+                io.String.Input(
+                    "prompt", multiline=True, dynamic_prompts=True,
+                    tooltip="Text in quotes ('...', \"...\", “...”, 「...」) is rendered as glyphs.",
+                ),
+                io.Int.Input("width", tooltip="Multiple of 32, 512..2048; must equal the latent's width.", **size),
+                io.Int.Input("height", tooltip="Multiple of 32, 512..2048; must equal the latent's height.", **size),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                    tooltip="Seed of the AR sampling (a private generator; sample i uses seed + i).",
+                ),
+                io.Float.Input("temperature", default=0.9, min=0.01, max=2.0, step=0.01, tooltip="AR sampling temperature."),
+                io.Float.Input("top_p", default=0.75, min=0.01, max=1.0, step=0.01, tooltip="Nucleus sampling mass."),
+                io.Int.Input("top_k", default=0, min=0, max=16384, tooltip="Top-k filter; 0 = off."),
+                io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Token grids to sample from this prompt."),
+                *references,
+            ],
+            outputs=[GlmTokens.Output(display_name="tokens")],
+        )  # fmt: skip
+
+    @classmethod
+    def validate_inputs(cls, width=None, height=None, **kwargs):
+        return validate_size(width, height)
+
+    @classmethod
+    def execute(
+        cls, ar_model, prompt, width, height, seed, temperature, top_p, top_k, batch_size, **refs
+    ) -> io.NodeOutput:
+        check_image_size(height, width)
+        images = [im for i in range(1, MAX_REFERENCE_INPUTS + 1) if refs.get(f"reference_{i}") is not None
+                  for im in image_batch_to_pil(refs[f"reference_{i}"])]  # fmt: skip
+        model = ar_model.model.loaded()
+        inputs = ar.build_ar_inputs(ar_model.processor, prompt, height, width, images)
+        device = model.device
+        generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(batch_size)]
+        progress = comfy.utils.ProgressBar(inputs.geometry.num_grid_tokens)
+
+        def on_token(step, total, _tokens):
+            mm.throw_exception_if_processing_interrupted()  # Stop works within a token
+            progress.update_absolute(step, total)
+
+        result = ar.generate_prior_tokens(
+            model, inputs, generators, temperature=temperature, top_p=top_p, top_k=top_k or None, callback=on_token
+        )
+        references = [
+            Reference(pixels=(image_to_tensor(image, gh * 16, gw * 16) / 2 + 0.5).permute(0, 2, 3, 1), prior_token_ids=ids[None].cpu())
+            for image, ids, (gh, gw) in zip(images, result.reference_prior_ids, result.reference_grid_sizes)
+        ]  # fmt: skip
+        tokens = VisualTokens(
+            prior_token_ids=result.prior_token_ids.cpu(), target_ids=result.target_ids.cpu(),
+            preview_ids=result.preview_ids.cpu(), height=height, width=width, prompt=prompt, seed=seed,
+            references=references,
+        )  # fmt: skip
+        return io.NodeOutput(tokens)
+
+
+def tokens_to_file(tokens: VisualTokens, path: str) -> None:
+    tensors = {
+        "prior_token_ids": tokens.prior_token_ids.contiguous(),
+        "target_ids": tokens.target_ids.contiguous(),
+        "preview_ids": tokens.preview_ids.contiguous(),
+    }
+    for i, ref in enumerate(tokens.references):
+        tensors[f"reference.{i}.pixels"] = ref.pixels.contiguous()
+        tensors[f"reference.{i}.prior_token_ids"] = ref.prior_token_ids.contiguous()
+    info = {"prompt": tokens.prompt, "height": tokens.height, "width": tokens.width, "seed": tokens.seed,
+            "references": len(tokens.references), "format": "glm_image_tokens/1"}  # fmt: skip
+    save_file(tensors, path, metadata={"glm_image_tokens": json.dumps(info)})
+
+
+def tokens_from_file(path: str) -> VisualTokens:
+    try:
+        with safe_open(path, framework="pt") as f:
+            info = json.loads((f.metadata() or {})["glm_image_tokens"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types; any failure means the same here
+        raise ValueError(f"{os.path.basename(path)} is not a GLM-Image tokens file ({e}).") from e
+    references = [
+        Reference(tensors[f"reference.{i}.pixels"], tensors[f"reference.{i}.prior_token_ids"])
+        for i in range(info["references"])
+    ]
+    tokens = VisualTokens(
+        tensors["prior_token_ids"], tensors["target_ids"], tensors["preview_ids"], info["height"], info["width"],
+        info["prompt"], info["seed"], references,
+    )  # fmt: skip
+    check_image_size(tokens.height, tokens.width)
+    if tokens.prior_token_ids.shape[1] != (tokens.height // 16) * (tokens.width // 16):
+        raise ValueError(
+            f"{os.path.basename(path)} is damaged: its grid does not match {tokens.width}x{tokens.height}."
+        )
+    return tokens
+
+
+class SaveTokens(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GLMImageSaveTokens",
+            display_name="GLM-Image Save Visual Tokens",
+            category="GLM-Image",
+            description=f"Writes the token grids (with prompt, size and seed) to output/glm_tokens/*{TOKENS_EXTENSION}.",
+            inputs=[
+                GlmTokens.Input("tokens"),
+                io.String.Input(
+                    "filename_prefix", default="glm_tokens/tokens", tooltip="Relative to the output folder."
+                ),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, tokens, filename_prefix) -> io.NodeOutput:
+        out_dir = folder_paths.get_output_directory()
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+        file = f"{name}_{counter:05}_{TOKENS_EXTENSION}"
+        tokens_to_file(tokens, os.path.join(folder, file))
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {os.path.join(subfolder, file)}"))
+
+
+def token_files() -> list[str]:
+    """Token files in input/ and, annotated, in output/ (how ComfyUI names files of either folder)."""
+    found = []
+    for base, suffix in ((folder_paths.get_input_directory(), ""), (folder_paths.get_output_directory(), " [output]")):
+        for root, _, files in os.walk(base):
+            found += [os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/") + suffix
+                      for f in files if f.endswith(TOKENS_EXTENSION)]  # fmt: skip
+    return sorted(found)
+
+
+class LoadTokens(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GLMImageLoadTokens",
+            display_name="GLM-Image Load Visual Tokens",
+            category="GLM-Image",
+            description="Reads token grids written by 'GLM-Image Save Visual Tokens' (no AR run needed).",
+            inputs=[io.Combo.Input("tokens_file", options=token_files(), tooltip="From input/ or output/.")],
+            outputs=[
+                GlmTokens.Output(display_name="tokens"),
+                io.Int.Output(display_name="width"),
+                io.Int.Output(display_name="height"),
+            ],  # fmt: skip
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, tokens_file):
+        path = folder_paths.get_annotated_filepath(tokens_file)
+        return os.path.getmtime(path) if os.path.exists(path) else tokens_file
+
+    @classmethod
+    def execute(cls, tokens_file) -> io.NodeOutput:
+        tokens = tokens_from_file(folder_paths.get_annotated_filepath(tokens_file))
+        return io.NodeOutput(tokens, tokens.width, tokens.height)

@@ -1,0 +1,136 @@
+"""DiT nodes: the loader (a real ComfyUI MODEL), its model sampling, the empty latent and the reference schedule."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import torch
+from comfy_api.latest import io
+
+from ..glm_image_core import loading
+from ..glm_image_core.schedule import glm_schedule
+from ..glm_image_core.sizes import LATENT_CHANNELS, MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, VAE_SCALE, check_image_size
+from . import paths
+from .model import WEIGHT_DTYPES, load_dit_patcher, model_sampling_for_size
+from .types import GlmTokens
+
+
+def size_inputs(tooltip: str):
+    size = dict(default=1024, min=MIN_SIDE, max=MAX_SIDE, step=SIZE_MULTIPLE)
+    return [io.Int.Input("width", tooltip=tooltip, **size), io.Int.Input("height", tooltip=tooltip, **size)]
+
+
+def validate_size(width, height):
+    """For validate_inputs: linked (not yet known) sizes pass here and are checked in execute."""
+    if width is None or height is None:
+        return True
+    try:
+        check_image_size(height, width)
+    except ValueError as e:
+        return str(e)
+    return True
+
+
+class DiTLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GLMImageDiTLoader",
+            display_name="Load GLM-Image DiT",
+            category="GLM-Image",
+            description="The 7B diffusion transformer as a ComfyUI MODEL for the stock KSampler / "
+            "SamplerCustomAdvanced (use euler + simple for the reference schedule).",
+            inputs=[
+                io.Combo.Input(
+                    "dit", options=paths.choices("transformer", "diffusion_models"),
+                    tooltip="A GLM-Image folder (models/glm_image) or one .safetensors in models/diffusion_models.",
+                ),
+                io.Combo.Input(
+                    "weight_dtype", options=list(WEIGHT_DTYPES),
+                    tooltip="As UNETLoader: fp8 halves the weights' memory; *_fast also uses fp8 matmuls.",
+                ),
+            ],
+            outputs=[io.Model.Output()],
+        )  # fmt: skip
+
+    @classmethod
+    def execute(cls, dit, weight_dtype) -> io.NodeOutput:
+        config, state_dict = loading.read_checked_weights(paths.resolve(dit, "diffusion_models"), loading.TRANSFORMER)
+        return io.NodeOutput(load_dit_patcher(state_dict, config, weight_dtype))
+
+
+class ModelSampling(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GLMImageModelSampling",
+            display_name="ModelSampling GLM-Image",
+            category="GLM-Image",
+            description="Sets the resolution-dependent shift (1024x1024: 3.25, 512x512: 1.75). Use this, not the "
+            "stock ModelSampling nodes: they would feed the DiT the shifted time.",
+            inputs=[io.Model.Input("model"), *size_inputs("The image size being sampled.")],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width=None, height=None, **kwargs):
+        return validate_size(width, height)
+
+    @classmethod
+    def execute(cls, model, width, height) -> io.NodeOutput:
+        patched = model.clone()
+        patched.add_object_patch("model_sampling", model_sampling_for_size(width, height))
+        return io.NodeOutput(patched)
+
+
+class EmptyLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GLMImageEmptyLatent",
+            display_name="Empty GLM-Image Latent",
+            category="GLM-Image",
+            description="A 16-channel empty latent; with tokens connected, their size and grid count win.",
+            inputs=[
+                *size_inputs("Multiple of 32, 512..2048."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Ignored when tokens hold several grids."),
+                GlmTokens.Input("tokens", optional=True, tooltip="Take width/height (and batch) from these tokens."),
+            ],
+            outputs=[io.Latent.Output()],
+        )  # fmt: skip
+
+    @classmethod
+    def validate_inputs(cls, width=None, height=None, **kwargs):
+        return validate_size(width, height)
+
+    @classmethod
+    def execute(cls, width, height, batch_size, tokens=None) -> io.NodeOutput:
+        if tokens is not None:
+            width, height = tokens.width, tokens.height
+            grids = tokens.prior_token_ids.shape[0]
+            batch_size = grids if grids > 1 else batch_size
+        check_image_size(height, width)
+        shape = (batch_size, LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE)
+        return io.NodeOutput({"samples": torch.zeros(shape, device=mm.intermediate_device())})
+
+
+class Scheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GLMImageScheduler",
+            display_name="GLM-Image Scheduler",
+            category="GLM-Image",
+            description="The reference pipeline's exact sigmas (integer timestep grid, resolution shift) for any step "
+            "count, for SamplerCustomAdvanced. KSampler's 'simple' equals it when 1000 is divisible by the steps.",
+            inputs=[io.Int.Input("steps", default=50, min=1, max=1000), *size_inputs("The image size being sampled.")],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width=None, height=None, **kwargs):
+        return validate_size(width, height)
+
+    @classmethod
+    def execute(cls, steps, width, height) -> io.NodeOutput:
+        sigmas, _ = glm_schedule(steps, height, width)
+        return io.NodeOutput(sigmas)

@@ -1,0 +1,104 @@
+"""Glyph encoder loader and GLM-Image Encode: visual tokens + glyph text (+ references) -> CONDITIONING."""
+
+from __future__ import annotations
+
+import os
+
+import comfy.model_management as mm
+import torch
+from comfy_api.latest import io
+
+from ..glm_image_core import glyph, loading
+from ..glm_image_core.errors import InvalidInputError
+from . import paths
+from .types import GlmGlyphEncoder, GlmTokens, GlyphEncoder, ManagedHFModel, VisualTokens
+
+FROM_PROMPT, OVERRIDE = "from prompt quotes", "override"
+
+
+class GlyphEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GLMImageGlyphEncoderLoader",
+            display_name="Load GLM-Image Glyph Encoder",
+            category="GLM-Image",
+            description="The Glyph-ByT5 text encoder that tells the DiT which characters to render.",
+            inputs=[
+                io.Combo.Input(
+                    "encoder", options=paths.choices("text_encoder", "text_encoders"),
+                    tooltip="A GLM-Image folder (models/glm_image) or a single .safetensors in models/text_encoders.",
+                ),
+                io.Combo.Input("dtype", options=["auto", "bf16", "fp32"], tooltip="auto: bf16 where supported."),
+            ],
+            outputs=[GlmGlyphEncoder.Output(display_name="glyph_encoder")],
+        )  # fmt: skip
+
+    @classmethod
+    def execute(cls, encoder, dtype) -> io.NodeOutput:
+        path = paths.resolve(encoder, "text_encoders")
+        device = mm.text_encoder_device()
+        if dtype == "auto":
+            dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
+        else:
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+        model = loading.load_glyph_encoder(path, dtype=dtype, device="cpu")
+        tokenizer = loading.load_glyph_tokenizer(path if os.path.isdir(path) else None)
+        managed = ManagedHFModel.wrap(model, device, mm.text_encoder_offload_device())
+        return io.NodeOutput(GlyphEncoder(managed, tokenizer))
+
+
+def glyph_spans(prompt: str, mode: str, override: str) -> list[str]:
+    """The glyph strings to encode: the prompt's quoted spans, or the override's lines."""
+    if mode == FROM_PROMPT:
+        return glyph.extract_glyph_texts(prompt)
+    spans = [line for line in override.splitlines() if line.strip()]
+    if not spans:
+        raise InvalidInputError(
+            "Glyph text is set to 'override' but the override is empty: write the text to render (one span per line) "
+            "or choose 'from prompt quotes'."
+        )
+    return spans
+
+
+class Encode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GLMImageEncode",
+            display_name="GLM-Image Encode",
+            category="GLM-Image",
+            description="Makes the DiT's positive and negative conditioning from the visual tokens and the glyph "
+            "text. The negative is always GLM's unconditional branch (no glyphs, no tokens, no references), also "
+            "when a ConditioningZeroOut of the positive is wired instead.",
+            inputs=[
+                GlmGlyphEncoder.Input("glyph_encoder"),
+                GlmTokens.Input("tokens", tooltip="From 'GLM-Image Generate Visual Tokens' or 'Load Visual Tokens'."),
+                io.Combo.Input(
+                    "glyph_text", options=[FROM_PROMPT, OVERRIDE],
+                    tooltip="Render the quoted spans of the tokens' prompt, or the override text.",
+                ),
+                io.String.Input("override", multiline=True, default="", tooltip="One glyph span per line."),
+                io.Vae.Input("vae", optional=True, tooltip="Needed for editing: encodes the reference images."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+        )  # fmt: skip
+
+    @classmethod
+    def execute(cls, glyph_encoder, tokens: VisualTokens, glyph_text, override, vae=None) -> io.NodeOutput:
+        spans = glyph_spans(tokens.prompt, glyph_text, override)
+        model = glyph_encoder.model.loaded()
+        cond = glyph.encode_glyphs(spans, model, glyph_encoder.tokenizer).to(mm.intermediate_device())
+        empty = glyph.encode_glyphs([], model, glyph_encoder.tokenizer).to(mm.intermediate_device())
+        extras = {"glm_prior_token_ids": tokens.prior_token_ids, "glm_empty_glyph": empty}
+        if tokens.references:
+            if vae is None:
+                raise InvalidInputError(
+                    "These tokens come from reference images: connect the VAE so they can be encoded."
+                )
+            extras["glm_references"] = [
+                {"latent": vae.encode(ref.pixels), "prior_token_ids": ref.prior_token_ids,
+                 "image_size": tuple(ref.pixels.shape[1:3])}
+                for ref in tokens.references
+            ]  # fmt: skip
+        return io.NodeOutput([[cond, dict(extras)]], [[empty, dict(extras)]])

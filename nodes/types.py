@@ -1,0 +1,72 @@
+"""What travels between GLM-Image nodes besides the stock MODEL / VAE / CONDITIONING / LATENT types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.model_patcher
+import torch
+from comfy_api.latest import io
+
+GlmARModel = io.Custom("GLM_AR_MODEL")
+GlmGlyphEncoder = io.Custom("GLM_GLYPH_ENCODER")
+GlmTokens = io.Custom("GLM_TOKENS")
+
+
+class HFModelHolder(torch.nn.Module):
+    """A transformers model inside a plain module: ModelPatcher writes `.device`, a read-only property on HF models."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+
+@dataclass
+class ManagedHFModel:
+    """A transformers model under ComfyUI's model management (evicted/offloaded when others need the memory)."""
+
+    patcher: comfy.model_patcher.ModelPatcher
+
+    @classmethod
+    def wrap(cls, model: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> ManagedHFModel:
+        return cls(comfy.model_patcher.ModelPatcher(HFModelHolder(model), load_device, offload_device))
+
+    def loaded(self) -> torch.nn.Module:
+        """The model on its load device. HF layers cannot be partially offloaded, hence a full load."""
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        return self.patcher.model.model
+
+
+@dataclass
+class ARModel:
+    model: ManagedHFModel  # GlmImageForConditionalGeneration
+    processor: object  # GlmImageProcessor
+
+
+@dataclass
+class GlyphEncoder:
+    model: ManagedHFModel  # T5EncoderModel (Glyph-ByT5)
+    tokenizer: object  # ByT5Tokenizer
+
+
+@dataclass
+class Reference:
+    """One reference image of an edit: the pixels the VAE encodes and the AR's prior ids for it."""
+
+    pixels: torch.Tensor  # [1, H, W, 3] in 0..1 at the size its prior grid implies (H, W multiples of 32)
+    prior_token_ids: torch.Tensor  # long [1, (H/16)*(W/16)]
+
+
+@dataclass
+class VisualTokens:
+    """The AR output for one prompt: one or several sampled grids, and what made them."""
+
+    prior_token_ids: torch.Tensor  # long [N, (H/16)*(W/16)]: the target grid upsampled x2 (the DiT's input)
+    target_ids: torch.Tensor  # long [N, (H/32)*(W/32)]
+    preview_ids: torch.Tensor  # long [N, ph*pw] (text-to-image), [N, 0] for editing
+    height: int
+    width: int
+    prompt: str
+    seed: int
+    references: list[Reference] = field(default_factory=list)

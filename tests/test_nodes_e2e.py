@@ -1,0 +1,70 @@
+"""The text-to-image graph (our loaders, stock KSampler euler/simple, CFG 1.5, stock VAEDecode) run by ComfyUI's own
+executor gives the same image as diffusers' GlmImagePipeline for the same prior tokens and initial noise."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests import comfy_host
+
+comfy_host.require_comfyui()
+
+import folder_paths  # noqa: E402
+from diffusers import GlmImagePipeline  # noqa: E402
+
+from glm_image_core import ar  # noqa: E402
+from glm_image_core.loading import load_ar_model, load_ar_processor  # noqa: E402
+
+WORKFLOWS = Path(__file__).parent / "workflows"
+HEIGHT, WIDTH, STEPS, AR_SEED, NOISE_SEED = 512, 768, 4, 7, 11
+
+
+@pytest.fixture(scope="module")
+def comfy_models(tiny_model_dir, tmp_path_factory):
+    """The pack loaded into ComfyUI, the tiny folder under a glm_image root, output to a temp folder."""
+    comfy_host.load_pack()
+    folder_paths.add_model_folder_path("glm_image", str(tiny_model_dir.parent))
+    output = tmp_path_factory.mktemp("output")
+    folder_paths.set_output_directory(str(output))
+    return output
+
+
+def small_text_to_image(prompt: str) -> dict:
+    """The text-to-image example at a CPU-friendly size and step count, fp32 on the CPU."""
+    graph = json.loads((WORKFLOWS / "text_to_image.json").read_text())
+    graph["1"]["inputs"].update(dtype="fp32", device="cpu")
+    graph["2"]["inputs"].update(prompt=prompt, width=WIDTH, height=HEIGHT, seed=AR_SEED)
+    graph["3"]["inputs"].update(dtype="fp32")
+    graph["6"]["inputs"].update(width=WIDTH, height=HEIGHT)
+    graph["7"]["inputs"].update(width=WIDTH, height=HEIGHT)
+    graph["8"]["inputs"].update(steps=STEPS, seed=NOISE_SEED)
+    return graph
+
+
+def saved_image(run, output: Path) -> np.ndarray:
+    (image,) = run.outputs["11"]["images"]
+    return np.asarray(Image.open(output / image["subfolder"] / image["filename"]), dtype=np.float32)
+
+
+def test_text_to_image_graph_equals_glm_image_pipeline(comfy_models, tiny_model_dir):
+    prompt = 'A neon sign "BAR" and \u201cOPEN\u201d over 「夜」'
+    run = comfy_host.run_prompt(small_text_to_image(prompt))
+    assert run.success, run.execution_error()
+    ours = saved_image(run, comfy_models)
+
+    model = load_ar_model(tiny_model_dir, dtype=torch.float32)
+    inputs = ar.build_ar_inputs(load_ar_processor(tiny_model_dir), prompt, HEIGHT, WIDTH)
+    tokens = ar.generate_prior_tokens(model, inputs, [torch.Generator().manual_seed(AR_SEED)])
+    noise = torch.randn(1, 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(NOISE_SEED))
+    pipe = GlmImagePipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+    expected = pipe(
+        prompt=prompt, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=1.5,
+        prior_token_ids=tokens.prior_token_ids, latents=noise, output_type="np",
+    ).images[0]  # fmt: skip
+    diff = np.abs(ours - np.floor(expected * 255)).max()  # SaveImage truncates to uint8
+    assert diff <= 1, diff
+    assert ours.std() > 1
