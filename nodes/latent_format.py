@@ -1,0 +1,48 @@
+"""The GLM-Image latent space as ComfyUI sees it: 16 channels, per-channel (z - mean) / std.
+
+The sampler works on normalised latents; the VAE does not normalise. ComfyUI applies `process_in` to the input latent
+before sampling and `process_out` to the result, so KSampler's LATENT output is raw VAE space and the stock
+VAEDecode / VAEEncode nodes need no knowledge of the statistics (comfyui-notes §2.6).
+"""
+
+import torch
+from comfy import latent_formats
+
+# `latents_mean` / `latents_std` of the published `vae/config.json` (zai-org/GLM-Image).
+LATENTS_MEAN = (
+    -0.2080078125, 1.875, -0.470703125, -1.265625, -1.421875, 0.77734375, -0.3671875, -0.9453125,
+    0.318359375, 0.7734375, -0.1884765625, -0.022216796875, -0.220703125, -1.59375, -0.81640625, -0.255859375,
+)  # fmt: skip
+LATENTS_STD = (
+    3.0625, 2.203125, 2.265625, 4.84375, 2.5, 3.9375, 2.203125, 3.03125,
+    2.1875, 2.046875, 2.71875, 2.390625, 2.390625, 2.453125, 2.25, 2.15625,
+)  # fmt: skip
+
+
+class GlmImageLatentFormat(latent_formats.LatentFormat):
+    """`process_in(z) = (z - mean) / std`, `process_out(z) = z * std + mean`, per channel (the VAE config's
+    `scaling_factor` 0.18215 is not used by GLM-Image).
+
+    `latent_rgb_factors` stays None until factors are fitted on real decoded images: ComfyUI then shows no latent
+    preview for this model instead of a wrong one.
+    """
+
+    latent_channels = 16
+    latent_dimensions = 2
+    latent_rgb_factors = None
+    latent_rgb_factors_bias = None
+    taesd_decoder_name = None
+
+    def __init__(self, latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD):
+        self.latents_mean = torch.tensor(latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.latents_std = torch.tensor(latents_std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def process_in(self, latent):  # raw VAE latent -> model space
+        mean = self.latents_mean.to(latent.device, latent.dtype)
+        std = self.latents_std.to(latent.device, latent.dtype)
+        return (latent - mean) / std
+
+    def process_out(self, latent):  # model space -> raw VAE latent
+        mean = self.latents_mean.to(latent.device, latent.dtype)
+        std = self.latents_std.to(latent.device, latent.dtype)
+        return latent * std + mean
