@@ -111,7 +111,7 @@ class GenerateTokens(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None, **kwargs):
+    def validate_inputs(cls, width=None, height=None):
         return validate_size(width, height)
 
     @classmethod

@@ -20,7 +20,10 @@ def size_inputs(tooltip: str):
 
 
 def validate_size(width, height):
-    """For validate_inputs: linked (not yet known) sizes pass here and are checked in execute."""
+    """For validate_inputs: linked (not yet known) sizes pass here and are checked in execute.
+
+    A node's validate_inputs must name only width and height (no **kwargs): ComfyUI skips its own min/max and combo
+    checks for every input the validator accepts."""
     if width is None or height is None:
         return True
     try:
@@ -72,7 +75,7 @@ class ModelSampling(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None, **kwargs):
+    def validate_inputs(cls, width=None, height=None):
         return validate_size(width, height)
 
     @classmethod
@@ -99,7 +102,7 @@ class EmptyLatent(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None, **kwargs):
+    def validate_inputs(cls, width=None, height=None):
         return validate_size(width, height)
 
     @classmethod
@@ -127,7 +130,7 @@ class Scheduler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None, **kwargs):
+    def validate_inputs(cls, width=None, height=None):
         return validate_size(width, height)
 
     @classmethod
