@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..glm_image_core import ar, loading
+from ..glm_image_core import ar, loading, preview
 from ..glm_image_core.pipeline import image_to_tensor
 from ..glm_image_core.sizes import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, check_image_size
 from . import paths
@@ -126,10 +126,15 @@ class GenerateTokens(io.ComfyNode):
         device = model.device
         generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(batch_size)]
         progress = comfy.utils.ProgressBar(inputs.geometry.num_grid_tokens)
+        if ar_model.preview_palette is None:  # once per loaded model
+            ar_model.preview_palette = preview.model_palette(model)
+        live = preview.LivePreview(inputs.geometry, ar_model.preview_palette)
 
-        def on_token(step, total, _tokens):
+        def on_token(step, total, tokens):
             mm.throw_exception_if_processing_interrupted()  # Stop works within a token
-            progress.update_absolute(step, total)
+            image = live.poll(step, tokens)  # a few times a second: the grid so far, shown on the node
+            shown = None if image is None else ("JPEG", image, preview.PREVIEW_MAX_SIDE)
+            progress.update_absolute(step, total, preview=shown)
 
         result = ar.generate_prior_tokens(
             model, inputs, generators, temperature=temperature, top_p=top_p, top_k=top_k or None, callback=on_token

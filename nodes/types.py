@@ -42,6 +42,7 @@ class ManagedHFModel:
 class ARModel:
     model: ManagedHFModel  # GlmImageForConditionalGeneration
     processor: object  # GlmImageProcessor
+    preview_palette: torch.Tensor | None = None  # [16384, 3] uint8 live-preview colours, set on first use
 
 
 @dataclass
