@@ -80,6 +80,7 @@ class ModelSampling(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, width, height) -> io.NodeOutput:
+        check_image_size(height, width)  # linked sizes are only known here
         patched = model.clone()
         patched.add_object_patch("model_sampling", model_sampling_for_size(width, height))
         return io.NodeOutput(patched)
@@ -135,5 +136,6 @@ class Scheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, steps, width, height) -> io.NodeOutput:
+        check_image_size(height, width)  # linked sizes are only known here
         sigmas, _ = glm_schedule(steps, height, width)
         return io.NodeOutput(sigmas)
