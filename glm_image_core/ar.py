@@ -10,7 +10,9 @@ own instead of ``model.generate`` because:
 - the random draws come only from caller-supplied ``torch.Generator`` s (the reference seeds torch's global RNG);
 - positions are explicit (3-axis MRoPE, computed here, equal to ``GlmImageModel.get_rope_index``), so the model's
   own position caches (``rope_deltas``, ``_cached_decode_position_ids``) are never touched;
-- a per-token callback reports progress and can cancel by raising.
+- a callback reports progress and can cancel by raising;
+- on CUDA, ``fast_ar`` decodes with its own static-cache step replayed as a CUDA graph, sampling on the device
+  (transformers' forward per token is ~15x slower than reading the weights).
 
 Sampling follows transformers' warpers (temperature, then top-k, then top-p keeping at least one token) on the
 VQ-code logits, then picks the token by inverse CDF from one uniform draw per token (see ``sample_tokens``).
@@ -18,12 +20,14 @@ VQ-code logits, then picks the token by inverse CDF from one uniform draw per to
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from . import fast_ar
 from .errors import InvalidInputError
 
 IMAGE_START_ID = 16384  # `<|dit_token_16384|>`: opens every image, and ends the prompt (the model's bos)
@@ -281,6 +285,8 @@ def generate_prior_tokens(
     top_k: int | None = None,
     callback: ProgressCallback | None = None,
     static_cache: bool = True,
+    fast: bool | None = None,
+    callback_every: int = 16,
 ) -> ARResult:
     """Sample ``len(generators)`` token grids for one prompt, decoded together as a batch.
 
@@ -291,9 +297,16 @@ def generate_prior_tokens(
 
     temperature / top_p / top_k: None takes ``model.generation_config`` (published: 0.9 / 0.75 / 16512, i.e. no
     top-k; a generation config without top_k means no top-k here, where ``generate`` would apply its default 50).
-    callback(step, total, token_ids) runs after every sampled token: step = tokens so far (1..total), token_ids
-    the [N, step] tokens so far (a view, still on the model's device). An exception raised in it stops generation
-    and propagates unchanged.
+    callback(step, total, token_ids) runs at least every ``callback_every`` tokens and after the last one: step =
+    tokens so far (1..total, increasing), token_ids the [N, step] tokens so far (a view, still on the model's
+    device). The transformers loop calls it after every token; the fast decoder after the first token, at multiples
+    of ``callback_every`` and at the end (on CUDA once the GPU has finished those tokens). An exception raised in it
+    stops generation and propagates unchanged.
+
+    fast: decode with ``fast_ar`` (own layer loop over the same weights, static float32 K/V cache, a CUDA graph per
+    token on CUDA). None (default) = on CUDA when ``fast_ar.unsupported_reason(model)`` finds nothing against it;
+    True forces it on any device (it falls back to the transformers loop, with a warning, if the model is not
+    supported); False = the transformers loop (``static_cache`` chooses its cache).
     """
     from transformers import DynamicCache, StaticCache
 
@@ -311,6 +324,8 @@ def generate_prior_tokens(
         raise InvalidInputError(f"top_p must be in (0, 1], got {top_p}.")
     if top_k is not None and top_k < 0:
         raise InvalidInputError(f"top_k must be >= 1 (or 0/None for no top-k), got {top_k}.")
+    if callback_every < 1:
+        raise InvalidInputError(f"callback_every must be >= 1, got {callback_every}.")
 
     geometry = inputs.geometry
     total = geometry.num_grid_tokens
@@ -328,6 +343,17 @@ def generate_prior_tokens(
     decode_position_ids = inputs.decode_position_ids.to(device).expand(3, n, -1)
 
     uniforms = torch.stack([torch.rand(total, generator=g, device=g.device).to(device) for g in generators])
+    if use_fast_decoder(model, fast):
+
+        def pick(logits, u):
+            return sample_tokens(warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1), u)
+
+        tokens = fast_ar.decode(
+            model, input_ids, position_ids, decode_position_ids, uniforms, pick,
+            rows=NUM_VQ_CODES, callback=callback, callback_every=callback_every,
+        )  # fmt: skip
+        return _result(tokens, geometry, inputs, reference_ids)
+
     if static_cache:
         cache = StaticCache(config=model.config, max_cache_len=prompt_length + total)
     else:
@@ -343,7 +369,21 @@ def generate_prior_tokens(
             callback(step + 1, total, tokens[:, : step + 1])
         if step + 1 < total:  # the last grid token is never fed back: the EOS after it is not sampled
             logits = next_token_logits(model, token[:, None], decode_position_ids[:, :, step : step + 1], cache)
+    return _result(tokens, geometry, inputs, reference_ids)
 
+
+def use_fast_decoder(model, fast: bool | None) -> bool:
+    """Whether ``generate_prior_tokens`` decodes with ``fast_ar`` (see its ``fast`` argument)."""
+    if fast is False or (fast is None and model.device.type != "cuda"):
+        return False
+    reason = fast_ar.unsupported_reason(model)
+    if reason is not None and fast:
+        logging.warning("GLM-Image AR: the fast decoder cannot run this model (%s); using transformers.", reason)
+    return reason is None
+
+
+def _result(tokens: torch.Tensor, geometry: ARGeometry, inputs: ARInputs, reference_ids) -> ARResult:
+    """ARResult from the sampled [N, total] grid tokens (preview first, then the target grid)."""
     h, w = geometry.grid_h, geometry.grid_w
     target_ids = tokens[:, geometry.num_preview_tokens :]
     reference_prior_ids = [

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from glm_image_core import ar
+from glm_image_core import ar, fast_ar
 from glm_image_core.errors import GenerationCancelled, InvalidInputError
 
 NON_GRID_IDS = list(range(16384, 16512))  # image start, EOS and the unused visual ids
@@ -369,3 +369,105 @@ def test_upsampling_equals_the_pipelines():
 
     ids = torch.randint(0, 16384, (1, 6 * 4), generator=torch.Generator().manual_seed(0))
     assert torch.equal(ar.upsample_token_ids(ids, 6, 4), GlmImagePipeline._upsample_token_ids(ids, 6, 4))
+
+
+# --- the fast decoder (fast_ar) --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_references", [0, 2])
+def test_fast_decoder_logits_equal_generate_logits(model, processor, references, num_references):
+    """Prefill and every decode step of our own layer loop against transformers' generate, float32."""
+    inputs = ar.build_ar_inputs(processor, "a red 'sign'", 256, 384, references[:num_references])
+    steps = 6
+    out = model.generate(
+        **generate_kwargs(inputs),
+        max_new_tokens=steps + 1,
+        do_sample=False,
+        suppress_tokens=NON_GRID_IDS,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    new_tokens = out.sequences[:, inputs.input_ids.shape[1] :]  # [1, steps + 1]
+    input_ids = inputs.input_ids
+    if num_references:
+        reference_ids = torch.cat(ar.encode_reference_images(model, inputs))
+        input_ids = input_ids.masked_scatter(input_ids == model.config.image_token_id, reference_ids)
+    prompt_length = input_ids.shape[1]
+    decoder = fast_ar.FastDecoder(model, batch=1, max_length=prompt_length + steps)
+    cos, sin = fast_ar.rope_tables(decoder.inv_freq, decoder.mrope_section, inputs.decode_position_ids, torch.float32)
+    with torch.inference_mode():
+        diffs = [(decoder.prefill(input_ids, inputs.position_ids, 16512) - out.logits[0]).abs().max()]
+        for k in range(steps):
+            slot = torch.tensor([prompt_length + k])
+            logits = decoder.step(new_tokens[:, k : k + 1], cos[:, k : k + 1], sin[:, k : k + 1], slot, 16512)
+            diffs.append((logits - out.logits[k + 1]).abs().max())
+    assert max(diffs) <= 1e-4, diffs
+
+
+def test_cache_attention_equals_masked_sdpa():
+    """Grouped-query attention of one query over a partly filled cache, chunked probs @ V."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 32, generator=g)  # 8 query heads share 2 key/value heads
+    k_cache = torch.randn(3, 2, 256, 32, generator=g)
+    v_cache = torch.randn(3, 2, 256, 32, generator=g)
+    filled = 131
+    key_bias = torch.zeros(256).masked_fill(torch.arange(256) >= filled, float("-inf"))
+    ours = fast_ar.attend_cache(q, k_cache, v_cache, key_bias, scale=32**-0.5)
+    k = k_cache[:, :, :filled].repeat_interleave(4, dim=1)
+    v = v_cache[:, :, :filled].repeat_interleave(4, dim=1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v)[:, :, 0].flatten(1)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("inputs_name", ["t2i_inputs", "i2i_inputs"])
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.7, top_k=50, top_p=0.9), dict(top_k=1)], ids=str)
+def test_fast_decoder_samples_the_transformers_loops_tokens(model, request, inputs_name, sampling):
+    inputs = request.getfixturevalue(inputs_name)
+    slow = ar.generate_prior_tokens(model, inputs, seeded(4, 5), fast=False, **sampling)
+    fast = ar.generate_prior_tokens(model, inputs, seeded(4, 5), fast=True, **sampling)
+    assert torch.equal(fast.preview_ids, slow.preview_ids)
+    assert torch.equal(fast.target_ids, slow.target_ids)
+    assert torch.equal(fast.prior_token_ids, slow.prior_token_ids)
+
+
+def test_fast_decoder_is_only_the_default_on_cuda(model):
+    assert model.device.type == "cpu"
+    assert not ar.use_fast_decoder(model, None)
+    assert ar.use_fast_decoder(model, True)
+    assert not ar.use_fast_decoder(model, False)
+
+
+def test_fast_decoder_refuses_a_hooked_model_and_transformers_runs_it(model_wanting_to_stop, processor):
+    """A forward hook (here: on the lm_head) would be bypassed by the fast decoder, so it is not used."""
+    assert "hook" in fast_ar.unsupported_reason(model_wanting_to_stop)
+    inputs = ar.build_ar_inputs(processor, "a red 'sign'", 256, 256)
+    forced = ar.generate_prior_tokens(model_wanting_to_stop, inputs, seeded(0), fast=True)
+    loop = ar.generate_prior_tokens(model_wanting_to_stop, inputs, seeded(0), fast=False)
+    assert torch.equal(forced.target_ids, loop.target_ids)
+
+
+@pytest.mark.parametrize("every", [1, 16, 50])
+def test_fast_decoder_reports_every_k_tokens_and_the_last(model, t2i_inputs, every):
+    seen = []
+    result = ar.generate_prior_tokens(
+        model, t2i_inputs, seeded(2), fast=True, callback_every=every,
+        callback=lambda step, total, ids: seen.append((step, total, ids.clone())),
+    )  # fmt: skip
+    total = t2i_inputs.geometry.num_grid_tokens  # 320
+    expected = sorted({1, *range(every, total + 1, every), total})
+    assert [step for step, _, _ in seen] == expected
+    assert all(t == total and ids.shape == (1, step) for step, t, ids in seen)
+    assert torch.equal(seen[-1][2][:, -64:], result.target_ids)
+
+
+def test_an_exception_in_the_callback_stops_the_fast_decoder(model, t2i_inputs):
+    calls = []
+
+    def cancel_at_32(step, total, ids):
+        calls.append(step)
+        if step >= 32:
+            raise GenerationCancelled("stop")
+
+    with pytest.raises(GenerationCancelled):
+        ar.generate_prior_tokens(model, t2i_inputs, seeded(2), fast=True, callback=cancel_at_32)
+    assert calls == [1, 16, 32]

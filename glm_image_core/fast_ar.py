@@ -1,0 +1,367 @@
+"""Fast AR decoding: GLM-Image's text decoder as plain tensor code over transformers' own weights.
+
+transformers' per-token forward costs ~60 ms on an H200 where reading the decoder's weights takes ~4 ms (reference
+§5): the time goes to Python, hundreds of small kernel launches and cache bookkeeping. Here one decode step is
+
+    embed -> 40 x [RMSNorm, q and kv projections, 3-axis partial RoPE, K/V into a preallocated cache, attention over
+    the cache, o projection, RMSNorm, residual, RMSNorm, gated MLP, RMSNorm, residual] -> RMSNorm
+    -> the lm_head's 16384 VQ-code rows only -> warp + sample with the token's pre-drawn uniform
+
+and every per-token index (cache slot, MRoPE position, uniform, output column) is read from a step counter that
+lives on the device. So on CUDA the whole step, sampling included, is captured once as a CUDA graph and replayed
+for every token; the host only waits every few tokens (to report progress and to let the user cancel), never per
+token. Elsewhere (CPU) the same step runs eagerly, which is how the tests check it against transformers.
+
+Numerics follow transformers' GLM-Image text model layer by layer: the same weights (read, never copied, except the
+k and v projections, fused into one [512, 4096] matrix per layer, ~170 MB), the same dtype casts in RMSNorm and RoPE.
+The prefill attends with SDPA like transformers; decode steps attend over a float32 K/V cache (keys and values are
+stored exactly, bf16 -> fp32 is lossless) with float32 scores and probabilities, the precision SDPA's kernels keep
+internally. The cache costs 40 x 2 x 2 x 128 x 4 bytes = 80 KB per token and sample (~400 MB at 2048x2048).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CACHE_BLOCK = 256  # the K/V cache length is a multiple of this (and of ATTENTION_CHUNK)
+ATTENTION_CHUNK = 64  # decode attention splits the keys into chunks of this many for the probs @ V product
+
+# pick(logits [N, V] float32, uniforms [N]) -> tokens [N] int64, e.g. warp_logits + sample_tokens from ar.py
+PickFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ProgressCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def unsupported_reason(model) -> str | None:
+    """Why this model cannot use the fast decoder (None when it can).
+
+    The fast decoder reads the weights of ``GlmImageForConditionalGeneration`` directly, so it refuses anything it
+    was not verified against: another layer layout, another activation or RoPE type, and any forward hook or
+    pre-hook on the text model or the lm_head (the hook would be bypassed silently).
+    """
+    try:
+        lm = model.model.language_model
+        config = lm.config
+        layer = lm.layers[0]
+        attn, mlp = layer.self_attn, layer.mlp
+        _ = (model.lm_head.weight, lm.embed_tokens.weight, lm.norm.weight, lm.rotary_emb.inv_freq)
+        _ = (layer.input_layernorm, layer.post_self_attn_layernorm, layer.post_attention_layernorm)
+        _ = (layer.post_mlp_layernorm, mlp.gate_up_proj, mlp.down_proj)
+    except AttributeError as e:
+        return f"not a transformers GlmImageForConditionalGeneration ({e})"
+    rope = config.rope_parameters or {}
+    if config.hidden_act != "silu":
+        return f"hidden_act {config.hidden_act!r} (only 'silu' is implemented)"
+    if rope.get("rope_type", "default") != "default" or getattr(lm.rotary_emb, "attention_scaling", 1.0) != 1.0:
+        return f"rope_type {rope.get('rope_type')!r} (only the default RoPE is implemented)"
+    if attn.q_proj.bias is None or attn.k_proj.bias is None or attn.v_proj.bias is None or attn.o_proj.bias is not None:
+        return "attention biases differ from GLM-Image's (q/k/v with bias, o without)"
+    if lm.training:
+        return "the model is in training mode"
+    hooked = [
+        name
+        for name, module in [*lm.named_modules(prefix="language_model"), ("lm_head", model.lm_head)]
+        if module._forward_hooks or module._forward_pre_hooks
+    ]
+    if hooked:
+        return f"forward hooks on {hooked[:3]} would be bypassed"
+    return None
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's weights: views of the HF parameters, plus the fused k/v projection."""
+
+    input_norm: torch.Tensor
+    q_weight: torch.Tensor
+    q_bias: torch.Tensor
+    kv_weight: torch.Tensor  # [2 * kv_heads * head_dim, hidden]: k rows, then v rows
+    kv_bias: torch.Tensor
+    o_weight: torch.Tensor
+    post_attn_norm: torch.Tensor  # post_self_attn_layernorm
+    mlp_norm: torch.Tensor  # post_attention_layernorm (before the MLP, despite its name)
+    gate_up_weight: torch.Tensor
+    down_weight: torch.Tensor
+    post_mlp_norm: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' GlmImageRMSNorm: normalise in float32, cast back, then scale (in the input dtype)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope_tables(
+    inv_freq: torch.Tensor, mrope_section: list[int], position_ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [N, T, rotary_dim] of 3-axis positions [3, N, T], as GlmImageTextRotaryEmbedding computes them:
+    frequency chunk i (of ``mrope_section``) turns with axis i % 3, the chunks are laid out twice."""
+    freqs = position_ids[..., None].float() * inv_freq.float()  # [3, N, T, rotary_dim / 2]
+    freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(mrope_section, dim=-1))], dim=-1)
+    freqs = torch.cat([freqs, freqs], dim=-1)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Partial rotary embedding on [N, T, heads, head_dim]: the first rotary_dim channels turn (rotate-half)."""
+    rotary = cos.shape[-1]
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    return torch.cat([x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin, x_pass], dim=-1)
+
+
+def attend_cache(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_bias: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query per sample over a float32 cache: q [N, heads, d]; caches [N, kv_heads, L, d]; key_bias [L] float32
+    (0 for filled slots, -inf beyond). Returns [N, heads * d] in q's dtype.
+
+    Grouped-query attention without copying the cache: the query heads that share a key/value head act as that
+    head's queries. probs @ V is summed over chunks of keys so that the product has many independent pieces.
+    """
+    n, heads, d = q.shape
+    kv_heads, length = k_cache.shape[1], k_cache.shape[2]
+    groups = heads // kv_heads
+    queries = q.view(n, kv_heads, groups, d).float() * scale
+    probs = (torch.matmul(queries, k_cache.transpose(2, 3)) + key_bias).softmax(dim=-1)  # [N, kvh, g, L]
+    chunks = length // ATTENTION_CHUNK
+    probs = probs.view(n, kv_heads, groups, chunks, ATTENTION_CHUNK).transpose(2, 3)  # [N, kvh, c, g, chunk]
+    values = v_cache.view(n, kv_heads, chunks, ATTENTION_CHUNK, d)
+    out = torch.matmul(probs, values).sum(dim=2)  # [N, kvh, g, d]
+    return out.reshape(n, heads * d).to(q.dtype)
+
+
+class FastDecoder:
+    """The text decoder of one ``GlmImageForConditionalGeneration`` with a static float32 K/V cache for ``batch``
+    sequences of at most ``max_length`` tokens (prompt + decoded). Holds views of the model's weights; build one per
+    generation (it is cheap) and drop it afterwards to free the cache and the captured graph."""
+
+    def __init__(self, model, batch: int, max_length: int):
+        lm = model.model.language_model
+        config = lm.config
+        self.hidden = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
+        self.eps = config.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+        self.mrope_section = list(config.rope_parameters.get("mrope_section", [8, 12, 12]))
+        self.inv_freq = lm.rotary_emb.inv_freq
+        self.embed = lm.embed_tokens.weight
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.final_norm = lm.norm.weight
+        self.layers = [
+            _Layer(
+                input_norm=layer.input_layernorm.weight,
+                q_weight=layer.self_attn.q_proj.weight,
+                q_bias=layer.self_attn.q_proj.bias,
+                kv_weight=torch.cat([layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight]),
+                kv_bias=torch.cat([layer.self_attn.k_proj.bias, layer.self_attn.v_proj.bias]),
+                o_weight=layer.self_attn.o_proj.weight,
+                post_attn_norm=layer.post_self_attn_layernorm.weight,
+                mlp_norm=layer.post_attention_layernorm.weight,
+                gate_up_weight=layer.mlp.gate_up_proj.weight,
+                down_weight=layer.mlp.down_proj.weight,
+                post_mlp_norm=layer.post_mlp_layernorm.weight,
+            )
+            for layer in lm.layers
+        ]
+        self.lm_head = model.lm_head.weight
+        self.batch = batch
+        self.max_length = math.ceil(max_length / CACHE_BLOCK) * CACHE_BLOCK
+        shape = (len(self.layers), batch, self.kv_heads, self.max_length, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.key_index = torch.arange(self.max_length, device=self.device)
+
+    # --- the model ---------------------------------------------------------------------------------------------
+
+    def _layer(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+        """x: [N, T, hidden]. attend(i, q, k, v) -> [N, T, heads * d] stores k/v in the cache and attends."""
+        w = self.layers[i]
+        n, t, _ = x.shape
+        h = rms_norm(x, w.input_norm, self.eps)
+        q = F.linear(h, w.q_weight, w.q_bias).view(n, t, self.heads, self.head_dim)
+        k, v = F.linear(h, w.kv_weight, w.kv_bias).view(n, t, 2 * self.kv_heads, self.head_dim).chunk(2, dim=2)
+        a = attend(i, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        x = x + rms_norm(F.linear(a, w.o_weight), w.post_attn_norm, self.eps)
+        gate, up = F.linear(rms_norm(x, w.mlp_norm, self.eps), w.gate_up_weight).chunk(2, dim=-1)
+        return x + rms_norm(F.linear(up * F.silu(gate), w.down_weight), w.post_mlp_norm, self.eps)
+
+    def _logits(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """Final norm and the first ``rows`` rows of the lm_head on [N, hidden] -> float32 [N, rows]."""
+        return F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head[:rows]).float()
+
+    def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: int) -> torch.Tensor:
+        """Run the prompt (input_ids [N, T], positions [3, N, T]) into cache slots 0..T-1; float32 logits of the
+        last position [N, rows]. Causal SDPA over the prompt itself, as transformers computes it."""
+        t = input_ids.shape[1]
+        cos, sin = rope_tables(self.inv_freq, self.mrope_section, position_ids, self.dtype)
+        groups = self.heads // self.kv_heads
+
+        def attend(i, q, k, v):
+            self.k_cache[i, :, :, :t] = k.transpose(1, 2)
+            self.v_cache[i, :, :, :t] = v.transpose(1, 2)
+            k = k.transpose(1, 2).repeat_interleave(groups, dim=1)
+            v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.scale)
+            return out.transpose(1, 2).flatten(2)
+
+        x = F.embedding(input_ids, self.embed)
+        for i in range(len(self.layers)):
+            x = self._layer(i, x, cos, sin, attend)
+        return self._logits(x[:, -1], rows)
+
+    def step(self, token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor, rows: int):
+        """One new token per sample: token [N, 1] at cache slot ``slot`` (long [1], on the device; every earlier slot
+        filled) with cos/sin [N, 1, rotary_dim]. Returns float32 logits [N, rows]."""
+        key_bias = torch.zeros(self.max_length, device=self.device).masked_fill(self.key_index > slot, -math.inf)
+
+        def attend(i, q, k, v):
+            self.k_cache[i].index_copy_(2, slot, k.transpose(1, 2).float())
+            self.v_cache[i].index_copy_(2, slot, v.transpose(1, 2).float())
+            return attend_cache(q[:, 0], self.k_cache[i], self.v_cache[i], key_bias, self.scale)[:, None]
+
+        x = F.embedding(token, self.embed)
+        for i in range(len(self.layers)):
+            x = self._layer(i, x, cos, sin, attend)
+        return self._logits(x[:, -1], rows)
+
+
+class _DecodeLoop:
+    """Device-side state of one generation, and the per-token step that reads and advances it."""
+
+    def __init__(self, decoder: FastDecoder, prompt_length: int, decode_position_ids, uniforms, pick, rows):
+        n, total = uniforms.shape
+        self.decoder, self.pick, self.rows, self.total = decoder, pick, rows, total
+        self.uniforms = uniforms  # [N, total]
+        self.cos, self.sin = rope_tables(decoder.inv_freq, decoder.mrope_section, decode_position_ids, decoder.dtype)
+        self.prompt_length = torch.tensor([prompt_length], device=decoder.device)
+        self.tokens = torch.zeros(n, total, dtype=torch.long, device=decoder.device)
+        self.last = torch.zeros(n, 1, dtype=torch.long, device=decoder.device)  # the token to feed next
+        self.index = torch.zeros(1, dtype=torch.long, device=decoder.device)  # its index among the new tokens
+
+    def first(self, logits: torch.Tensor) -> None:
+        token = self.pick(logits, self.uniforms[:, 0])
+        self.tokens[:, 0] = token
+        self.last.copy_(token[:, None])
+
+    def step(self) -> None:
+        """Feed the last token, sample the next one. Only device tensors: capturable as a CUDA graph."""
+        i = self.index
+        cos, sin = self.cos.index_select(1, i), self.sin.index_select(1, i)
+        logits = self.decoder.step(self.last, cos, sin, self.prompt_length + i, self.rows)
+        i.add_(1)
+        token = self.pick(logits, self.uniforms.index_select(1, i)[:, 0])
+        self.last.copy_(token[:, None])
+        self.tokens.index_copy_(1, i, token[:, None])
+
+
+def decode(
+    model,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    decode_position_ids: torch.Tensor,
+    uniforms: torch.Tensor,
+    pick: PickFn,
+    *,
+    rows: int,
+    callback: ProgressCallback | None = None,
+    callback_every: int = 16,
+    cuda_graph: bool | None = None,
+) -> torch.Tensor:
+    """Sample ``uniforms.shape[1]`` tokens per sample after the prompt; returns them, long [N, total].
+
+    input_ids [N, T] (reference VQ ids already in place), position_ids [3, N, T], decode_position_ids [3, N, >=total]
+    (the position of the k-th new token when it is fed back), uniforms [N, total] on the model's device, one per
+    token. ``pick(logits[:, :rows], uniforms[:, k])`` chooses token k. callback(step, total, tokens[:, :step]) runs
+    every ``callback_every`` tokens and after the last (step = tokens so far); an exception raised in it stops the
+    generation. cuda_graph: None = on CUDA devices.
+
+    On CUDA the host queues up to two chunks of ``callback_every`` tokens and reports a chunk once the GPU has
+    finished it, so the callback trails the GPU by at most one chunk and a cancel lands within two.
+    """
+    n, total = uniforms.shape
+    decoder = FastDecoder(model, n, input_ids.shape[1] + total)
+    loop = _DecodeLoop(decoder, input_ids.shape[1], decode_position_ids, uniforms, pick, rows)
+    loop.first(decoder.prefill(input_ids, position_ids, rows))
+    on_cuda = decoder.device.type == "cuda"
+    use_graph = on_cuda if cuda_graph is None else cuda_graph
+    run = _GraphRunner(loop) if use_graph else loop.step
+
+    pending: deque[tuple[int, torch.cuda.Event | None]] = deque()
+    done = 1
+    report(callback, pending, done, total, loop.tokens, on_cuda, final=total == 1)
+    while done < total:
+        chunk = min(callback_every - done % callback_every, total - done)  # keep reports on multiples of k
+        for _ in range(chunk):
+            run()
+        done += chunk
+        report(callback, pending, done, total, loop.tokens, on_cuda, final=done == total)
+    return loop.tokens
+
+
+def report(callback, pending: deque, done: int, total: int, tokens: torch.Tensor, on_cuda: bool, final: bool) -> None:
+    """Report ``done`` tokens. On CUDA the report waits in ``pending`` until the device has finished that work, and
+    at most one chunk stays queued beyond the one being computed (none after the ``final`` one)."""
+    event = None
+    if on_cuda:
+        event = torch.cuda.Event()
+        event.record()
+    pending.append((done, event))
+    keep = 1 if on_cuda and not final else 0
+    while len(pending) > keep:
+        step, event = pending.popleft()
+        if event is not None:
+            event.synchronize()  # also bounds how far the host runs ahead of the GPU
+        if callback is not None:
+            callback(step, total, tokens[:, :step])
+
+
+class _GraphRunner:
+    """Replays ``loop.step`` as one CUDA graph. The first two calls run it eagerly on a side stream (warm-up: cuBLAS
+    workspaces, lazy inits) as real decode steps; the third captures it, and it and every later call replay it. If
+    the capture fails, the step keeps running eagerly (same results, slower)."""
+
+    WARMUP = 2
+
+    def __init__(self, loop: _DecodeLoop):
+        self.loop = loop
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager = False
+        self.side = torch.cuda.Stream()
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.graph is None and not self.eager and self.calls > self.WARMUP:
+            self.graph = self._capture()
+            self.eager = self.graph is None
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.eager:
+            self.loop.step()
+        else:
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                self.loop.step()
+            torch.cuda.current_stream().wait_stream(self.side)
+
+    def _capture(self) -> torch.cuda.CUDAGraph | None:
+        """Record one step (recording runs nothing: the state is unchanged until the first replay)."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.loop.step()
+        except RuntimeError as e:  # depends on the CUDA setup; the eager step computes the same
+            logging.warning("GLM-Image AR: CUDA graph capture failed (%s); decoding without a graph.", e)
+            return None
+        return graph
