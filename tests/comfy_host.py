@@ -216,6 +216,7 @@ def comfy_server(model_paths: dict[str, str | list[str]] | None = None, timeout:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "custom_nodes").mkdir()
+        (tmp / "user").mkdir()  # settings and database of this server, not of the ComfyUI install
         (tmp / "custom_nodes" / "glm_image_nodes").symlink_to(REPO_ROOT, target_is_directory=True)
         section = {"custom_nodes": str(tmp / "custom_nodes")}
         for key, paths in (model_paths or {}).items():
@@ -226,7 +227,8 @@ def comfy_server(model_paths: dict[str, str | list[str]] | None = None, timeout:
             port = s.getsockname()[1]
         argv = ["--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
                 "--extra-model-paths-config", str(tmp / "extra_model_paths.yaml"), "--disable-api-nodes",
-                "--output-directory", str(tmp / "output"), "--temp-directory", str(tmp)]  # fmt: skip
+                "--output-directory", str(tmp / "output"), "--temp-directory", str(tmp),
+                "--user-directory", str(tmp / "user")]  # fmt: skip
         boot = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import comfy_host; comfy_host._serve(sys.argv[1:])"
         log = open(tmp / "server.log", "w+")
         proc = subprocess.Popen([sys.executable, "-c", boot, *argv], stdout=log, stderr=subprocess.STDOUT)
