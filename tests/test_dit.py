@@ -5,7 +5,7 @@ import torch
 from diffusers import GlmImageTransformer2DModel as ReferenceDiT
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
 
-from glm_image_core.dit import ReferenceKV
+from glm_image_core.dit import ReferenceKV, sdpa_attention
 from glm_image_core.loading import load_transformer
 
 TOLERANCE = 1e-5
@@ -103,3 +103,34 @@ def test_int_drop_flag_per_sample_equals_bool_mask(dits):
         a = ours(latent, glyph, prior, bool_drop, timestep, target, crop)
         b = ours(latent, glyph, prior, torch.tensor([[0], [1]]), timestep, target, crop)
     assert torch.equal(a, b)
+
+
+def test_right_padded_glyphs_attend_without_a_mask(dits):
+    """Rows with 9 and 4 real glyph tokens: each run of rows attends to a prefix of the keys, never with a mask, so
+    hosts can use their fastest (maskless) attention kernels."""
+    ours, reference = dits
+    latent, glyph, prior, timestep, target, crop = make_inputs(reference, 2, 512, 512, text_len=9)
+    mask = torch.arange(9)[None] < torch.tensor([9, 4])[:, None]
+    drop = torch.zeros_like(prior, dtype=torch.bool)
+    calls = []
+
+    def spy(q, k, v, key_mask):
+        calls.append((q.shape[0], k.shape[2], key_mask))
+        return sdpa_attention(q, k, v, key_mask)
+
+    with torch.no_grad():
+        ours(latent, glyph, prior, drop, timestep, target, crop, encoder_attention_mask=mask, attention=spy)
+    image_tokens = (512 // 16) ** 2
+    assert set(calls) == {(1, image_tokens + 9, None), (1, image_tokens + 4, None)}
+
+
+def test_glyph_mask_with_holes_equals_the_sample_without_those_tokens(dits):
+    """A mask that is not right-padding falls back to masking the keys."""
+    ours, reference = dits
+    latent, glyph, prior, timestep, target, crop = make_inputs(reference, 1, 512, 512, text_len=6)
+    mask = torch.tensor([[True, False, True, True, False, True]])
+    drop = torch.zeros_like(prior, dtype=torch.bool)
+    with torch.no_grad():
+        got = ours(latent, glyph, prior, drop, timestep, target, crop, encoder_attention_mask=mask)
+    kept = run_reference(reference, latent, glyph[:, mask[0]], prior, drop, timestep, target, crop)
+    assert (got - kept).abs().max() <= TOLERANCE
