@@ -119,15 +119,16 @@ class Attention(nn.Module):
         self.to_v = operations.Linear(dim, inner, dtype=dtype, device=device)
         self.to_out = nn.ModuleList([operations.Linear(inner, dim, dtype=dtype, device=device), nn.Identity()])
 
-    def qkv(self, x: torch.Tensor, text_len: int, rope: tuple[torch.Tensor, torch.Tensor]):
-        """[B, L, dim] -> q, k, v [B, heads, L, head_dim] with LayerNorm on q/k and RoPE on the image tokens."""
+    def qkv(self, x: torch.Tensor, image_len: int, rope: tuple[torch.Tensor, torch.Tensor]):
+        """[B, L, dim] with the image tokens first -> q, k, v [B, heads, L, head_dim] with LayerNorm on q/k and RoPE
+        on the image tokens."""
         q, k, v = (
             proj(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v)
         )
         q = F.layer_norm(q, q.shape[-1:], eps=1e-5).to(x.dtype)
         k = F.layer_norm(k, k.shape[-1:], eps=1e-5).to(x.dtype)
-        q = torch.cat([q[:, :, :text_len], apply_rope(q[:, :, text_len:], *rope)], dim=2)
-        k = torch.cat([k[:, :, :text_len], apply_rope(k[:, :, text_len:], *rope)], dim=2)
+        q = torch.cat([apply_rope(q[:, :, :image_len], *rope), q[:, :, image_len:]], dim=2)
+        k = torch.cat([apply_rope(k[:, :, :image_len], *rope), k[:, :, image_len:]], dim=2)
         return q, k, v
 
 
@@ -139,9 +140,13 @@ class GlmImageTransformerBlock(nn.Module):
         self.attn1 = Attention(dim, heads, head_dim, dtype=dtype, device=device, operations=operations)
         self.ff = FeedForward(dim, dim, 4 * dim, gelu_tanh, dtype=dtype, device=device, operations=operations)
 
-    def forward(self, x, text, temb, rope, key_mask, attention: AttentionFn, reference=None, write_kv=None):
+    def forward(
+        self, x, text, temb, rope, key_mask, attention: AttentionFn, reference=None, write_kv=None, text_groups=None
+    ):
         """x: [B, N, dim] image tokens; text: [B, T, dim]; temb: [B, time_embed_dim].
-        reference: this layer's reference (k, v) to attend to; write_kv: a list to append this layer's (k, v) to."""
+        reference: this layer's reference (k, v) to attend to; write_kv: a list to append this layer's (k, v) to.
+        key_mask: bool [B, (L_ref +) N + T] or None. text_groups: (first row, end row, real text tokens) runs that
+        cover the batch, for right-padded text: each run attends to a prefix of the keys, without a mask."""
         (
             shift,
             c_shift,
@@ -156,9 +161,11 @@ class GlmImageTransformerBlock(nn.Module):
             gate_mlp,
             c_gate_mlp,
         ) = self.norm1.linear(temb)[:, None].chunk(12, dim=-1)
-        text_len = text.shape[1]
-        h = torch.cat([modulate(text, c_shift, c_scale), modulate(x, shift, scale)], dim=1)
-        q, k, v = self.attn1.qkv(h, text_len, rope)
+        # Joint attention over [image; text] (the reference orders them [text; image]: attention does not depend on
+        # the order of its keys, and with the text last, right-padded text is a prefix of the keys to attend to).
+        image_len, text_len = x.shape[1], text.shape[1]
+        h = torch.cat([modulate(x, shift, scale), modulate(text, c_shift, c_scale)], dim=1)
+        q, k, v = self.attn1.qkv(h, image_len, rope)
         if write_kv is not None:
             write_kv.append((k, v))
         if reference is not None:
@@ -167,10 +174,17 @@ class GlmImageTransformerBlock(nn.Module):
             v = torch.cat([ref_v.expand(v.shape[0], -1, -1, -1), v], dim=2)
             if key_mask is not None:
                 key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], ref_k.shape[2]), key_mask], dim=1)
-        out = attention(q, k, v, key_mask).transpose(1, 2).flatten(2).to(q.dtype)
-        out = self.attn1.to_out[0](out)
-        text = text + out[:, :text_len] * c_gate
-        x = x + out[:, text_len:] * gate
+        if text_groups is None:
+            out = attention(q, k, v, key_mask)
+        else:  # each run of rows sees its real text tokens as a prefix: no mask, so the fastest kernels apply
+            before_text = k.shape[2] - text_len
+            out = torch.cat(
+                [attention(q[a:b], k[a:b, :, : before_text + n], v[a:b, :, : before_text + n], None)
+                 for a, b, n in text_groups]
+            )  # fmt: skip
+        out = self.attn1.to_out[0](out.transpose(1, 2).flatten(2).to(q.dtype))
+        x = x + out[:, :image_len] * gate
+        text = text + out[:, image_len:] * c_gate
         x = x + self.ff(modulate(x, shift_mlp, scale_mlp)) * gate_mlp
         text = text + self.ff(modulate(text, c_shift_mlp, c_scale_mlp)) * c_gate_mlp
         return x, text
@@ -178,6 +192,23 @@ class GlmImageTransformerBlock(nn.Module):
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=1e-5) * (1 + scale) + shift
+
+
+def padded_text_groups(mask: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """Runs of consecutive rows with the same number of real text tokens, ``[(first, end, n), ...]``, when every row
+    of ``mask`` (bool [B, T], True = real) is right-padded (n real tokens, then padding); None otherwise. One small
+    copy to the host per forward."""
+    rows = mask.bool().cpu()
+    lengths = rows.sum(dim=1)
+    if not torch.equal(rows, torch.arange(rows.shape[1]) < lengths[:, None]):
+        return None
+    groups: list[tuple[int, int, int]] = []
+    for i, n in enumerate(lengths.tolist()):
+        if groups and groups[-1][2] == n:
+            groups[-1] = (groups[-1][0], i + 1, n)
+        else:
+            groups.append((i, i + 1, n))
+    return groups
 
 
 class GlmImageTransformer2DModel(nn.Module):
@@ -286,7 +317,8 @@ class GlmImageTransformer2DModel(nn.Module):
         timestep: [B] the UNSHIFTED schedule time in [0, 1000) minus 1, as the reference feeds it (not the shifted
             sigma: feeding the shifted value gives colour drift).
         target_size, crop_coords: [B, 2] (height, width) and (top, left) in pixels.
-        encoder_attention_mask: bool [B, T], True for real glyph tokens; padded ones are never attended to.
+        encoder_attention_mask: bool [B, T], True for real glyph tokens; padded ones are never attended to. Right-padded
+            rows (``sampling.pad_glyphs``) are attended without a mask, run by run of equal length.
         reference_kv: reference-image keys/values to attend to (conditional branch of editing).
         collect_kv: if given, each layer appends its (k, v) here (how `encode_reference` records them).
         attention: overrides the model's attention function for this call (a host passes per-call options this way).
@@ -299,13 +331,18 @@ class GlmImageTransformer2DModel(nn.Module):
         x = self.embed_image(hidden_states, prior_token_id, prior_token_drop)
         text = self.glyph_projector(encoder_hidden_states.to(dtype))
         temb = self.conditioning(timestep, target_size, crop_coords, dtype)
-        key_mask = None
-        if encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
-            image_keys = encoder_attention_mask.new_ones(b, x.shape[1])
-            key_mask = torch.cat([encoder_attention_mask.bool(), image_keys.bool()], dim=1)
+        key_mask, text_groups = None, None
+        if encoder_attention_mask is not None:
+            text_groups = padded_text_groups(encoder_attention_mask)
+            if text_groups is None:  # not right-padded: mask the keys (image keys first, as the blocks order them)
+                key_mask = torch.cat([encoder_attention_mask.new_ones(b, x.shape[1]), encoder_attention_mask], 1).bool()
+            elif len(text_groups) == 1 and text_groups[0][2] == text.shape[1]:
+                text_groups = None  # nothing is padded
         for i, block in enumerate(self.transformer_blocks):
             reference = None if reference_kv is None else reference_kv.layers[i]
-            x, text = block(x, text, temb, rope, key_mask, attention or self.attention, reference, collect_kv)
+            x, text = block(
+                x, text, temb, rope, key_mask, attention or self.attention, reference, collect_kv, text_groups
+            )
 
         scale, shift = self.norm_out.linear(temb.to(dtype))[:, None].chunk(2, dim=-1)
         x = self.proj_out(modulate(x, shift, scale))  # [B, N, p*p*C]
