@@ -1,0 +1,121 @@
+"""Stopping the AR mid-run: the user's interrupt (comfy.model_management.interrupt_current_processing, what the Cancel
+button calls) stops GLM-Image Generate Visual Tokens within a token with ComfyUI's InterruptProcessingException, the
+executor reports it as execution_interrupted, and the next run (ComfyUI clears the flag when a prompt starts) is
+unaffected: the same tokens as a run that was never interrupted.
+
+The interrupt is raised from ComfyUI's progress-bar hook once the node reports N tokens, as main.py's hook would see
+them; with no server the hook is otherwise unset.
+"""
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+from tests import comfy_host
+
+comfy_host.require_comfyui()
+
+import comfy.model_management as mm  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+
+ar_nodes = comfy_host.import_pack_module("nodes.ar_nodes")
+
+SIZE, SEED, INTERRUPT_AT = 512, 7, 40
+PROMPT = 'A poster that reads "STOP"'
+TOTAL = 16 * 16 + (SIZE // 32) ** 2  # preview grid + target grid
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def glm(tiny_model_dir, tmp_path_factory):
+    node_classes = comfy_host.load_pack()
+    folder_paths.add_model_folder_path("glm_image", str(tiny_model_dir.parent))
+    output = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path_factory.mktemp("output")))
+    yield node_classes
+    folder_paths.set_output_directory(output)
+
+
+@pytest.fixture(scope="module")
+def ar_model(glm):
+    return glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu")[0]
+
+
+def generate_tokens(glm, ar_model):
+    with torch.inference_mode():
+        return glm["GLMImageGenerateTokens"].execute(
+            ar_model=ar_model, prompt=PROMPT, width=SIZE, height=SIZE, seed=SEED, temperature=0.9, top_p=0.75,
+            top_k=0, batch_size=1,
+        )[0]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(glm, ar_model):
+    return generate_tokens(glm, ar_model)
+
+
+@contextlib.contextmanager
+def interrupt_after(tokens: int):
+    """Press Cancel once the progress bar reaches `tokens`; yields the progress values seen. Afterwards the hook is
+    restored and the flag cleared, so nothing leaks into other tests."""
+    seen = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value >= tokens:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        yield seen
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        mm.interrupt_current_processing(False)
+
+
+def test_interrupting_the_ar_raises_comfyuis_interrupt_and_the_next_run_is_unaffected(glm, ar_model, uninterrupted):
+    with interrupt_after(INTERRUPT_AT) as seen, pytest.raises(mm.InterruptProcessingException):
+        generate_tokens(glm, ar_model)
+    print(f"interrupted at token {INTERRUPT_AT}; the last progress report was token {seen[-1]} of {TOTAL}")
+    assert INTERRUPT_AT <= seen[-1] < TOTAL  # stopped soon after the interrupt, long before the grid was full
+
+    mm.interrupt_current_processing(False)  # as PromptExecutor does when the next prompt starts
+    assert torch.equal(generate_tokens(glm, ar_model).prior_token_ids, uninterrupted.prior_token_ids)
+
+
+def tokens_prompt() -> dict:
+    return {
+        "1": {"class_type": "GLMImageARModelLoader", "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu"}},
+        "2": {"class_type": "GLMImageGenerateTokens", "inputs": {
+            "ar_model": ["1", 0], "prompt": PROMPT, "width": SIZE, "height": SIZE, "seed": SEED, "temperature": 0.9,
+            "top_p": 0.75, "top_k": 0, "batch_size": 1}},
+        "3": {"class_type": "GLMImageSaveTokens", "inputs": {"tokens": ["2", 0], "filename_prefix": "glm_tokens/interrupt"}},
+    }  # fmt: skip
+
+
+def test_the_executor_reports_an_interrupted_ar_and_runs_the_next_prompt(glm, uninterrupted):
+    with interrupt_after(INTERRUPT_AT) as seen:
+        run = comfy_host.run_prompt(tokens_prompt())
+    assert not run.success
+    interrupted = [data for event, data in run.messages if event == "execution_interrupted"]
+    assert [data["node_id"] for data in interrupted] == ["2"]
+    assert seen[-1] < TOTAL
+    assert run.execution_error() is None  # an interrupt, not an error
+
+    run = comfy_host.run_prompt(tokens_prompt())  # the executor clears the flag itself
+
+    assert run.success, run.execution_error()
+    saved_as = run.outputs["3"]["text"][0].removeprefix("saved ")  # relative to the output folder
+    saved = ar_nodes.tokens_from_file(os.path.join(folder_paths.get_output_directory(), saved_as))
+    assert torch.equal(saved.prior_token_ids, uninterrupted.prior_token_ids)
