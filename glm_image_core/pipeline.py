@@ -2,11 +2,16 @@
 
 Each stage is a function of its own so callers (the CLI, tests, the ComfyUI nodes) can run, replace or cache them
 one by one; `generate` strings them together.
+
+Memory: the AR model (~19 GB in bf16) and the DiT (~13 GB) need not share the GPU. With ``offload`` the models stay
+on the CPU and each stage borrows the GPU for its own models only (AR; glyph encoder; DiT + VAE), so the peak is the
+largest stage, not the sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,21 +35,75 @@ class GlmImageModels:
     glyph_tokenizer: object  # transformers ByT5Tokenizer
     dit: GlmImageTransformer2DModel
     vae: AutoencoderKL
+    device: torch.device | None = None  # where the stages run when offloading (None: where each model is)
+    offload: bool = False  # models live on the CPU; each stage copies its models to `device` and drops them after
 
 
 def load_models(
-    folder: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    folder: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    offload: bool | None = None,
 ) -> GlmImageModels:
-    """Every component from the published GLM-Image folder. The VAE runs in float32 when dtype is float16."""
+    """Every component from the published GLM-Image folder. The VAE runs in float32 when dtype is float16.
+
+    offload: keep the models on the CPU and move each stage's models to ``device`` only for that stage (AR, then
+    glyph encoder, then DiT + VAE). None (default): on a CUDA device whose free memory cannot hold all the weights
+    at once (plus a margin for activations); never on the CPU.
+    """
+    device = torch.device(device)
+    if offload is None:
+        offload = device.type == "cuda" and not _fits_at_once(folder, dtype, device)
+    load_device = "cpu" if offload else device
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
     return GlmImageModels(
-        ar_model=loading.load_ar_model(folder, dtype=dtype, device=device),
+        ar_model=loading.load_ar_model(folder, dtype=dtype, device=load_device),
         processor=loading.load_ar_processor(folder),
-        glyph_encoder=loading.load_glyph_encoder(folder, dtype=dtype, device=device),
+        glyph_encoder=loading.load_glyph_encoder(folder, dtype=dtype, device=load_device),
         glyph_tokenizer=loading.load_glyph_tokenizer(folder),
-        dit=loading.load_transformer(folder, dtype=dtype, device=device),
-        vae=loading.load_vae(folder, dtype=vae_dtype, device=device),
+        dit=loading.load_transformer(folder, dtype=dtype, device=load_device),
+        vae=loading.load_vae(folder, dtype=vae_dtype, device=load_device),
+        device=device,
+        offload=offload,
     )
+
+
+ACTIVATION_MARGIN = 6 * 2**30  # bytes kept free for activations, caches and the CUDA context (2048x2048, CFG)
+
+
+def _fits_at_once(folder: str | Path, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether all weights (their file sizes, scaled to ``dtype``; the files are bf16 except the fp32 glyph encoder,
+    which is counted as if bf16 too) and a margin fit the device's free memory."""
+    size = sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+    needed = size * dtype.itemsize / 2 + ACTIVATION_MARGIN
+    free, _ = torch.cuda.mem_get_info(device)
+    return needed <= free
+
+
+@contextlib.contextmanager
+def stage(models: GlmImageModels, *modules: torch.nn.Module) -> Iterator[None]:
+    """Run a pipeline stage with ``modules`` on ``models.device`` (only when ``models.offload``).
+
+    Parameters and buffers are copied to the device for the stage and simply dropped after it: the CPU tensors are
+    kept, so nothing is copied back and leaving a stage is free. Inference only: in-place changes made on the
+    device are not kept.
+    """
+    if not models.offload:
+        yield
+        return
+    kept = []
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            kept.append((tensor, tensor.data))
+            tensor.data = tensor.data.to(models.device, copy=True)
+    try:
+        yield
+    finally:
+        for tensor, data in kept:
+            tensor.data = data
+        del kept
+        if models.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the stage's memory back before the next stage allocates
 
 
 def image_to_tensor(image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -115,21 +174,36 @@ def generate(
     on_token: Callable[[int, int, torch.Tensor], None] | None = None,
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> Image.Image:
-    """Text-to-image, or editing when `references` are given. `glyph_texts` overrides the quoted spans."""
+    """Text-to-image, or editing when `references` are given. `glyph_texts` overrides the quoted spans. With
+    ``models.offload`` the AR, the glyph encoder and the DiT + VAE take turns on the GPU (see ``stage``)."""
     check_image_size(height, width)
-    device = models.ar_model.device
     inputs = ar.build_ar_inputs(models.processor, prompt, height, width, list(references))
-    ar_generator = torch.Generator(device).manual_seed(seed)
-    tokens = ar.generate_prior_tokens(
-        models.ar_model, inputs, [ar_generator], temperature=temperature, top_p=top_p, top_k=top_k, callback=on_token
-    )
-    dit_device = next(models.dit.parameters()).device
-    reference_kv = encode_references(models.dit, models.vae, list(references), tokens)
-    cond, uncond = glyph_conditions(
-        models, prompt if glyph_texts is None else glyph_texts, tokens.prior_token_ids.to(dit_device), reference_kv
-    )
-    sigmas, timesteps = glm_schedule(steps, height, width)
-    noise = initial_noise(1, height, width, seed).to(dit_device)
-    latent = denoise(models.dit, noise, sigmas.to(dit_device), timesteps, cond, uncond, guidance, on_step)
-    pixels = models.vae.decode(models.vae.denormalize(latent).to(models.vae.dtype or torch.float32))
+    with stage(models, models.ar_model):
+        ar_generator = torch.Generator(models.ar_model.device).manual_seed(seed)
+        tokens = ar.generate_prior_tokens(
+            models.ar_model, inputs, [ar_generator], temperature=temperature, top_p=top_p, top_k=top_k,
+            callback=on_token,
+        )  # fmt: skip
+    with stage(models, models.glyph_encoder):
+        cond, uncond = glyph_conditions(models, prompt if glyph_texts is None else glyph_texts, tokens.prior_token_ids)
+    with stage(models, models.dit, models.vae):
+        dit_device = next(models.dit.parameters()).device
+        reference_kv = encode_references(models.dit, models.vae, list(references), tokens)
+        cond, uncond = (_to(c, dit_device) for c in (cond, uncond))
+        cond.reference_kv = reference_kv
+        sigmas, timesteps = glm_schedule(steps, height, width)
+        noise = initial_noise(1, height, width, seed).to(dit_device)
+        latent = denoise(models.dit, noise, sigmas.to(dit_device), timesteps, cond, uncond, guidance, on_step)
+        pixels = models.vae.decode(models.vae.denormalize(latent).to(models.vae.dtype or torch.float32))
     return tensor_to_images(pixels)[0]
+
+
+def _to(condition: DitCondition, device: torch.device) -> DitCondition:
+    """The condition's tensors on ``device`` (glyphs come from the glyph encoder's device, ids from the AR's)."""
+    return DitCondition(
+        condition.glyph.to(device),
+        condition.prior_token_id.to(device),
+        condition.drop_prior,
+        None if condition.glyph_mask is None else condition.glyph_mask.to(device),
+        condition.reference_kv,
+    )
