@@ -85,6 +85,19 @@ class Encode(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
+    def validate_inputs(cls, glyph_text=None, override=None):
+        """An empty override fails when the prompt is queued, not after the AR has run (a linked override is checked
+        in execute). Naming glyph_text here turns off ComfyUI's own check of its options, hence the first test."""
+        if glyph_text is not None and glyph_text not in (FROM_PROMPT, OVERRIDE):
+            return f"glyph_text must be '{FROM_PROMPT}' or '{OVERRIDE}', not '{glyph_text}'."
+        if glyph_text == OVERRIDE and override is not None:
+            try:
+                glyph_spans("", glyph_text, override)
+            except InvalidInputError as e:
+                return str(e)
+        return True
+
+    @classmethod
     def execute(cls, glyph_encoder, tokens: VisualTokens, glyph_text, override, vae=None) -> io.NodeOutput:
         spans = glyph_spans(tokens.prompt, glyph_text, override)
         model = glyph_encoder.model.loaded()
