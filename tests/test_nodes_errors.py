@@ -1,0 +1,356 @@
+"""Bad inputs give a node error that says what is wrong and what to do, and ComfyUI keeps working afterwards; every
+conditioning a user can wire from stock nodes either works as the stock semantics say or fails with a clear message.
+
+Prompts run in-process through ComfyUI's validation and executor (comfy_host.run_prompt), the sampler-level cases
+through comfy.sample.sample (what KSampler calls), and one sequence against a real `main.py --cpu` server. Token
+grids are written as token files (random ids), so no AR runs here.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from tests import comfy_host
+
+comfy_host.require_comfyui()
+
+import comfy.sample  # noqa: E402
+import folder_paths  # noqa: E402
+
+import nodes  # noqa: E402  (ComfyUI's nodes.py)
+
+ar_nodes = comfy_host.import_pack_module("nodes.ar_nodes")
+types = comfy_host.import_pack_module("nodes.types")
+InvalidInputError = comfy_host.import_pack_module("glm_image_core.errors").InvalidInputError
+
+SIZE = 512
+SIZED_NODES = ["GLMImageGenerateTokens", "GLMImageEmptyLatent", "GLMImageModelSampling", "GLMImageScheduler"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_tokens(width=SIZE, height=SIZE, grids=1, references=0, seed=0, prompt='A sign that reads "OPEN"'):
+    """Visual tokens as the AR would hand them over (random grids and reference pictures), without running it."""
+    g = torch.Generator().manual_seed(seed)
+    n = (height // 16) * (width // 16)
+    refs = [
+        types.Reference(torch.rand(1, SIZE, SIZE, 3, generator=g), torch.randint(0, 16384, (1, 1024), generator=g))
+        for _ in range(references)
+    ]
+    ids = torch.randint(0, 16384, (grids, n), generator=g)
+    return types.VisualTokens(ids, ids[:, ::4], ids[:, :0], height, width, prompt, seed, refs)
+
+
+@pytest.fixture(scope="module")
+def files(tiny_model_dir, tmp_path_factory):
+    """Model folders (the tiny one, damaged copies, a VAE file among the diffusion models), token files in the input
+    folder, a temp output folder; all removed from ComfyUI's folder lists afterwards."""
+    glm = comfy_host.load_pack()
+    root = tmp_path_factory.mktemp("errors")
+    damaged, diffusion_models, inputs = root / "glm_image", root / "diffusion_models", root / "input"
+    for name in ("MissingShard", "TruncatedShard"):
+        shutil.copytree(tiny_model_dir / "transformer", damaged / name / "transformer")
+    (damaged / "MissingShard/transformer/diffusion_pytorch_model-00002-of-00003.safetensors").unlink()
+    with open(damaged / "TruncatedShard/transformer/diffusion_pytorch_model-00002-of-00003.safetensors", "r+b") as f:
+        f.truncate(100_000)
+    diffusion_models.mkdir()
+    shutil.copy(tiny_model_dir / "vae/diffusion_pytorch_model.safetensors", diffusion_models / "glm_vae.safetensors")
+    inputs.mkdir()
+    ar_nodes.tokens_to_file(random_tokens(), str(inputs / "square.glm_tokens"))
+    ar_nodes.tokens_to_file(random_tokens(width=768), str(inputs / "wide.glm_tokens"))
+    ar_nodes.tokens_to_file(random_tokens(references=1), str(inputs / "edit.glm_tokens"))
+
+    added = {"glm_image": [str(tiny_model_dir.parent), str(damaged)], "diffusion_models": [str(diffusion_models)]}
+    for kind, paths in added.items():
+        for path in paths:
+            folder_paths.add_model_folder_path(kind, path)
+    input_dir, output_dir = folder_paths.get_input_directory(), folder_paths.get_output_directory()
+    folder_paths.set_input_directory(str(inputs))
+    folder_paths.set_output_directory(str(root / "output"))
+    yield glm
+    folder_paths.set_input_directory(input_dir)
+    folder_paths.set_output_directory(output_dir)
+    for kind, paths in added.items():
+        for path in paths:
+            folder_paths.folder_names_and_paths[kind][0].remove(path)
+
+
+def tokens_graph(
+    tokens_file="square.glm_tokens", width=SIZE, height=SIZE, latent_follows_tokens=True,
+    glyph_text="from prompt quotes", override="", vae_to_encode=False,
+) -> dict:  # fmt: skip
+    """Text-to-image from a token file: LoadTokens -> Encode -> KSampler (2 steps) -> VAEDecode -> SaveImage."""
+    encode = {"glyph_encoder": ["3", 0], "tokens": ["1", 0], "glyph_text": glyph_text, "override": override}
+    latent = {"width": width, "height": height, "batch_size": 1}
+    graph = {
+        "1": {"class_type": "GLMImageLoadTokens", "inputs": {"tokens_file": tokens_file}},
+        "3": {"class_type": "GLMImageGlyphEncoderLoader", "inputs": {"encoder": "GLM-Image", "dtype": "fp32"}},
+        "4": {"class_type": "GLMImageEncode", "inputs": encode},
+        "5": {"class_type": "GLMImageDiTLoader", "inputs": {"dit": "GLM-Image", "weight_dtype": "default"}},
+        "6": {"class_type": "GLMImageModelSampling", "inputs": {"model": ["5", 0], "width": width, "height": height}},
+        "7": {"class_type": "GLMImageEmptyLatent", "inputs": latent},
+        "8": {"class_type": "KSampler", "inputs": {
+            "model": ["6", 0], "seed": 0, "steps": 2, "cfg": 1.5, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["4", 0], "negative": ["4", 1], "latent_image": ["7", 0], "denoise": 1.0}},
+        "9": {"class_type": "GLMImageVAELoader", "inputs": {"vae": "GLM-Image"}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "errors"}},
+    }  # fmt: skip
+    if latent_follows_tokens:
+        latent["tokens"] = ["1", 0]
+    if vae_to_encode:
+        encode["vae"] = ["9", 0]
+    return graph
+
+
+def sized_node_prompt(node_id: str, width, height=SIZE) -> dict:
+    """`node_id` with the given size, feeding a PreviewAny (an output, so that ComfyUI validates the node)."""
+    inputs = {"width": width, "height": height}
+    prompt = {"9": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+    if node_id == "GLMImageGenerateTokens":
+        prompt["0"] = {"class_type": "GLMImageARModelLoader", "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu"}}  # fmt: skip
+        inputs.update(ar_model=["0", 0], prompt="a cat", seed=0, temperature=0.9, top_p=0.75, top_k=0, batch_size=1)
+    elif node_id == "GLMImageEmptyLatent":
+        inputs.update(batch_size=1)
+    elif node_id == "GLMImageModelSampling":
+        prompt["0"] = {"class_type": "GLMImageDiTLoader", "inputs": {"dit": "GLM-Image", "weight_dtype": "default"}}
+        inputs.update(model=["0", 0])
+    elif node_id == "GLMImageScheduler":
+        inputs.update(steps=2)
+    prompt["1"] = {"class_type": node_id, "inputs": inputs}
+    return prompt
+
+
+def validation_errors(run, node="1") -> str:
+    assert not run.success and run.error is not None, "the prompt should have failed validation"
+    return " | ".join(e["details"] for e in run.node_errors[node]["errors"])
+
+
+def execution_error(run, node) -> str:
+    error = run.execution_error()
+    assert not run.success and error is not None, "the prompt should have failed while running"
+    assert error["node_id"] == node, error
+    return error["exception_message"]
+
+
+# --- sizes ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("node_id", SIZED_NODES)
+def test_a_size_that_is_not_a_multiple_of_32_fails_validation(files, node_id):
+    run = comfy_host.run_prompt(sized_node_prompt(node_id, width=520))
+    assert "width 520 is not a multiple of 32" in validation_errors(run) and "try 512 or 544" in validation_errors(run)
+
+
+@pytest.mark.parametrize("node_id", SIZED_NODES)
+@pytest.mark.parametrize("width", [256, 4096])
+def test_a_size_out_of_range_fails_validation(files, node_id, width):
+    run = comfy_host.run_prompt(sized_node_prompt(node_id, width=width))
+    assert f"width {width} is outside GLM-Image's range 512..2048" in validation_errors(run)
+
+
+@pytest.mark.parametrize("node_id", SIZED_NODES)
+def test_a_linked_size_is_checked_when_the_node_runs(files, node_id):
+    prompt = sized_node_prompt(node_id, width=["8", 0])
+    prompt["8"] = {"class_type": "PrimitiveInt", "inputs": {"value": 520}}
+    assert "width 520 is not a multiple of 32" in execution_error(comfy_host.run_prompt(prompt), node="1")
+
+
+def test_other_limits_of_the_sized_nodes_are_still_validated_by_comfyui(files):
+    prompt = sized_node_prompt("GLMImageEmptyLatent", width=SIZE)
+    prompt["1"]["inputs"]["batch_size"] = 0
+    assert "Value 0 smaller than min of 1" in str(comfy_host.run_prompt(prompt).node_errors)
+
+
+# --- token grids and latents ----------------------------------------------------------------------------------------
+
+
+def test_tokens_for_another_size_than_the_latent_fail_in_the_sampler(files):
+    run = comfy_host.run_prompt(tokens_graph("wide.glm_tokens", latent_follows_tokens=False))
+    message = execution_error(run, node="8")
+    assert "visual tokens are for a different image size" in message and "512x512 latent" in message
+
+
+def test_comfyui_runs_the_next_prompt_after_an_error_in_the_sampler(files):
+    failed = comfy_host.run_prompt(tokens_graph("wide.glm_tokens", latent_follows_tokens=False))
+    assert failed.execution_error() is not None
+
+    run = comfy_host.run_prompt(tokens_graph("square.glm_tokens"))
+
+    assert run.success, run.execution_error()
+    assert len(run.outputs["11"]["images"]) == 1
+
+
+@pytest.fixture(scope="module")
+def model(files):
+    with torch.inference_mode():
+        dit = files["GLMImageDiTLoader"].execute(dit="GLM-Image", weight_dtype="default")[0]
+        return files["GLMImageModelSampling"].execute(model=dit, width=SIZE, height=SIZE)[0]
+
+
+@pytest.fixture(scope="module")
+def encode(files):
+    encoder = files["GLMImageGlyphEncoderLoader"].execute(encoder="GLM-Image", dtype="fp32")[0]
+    vae = files["GLMImageVAELoader"].execute(vae="GLM-Image")[0]
+
+    def run(tokens, glyph_text="from prompt quotes", override=""):
+        with torch.inference_mode():
+            out = files["GLMImageEncode"].execute(
+                glyph_encoder=encoder, tokens=tokens, glyph_text=glyph_text, override=override, vae=vae
+            )
+        return out[0], out[1]
+
+    return run
+
+
+def sample(model, positive, negative, batch=1, steps=2):
+    """KSampler euler/simple, CFG 1.5, from fixed noise."""
+    noise = torch.randn(batch, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        return comfy.sample.sample(
+            model, noise, steps, 1.5, "euler", "simple", positive, negative, torch.zeros_like(noise)
+        )
+
+
+def test_more_token_grids_than_one_and_fewer_than_the_latent_batch_fail_with_a_clear_message(model, encode):
+    positive, negative = encode(random_tokens(grids=2))
+    with pytest.raises(
+        InvalidInputError, match="2 token grids for a latent batch of 3: use one grid or one per latent"
+    ):
+        sample(model, positive, negative, batch=3)
+
+
+# --- model files ----------------------------------------------------------------------------------------------------
+
+
+def dit_loader_prompt(choice: str) -> dict:
+    return {
+        "1": {"class_type": "GLMImageDiTLoader", "inputs": {"dit": choice, "weight_dtype": "default"}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+    }
+
+
+def test_a_vae_file_given_to_the_dit_loader_is_named_as_a_vae(files):
+    message = execution_error(comfy_host.run_prompt(dit_loader_prompt("glm_vae.safetensors")), node="1")
+    assert "holds the weights of the VAE" in message and "load this file with the vae loader" in message
+
+
+def test_a_missing_shard_is_named_with_where_to_get_it(files):
+    message = execution_error(comfy_host.run_prompt(dit_loader_prompt("MissingShard")), node="1")
+    assert "transformer/diffusion_pytorch_model-00002-of-00003.safetensors is missing" in message
+    assert "Download the missing shard from zai-org/GLM-Image" in message
+
+
+def test_a_truncated_shard_is_named_as_truncated(files):
+    message = execution_error(comfy_host.run_prompt(dit_loader_prompt("TruncatedShard")), node="1")
+    assert "transformer/diffusion_pytorch_model-00002-of-00003.safetensors is truncated or corrupt" in message
+    assert "delete the file and re-download it" in message
+
+
+# --- the Encode node ------------------------------------------------------------------------------------------------
+
+
+def test_an_empty_glyph_override_fails_validation(files):
+    run = comfy_host.run_prompt(tokens_graph(glyph_text="override", override="  \n"))
+    assert "'override' but the override is empty" in validation_errors(run, node="4")
+
+
+def test_editing_tokens_without_a_vae_at_encode_fail_with_a_clear_message(files):
+    message = execution_error(comfy_host.run_prompt(tokens_graph("edit.glm_tokens")), node="4")
+    assert "These tokens come from reference images: connect the VAE" in message
+
+
+# --- conditioning from stock nodes ----------------------------------------------------------------------------------
+
+
+def stock(node_id, method, **inputs):
+    return getattr(nodes.NODE_CLASS_MAPPINGS[node_id](), method)(**inputs)[0]
+
+
+def test_a_zeroed_out_positive_works_as_the_negative_and_equals_ours(model, encode):
+    positive, negative = encode(random_tokens())
+    zeroed = stock("ConditioningZeroOut", "zero_out", conditioning=positive)
+
+    assert torch.equal(sample(model, positive, zeroed), sample(model, positive, negative))
+
+
+def test_a_timestep_range_over_the_whole_run_keeps_the_glm_conditioning(model, encode):
+    positive, negative = encode(random_tokens())
+    ranged = stock("ConditioningSetTimestepRange", "set_range", conditioning=positive, start=0.0, end=1.0)
+
+    assert torch.equal(sample(model, ranged, negative), sample(model, positive, negative))
+
+
+def test_a_conditioning_without_glm_tokens_fails_with_a_clear_message(model, encode):
+    positive, _ = encode(random_tokens())
+    foreign = [[torch.zeros(1, 4, 64), {}]]  # e.g. a text encoder's output: none of GLM-Image Encode's keys
+    with pytest.raises(InvalidInputError, match="no GLM-Image visual tokens: connect the output of 'GLM-Image Encode'"):
+        sample(model, positive, foreign)
+
+
+def test_combining_encodes_with_different_references_averages_their_predictions(model, encode):
+    """ConditioningCombine of edits with one and with two references: each branch attends to its own references,
+    and ComfyUI averages the two predictions; one Euler step to sigma 0 lands on that average."""
+    one_ref, negative = encode(random_tokens(references=1, seed=1))
+    two_refs, _ = encode(random_tokens(references=2, seed=2))
+    combined = stock("ConditioningCombine", "combine", conditioning_1=one_ref, conditioning_2=two_refs)
+
+    out = sample(model, combined, negative, steps=1)
+
+    expected = (sample(model, one_ref, negative, steps=1) + sample(model, two_refs, negative, steps=1)) / 2
+    assert (out - expected).abs().max() <= 1e-5
+
+
+def test_concatenating_encodes_adds_the_second_glyph_text_to_the_first(model, encode):
+    """ConditioningConcat joins the glyph embeddings and keeps the first encode's tokens (and references): the DiT
+    then sees both texts' glyphs. (Not the same as encoding both spans in one Encode: the reference tokenizer pads
+    every span by one when there is an even number of spans.)"""
+    first, negative = encode(random_tokens(prompt='a sign "OPEN"', seed=1))
+    second, _ = encode(random_tokens(prompt='a sign "LATE"', seed=2))
+
+    joined = stock("ConditioningConcat", "concat", conditioning_to=first, conditioning_from=second)
+
+    assert torch.equal(joined[0][0], torch.cat([first[0][0], second[0][0]], dim=1))
+    assert joined[0][1].keys() == first[0][1].keys()
+    assert torch.equal(joined[0][1]["glm_prior_token_ids"], first[0][1]["glm_prior_token_ids"])
+    assert sample(model, joined, negative).isfinite().all()
+
+
+# --- a real server --------------------------------------------------------------------------------------------------
+
+
+def test_the_server_reports_bad_prompts_and_keeps_serving(tiny_model_dir, tmp_path):
+    (tmp_path / "diffusion_models").mkdir()
+    shutil.copy(
+        tiny_model_dir / "vae/diffusion_pytorch_model.safetensors", tmp_path / "diffusion_models/vae.safetensors"
+    )
+    model_paths = {"glm_image": str(tiny_model_dir.parent), "diffusion_models": str(tmp_path / "diffusion_models")}
+    decode_empty = {
+        "1": {"class_type": "GLMImageEmptyLatent", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "2": {"class_type": "GLMImageVAELoader", "inputs": {"vae": "GLM-Image"}},
+        "3": {"class_type": "VAEDecode", "inputs": {"samples": ["1", 0], "vae": ["2", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "server"}},
+    }
+    with comfy_host.comfy_server(model_paths) as url:
+        bad_size = {
+            **decode_empty,
+            "1": {**decode_empty["1"], "inputs": {"width": 520, "height": SIZE, "batch_size": 1}},
+        }
+        with pytest.raises(RuntimeError, match="width 520 is not a multiple of 32"):
+            comfy_host.server_run_prompt(url, bad_size)
+
+        failed = comfy_host.server_run_prompt(url, dit_loader_prompt("vae.safetensors"))
+        assert failed["status"]["status_str"] == "error"
+        errors = [data for event, data in failed["status"]["messages"] if event == "execution_error"]
+        assert "holds the weights of the VAE" in errors[0]["exception_message"]
+
+        served = comfy_host.server_run_prompt(url, decode_empty)
+        assert served["status"]["status_str"] == "success"
+        assert len(served["outputs"]["4"]["images"]) == 1
