@@ -287,6 +287,7 @@ def generate_prior_tokens(
     static_cache: bool = True,
     fast: bool | None = None,
     callback_every: int = 16,
+    compile_decoder: bool = False,
 ) -> ARResult:
     """Sample ``len(generators)`` token grids for one prompt, decoded together as a batch.
 
@@ -306,7 +307,8 @@ def generate_prior_tokens(
     fast: decode with ``fast_ar`` (own layer loop over the same weights, static float32 K/V cache, a CUDA graph per
     token on CUDA). None (default) = on CUDA when ``fast_ar.unsupported_reason(model)`` finds nothing against it;
     True forces it on any device (it falls back to the transformers loop, with a warning, if the model is not
-    supported); False = the transformers loop (``static_cache`` chooses its cache).
+    supported); False = the transformers loop (``static_cache`` chooses its cache). compile_decoder: let
+    ``torch.compile`` fuse the fast decoder's small kernels (faster per token; the first call compiles for a while).
     """
     from transformers import DynamicCache, StaticCache
 
@@ -350,7 +352,7 @@ def generate_prior_tokens(
 
         tokens = fast_ar.decode(
             model, input_ids, position_ids, decode_position_ids, uniforms, pick,
-            rows=NUM_VQ_CODES, callback=callback, callback_every=callback_every,
+            rows=NUM_VQ_CODES, callback=callback, callback_every=callback_every, compile=compile_decoder,
         )  # fmt: skip
         return _result(tokens, geometry, inputs, reference_ids)
 

@@ -25,7 +25,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,7 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class _Layer:
+class LayerWeights(NamedTuple):
     """One decoder layer's weights: views of the HF parameters, plus the fused k/v projection."""
 
     input_norm: torch.Tensor
@@ -89,6 +88,14 @@ class _Layer:
     gate_up_weight: torch.Tensor
     down_weight: torch.Tensor
     post_mlp_norm: torch.Tensor
+
+
+class Dims(NamedTuple):
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    scale: float
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -118,6 +125,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin, x_pass], dim=-1)
 
 
+def layer_forward(x: torch.Tensor, w: LayerWeights, cos, sin, attend, dims: Dims) -> torch.Tensor:
+    """One GLM-4 decoder layer on x [N, T, hidden]; attend(q, k, v) ([N, T, heads or kv_heads, d] after RoPE) ->
+    [N, T, heads * d] attends and stores the new keys/values."""
+    n, t, _ = x.shape
+    h = rms_norm(x, w.input_norm, dims.eps)
+    q = F.linear(h, w.q_weight, w.q_bias).view(n, t, dims.heads, dims.head_dim)
+    k, v = F.linear(h, w.kv_weight, w.kv_bias).view(n, t, 2 * dims.kv_heads, dims.head_dim).chunk(2, dim=2)
+    a = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    x = x + rms_norm(F.linear(a, w.o_weight), w.post_attn_norm, dims.eps)
+    gate, up = F.linear(rms_norm(x, w.mlp_norm, dims.eps), w.gate_up_weight).chunk(2, dim=-1)
+    return x + rms_norm(F.linear(up * F.silu(gate), w.down_weight), w.post_mlp_norm, dims.eps)
+
+
+def decode_layer(
+    x: torch.Tensor,
+    w: LayerWeights,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+    key_bias: torch.Tensor,
+    dims: Dims,
+) -> torch.Tensor:
+    """``layer_forward`` for one new token per sample (x [N, 1, hidden]) at cache slot ``slot`` (long [1])."""
+
+    def attend(q, k, v):
+        k_cache.index_copy_(2, slot, k.transpose(1, 2).float())
+        v_cache.index_copy_(2, slot, v.transpose(1, 2).float())
+        return attend_cache(q[:, 0], k_cache, v_cache, key_bias, dims.scale)[:, None]
+
+    return layer_forward(x, w, cos, sin, attend, dims)
+
+
 def attend_cache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_bias: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -144,22 +185,20 @@ class FastDecoder:
     sequences of at most ``max_length`` tokens (prompt + decoded). Holds views of the model's weights; build one per
     generation (it is cheap) and drop it afterwards to free the cache and the captured graph."""
 
-    def __init__(self, model, batch: int, max_length: int):
+    def __init__(self, model, batch: int, max_length: int, compile: bool = False):
         lm = model.model.language_model
         config = lm.config
-        self.hidden = config.hidden_size
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.heads
-        self.eps = config.rms_norm_eps
-        self.scale = self.head_dim**-0.5
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.dims = Dims(
+            config.num_attention_heads, config.num_key_value_heads, head_dim, config.rms_norm_eps, head_dim**-0.5
+        )
         self.mrope_section = list(config.rope_parameters.get("mrope_section", [8, 12, 12]))
         self.inv_freq = lm.rotary_emb.inv_freq
         self.embed = lm.embed_tokens.weight
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.final_norm = lm.norm.weight
         self.layers = [
-            _Layer(
+            LayerWeights(
                 input_norm=layer.input_layernorm.weight,
                 q_weight=layer.self_attn.q_proj.weight,
                 q_bias=layer.self_attn.q_proj.bias,
@@ -177,62 +216,45 @@ class FastDecoder:
         self.lm_head = model.lm_head.weight
         self.batch = batch
         self.max_length = math.ceil(max_length / CACHE_BLOCK) * CACHE_BLOCK
-        shape = (len(self.layers), batch, self.kv_heads, self.max_length, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        shape = (batch, self.dims.kv_heads, self.max_length, head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=torch.float32, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=torch.float32, device=self.device) for _ in self.layers]
         self.key_index = torch.arange(self.max_length, device=self.device)
-
-    # --- the model ---------------------------------------------------------------------------------------------
-
-    def _layer(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
-        """x: [N, T, hidden]. attend(i, q, k, v) -> [N, T, heads * d] stores k/v in the cache and attends."""
-        w = self.layers[i]
-        n, t, _ = x.shape
-        h = rms_norm(x, w.input_norm, self.eps)
-        q = F.linear(h, w.q_weight, w.q_bias).view(n, t, self.heads, self.head_dim)
-        k, v = F.linear(h, w.kv_weight, w.kv_bias).view(n, t, 2 * self.kv_heads, self.head_dim).chunk(2, dim=2)
-        a = attend(i, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-        x = x + rms_norm(F.linear(a, w.o_weight), w.post_attn_norm, self.eps)
-        gate, up = F.linear(rms_norm(x, w.mlp_norm, self.eps), w.gate_up_weight).chunk(2, dim=-1)
-        return x + rms_norm(F.linear(up * F.silu(gate), w.down_weight), w.post_mlp_norm, self.eps)
+        # compile: kernel fusion for the decode layer (RMSNorm, RoPE, cache writes, softmax: ~50 small kernels a
+        # layer in eager mode). One compilation serves all layers (same shapes); it takes a while the first time.
+        self.decode_layer = torch.compile(decode_layer, dynamic=False, fullgraph=True) if compile else decode_layer
 
     def _logits(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """Final norm and the first ``rows`` rows of the lm_head on [N, hidden] -> float32 [N, rows]."""
-        return F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head[:rows]).float()
+        return F.linear(rms_norm(x, self.final_norm, self.dims.eps), self.lm_head[:rows]).float()
 
     def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: int) -> torch.Tensor:
         """Run the prompt (input_ids [N, T], positions [3, N, T]) into cache slots 0..T-1; float32 logits of the
         last position [N, rows]. Causal SDPA over the prompt itself, as transformers computes it."""
         t = input_ids.shape[1]
         cos, sin = rope_tables(self.inv_freq, self.mrope_section, position_ids, self.dtype)
-        groups = self.heads // self.kv_heads
-
-        def attend(i, q, k, v):
-            self.k_cache[i, :, :, :t] = k.transpose(1, 2)
-            self.v_cache[i, :, :, :t] = v.transpose(1, 2)
-            k = k.transpose(1, 2).repeat_interleave(groups, dim=1)
-            v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.scale)
-            return out.transpose(1, 2).flatten(2)
-
+        groups = self.dims.heads // self.dims.kv_heads
         x = F.embedding(input_ids, self.embed)
-        for i in range(len(self.layers)):
-            x = self._layer(i, x, cos, sin, attend)
+        for i, weights in enumerate(self.layers):
+
+            def attend(q, k, v, i=i):
+                self.k_cache[i][:, :, :t] = k.transpose(1, 2)
+                self.v_cache[i][:, :, :t] = v.transpose(1, 2)
+                k = k.transpose(1, 2).repeat_interleave(groups, dim=1)
+                v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.dims.scale)
+                return out.transpose(1, 2).flatten(2)
+
+            x = layer_forward(x, weights, cos, sin, attend, self.dims)
         return self._logits(x[:, -1], rows)
 
     def step(self, token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor, rows: int):
         """One new token per sample: token [N, 1] at cache slot ``slot`` (long [1], on the device; every earlier slot
         filled) with cos/sin [N, 1, rotary_dim]. Returns float32 logits [N, rows]."""
         key_bias = torch.zeros(self.max_length, device=self.device).masked_fill(self.key_index > slot, -math.inf)
-
-        def attend(i, q, k, v):
-            self.k_cache[i].index_copy_(2, slot, k.transpose(1, 2).float())
-            self.v_cache[i].index_copy_(2, slot, v.transpose(1, 2).float())
-            return attend_cache(q[:, 0], self.k_cache[i], self.v_cache[i], key_bias, self.scale)[:, None]
-
         x = F.embedding(token, self.embed)
-        for i in range(len(self.layers)):
-            x = self._layer(i, x, cos, sin, attend)
+        for i, weights in enumerate(self.layers):
+            x = self.decode_layer(x, weights, cos, sin, self.k_cache[i], self.v_cache[i], slot, key_bias, self.dims)
         return self._logits(x[:, -1], rows)
 
 
@@ -277,6 +299,7 @@ def decode(
     callback: ProgressCallback | None = None,
     callback_every: int = 16,
     cuda_graph: bool | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Sample ``uniforms.shape[1]`` tokens per sample after the prompt; returns them, long [N, total].
 
@@ -284,13 +307,14 @@ def decode(
     (the position of the k-th new token when it is fed back), uniforms [N, total] on the model's device, one per
     token. ``pick(logits[:, :rows], uniforms[:, k])`` chooses token k. callback(step, total, tokens[:, :step]) runs
     every ``callback_every`` tokens and after the last (step = tokens so far); an exception raised in it stops the
-    generation. cuda_graph: None = on CUDA devices.
+    generation. cuda_graph: None = on CUDA devices. compile: fuse each decode layer's small kernels with
+    ``torch.compile`` (see ``FastDecoder``).
 
     On CUDA the host queues up to two chunks of ``callback_every`` tokens and reports a chunk once the GPU has
     finished it, so the callback trails the GPU by at most one chunk and a cancel lands within two.
     """
     n, total = uniforms.shape
-    decoder = FastDecoder(model, n, input_ids.shape[1] + total)
+    decoder = FastDecoder(model, n, input_ids.shape[1] + total, compile=compile)
     loop = _DecodeLoop(decoder, input_ids.shape[1], decode_position_ids, uniforms, pick, rows)
     loop.first(decoder.prefill(input_ids, position_ids, rows))
     on_cuda = decoder.device.type == "cuda"

@@ -1,5 +1,7 @@
 """The AR stage (glm_image_core.ar) against transformers' GlmImageProcessor / GlmImageForConditionalGeneration."""
 
+import os
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -471,3 +473,10 @@ def test_an_exception_in_the_callback_stops_the_fast_decoder(model, t2i_inputs):
     with pytest.raises(GenerationCancelled):
         ar.generate_prior_tokens(model, t2i_inputs, seeded(2), fast=True, callback=cancel_at_32)
     assert calls == [1, 16, 32]
+
+
+@pytest.mark.skipif(not os.environ.get("GLM_IMAGE_SLOW_TESTS"), reason="compiles for ~25 s; set GLM_IMAGE_SLOW_TESTS=1")
+def test_compiled_fast_decoder_samples_the_same_tokens(model, t2i_inputs):
+    eager = ar.generate_prior_tokens(model, t2i_inputs, seeded(6), fast=True)
+    compiled = ar.generate_prior_tokens(model, t2i_inputs, seeded(6), fast=True, compile_decoder=True)
+    assert torch.equal(eager.target_ids, compiled.target_ids)
