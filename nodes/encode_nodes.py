@@ -103,7 +103,11 @@ class Encode(io.ComfyNode):
         model = glyph_encoder.model.loaded()
         cond = glyph.encode_glyphs(spans, model, glyph_encoder.tokenizer).to(mm.intermediate_device())
         empty = glyph.encode_glyphs([], model, glyph_encoder.tokenizer).to(mm.intermediate_device())
-        extras = {"glm_prior_token_ids": tokens.prior_token_ids, "glm_empty_glyph": empty}
+        extras = {
+            "glm_prior_token_ids": tokens.prior_token_ids,
+            "glm_empty_glyph": empty,
+            "glm_image_size": (tokens.height, tokens.width),  # the sampler checks the latent against it
+        }
         if tokens.references:
             if vae is None:
                 raise InvalidInputError(

@@ -137,7 +137,8 @@ class GlmImageModel(comfy.model_base.BaseModel):
                 "This conditioning has no GLM-Image visual tokens: connect the output of 'GLM-Image Encode' "
                 "(or a ConditioningZeroOut of it) to the sampler."
             )
-        check_prior_matches_latent(prior, noise)
+        check_prior_matches_latent(prior, noise, kwargs.get("glm_image_size"))
+        check_whole_image_area(kwargs.get("area"), noise)
         self.warn_if_shift_mismatch(noise)
         negative = kwargs.get("prompt_type") == "negative"
         glyph = kwargs.get("glm_empty_glyph") if negative else kwargs.get("cross_attn")
@@ -175,18 +176,32 @@ class GlmImageModel(comfy.model_base.BaseModel):
             )  # fmt: skip
 
 
-def check_prior_matches_latent(prior: torch.Tensor, noise: torch.Tensor) -> None:
+def check_prior_matches_latent(prior: torch.Tensor, noise: torch.Tensor, image_size=None) -> None:
+    """prior: long [1 or B, N]; noise: [B, C, h, w]; image_size: (height, width) px the tokens were generated for
+    (from GLM-Image Encode). The token count alone cannot tell 512x768 from 768x512."""
     batch, _, h, w = noise.shape
     expected = (h // 2) * (w // 2)
-    if prior.shape[1] != expected:
+    wrong_size = image_size is not None and tuple(image_size) != (h * 8, w * 8)
+    if prior.shape[1] != expected or h % 4 or w % 4 or wrong_size:
+        made_for = f"{image_size[1]}x{image_size[0]}" if image_size is not None else f"{prior.shape[1]} prior tokens"
         raise InvalidInputError(
-            f"The visual tokens are for a different image size: {prior.shape[1]} prior tokens, but this "
-            f"{w * 8}x{h * 8} latent needs {expected} (width/height of 'Generate visual tokens' and of the latent "
-            "must be equal)."
+            f"The visual tokens are for a different image size ({made_for}) than this {w * 8}x{h * 8} latent: the "
+            "width/height of 'Generate visual tokens' and of the latent must be equal (connect the tokens to "
+            "'Empty GLM-Image Latent')."
         )
     if prior.shape[0] not in (1, batch):
         raise InvalidInputError(
             f"{prior.shape[0]} token grids for a latent batch of {batch}: use one grid or one per latent."
+        )
+
+
+def check_whole_image_area(area, noise: torch.Tensor) -> None:
+    """area: the cond's (h, w, y, x) in latent cells once ComfyUI resolved it, or None."""
+    if area is not None and tuple(area) != (*noise.shape[2:], 0, 0):
+        raise InvalidInputError(
+            "GLM-Image conditioning cannot be limited to an area (ConditioningSetArea, or a mask with "
+            "set_area_to_bounds): its visual tokens describe the whole image. Remove the area, or use a mask without "
+            "set_area_to_bounds."
         )
 
 
