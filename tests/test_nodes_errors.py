@@ -219,6 +219,24 @@ def sample(model, positive, negative, batch=1, steps=2):
         )
 
 
+def test_tokens_for_the_transposed_size_fail_in_the_sampler(model, encode):
+    """Tokens for 768x512 have as many prior ids as a 512x768 latent needs; only their size tells them apart."""
+    positive, negative = encode(random_tokens(width=768, height=512))
+    noise = torch.randn(1, 16, 768 // 8, 512 // 8)
+    with pytest.raises(InvalidInputError, match=r"different image size \(768x512\) than this 512x768 latent"):
+        with torch.inference_mode():
+            comfy.sample.sample(model, noise, 1, 1.5, "euler", "simple", positive, negative, torch.zeros_like(noise))
+
+
+def test_a_stock_empty_latent_that_is_not_a_multiple_of_32_fails_with_a_clear_message(model, encode):
+    positive, negative = encode(random_tokens())
+    latent = stock("EmptyLatentImage", "generate", width=520, height=520, batch_size=1)["samples"]  # 4 channels
+    noise = torch.randn(1, 16, *latent.shape[2:])
+    with pytest.raises(InvalidInputError, match=r"different image size \(512x512\) than this 520x520 latent"):
+        with torch.inference_mode():
+            comfy.sample.sample(model, noise, 1, 1.5, "euler", "simple", positive, negative, latent)
+
+
 def test_more_token_grids_than_one_and_fewer_than_the_latent_batch_fail_with_a_clear_message(model, encode):
     positive, negative = encode(random_tokens(grids=2))
     with pytest.raises(
@@ -257,6 +275,13 @@ def test_a_truncated_shard_is_named_as_truncated(files):
 # --- the Encode node ------------------------------------------------------------------------------------------------
 
 
+def test_an_unknown_glyph_text_choice_fails_validation(files):
+    run = comfy_host.run_prompt(tokens_graph(glyph_text="from quotes"))
+    assert "glyph_text must be 'from prompt quotes' or 'override', not 'from quotes'" in validation_errors(
+        run, node="4"
+    )
+
+
 def test_an_empty_glyph_override_fails_validation(files):
     run = comfy_host.run_prompt(tokens_graph(glyph_text="override", override="  \n"))
     assert "'override' but the override is empty" in validation_errors(run, node="4")
@@ -286,6 +311,23 @@ def test_a_timestep_range_over_the_whole_run_keeps_the_glm_conditioning(model, e
     ranged = stock("ConditioningSetTimestepRange", "set_range", conditioning=positive, start=0.0, end=1.0)
 
     assert torch.equal(sample(model, ranged, negative), sample(model, positive, negative))
+
+
+def test_a_mask_over_the_whole_image_keeps_the_glm_conditioning(model, encode):
+    positive, negative = encode(random_tokens())
+    masked = stock(
+        "ConditioningSetMask", "append", conditioning=positive, mask=torch.ones(1, SIZE, SIZE), set_cond_area="default",
+        strength=1.0,
+    )  # fmt: skip
+
+    assert (sample(model, masked, negative) - sample(model, positive, negative)).abs().max() <= 1e-5
+
+
+def test_an_area_conditioning_fails_with_a_clear_message(model, encode):
+    positive, negative = encode(random_tokens())
+    area = stock("ConditioningSetArea", "append", conditioning=positive, width=256, height=256, x=0, y=0, strength=1.0)
+    with pytest.raises(InvalidInputError, match="cannot be limited to an area"):
+        sample(model, area, negative)
 
 
 def test_a_conditioning_without_glm_tokens_fails_with_a_clear_message(model, encode):
