@@ -51,7 +51,7 @@ def random_tokens(width=SIZE, height=SIZE, grids=1, references=0, seed=0, prompt
 @pytest.fixture(scope="module")
 def files(tiny_model_dir, tmp_path_factory):
     """Model folders (the tiny one, damaged copies, a VAE file among the diffusion models), token files in the input
-    folder, a temp output folder; all removed from ComfyUI's folder lists afterwards."""
+    folder, a temp output folder; the folders this adds are taken out of ComfyUI's lists afterwards."""
     glm = comfy_host.load_pack()
     root = tmp_path_factory.mktemp("errors")
     damaged, diffusion_models, inputs = root / "glm_image", root / "diffusion_models", root / "input"
@@ -67,7 +67,8 @@ def files(tiny_model_dir, tmp_path_factory):
     ar_nodes.tokens_to_file(random_tokens(width=768), str(inputs / "wide.glm_tokens"))
     ar_nodes.tokens_to_file(random_tokens(references=1), str(inputs / "edit.glm_tokens"))
 
-    added = {"glm_image": [str(tiny_model_dir.parent), str(damaged)], "diffusion_models": [str(diffusion_models)]}
+    wanted = {"glm_image": [str(tiny_model_dir.parent), str(damaged)], "diffusion_models": [str(diffusion_models)]}
+    added = {kind: [p for p in paths if p not in folder_paths.get_folder_paths(kind)] for kind, paths in wanted.items()}
     for kind, paths in added.items():
         for path in paths:
             folder_paths.add_model_folder_path(kind, path)
@@ -84,7 +85,7 @@ def files(tiny_model_dir, tmp_path_factory):
 
 def tokens_graph(
     tokens_file="square.glm_tokens", width=SIZE, height=SIZE, latent_follows_tokens=True,
-    glyph_text="from prompt quotes", override="", vae_to_encode=False,
+    glyph_text="from prompt quotes", override="",
 ) -> dict:  # fmt: skip
     """Text-to-image from a token file: LoadTokens -> Encode -> KSampler (2 steps) -> VAEDecode -> SaveImage."""
     encode = {"glyph_encoder": ["3", 0], "tokens": ["1", 0], "glyph_text": glyph_text, "override": override}
@@ -105,8 +106,6 @@ def tokens_graph(
     }  # fmt: skip
     if latent_follows_tokens:
         latent["tokens"] = ["1", 0]
-    if vae_to_encode:
-        encode["vae"] = ["9", 0]
     return graph
 
 
