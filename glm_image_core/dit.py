@@ -288,7 +288,7 @@ class GlmImageTransformer2DModel(nn.Module):
     def embed_image(self, x, prior_token_id, prior_token_drop):
         """Patch embeddings plus the (possibly dropped) prior-token embeddings. prior_token_drop: bool/int [B] or
         [B, N]; a dropped prior contributes zeros to the projector (the reference's unconditional branch)."""
-        prior = self.prior_token_embedding(prior_token_id)
+        prior = self.prior_token_embedding(prior_token_id).to(x.dtype)  # fp8 storage (ComfyUI) returns fp8 rows
         if prior_token_drop is not None:
             drop = prior_token_drop.bool()
             prior = prior.masked_fill(drop.view(drop.shape[0], -1, 1), 0.0)

@@ -9,6 +9,7 @@ from tests import comfy_host
 
 comfy_host.require_comfyui()
 
+import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
 
 from glm_image_core.loading import load_transformer, read_state_dict  # noqa: E402
@@ -53,3 +54,28 @@ def test_ksampler_euler_simple_equals_reference_loop(models, steps):
     expected = patcher.model.process_latent_out(expected)  # KSampler returns raw VAE latents
     diff = (out - expected).abs().max()
     assert diff <= 5e-5, diff  # latents of magnitude ~10: float32 rounding in CFG on denoised
+
+
+def test_fp8_weights_run_and_stay_near_the_float32_model(tiny_model_dir):
+    """weight_dtype fp8 (ComfyUI's fp8 ops): the prior-token embedding comes back in fp8 and is cast, not masked in
+    fp8 (no fp8 masked_fill). Weights rounded to 3 mantissa bits: close to the float32 model, not equal."""
+    folder = tiny_model_dir / "transformer"
+    config = json.loads((folder / "config.json").read_text())
+    patcher = model_nodes.load_dit_patcher(read_state_dict(folder), config, "fp8_e4m3fn")
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    model = patcher.model
+    glyph, empty, prior, _, _ = make_conds()
+    x = torch.randn(2, 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1] * 6, [1] + [0] * 5])
+    glyphs = torch.cat([glyph, torch.nn.functional.pad(empty, (0, 0, 0, 5))])
+    drop, t = torch.tensor([[0], [1]]), torch.tensor([499.0, 499.0])
+    with torch.no_grad():
+        out = model.diffusion_model(
+            x.to(model.manual_cast_dtype), t, glyph=(glyphs, mask), prior_token_id=prior.expand(2, -1),
+            prior_token_drop=drop, transformer_options={},
+        )  # fmt: skip
+        target = torch.tensor([[HEIGHT, WIDTH]] * 2, dtype=torch.float32)
+        full = load_transformer(folder, dtype=torch.float32)
+        expected = full(x, glyphs, prior.expand(2, -1), drop, t, target, torch.zeros_like(target), mask.bool())
+    error = (out.float() - expected).norm() / expected.norm()
+    assert torch.isfinite(out).all() and error < 0.2, error
