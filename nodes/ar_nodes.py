@@ -93,7 +93,8 @@ class GenerateTokens(io.ComfyNode):
                 GlmARModel.Input("ar_model"),
                 io.String.Input(
                     "prompt", multiline=True, dynamic_prompts=True,
-                    tooltip="Text in quotes ('...', \"...\", “...”, 「...」) is rendered as glyphs.",
+                    tooltip="Text in quotes ('...', \"...\", “...”, 「...」) is rendered as glyphs; as in the reference, an "
+                    "apostrophe (don't) also opens a single-quoted span, so prefer \"...\" around text to render.",
                 ),
                 io.Int.Input("width", tooltip="Multiple of 32, 512..2048; must equal the latent's width.", **size),
                 io.Int.Input("height", tooltip="Multiple of 32, 512..2048; must equal the latent's height.", **size),
@@ -199,7 +200,9 @@ class SaveTokens(io.ComfyNode):
             inputs=[
                 GlmTokens.Input("tokens"),
                 io.String.Input(
-                    "filename_prefix", default="glm_tokens/tokens", tooltip="Relative to the output folder."
+                    "filename_prefix",
+                    default="glm_tokens/tokens",
+                    tooltip="Relative to the output folder; Load Visual Tokens lists output/glm_tokens/ and input/.",
                 ),
             ],
             outputs=[],
@@ -216,12 +219,17 @@ class SaveTokens(io.ComfyNode):
 
 
 def token_files() -> list[str]:
-    """Token files in input/ and, annotated, in output/ (how ComfyUI names files of either folder)."""
+    """Token files directly in input/ and, annotated as ComfyUI names output files, in output/glm_tokens/ (where
+    Save Visual Tokens writes). Only these two folders are listed: this runs whenever the node list is served."""
     found = []
-    for base, suffix in ((folder_paths.get_input_directory(), ""), (folder_paths.get_output_directory(), " [output]")):
-        for root, _, files in os.walk(base):
-            found += [os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/") + suffix
-                      for f in files if f.endswith(TOKENS_EXTENSION)]  # fmt: skip
+    input_dir, output_dir = folder_paths.get_input_directory(), folder_paths.get_output_directory()
+    for base, folder, suffix in (
+        (input_dir, input_dir, ""),
+        (output_dir, os.path.join(output_dir, "glm_tokens"), " [output]"),
+    ):
+        if os.path.isdir(folder):
+            found += [os.path.relpath(os.path.join(folder, f), base).replace(os.sep, "/") + suffix
+                      for f in os.listdir(folder) if f.endswith(TOKENS_EXTENSION)]  # fmt: skip
     return sorted(found)
 
 

@@ -19,6 +19,21 @@ def size_inputs(tooltip: str):
     return [io.Int.Input("width", tooltip=tooltip, **size), io.Int.Input("height", tooltip=tooltip, **size)]
 
 
+def tokens_size_input():
+    return GlmTokens.Input(
+        "tokens", optional=True, tooltip="Take width/height from these tokens (overrides the widgets)."
+    )
+
+
+def size_of(width: int, height: int, tokens=None) -> tuple[int, int]:
+    """The size a node works at: the tokens' when connected, else its widgets' (checked here: linked widget values
+    are only known when the node runs)."""
+    if tokens is not None:
+        width, height = tokens.width, tokens.height
+    check_image_size(height, width)
+    return width, height
+
+
 def validate_size(width, height):
     """For validate_inputs: linked (not yet known) sizes pass here and are checked in execute.
 
@@ -70,7 +85,7 @@ class ModelSampling(io.ComfyNode):
             category="GLM-Image",
             description="Sets the resolution-dependent shift (1024x1024: 3.25, 512x512: 1.75). Use this, not the "
             "stock ModelSampling nodes: they would feed the DiT the shifted time.",
-            inputs=[io.Model.Input("model"), *size_inputs("The image size being sampled.")],
+            inputs=[io.Model.Input("model"), *size_inputs("The image size being sampled."), tokens_size_input()],
             outputs=[io.Model.Output()],
         )
 
@@ -79,8 +94,8 @@ class ModelSampling(io.ComfyNode):
         return validate_size(width, height)
 
     @classmethod
-    def execute(cls, model, width, height) -> io.NodeOutput:
-        check_image_size(height, width)  # linked sizes are only known here
+    def execute(cls, model, width, height, tokens=None) -> io.NodeOutput:
+        width, height = size_of(width, height, tokens)
         patched = model.clone()
         patched.add_object_patch("model_sampling", model_sampling_for_size(width, height))
         return io.NodeOutput(patched)
@@ -108,11 +123,9 @@ class EmptyLatent(io.ComfyNode):
 
     @classmethod
     def execute(cls, width, height, batch_size, tokens=None) -> io.NodeOutput:
-        if tokens is not None:
-            width, height = tokens.width, tokens.height
-            grids = tokens.prior_token_ids.shape[0]
-            batch_size = grids if grids > 1 else batch_size
-        check_image_size(height, width)
+        width, height = size_of(width, height, tokens)
+        if tokens is not None and tokens.prior_token_ids.shape[0] > 1:
+            batch_size = tokens.prior_token_ids.shape[0]  # one latent per sampled grid
         shape = (batch_size, LATENT_CHANNELS, height // VAE_SCALE, width // VAE_SCALE)
         return io.NodeOutput({"samples": torch.zeros(shape, device=mm.intermediate_device())})
 
@@ -126,7 +139,11 @@ class Scheduler(io.ComfyNode):
             category="GLM-Image",
             description="The reference pipeline's exact sigmas (integer timestep grid, resolution shift) for any step "
             "count, for SamplerCustomAdvanced. KSampler's 'simple' equals it when 1000 is divisible by the steps.",
-            inputs=[io.Int.Input("steps", default=50, min=1, max=1000), *size_inputs("The image size being sampled.")],
+            inputs=[
+                io.Int.Input("steps", default=50, min=1, max=1000),
+                *size_inputs("The image size being sampled."),
+                tokens_size_input(),
+            ],
             outputs=[io.Sigmas.Output()],
         )
 
@@ -135,7 +152,7 @@ class Scheduler(io.ComfyNode):
         return validate_size(width, height)
 
     @classmethod
-    def execute(cls, steps, width, height) -> io.NodeOutput:
-        check_image_size(height, width)  # linked sizes are only known here
+    def execute(cls, steps, width, height, tokens=None) -> io.NodeOutput:
+        width, height = size_of(width, height, tokens)
         sigmas, _ = glm_schedule(steps, height, width)
         return io.NodeOutput(sigmas)
