@@ -1,0 +1,212 @@
+// GLM-Image front-end extension (ComfyUI frontend 1.27 API): a read-only panel at the bottom of the token node that
+// shows which quoted spans of the prompt will be rendered as glyphs (in encoding order), quotes no span uses, and
+// the AR token count the width/height imply, live as they change; the Encode node shows the spans it will encode.
+// The rules themselves live in glm_image_logic.js (tested against the Python code).
+//
+// The panel is the node's LAST widget and is never serialised: the saved workflow's widgets_values stay exactly the
+// backend's widgets, position for position, so workflows load the same with or without this extension.
+import { app } from "../../scripts/app.js";
+import {
+  SIZE_MULTIPLE,
+  arGeometry,
+  extractGlyphTexts,
+  overrideGlyphTexts,
+  sizeProblem,
+  unmatchedQuotes,
+} from "./glm_image_logic.js";
+
+const TOKENS_NODE = "GLMImageGenerateTokens";
+const ENCODE_NODE = "GLMImageEncode";
+const SIZED_NODES = [TOKENS_NODE, "GLMImageEmptyLatent", "GLMImageModelSampling", "GLMImageScheduler"];
+const OVERRIDE = "override"; // GLMImageEncode's glyph_text choice (nodes/encode_nodes.py OVERRIDE)
+const PANEL = "glm_image_info";
+const LINE_HEIGHT = 18; // px per line of the panel
+const MAX_LINES = 8; // taller content scrolls
+const PADDING = 4; // px inside the panel
+const MARGIN = 6; // px around the panel (the DOM widget's margin)
+
+const STYLE = `
+.glm-image-info { box-sizing: border-box; width: 100%; height: 100%; overflow: auto; padding: ${PADDING}px 6px;
+  font: 12px/${LINE_HEIGHT}px sans-serif; color: var(--input-text, #ddd); background: var(--comfy-input-bg, #222);
+  border-radius: 6px; pointer-events: auto; }
+.glm-image-info .glm-label { opacity: 0.7; margin-right: 4px; }
+.glm-image-info .glm-span { display: inline-block; margin: 1px 3px 1px 0; padding: 0 5px; border-radius: 4px;
+  background: rgba(120, 170, 255, 0.22); white-space: pre; }
+.glm-image-info .glm-span.glm-empty { opacity: 0.6; font-style: italic; }
+.glm-image-info .glm-warn { color: #ffb84d; }
+`;
+
+function widget(node, name) {
+  return node.widgets?.find((w) => w.name === name);
+}
+
+function element(tag, className, text) {
+  const el = document.createElement(tag);
+  if (className) el.className = className;
+  if (text !== undefined) el.textContent = text; // user text only ever goes in as text, never as HTML
+  return el;
+}
+
+function line(parent, label, className) {
+  const row = element("div", className);
+  if (label) row.append(element("span", "glm-label", label));
+  parent.append(row);
+  return row;
+}
+
+function hasReferences(node) {
+  return (node.inputs ?? []).some((input) => input.name?.startsWith("reference_") && input.link != null);
+}
+
+/** The prompt of the token node feeding an Encode node's `tokens` input, when it is linked directly. */
+function linkedPrompt(node) {
+  const slot = node.findInputSlot?.("tokens") ?? -1;
+  const source = slot >= 0 ? node.getInputNode?.(slot) : null;
+  return source?.comfyClass === TOKENS_NODE ? widget(source, "prompt")?.value : undefined;
+}
+
+function showSpans(panel, label, spans) {
+  const row = line(panel, `${label} (${spans.length}):`);
+  if (!spans.length) row.append(element("span", "glm-span glm-empty", "none: nothing rendered as text"));
+  for (const span of spans) {
+    row.append(span ? element("span", "glm-span", span) : element("span", "glm-span glm-empty", "empty"));
+  }
+}
+
+/** Everything the panel shows depends on (its JSON is the key that tells whether to render again). */
+function facts(node) {
+  if (node.comfyClass === TOKENS_NODE) {
+    const prompt = String(widget(node, "prompt")?.value ?? "");
+    const height = widget(node, "height")?.value;
+    const width = widget(node, "width")?.value;
+    const sizeLinked = (node.inputs ?? []).some((i) => (i.name === "width" || i.name === "height") && i.link != null);
+    return { kind: "tokens", prompt, height, width, sizeLinked, references: hasReferences(node) };
+  }
+  const mode = widget(node, "glyph_text")?.value;
+  if (mode === OVERRIDE) return { kind: "override", override: String(widget(node, "override")?.value ?? "") };
+  return { kind: "prompt", prompt: linkedPrompt(node) };
+}
+
+function render(panel, f) {
+  panel.replaceChildren();
+  if (f.kind === "tokens") {
+    showSpans(panel, "Glyphs", extractGlyphTexts(f.prompt));
+    for (const { open, close, count } of unmatchedQuotes(f.prompt)) {
+      const quote = open === close ? open : `${open}\u2009${close}`;
+      line(panel, null, "glm-warn").textContent = `\u26a0 ${count} unmatched ${quote}: not a glyph span`;
+    }
+    if (f.sizeLinked) {
+      line(panel, "AR tokens:").append("set by the linked width/height when the workflow runs");
+      return;
+    }
+    const problem = sizeProblem(f.height, f.width);
+    const geometry = arGeometry(f.height, f.width, f.references);
+    if (problem) line(panel, null, "glm-warn").textContent = `\u26a0 ${problem}`;
+    if (geometry) {
+      const { previewH, previewW, gridH, gridW, numNewTokens } = geometry;
+      const parts = f.references ? [] : [`${previewH}\u00d7${previewW} preview`];
+      parts.push(`${gridH}\u00d7${gridW} grid`, "end");
+      const row = line(panel, "AR tokens:");
+      row.append(element("b", "glm-token-count", String(numNewTokens)), ` (${parts.join(" + ")})`);
+    }
+  } else if (f.kind === "override") {
+    const spans = overrideGlyphTexts(f.override);
+    showSpans(panel, "Glyphs from the override", spans);
+    if (!spans.length) line(panel, null, "glm-warn").textContent = "\u26a0 the override is empty: the node will refuse";
+  } else if (f.prompt !== undefined) {
+    showSpans(panel, "Glyphs from the prompt", extractGlyphTexts(f.prompt));
+  } else {
+    line(panel, "Glyphs:").append("the quoted spans of the tokens' prompt");
+  }
+}
+
+function addPanel(node) {
+  const panel = element("div", "glm-image-info");
+  const content = element("div"); // natural height: what the panel needs at the node's current width
+  panel.append(content);
+  let key = null;
+  let contentHeight = 2 * LINE_HEIGHT;
+  const height = () => Math.min(contentHeight, MAX_LINES * LINE_HEIGHT) + 2 * PADDING + 2 * MARGIN;
+  const info = node.addDOMWidget(PANEL, PANEL, panel, {
+    serialize: false, // not sent to the backend ...
+    hideOnZoom: false,
+    margin: MARGIN,
+    getMinHeight: height, // the node grows to fit (LiteGraph gives each DOM widget at least its minimum)
+    getMaxHeight: height,
+  });
+  info.serialize = false; // ... and not saved in widgets_values
+  new ResizeObserver(() => {
+    if (content.offsetHeight && content.offsetHeight !== contentHeight) {
+      contentHeight = content.offsetHeight; // more spans, or the chips wrap differently after a resize
+      node.setDirtyCanvas(true, true);
+    }
+  }).observe(content);
+  info.refresh = () => {
+    const f = facts(node);
+    const next = JSON.stringify(f);
+    if (next === key) return;
+    key = next;
+    render(content, f);
+    node.setDirtyCanvas(true, true);
+  };
+  return info;
+}
+
+/** Call `then` after every change of widget `name` (chained after the widget's own callback). */
+function onChange(node, name, then) {
+  const w = widget(node, name);
+  if (!w) return;
+  const own = w.callback;
+  w.callback = function (...args) {
+    const result = own?.apply(this, args);
+    then();
+    return result;
+  };
+}
+
+function refreshAll(graph) {
+  for (const node of graph?._nodes ?? graph?.nodes ?? []) widget(node, PANEL)?.refresh();
+}
+
+app.registerExtension({
+  name: "GLMImage.PromptInfo",
+  async setup() {
+    document.head.append(element("style", null, STYLE));
+  },
+  async nodeCreated(node) {
+    const type = node.comfyClass;
+    if (SIZED_NODES.includes(type)) {
+      // The schema's step=32 arrives as options.step2 (what the arrows add and what typed values round to);
+      // make sure of it for the sizes, whichever front end built the widget.
+      for (const name of ["width", "height"]) {
+        const w = widget(node, name);
+        if (w?.options && w.options.step2 !== SIZE_MULTIPLE) {
+          Object.assign(w.options, { step2: SIZE_MULTIPLE, step: SIZE_MULTIPLE * 10 }); // step: LiteGraph's legacy x10
+        }
+      }
+    }
+    if (type !== TOKENS_NODE && type !== ENCODE_NODE) return;
+    const info = addPanel(node);
+    const update = () => (type === TOKENS_NODE ? refreshAll(node.graph) : info.refresh()); // Encode shows our prompt
+    for (const name of ["prompt", "width", "height", "glyph_text", "override"]) onChange(node, name, update);
+    const configured = node.onConfigure;
+    node.onConfigure = function (...args) {
+      const result = configured?.apply(this, args);
+      requestAnimationFrame(update); // values loaded from a workflow do not go through the callbacks
+      return result;
+    };
+    const connections = node.onConnectionsChange;
+    node.onConnectionsChange = function (...args) {
+      const result = connections?.apply(this, args);
+      update(); // references connected: image-to-image count; tokens linked: the Encode node's spans
+      return result;
+    };
+    const draw = node.onDrawForeground;
+    node.onDrawForeground = function (...args) {
+      const result = draw?.apply(this, args);
+      info.refresh(); // cheap when nothing changed; catches values set by other extensions or links
+      return result;
+    };
+    requestAnimationFrame(() => info.refresh());
+  },
+});
