@@ -1,0 +1,124 @@
+"""The pack in ComfyUI's real front end: a `main.py --cpu` server with the tiny models, headless Chromium driven by
+tests/browser/run.mjs. Opens the text-rendering template from the template browser, checks the GLM-Image panel
+(glyph spans, unmatched quotes, AR token count, live updates, size arrows stepping by 32), runs the workflow and
+checks the live AR preview on the token node and the output image on the canvas. Screenshots land in
+tests/browser/artifacts/; with GLM_IMAGE_UPDATE_DOCS_IMAGES=1 they are also copied to docs/images/ for the README.
+
+Needs Node.js, `npm ci` in tests/browser (playwright-core, no browser download) and Chromium (/usr/bin/chromium or
+$CHROMIUM); skipped with the reason when one is missing. Takes 2-5 minutes on a small CPU machine.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from glm_image_core import ar, glyph, preview
+from tests import comfy_host
+
+REPO = Path(__file__).resolve().parents[1]
+BROWSER = REPO / "tests" / "browser"
+ARTIFACTS = BROWSER / "artifacts"
+DOCS_IMAGES = REPO / "docs" / "images"
+TEMPLATE = REPO / "example_workflows" / "text_rendering.json"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+STEPS = 4  # sampler steps for the run (the template's 50 take minutes on the CPU with nothing more to show)
+
+
+def missing_tools() -> str | None:
+    if shutil.which("node") is None:
+        return "Node.js (`node`) is not installed"
+    if not (BROWSER / "node_modules" / "playwright-core").is_dir():
+        return "playwright-core is not installed: run `npm ci` in tests/browser"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
+    if not TEMPLATE.is_file():
+        return f"the template {TEMPLATE.relative_to(REPO)} does not exist yet"
+    return None
+
+
+pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=f"browser test: {missing_tools()}")
+
+
+@pytest.fixture(scope="module")
+def seen(tiny_model_dir):
+    """Run the driver once against a fresh server; what it saw, as JSON."""
+    comfy_host.require_comfyui()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with comfy_host.comfy_server({"glm_image": str(tiny_model_dir.parent)}, timeout=300) as url:
+        done = subprocess.run(
+            ["node", "run.mjs", "--url", url, "--out", str(ARTIFACTS), "--steps", str(STEPS), "--timeout", "900"],
+            cwd=BROWSER,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+    (ARTIFACTS / "run.log").write_text(done.stderr)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["ok"], f"{result.get('error')}\n--- driver log ---\n{done.stderr[-4000:]}"
+    if os.environ.get("GLM_IMAGE_UPDATE_DOCS_IMAGES"):
+        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+        for name in ("text_rendering.png", "ar_preview.png"):
+            shutil.copyfile(ARTIFACTS / name, DOCS_IMAGES / name)
+    return result
+
+
+def template_node(node_type: str) -> dict:
+    return next(n for n in json.loads(TEMPLATE.read_text())["nodes"] if n["type"] == node_type)
+
+
+def test_panel_shows_the_glyph_spans_of_the_prompt_in_encoding_order(seen):
+    spans = glyph.extract_glyph_texts(seen["initial"]["prompt"])
+    assert spans, "the text-rendering template should quote some text"
+    assert seen["initial"]["spans"] == spans
+    assert seen["initial"]["warnings"] == []
+
+
+def test_panel_shows_the_ar_token_count_of_the_size(seen):
+    panel = seen["initial"]
+    assert panel["tokenCount"] == str(ar.ar_geometry(panel["height"], panel["width"]).num_new_tokens)
+
+
+def test_encode_node_shows_the_spans_of_the_linked_prompt(seen):
+    assert seen["encodeInitial"]["spans"] == glyph.extract_glyph_texts(seen["initial"]["prompt"])
+
+
+def test_panel_follows_typing_in_the_prompt(seen):
+    typed = seen["afterTyping"]
+    assert "NEW" in typed["spans"] and typed["spans"] == glyph.extract_glyph_texts(typed["prompt"])
+    assert any('"' in warning for warning in seen["afterUnbalanced"]["warnings"])
+    assert seen["afterRestore"]["spans"] == seen["initial"]["spans"]
+
+
+def test_size_arrows_step_by_32_and_the_count_follows(seen):
+    assert seen["stepOptions"] == {"width": 32, "height": 32}
+    width, height = seen["initial"]["width"], seen["initial"]["height"]
+    up = seen["afterArrowUp"]
+    assert up["width"] == width + 32
+    assert up["tokenCount"] == str(ar.ar_geometry(height, width + 32).num_new_tokens)
+    assert seen["afterArrowDown"]["width"] == width
+
+
+def test_panel_is_not_saved_with_the_workflow(seen):
+    assert "glm_image_info" in seen["initial"]["widgetNames"]
+    assert seen["initial"]["serialized"] == template_node("GLMImageGenerateTokens")["widgets_values"]
+
+
+def test_ar_preview_appears_on_the_token_node_while_it_decodes(seen):
+    assert seen["previewMidRun"]["previews"] >= 1 and seen["previewMidRun"]["nodeImages"] > 0
+    geometry = ar.ar_geometry(seen["initial"]["height"], seen["initial"]["width"])
+    assert seen["previewFinal"]["sizes"][0] == list(preview.preview_size(geometry))
+
+
+def test_workflow_runs_and_its_image_shows_on_the_canvas(seen):
+    assert ["execution_success", None] in seen["events"]
+    assert (seen["output"]["width"], seen["output"]["height"]) == (seen["initial"]["width"], seen["initial"]["height"])
+    assert Path(seen["screenshot"]).is_file()
+
+
+def test_no_errors_from_the_extension(seen):
+    assert seen["pageErrors"] == []
