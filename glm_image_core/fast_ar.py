@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-CACHE_BLOCK = 256  # the K/V cache length is a multiple of this (and of ATTENTION_CHUNK)
+CACHE_BLOCK = 1024  # the K/V cache length is a multiple of this (and of ATTENTION_CHUNK): few shapes to compile
 ATTENTION_CHUNK = 64  # decode attention splits the keys into chunks of this many for the probs @ V product
 
 # pick(logits [N, V] float32, uniforms [N]) -> tokens [N] int64, e.g. warp_logits + sample_tokens from ar.py
@@ -99,40 +99,55 @@ class Dims(NamedTuple):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' GlmImageRMSNorm: normalise in float32, cast back, then scale (in the input dtype)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    """transformers' GlmImageRMSNorm (normalise in float32, cast back, scale in the input dtype); ``F.rms_norm``
+    computes exactly that, with one fused kernel on CUDA."""
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 def rope_tables(
-    inv_freq: torch.Tensor, mrope_section: list[int], position_ids: torch.Tensor, dtype: torch.dtype
+    inv_freq: torch.Tensor, mrope_section: list[int], position_ids: torch.Tensor, head_dim: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [N, T, rotary_dim] of 3-axis positions [3, N, T], as GlmImageTextRotaryEmbedding computes them:
-    frequency chunk i (of ``mrope_section``) turns with axis i % 3, the chunks are laid out twice."""
+    """RoPE factors [N, T, head_dim] of 3-axis positions [3, N, T] for ``apply_rope``.
+
+    The angles are GlmImageTextRotaryEmbedding's: frequency chunk i (of ``mrope_section``) turns with axis i % 3,
+    the chunks laid out twice, over the first rotary_dim channels. Returned as ``cos`` (1 on the channels that do
+    not turn) and a signed ``sin`` (-sin on the first rotary half, +sin on the second, 0 beyond), cast to ``dtype``
+    as transformers casts them.
+    """
     freqs = position_ids[..., None].float() * inv_freq.float()  # [3, N, T, rotary_dim / 2]
     freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(freqs.split(mrope_section, dim=-1))], dim=-1)
-    freqs = torch.cat([freqs, freqs], dim=-1)
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    rest = head_dim - 2 * freqs.shape[-1]
+    cos = torch.cat([cos, cos, cos.new_ones(*cos.shape[:-1], rest)], dim=-1)
+    sin = torch.cat([-sin, sin, sin.new_zeros(*sin.shape[:-1], rest)], dim=-1)
+    return cos, sin
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Partial rotary embedding on [N, T, heads, head_dim]: the first rotary_dim channels turn (rotate-half)."""
-    rotary = cos.shape[-1]
-    cos, sin = cos[:, :, None], sin[:, :, None]
-    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    return torch.cat([x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin, x_pass], dim=-1)
+def rotate_half_index(head_dim: int, rotary_dim: int, device) -> torch.Tensor:
+    """The channel each output channel's sin term reads: the other half of the rotary channels (rotate-half);
+    itself beyond them (where the signed sin is 0)."""
+    index = torch.arange(head_dim, device=device)
+    half = rotary_dim // 2
+    index[:half] += half
+    index[half:rotary_dim] -= half
+    return index
 
 
-def layer_forward(x: torch.Tensor, w: LayerWeights, cos, sin, attend, dims: Dims) -> torch.Tensor:
-    """One GLM-4 decoder layer on x [N, T, hidden]; attend(q, k, v) ([N, T, heads or kv_heads, d] after RoPE) ->
-    [N, T, heads * d] attends and stores the new keys/values."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate_index: torch.Tensor) -> torch.Tensor:
+    """Partial rotary embedding of [N, T, heads, head_dim] with ``rope_tables``' factors: x * cos + rotate_half(x) *
+    sin on the rotary channels, x elsewhere, in three kernels."""
+    return torch.addcmul(x * cos[:, :, None], x.index_select(-1, rotate_index), sin[:, :, None])
+
+
+def layer_forward(x: torch.Tensor, w: LayerWeights, rope, attend, dims: Dims) -> torch.Tensor:
+    """One GLM-4 decoder layer on x [N, T, hidden]; rope: (cos, sin, rotate_index) for ``apply_rope``;
+    attend(q, k, v) ([N, T, heads or kv_heads, d] after RoPE) -> [N, T, heads * d] attends and stores the new keys
+    and values."""
     n, t, _ = x.shape
     h = rms_norm(x, w.input_norm, dims.eps)
     q = F.linear(h, w.q_weight, w.q_bias).view(n, t, dims.heads, dims.head_dim)
     k, v = F.linear(h, w.kv_weight, w.kv_bias).view(n, t, 2 * dims.kv_heads, dims.head_dim).chunk(2, dim=2)
-    a = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    a = attend(apply_rope(q, *rope), apply_rope(k, *rope), v)
     x = x + rms_norm(F.linear(a, w.o_weight), w.post_attn_norm, dims.eps)
     gate, up = F.linear(rms_norm(x, w.mlp_norm, dims.eps), w.gate_up_weight).chunk(2, dim=-1)
     return x + rms_norm(F.linear(up * F.silu(gate), w.down_weight), w.post_mlp_norm, dims.eps)
@@ -141,8 +156,7 @@ def layer_forward(x: torch.Tensor, w: LayerWeights, cos, sin, attend, dims: Dims
 def decode_layer(
     x: torch.Tensor,
     w: LayerWeights,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot: torch.Tensor,
@@ -156,7 +170,7 @@ def decode_layer(
         v_cache.index_copy_(2, slot, v.transpose(1, 2).float())
         return attend_cache(q[:, 0], k_cache, v_cache, key_bias, dims.scale)[:, None]
 
-    return layer_forward(x, w, cos, sin, attend, dims)
+    return layer_forward(x, w, rope, attend, dims)
 
 
 def attend_cache(
@@ -171,8 +185,8 @@ def attend_cache(
     n, heads, d = q.shape
     kv_heads, length = k_cache.shape[1], k_cache.shape[2]
     groups = heads // kv_heads
-    queries = q.view(n, kv_heads, groups, d).float() * scale
-    probs = (torch.matmul(queries, k_cache.transpose(2, 3)) + key_bias).softmax(dim=-1)  # [N, kvh, g, L]
+    scores = torch.matmul(q.view(n, kv_heads, groups, d).float(), k_cache.transpose(2, 3))  # [N, kvh, g, L]
+    probs = torch.add(key_bias, scores, alpha=scale).softmax(dim=-1)
     chunks = length // ATTENTION_CHUNK
     probs = probs.view(n, kv_heads, groups, chunks, ATTENTION_CHUNK).transpose(2, 3)  # [N, kvh, c, g, chunk]
     values = v_cache.view(n, kv_heads, chunks, ATTENTION_CHUNK, d)
@@ -220,9 +234,25 @@ class FastDecoder:
         self.k_cache = [torch.zeros(shape, dtype=torch.float32, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=torch.float32, device=self.device) for _ in self.layers]
         self.key_index = torch.arange(self.max_length, device=self.device)
-        # compile: kernel fusion for the decode layer (RMSNorm, RoPE, cache writes, softmax: ~50 small kernels a
+        self.rotate_index = rotate_half_index(head_dim, 2 * self.inv_freq.numel(), self.device)
+        # compile: kernel fusion for the decode layer (RMSNorm, RoPE, cache writes, softmax: ~30 small kernels a
         # layer in eager mode). One compilation serves all layers (same shapes); it takes a while the first time.
-        self.decode_layer = torch.compile(decode_layer, dynamic=False, fullgraph=True) if compile else decode_layer
+        self.compiled_layer = torch.compile(decode_layer, dynamic=False, fullgraph=True) if compile else None
+
+    def decode_layer(self, *args) -> torch.Tensor:
+        """``decode_layer``, compiled if asked. A compilation that fails (no Triton, an unsupported op) falls back
+        to the eager layer with a warning; the layer's cache write is idempotent, so the retry is exact."""
+        if self.compiled_layer is not None:
+            try:
+                return self.compiled_layer(*args)
+            except Exception as e:  # torch.compile raises many types (BackendCompilerFailed, Unsupported, ...)
+                logging.warning("GLM-Image AR: torch.compile of the decode layer failed (%s); running eagerly.", e)
+                self.compiled_layer = None
+        return decode_layer(*args)
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE factors (cos, signed sin) [N, T, head_dim] of positions [3, N, T] (see ``rope_tables``)."""
+        return rope_tables(self.inv_freq, self.mrope_section, position_ids, self.dims.head_dim, self.dtype)
 
     def _logits(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """Final norm and the first ``rows`` rows of the lm_head on [N, hidden] -> float32 [N, rows]."""
@@ -232,7 +262,7 @@ class FastDecoder:
         """Run the prompt (input_ids [N, T], positions [3, N, T]) into cache slots 0..T-1; float32 logits of the
         last position [N, rows]. Causal SDPA over the prompt itself, as transformers computes it."""
         t = input_ids.shape[1]
-        cos, sin = rope_tables(self.inv_freq, self.mrope_section, position_ids, self.dtype)
+        rope = (*self.rope(position_ids), self.rotate_index)
         groups = self.dims.heads // self.dims.kv_heads
         x = F.embedding(input_ids, self.embed)
         for i, weights in enumerate(self.layers):
@@ -245,16 +275,17 @@ class FastDecoder:
                 out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, scale=self.dims.scale)
                 return out.transpose(1, 2).flatten(2)
 
-            x = layer_forward(x, weights, cos, sin, attend, self.dims)
+            x = layer_forward(x, weights, rope, attend, self.dims)
         return self._logits(x[:, -1], rows)
 
     def step(self, token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: torch.Tensor, rows: int):
         """One new token per sample: token [N, 1] at cache slot ``slot`` (long [1], on the device; every earlier slot
-        filled) with cos/sin [N, 1, rotary_dim]. Returns float32 logits [N, rows]."""
+        filled) with RoPE factors cos, sin [N, 1, head_dim] from ``rope``. Returns float32 logits [N, rows]."""
+        rope = (cos, sin, self.rotate_index)
         key_bias = torch.zeros(self.max_length, device=self.device).masked_fill(self.key_index > slot, -math.inf)
         x = F.embedding(token, self.embed)
         for i, weights in enumerate(self.layers):
-            x = self.decode_layer(x, weights, cos, sin, self.k_cache[i], self.v_cache[i], slot, key_bias, self.dims)
+            x = self.decode_layer(x, weights, rope, self.k_cache[i], self.v_cache[i], slot, key_bias, self.dims)
         return self._logits(x[:, -1], rows)
 
 
@@ -265,7 +296,7 @@ class _DecodeLoop:
         n, total = uniforms.shape
         self.decoder, self.pick, self.rows, self.total = decoder, pick, rows, total
         self.uniforms = uniforms  # [N, total]
-        self.cos, self.sin = rope_tables(decoder.inv_freq, decoder.mrope_section, decode_position_ids, decoder.dtype)
+        self.cos, self.sin = decoder.rope(decode_position_ids)
         self.prompt_length = torch.tensor([prompt_length], device=decoder.device)
         self.tokens = torch.zeros(n, total, dtype=torch.long, device=decoder.device)
         self.last = torch.zeros(n, 1, dtype=torch.long, device=decoder.device)  # the token to feed next

@@ -396,7 +396,7 @@ def test_fast_decoder_logits_equal_generate_logits(model, processor, references,
         input_ids = input_ids.masked_scatter(input_ids == model.config.image_token_id, reference_ids)
     prompt_length = input_ids.shape[1]
     decoder = fast_ar.FastDecoder(model, batch=1, max_length=prompt_length + steps)
-    cos, sin = fast_ar.rope_tables(decoder.inv_freq, decoder.mrope_section, inputs.decode_position_ids, torch.float32)
+    cos, sin = decoder.rope(inputs.decode_position_ids)
     with torch.inference_mode():
         diffs = [(decoder.prefill(input_ids, inputs.position_ids, 16512) - out.logits[0]).abs().max()]
         for k in range(steps):
