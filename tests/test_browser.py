@@ -103,6 +103,18 @@ def test_size_arrows_step_by_32_and_the_count_follows(seen):
     assert seen["afterArrowDown"]["width"] == width
 
 
+def test_connected_references_give_the_image_to_image_count(seen):
+    height, width = seen["initial"]["height"], seen["initial"]["width"]
+    assert seen["withReference"]["tokenCount"] == str(ar.ar_geometry(height, width, image_to_image=True).num_new_tokens)
+    assert seen["referenceRemoved"]["tokenCount"] == seen["initial"]["tokenCount"]
+
+
+def test_encode_override_shows_its_lines_and_warns_when_empty(seen):
+    assert seen["overrideEmpty"]["spans"] == [] and seen["overrideEmpty"]["warnings"]
+    assert seen["override"]["spans"] == ["OPEN LATE", "Since 1898"]  # blank lines are dropped, as the node does
+    assert seen["overrideOff"]["spans"] == seen["encodeInitial"]["spans"]
+
+
 def test_panel_is_not_saved_with_the_workflow(seen):
     assert "glm_image_info" in seen["initial"]["widgetNames"]
     assert seen["initial"]["serialized"] == template_node("GLMImageGenerateTokens")["widgets_values"]

@@ -194,6 +194,41 @@ try {
     return { width: step("width"), height: step("height") };
   }, ids.tokens);
 
+  // references connected: the image-to-image count (no preview grid); removed again before the run
+  await page.evaluate((nodeId) => {
+    const app = window.app;
+    const image = window.LiteGraph.createNode("LoadImage");
+    image.pos = [app.graph.getNodeById(nodeId).pos[0] - 400, 0];
+    app.graph.add(image);
+    image.connect(0, app.graph.getNodeById(nodeId), "reference_1");
+    window.__glmReference = image;
+  }, ids.tokens);
+  seen.withReference = await waitPanel(ids.tokens, (p) => !p.text.includes("preview"), "panel with a reference");
+  await page.evaluate(() => window.app.graph.remove(window.__glmReference));
+  seen.referenceRemoved = await waitPanel(ids.tokens, (p) => p.text.includes("preview"), "panel without reference");
+
+  // the Encode node with glyph_text = override: its lines are the spans
+  const overrideBox = await page.evaluateHandle((nodeId) => {
+    const node = window.app.graph.getNodeById(nodeId);
+    const mode = node.widgets.find((w) => w.name === "glyph_text");
+    mode.value = "override";
+    mode.callback?.(mode.value); // what the combo menu calls
+    return node.widgets.find((w) => w.name === "override").inputEl;
+  }, ids.encode);
+  seen.overrideEmpty = await waitPanel(ids.encode, (p) => p.warnings.length > 0, "override empty");
+  await overrideBox.click();
+  await page.keyboard.type("OPEN LATE\n\n  \nSince 1898");
+  seen.override = await waitPanel(ids.encode, (p) => p.spans.length === 2, "override spans");
+  await overrideBox.fill("");
+  await page.evaluate((nodeId) => {
+    const mode = window.app.graph.getNodeById(nodeId).widgets.find((w) => w.name === "glyph_text");
+    mode.value = "from prompt quotes";
+    mode.callback?.(mode.value);
+  }, ids.encode);
+  const promptSpans = seen.encodeInitial.spans.length;
+  seen.overrideOff = await waitPanel(ids.encode, (p) => p.spans.length === promptSpans, "override off");
+  await page.mouse.click(5, 500);
+
   if (opts.steps) {
     await page.evaluate(
       ({ nodeId, steps }) => {
