@@ -1,0 +1,127 @@
+"""The DiT as ComfyUI runs it: our ComfyUI MODEL (nodes/model.py) under ComfyUI's model management, with
+``comfy.ops`` layers in bf16 and in fp8 (``fp8_e4m3fn_fast``: fp8 weights, ``torch._scaled_mm`` where the GPU has it).
+
+    python benchmarks/bench_comfy.py --comfyui /path/to/ComfyUI [--tiny] [--json rows.json]
+
+Needs a ComfyUI checkout (not installed: only its ``comfy`` package is imported, with this repo's nodes/model.py).
+Run it in its own process: importing ComfyUI changes global torch settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.machinery
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+from bench_dit import dit_inputs
+from common import REPO, Row, Setup, build_dit, failed_row, free_device_memory, peak_gib, reset_peak, time_call
+
+PACK = "glm_image_bench_pack"  # this repo as a package, so nodes/model.py's relative imports resolve
+
+
+def import_comfy(comfyui: Path, cpu: bool):
+    """ComfyUI's model management and our nodes/model.py, without the rest of ComfyUI (no server, no node packs)."""
+    sys.path.insert(0, str(comfyui))
+    sys.path.insert(0, str(REPO / "tests"))
+    from comfy.cli_args import args
+
+    args.cpu = cpu  # read when comfy.model_management is first imported
+    from comfy_host import _torchvision_stub  # a stand-in only where torchvision is not installed
+
+    for name, location in ((PACK, REPO), (f"{PACK}.nodes", REPO / "nodes")):  # bare packages: no __init__ runs
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(location)]
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+    with _torchvision_stub():
+        import comfy.model_management
+
+        model_nodes = importlib.import_module(f"{PACK}.nodes.model")
+    return comfy.model_management, model_nodes
+
+
+def run(setup: Setup) -> list[Row]:
+    if setup.comfyui is None or not (setup.comfyui / "comfy" / "model_management.py").is_file():
+        return [Row("DiT via ComfyUI", "", note=f"skipped: no ComfyUI at {setup.comfyui}")]
+    try:
+        mm, model_nodes = import_comfy(setup.comfyui, cpu=setup.device.type == "cpu")
+    except Exception as e:
+        return [failed_row("DiT via ComfyUI (import)", e)]
+    size = 512 if setup.tiny else 1024
+    config = setup.config("transformer")
+    ours, _ = build_dit(setup, with_reference=False)
+    text_dim = ours.glyph_projector.net[0].proj.in_features
+    state_dict = {k: v.to("cpu") for k, v in ours.state_dict().items()}
+    del ours
+    free_device_memory(setup.device)
+
+    rows: list[Row] = []
+    for weight_dtype, goal in (("default", 0.10), ("fp8_e4m3fn_fast", 0.075)):
+        label = "bf16" if weight_dtype == "default" and not setup.tiny else weight_dtype
+        try:
+            rows.extend(measure(setup, mm, model_nodes, state_dict, config, weight_dtype, label, goal, size, text_dim))
+        except Exception as e:
+            rows.append(failed_row(f"DiT via ComfyUI {label}", e))
+        mm.unload_all_models()
+        free_device_memory(setup.device)
+    return rows
+
+
+def measure(setup, mm, model_nodes, state_dict, config, weight_dtype, label, goal, size, text_dim) -> list[Row]:
+    """Load the DiT as the DiT loader node does (``weight_dtype``), full-load it on the GPU, time batch 1 and 2."""
+    from glm_image_core.sampling import pad_glyphs
+
+    patcher = model_nodes.load_dit_patcher(state_dict, config, weight_dtype)
+    mm.load_models_gpu([patcher], force_full_load=True)
+    model = patcher.model
+    dtype = model.manual_cast_dtype or model.get_dtype()
+    device = mm.get_torch_device()
+    latent, cond, uncond, prior, timestep = dit_inputs(setup, size, text_dim)
+    latent, cond, uncond = latent.to(device, dtype), cond.to(device, dtype), uncond.to(device, dtype)
+    glyphs = {1: (cond, torch.ones(1, cond.shape[1], dtype=torch.long, device=device))}
+    pair, mask = pad_glyphs([cond, uncond])  # what GlyphCond.concat builds for a cond + uncond batch
+    glyphs[2] = (pair, mask.long())
+
+    def forward(batch):
+        return lambda: model.diffusion_model(
+            latent.repeat(batch, 1, 1, 1), timestep.repeat(batch).to(device), glyph=glyphs[batch],
+            prior_token_id=prior.repeat(batch, 1).to(device),
+            prior_token_drop=torch.tensor([[0], [1]][:batch], device=device), transformer_options={},
+        )  # fmt: skip
+
+    with torch.inference_mode():
+        b1 = time_call(forward(1), setup.device, setup.repeats)
+        reset_peak(setup.device)
+        b2 = time_call(forward(2), setup.device, setup.repeats)
+        peak = peak_gib(setup.device)
+    return [
+        Row(f"DiT forward {size}x{size}, batch 1, ComfyUI {label}", "s", b1, None, goal,
+            f"comfy.ops, weights {weight_dtype}"),
+        Row(f"DiT forward {size}x{size}, batch 2 (cond + uncond), ComfyUI {label}", "s", b2, None, None,
+            "ComfyUI batches cond + uncond (GlyphCond padding)"),
+        Row(f"Peak GPU memory, DiT stage via ComfyUI {label} (batch 2)", "GiB", peak, None,
+            14.0 if "fp8" in weight_dtype else 22.0, "DiT weights + activations only"),
+    ]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny random models on the CPU (CI smoke run)")
+    parser.add_argument("--comfyui", required=True, help="path of a ComfyUI checkout")
+    parser.add_argument("--json", help="write the rows here (for run_all.py)")
+    args = parser.parse_args()
+    setup = Setup.create(args.tiny, comfyui=args.comfyui)
+    rows = run(setup)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([row.__dict__ for row in rows], f)
+    for row in rows:
+        print(row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run HERE (a machine with pip access) before benchmarking on a lent GPU machine, which has no network. Fills two
+# folders of the repo that git ignores and the device run carries:
+#   .whl/      transformers 5.23.0 and diffusers 0.42.1 wheels (pure Python); the GPU image has transformers 5.17
+#              and no diffusers
+#   .comfyui/  ComfyUI without its git history, node packs and models (~14 MB), from $COMFYUI_PATH (default
+#              /opt/ComfyUI), for the ComfyUI/fp8 rows; skipped if there is none
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exclude="$(git rev-parse --git-path info/exclude)"
+mkdir -p "$(dirname "$exclude")"
+for path in /.whl/ /.comfyui/; do
+    grep -qxF "$path" "$exclude" 2>/dev/null || echo "$path" >> "$exclude"
+done
+
+rm -rf .whl && mkdir .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl transformers==5.23.0 diffusers==0.42.1
+
+comfyui="${COMFYUI_PATH:-/opt/ComfyUI}"
+rm -rf .comfyui
+if [ -f "$comfyui/comfy/model_management.py" ]; then
+    mkdir .comfyui
+    (cd "$comfyui" && tar cf - --exclude=__pycache__ --exclude=.git --exclude=./tests --exclude=./tests-unit \
+        --exclude=./models --exclude=./output --exclude=./input --exclude=./custom_nodes --exclude=./comfy_api_nodes \
+        --exclude=./comfy_extras --exclude=./app --exclude=./api_server --exclude=./alembic_db --exclude=./middleware \
+        --exclude=./script_examples .) | tar xf - -C .comfyui
+else
+    echo "no ComfyUI at $comfyui: the ComfyUI/fp8 rows will be skipped" >&2
+fi
+du -sh .whl .comfyui 2>/dev/null || true
