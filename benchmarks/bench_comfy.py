@@ -4,7 +4,8 @@
     python benchmarks/bench_comfy.py --comfyui /path/to/ComfyUI [--tiny] [--json rows.json]
 
 Needs a ComfyUI checkout (not installed: only its ``comfy`` package is imported, with this repo's nodes/model.py).
-Run it in its own process: importing ComfyUI changes global torch settings.
+Run it in its own process: importing ComfyUI changes global torch settings, and on CUDA the process is capped
+(``set_per_process_memory_fraction``) at the memory goal of each weight dtype: 22 GiB for bf16, 14 GiB for fp8.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 from bench_dit import dit_inputs
-from common import REPO, Row, Setup, build_dit, failed_row, free_device_memory, peak_gib, reset_peak, time_call
+from common import REPO, GiB, Row, Setup, build_dit, failed_row, free_device_memory, peak_gib, reset_peak, time_call
 
 PACK = "glm_image_bench_pack"  # this repo as a package, so nodes/model.py's relative imports resolve
 
@@ -60,10 +61,15 @@ def run(setup: Setup) -> list[Row]:
     free_device_memory(setup.device)
 
     rows: list[Row] = []
-    for weight_dtype, goal in (("default", 0.10), ("fp8_e4m3fn_fast", 0.075)):
+    for weight_dtype, goal, cap_gib in (("default", 0.10, 22.0), ("fp8_e4m3fn_fast", 0.075, 14.0)):
         label = "bf16" if weight_dtype == "default" and not setup.tiny else weight_dtype
+        if setup.device.type == "cuda":  # the memory goal of that weight dtype, as a card of that size would have
+            total = torch.cuda.get_device_properties(setup.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), setup.device)
         try:
             rows.extend(measure(setup, mm, model_nodes, state_dict, config, weight_dtype, label, goal, size, text_dim))
+        except torch.OutOfMemoryError as e:
+            rows.append(Row(f"DiT via ComfyUI {label}", "", note=f"out of memory under {cap_gib:g} GiB: {e}"[:160]))
         except Exception as e:
             rows.append(failed_row(f"DiT via ComfyUI {label}", e))
         mm.unload_all_models()
@@ -104,7 +110,7 @@ def measure(setup, mm, model_nodes, state_dict, config, weight_dtype, label, goa
         Row(f"DiT forward {size}x{size}, batch 2 (cond + uncond), ComfyUI {label}", "s", b2, None, None,
             "ComfyUI batches cond + uncond (GlyphCond padding)"),
         Row(f"Peak GPU memory, DiT stage via ComfyUI {label} (batch 2)", "GiB", peak, None,
-            14.0 if "fp8" in weight_dtype else 22.0, "DiT weights + activations only"),
+            14.0 if "fp8" in weight_dtype else 22.0, "DiT weights + activations, process capped at the goal"),
     ]  # fmt: skip
 
 
