@@ -20,15 +20,6 @@ from glm_image_core.errors import GenerationCancelled, InvalidInputError
 NON_GRID_IDS = list(range(16384, 16512))  # image start, EOS and the unused visual ids
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Tiny matmuls gain nothing from threads, and multi-threaded CPU SDPA costs ~15 ms per call on small VMs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return GlmImageForConditionalGeneration.from_pretrained(

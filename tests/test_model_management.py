@@ -19,14 +19,6 @@ types = comfy_host.import_pack_module("nodes.types")
 SIZE = 512
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def glm(tiny_model_dir):
     node_classes = comfy_host.load_pack()

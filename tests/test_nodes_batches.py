@@ -31,14 +31,6 @@ PROMPT = 'A shop sign that reads "HELLO WORLD"'  # its glyphs are longer than th
 BATCH_TOLERANCE = 5e-5  # latents of magnitude ~30; batched vs single matmuls differ in the last bits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def glm(tiny_model_dir):
     """The pack's node classes (by node id) with the tiny folder under a glm_image root."""

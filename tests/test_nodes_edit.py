@@ -58,15 +58,6 @@ class CaptureOutputs:
         return ()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """The tiny models gain nothing from threads; multi-threaded CPU ops make the AR ~6x slower on small VMs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_image(height: int, width: int, seed: int) -> PIL.Image.Image:
     """A smooth random picture (blocky noise, bilinearly enlarged): something Lanczos resizing visibly changes."""
     cells = np.random.default_rng(seed).integers(0, 256, (height // 50 + 2, width // 50 + 2, 3), dtype=np.uint8)

@@ -28,14 +28,6 @@ SIZE = 512
 SIZED_NODES = ["GLMImageGenerateTokens", "GLMImageEmptyLatent", "GLMImageModelSampling", "GLMImageScheduler"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_tokens(width=SIZE, height=SIZE, grids=1, references=0, seed=0, prompt='A sign that reads "OPEN"'):
     """Visual tokens as the AR would hand them over (random grids and reference pictures), without running it."""
     g = torch.Generator().manual_seed(seed)

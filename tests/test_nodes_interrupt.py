@@ -28,14 +28,6 @@ PROMPT = 'A poster that reads "STOP"'
 TOTAL = 16 * 16 + (SIZE // 32) ** 2  # preview grid + target grid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def glm(tiny_model_dir, tmp_path_factory):
     node_classes = comfy_host.load_pack()

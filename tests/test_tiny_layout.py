@@ -138,7 +138,7 @@ SHRUNK = {
             "time_embed_dim",
         },
     ),
-    "vae__config.json": ("vae/config.json", {"block_out_channels", "layers_per_block", "norm_num_groups"}),
+    "vae__config.json": ("vae/config.json", {"block_out_channels", "norm_num_groups"}),
 }
 
 
