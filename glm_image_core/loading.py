@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import InvalidInputError, ModelFilesError
+from .vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REDOWNLOAD = "re-download it from zai-org/GLM-Image"  # ends most messages: what to do
@@ -89,14 +90,6 @@ COMPONENTS = (TRANSFORMER, VAE, TEXT_ENCODER, AR_MODEL)
 DIT_ATTENTION_HEAD_DIM = 128
 DIT_PATCH_SIZE = 2
 VAE_NORM_NUM_GROUPS = 32
-VAE_LATENTS_MEAN = (
-    -0.2080078125, 1.875, -0.470703125, -1.265625, -1.421875, 0.77734375, -0.3671875, -0.9453125,
-    0.318359375, 0.7734375, -0.1884765625, -0.022216796875, -0.220703125, -1.59375, -0.81640625, -0.255859375,
-)  # fmt: skip
-VAE_LATENTS_STD = (
-    3.0625, 2.203125, 2.265625, 4.84375, 2.5, 3.9375, 2.203125, 3.03125,
-    2.1875, 2.046875, 2.71875, 2.390625, 2.390625, 2.453125, 2.25, 2.15625,
-)  # fmt: skip
 VAE_PUBLISHED_EXTRAS = {"force_upcast": True, "sample_size": 1024, "scaling_factor": 0.18215, "shift_factor": None}
 T5_RELATIVE_ATTENTION_MAX_DISTANCE = 128
 T5_LAYER_NORM_EPSILON = 1e-6
@@ -564,9 +557,9 @@ def infer_vae_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     """The VAE config from tensor shapes; group count (32) and latent statistics are the published values."""
     levels = _layer_count(shapes, "encoder.down_blocks")
     latent_channels = shapes["decoder.conv_in.weight"][1]
-    if latent_channels != len(VAE_LATENTS_MEAN):
+    if latent_channels != len(PUBLISHED_LATENTS_MEAN):
         raise ValueError(
-            f"it has {latent_channels} latent channels, GLM-Image's VAE has {len(VAE_LATENTS_MEAN)}: it is the VAE of "
+            f"it has {latent_channels} latent channels, GLM-Image's VAE has {len(PUBLISHED_LATENTS_MEAN)}: it is the VAE of "
             "another model"
         )
     return {
@@ -576,8 +569,8 @@ def infer_vae_config(shapes: dict[str, tuple[int, ...]]) -> dict:
         "down_block_types": ["DownEncoderBlock2D"] * levels,
         "in_channels": shapes["encoder.conv_in.weight"][1],
         "latent_channels": latent_channels,
-        "latents_mean": list(VAE_LATENTS_MEAN),
-        "latents_std": list(VAE_LATENTS_STD),
+        "latents_mean": list(PUBLISHED_LATENTS_MEAN),
+        "latents_std": list(PUBLISHED_LATENTS_STD),
         "layers_per_block": _layer_count(shapes, "encoder.down_blocks.0.resnets"),
         "mid_block_add_attention": any(k.startswith("decoder.mid_block.attentions.") for k in shapes),
         "norm_num_groups": VAE_NORM_NUM_GROUPS,

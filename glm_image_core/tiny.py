@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
+
 # Token ids of GLM-Image (vision_language_encoder/config.json and processor/tokenizer.json).
 VISION_VOCAB_SIZE = 16512  # `<|dit_token_N|>` is token N: 0..16383 VQ codes, 16384 image start, 16385 image end
 TEXT_VOCAB_SIZE = 168064
@@ -324,16 +326,6 @@ _TRANSFORMER_CONFIG = {
     "time_embed_dim": 32,  # 512
 }
 
-# fmt: off
-_LATENTS_MEAN = [
-    -0.2080078125, 1.875, -0.470703125, -1.265625, -1.421875, 0.77734375, -0.3671875, -0.9453125,
-    0.318359375, 0.7734375, -0.1884765625, -0.022216796875, -0.220703125, -1.59375, -0.81640625, -0.255859375,
-]
-_LATENTS_STD = [
-    3.0625, 2.203125, 2.265625, 4.84375, 2.5, 3.9375, 2.203125, 3.03125,
-    2.1875, 2.046875, 2.71875, 2.390625, 2.390625, 2.453125, 2.25, 2.15625,
-]
-# fmt: on
 _VAE_CONFIG = {
     "_class_name": "AutoencoderKL",
     "_diffusers_version": "0.37.0.dev0",
@@ -343,8 +335,8 @@ _VAE_CONFIG = {
     "force_upcast": True,
     "in_channels": 3,
     "latent_channels": 16,
-    "latents_mean": _LATENTS_MEAN,
-    "latents_std": _LATENTS_STD,
+    "latents_mean": list(PUBLISHED_LATENTS_MEAN),
+    "latents_std": list(PUBLISHED_LATENTS_STD),
     "layers_per_block": 3,  # as published: exercises the third resnet the stock converter misses
     "mid_block_add_attention": False,
     "norm_num_groups": 8,  # 32

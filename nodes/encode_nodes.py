@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 import comfy.model_management as mm
-import torch
 from comfy_api.latest import io
 
 from ..glm_image_core import glyph, loading
 from ..glm_image_core.errors import InvalidInputError
 from . import paths
+from .ar_nodes import pick_dtype
 from .types import GlmGlyphEncoder, GlmTokens, GlyphEncoder, ManagedHFModel, VisualTokens
 
 FROM_PROMPT, OVERRIDE = "from prompt quotes", "override"
@@ -38,11 +38,7 @@ class GlyphEncoderLoader(io.ComfyNode):
     def execute(cls, encoder, dtype) -> io.NodeOutput:
         path = paths.resolve(encoder, "text_encoders")
         device = mm.text_encoder_device()
-        if dtype == "auto":
-            dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
-        else:
-            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-        model = loading.load_glyph_encoder(path, dtype=dtype, device="cpu")
+        model = loading.load_glyph_encoder(path, dtype=pick_dtype(dtype, device), device="cpu")
         tokenizer = loading.load_glyph_tokenizer(path if os.path.isdir(path) else None)
         managed = ManagedHFModel.wrap(model, device, mm.text_encoder_offload_device())
         return io.NodeOutput(GlyphEncoder(managed, tokenizer))

@@ -8,15 +8,7 @@ VAEDecode / VAEEncode nodes need no knowledge of the statistics (comfyui-notes Â
 import torch
 from comfy import latent_formats
 
-# `latents_mean` / `latents_std` of the published `vae/config.json` (zai-org/GLM-Image).
-LATENTS_MEAN = (
-    -0.2080078125, 1.875, -0.470703125, -1.265625, -1.421875, 0.77734375, -0.3671875, -0.9453125,
-    0.318359375, 0.7734375, -0.1884765625, -0.022216796875, -0.220703125, -1.59375, -0.81640625, -0.255859375,
-)  # fmt: skip
-LATENTS_STD = (
-    3.0625, 2.203125, 2.265625, 4.84375, 2.5, 3.9375, 2.203125, 3.03125,
-    2.1875, 2.046875, 2.71875, 2.390625, 2.390625, 2.453125, 2.25, 2.15625,
-)  # fmt: skip
+from ..glm_image_core.vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
 
 class GlmImageLatentFormat(latent_formats.LatentFormat):
@@ -33,7 +25,7 @@ class GlmImageLatentFormat(latent_formats.LatentFormat):
     latent_rgb_factors_bias = None
     taesd_decoder_name = None
 
-    def __init__(self, latents_mean=LATENTS_MEAN, latents_std=LATENTS_STD):
+    def __init__(self, latents_mean=PUBLISHED_LATENTS_MEAN, latents_std=PUBLISHED_LATENTS_STD):
         self.latents_mean = torch.tensor(latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.latents_std = torch.tensor(latents_std, dtype=torch.float32).view(1, -1, 1, 1)
 

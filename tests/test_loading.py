@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from glm_image_core.errors import InvalidInputError, ModelFilesError
 from glm_image_core.loading import (
-    VAE_LATENTS_MEAN,
-    VAE_LATENTS_STD,
+    PUBLISHED_LATENTS_MEAN,
+    PUBLISHED_LATENTS_STD,
     infer_transformer_config,
     infer_vae_config,
     load_ar_model,
@@ -195,8 +195,8 @@ def test_single_vae_file_without_metadata_infers_the_config_and_published_statis
     inferred = infer_vae_config({k: tuple(v.shape) for k, v in load_file(file).items()})
     assert inferred["block_out_channels"] == [32, 32, 64, 64] and inferred["layers_per_block"] == 1
     loaded = load_vae(file, dtype=torch.float32)
-    assert loaded.latents_mean.flatten().tolist() == list(VAE_LATENTS_MEAN)
-    assert loaded.latents_std.flatten().tolist() == list(VAE_LATENTS_STD)
+    assert loaded.latents_mean.flatten().tolist() == list(PUBLISHED_LATENTS_MEAN)
+    assert loaded.latents_std.flatten().tolist() == list(PUBLISHED_LATENTS_STD)
     latent = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded.decode(latent), model.decode(latent))
@@ -207,8 +207,8 @@ def test_vae_defaults_for_inference_are_the_published_values():
     if not published_config.is_file():
         pytest.skip("the shared reference configs are not beside this checkout")
     published = json.loads(published_config.read_text())
-    assert list(VAE_LATENTS_MEAN) == published["latents_mean"]
-    assert list(VAE_LATENTS_STD) == published["latents_std"]
+    assert list(PUBLISHED_LATENTS_MEAN) == published["latents_mean"]
+    assert list(PUBLISHED_LATENTS_STD) == published["latents_std"]
     assert published["norm_num_groups"] == 32 and published["scaling_factor"] == 0.18215
 
 
