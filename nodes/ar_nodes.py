@@ -132,7 +132,7 @@ class GenerateTokens(io.ComfyNode):
         live = preview.LivePreview(inputs.geometry, ar_model.preview_palette)
 
         def on_token(step, total, tokens):
-            mm.throw_exception_if_processing_interrupted()  # Stop works within a token
+            mm.throw_exception_if_processing_interrupted()  # Stop lands at the next call: every token, every 16 on CUDA
             image = live.poll(step, tokens)  # a few times a second: the grid so far, shown on the node
             shown = None if image is None else ("JPEG", image, preview.PREVIEW_MAX_SIDE)
             progress.update_absolute(step, total, preview=shown)
