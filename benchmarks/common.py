@@ -2,7 +2,8 @@
 weights built straight on the device, timing, result rows and the markdown table.
 
 Speed does not depend on weight values, so nothing is downloaded: full-size models are built from the published
-configs (``benchmarks/configs/``, copied from zai-org/GLM-Image) on the meta device, materialised on the GPU with
+configs (read from ``GLM_IMAGE_CONFIGS``: a GLM-Image download, or the project's shared reference configs, the
+default) on the meta device, materialised on the GPU with
 ``to_empty`` and filled with random values there. ``--tiny`` builds the same code paths from the tiny model's
 configs (``glm_image_core.tiny``) on the CPU, so CI keeps the scripts working.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -30,7 +32,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+# Where the published configs are read: a GLM-Image folder as downloaded (<component>/config.json) or the project's
+# shared reference folder (<component>__config.json); gpu_prepare.sh copies the latter next to the repo for GPU runs.
+CONFIGS = Path(os.environ.get("GLM_IMAGE_CONFIGS", REPO.parent / "shared" / "reference" / "glm-image-configs"))
+# The Glyph-ByT5 encoder's config is not among the reference configs: ByT5-small's shape (google/byt5-small) with
+# GLM-Image's 384-entry byte vocabulary and d_model 1472 (= the DiT's text_embed_dim).
+GLYPH_ENCODER_CONFIG = {
+    "architectures": ["T5EncoderModel"], "d_ff": 3584, "d_kv": 64, "d_model": 1472, "decoder_start_token_id": 0,
+    "dense_act_fn": "gelu_new", "dropout_rate": 0.1, "eos_token_id": 1, "feed_forward_proj": "gated-gelu",
+    "initializer_factor": 1.0, "is_encoder_decoder": True, "is_gated_act": True, "layer_norm_epsilon": 1e-06,
+    "model_type": "t5", "num_decoder_layers": 4, "num_heads": 6, "num_layers": 12, "pad_token_id": 0,
+    "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32, "tie_word_embeddings": False,
+    "tokenizer_class": "ByT5Tokenizer", "vocab_size": 384,
+}  # fmt: skip
 PROMPT = 'A neon shop sign that reads "OPEN 24 HOURS" above a rainy street at night, photorealistic'
 GiB = 2**30
 
@@ -73,12 +87,27 @@ class Setup:
         """The component's config: published (full size) or the tiny folder's."""
         if self.tiny:
             return json.loads((self.folder / component / "config.json").read_text())
-        return json.loads((CONFIGS / f"{component}.json").read_text())
+        return published_config(component)
 
     def device_name(self) -> str:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
         return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def published_config(component: str) -> dict:
+    """A component's full-size config from CONFIGS (either layout), the glyph encoder's from GLYPH_ENCODER_CONFIG."""
+    if component == "text_encoder":
+        return dict(GLYPH_ENCODER_CONFIG)
+    candidates = [CONFIGS / component / "config.json", CONFIGS / f"{component}__config.json",
+                  CONFIGS / f"{component}__config.RECONSTRUCTED.json"]  # fmt: skip
+    for path in candidates:
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise SystemExit(
+        f"No published config for {component} in {CONFIGS}: set GLM_IMAGE_CONFIGS to a GLM-Image folder as downloaded "
+        "(zai-org/GLM-Image) or to the project's shared/reference/glm-image-configs."
+    )
 
 
 def versions() -> str:

@@ -5,17 +5,20 @@
 #              and no diffusers
 #   .comfyui/  ComfyUI without its git history, node packs and models (~14 MB), from $COMFYUI_PATH (default
 #              /opt/ComfyUI), for the ComfyUI/fp8 rows; skipped if there is none
+#   .configs/  the published GLM-Image configs from the project's shared/reference (not committed to the repo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exclude="$(git rev-parse --git-path info/exclude)"
 mkdir -p "$(dirname "$exclude")"
-for path in /.whl/ /.comfyui/; do
+for path in /.whl/ /.comfyui/ /.configs/; do
     grep -qxF "$path" "$exclude" 2>/dev/null || echo "$path" >> "$exclude"
 done
 
 rm -rf .whl && mkdir .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl transformers==5.23.0 diffusers==0.42.1
+
+rm -rf .configs && cp -r "${GLM_IMAGE_CONFIGS:-../shared/reference/glm-image-configs}" .configs
 
 comfyui="${COMFYUI_PATH:-/opt/ComfyUI}"
 rm -rf .comfyui
@@ -28,4 +31,4 @@ if [ -f "$comfyui/comfy/model_management.py" ]; then
 else
     echo "no ComfyUI at $comfyui: the ComfyUI/fp8 rows will be skipped" >&2
 fi
-du -sh .whl .comfyui 2>/dev/null || true
+du -sh .whl .comfyui .configs 2>/dev/null || true

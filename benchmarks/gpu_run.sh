@@ -10,6 +10,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+[ -d .configs ] && export GLM_IMAGE_CONFIGS="$PWD/.configs"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
 comfy=()
 [ -f .comfyui/comfy/model_management.py ] && comfy=(--comfyui .comfyui)
