@@ -143,12 +143,9 @@ def test_control_tokens_in_the_prompt_are_refused(processor):
 # --- logits and tokens against transformers ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_references", [0, 2])
-def test_step_logits_equal_generate_logits(model, processor, references, num_references):
-    from transformers import DynamicCache, StaticCache
-
-    inputs = ar.build_ar_inputs(processor, "a red 'sign'", 256, 384, references[:num_references])
-    steps = 6
+def greedy_generate_logits(model, inputs, steps):
+    """transformers' greedy generate (non-grid ids suppressed) with its logits: (output, new tokens [1, steps + 1],
+    the prompt ids with the reference images' VQ ids filled in, as our loops feed them)."""
     out = model.generate(
         **generate_kwargs(inputs),
         max_new_tokens=steps + 1,
@@ -157,11 +154,20 @@ def test_step_logits_equal_generate_logits(model, processor, references, num_ref
         output_logits=True,
         return_dict_in_generate=True,
     )
-    new_tokens = out.sequences[:, inputs.input_ids.shape[1] :]  # [1, steps + 1]
     input_ids = inputs.input_ids
-    if num_references:
+    if inputs.reference_grids:
         reference_ids = torch.cat(ar.encode_reference_images(model, inputs))
         input_ids = input_ids.masked_scatter(input_ids == model.config.image_token_id, reference_ids)
+    return out, out.sequences[:, inputs.input_ids.shape[1] :], input_ids
+
+
+@pytest.mark.parametrize("num_references", [0, 2])
+def test_step_logits_equal_generate_logits(model, processor, references, num_references):
+    from transformers import DynamicCache, StaticCache
+
+    inputs = ar.build_ar_inputs(processor, "a red 'sign'", 256, 384, references[:num_references])
+    steps = 6
+    out, new_tokens, input_ids = greedy_generate_logits(model, inputs, steps)
     for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=2000)):
         with torch.inference_mode():
             diffs = [(ar.next_token_logits(model, input_ids, inputs.position_ids, cache) - out.logits[0]).abs().max()]
@@ -372,19 +378,7 @@ def test_fast_decoder_logits_equal_generate_logits(model, processor, references,
     """Prefill and every decode step of our own layer loop against transformers' generate, float32."""
     inputs = ar.build_ar_inputs(processor, "a red 'sign'", 256, 384, references[:num_references])
     steps = 6
-    out = model.generate(
-        **generate_kwargs(inputs),
-        max_new_tokens=steps + 1,
-        do_sample=False,
-        suppress_tokens=NON_GRID_IDS,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    new_tokens = out.sequences[:, inputs.input_ids.shape[1] :]  # [1, steps + 1]
-    input_ids = inputs.input_ids
-    if num_references:
-        reference_ids = torch.cat(ar.encode_reference_images(model, inputs))
-        input_ids = input_ids.masked_scatter(input_ids == model.config.image_token_id, reference_ids)
+    out, new_tokens, input_ids = greedy_generate_logits(model, inputs, steps)
     prompt_length = input_ids.shape[1]
     decoder = fast_ar.FastDecoder(model, batch=1, max_length=prompt_length + steps)
     cos, sin = decoder.rope(inputs.decode_position_ids)
