@@ -11,6 +11,7 @@ comfy_host.require_comfyui()
 
 import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
 
 from glm_image_core.loading import load_transformer, read_state_dict  # noqa: E402
 from glm_image_core.sampling import DitCondition, denoise  # noqa: E402
@@ -79,3 +80,41 @@ def test_fp8_weights_run_and_stay_near_the_float32_model(tiny_model_dir):
         expected = full(x, glyphs, prior.expand(2, -1), drop, t, target, torch.zeros_like(target), mask.bool())
     error = (out.float() - expected).norm() / expected.norm()
     assert torch.isfinite(out).all() and error < 0.2, error
+
+
+@pytest.mark.parametrize("sampler", comfy.samplers.KSampler.SAMPLERS)
+def test_every_stock_sampler_runs(models, sampler):
+    patcher, _ = models
+    _, _, _, positive, negative = make_conds()
+    noise = torch.randn(1, 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(2))
+    out = comfy.sample.sample(
+        patcher, noise, 3, 1.5, sampler, "simple", positive, negative, torch.zeros_like(noise), seed=2
+    )
+    assert out.shape == noise.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("scheduler", comfy.samplers.KSampler.SCHEDULERS)
+def test_every_stock_scheduler_runs(models, scheduler):
+    patcher, _ = models
+    _, _, _, positive, negative = make_conds()
+    noise = torch.randn(1, 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(3))
+    out = comfy.sample.sample(patcher, noise, 3, 1.5, "euler", scheduler, positive, negative, torch.zeros_like(noise))
+    assert out.shape == noise.shape and torch.isfinite(out).all()
+
+
+def test_sampler_custom_advanced_with_the_glm_scheduler_equals_the_reference_at_any_step_count(models):
+    """At 7 steps 'simple' is not the reference grid (it truncates differently); the GLM-Image Scheduler's sigmas
+    through SamplerCustomAdvanced's machinery (CFGGuider + KSAMPLER euler) are."""
+    patcher, core_dit = models
+    glyph, empty, prior, positive, negative = make_conds()
+    noise = torch.randn(1, 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(4))
+    sigmas, timesteps = glm_schedule(7, HEIGHT, WIDTH)
+    guider = comfy.samplers.CFGGuider(patcher)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(1.5)
+    out = guider.sample(noise, torch.zeros_like(noise), comfy.samplers.sampler_object("euler"), sigmas, seed=4)
+    expected = denoise(
+        core_dit, noise, sigmas, timesteps, DitCondition(glyph, prior), DitCondition(empty, prior, drop_prior=True), 1.5
+    )
+    diff = (out - patcher.model.process_latent_out(expected)).abs().max()  # the guider returns raw VAE latents
+    assert diff <= 5e-5, diff
