@@ -318,7 +318,7 @@ class GlmImageTransformer2DModel(nn.Module):
             sigma: feeding the shifted value gives colour drift).
         target_size, crop_coords: [B, 2] (height, width) and (top, left) in pixels.
         encoder_attention_mask: bool [B, T], True for real glyph tokens; padded ones are never attended to. Right-padded
-            rows (``sampling.pad_glyphs``) are attended without a mask, run by run of equal length.
+            rows (``glyph.pad_glyphs``) are attended without a mask, run by run of equal length.
         reference_kv: reference-image keys/values to attend to (conditional branch of editing).
         collect_kv: if given, each layer appends its (k, v) here (how `encode_reference` records them).
         attention: overrides the model's attention function for this call (a host passes per-call options this way).

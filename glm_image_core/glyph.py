@@ -2,7 +2,7 @@
 
 Reproduces diffusers' ``GlmImagePipeline.get_glyph_texts`` and ``_get_glyph_embeds`` exactly, odd parts included,
 so the DiT sees the same text stream it was trained with. The one deliberate difference is the batch form:
-``encode_glyphs_batch`` also returns a boolean key mask, because the reference's float mask masks nothing
+``encode_glyphs_batch`` right-pads and returns a boolean key mask, because the reference's float mask masks nothing
 (diffusers issue 13587).
 """
 
@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .errors import InvalidInputError
 
@@ -86,25 +87,27 @@ def encode_glyphs(
     return hidden[attention_mask.bool()].unsqueeze(0)  # [1, T, C]
 
 
+def pad_glyphs(glyphs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad [B_i, T_i, C] glyph batches to one [sum B_i, max T, C] tensor and its bool mask (True = real).
+    Padded positions are masked out of attention, never filled by repeating tokens (that would change joint
+    self-attention); right-padded rows let the DiT attend without a mask (see dit.padded_text_groups)."""
+    length = max(g.shape[1] for g in glyphs)
+    padded = torch.cat([F.pad(g, (0, 0, 0, length - g.shape[1])) for g in glyphs])
+    mask = torch.cat([torch.arange(length, device=g.device)[None].expand(g.shape[0], -1) < g.shape[1] for g in glyphs])
+    return padded, mask
+
+
 def encode_glyphs_batch(
     prompts_or_texts: Sequence[str | Sequence[str]], text_encoder, tokenizer, max_length: int = GLYPH_MAX_LENGTH
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Glyph embeddings of several prompts, padded to one length: ``(embeds [B, Tmax, C], mask [B, Tmax])``.
 
-    Each item is a prompt string or an override list of glyph strings (see ``encode_glyphs``). ``mask`` is bool,
-    True on real tokens. Rows are LEFT-padded with zeros, which makes ``embeds`` identical to the reference's
-    ``_get_glyph_embeds`` for a batch of prompts; with a real key mask in the DiT the padding side does not change
-    the result (text tokens carry no position embedding), so the choice only keeps that identity.
+    Each item is a prompt string or an override list of glyph strings (see ``encode_glyphs``). Rows are
+    right-padded with zeros (``pad_glyphs``); the reference left-pads and adds a float "mask" that masks nothing
+    (diffusers issue 13587). Text tokens carry no position embedding, so with a real mask the side does not matter.
     """
     if isinstance(prompts_or_texts, str):
         prompts_or_texts = [prompts_or_texts]
     if len(prompts_or_texts) == 0:
         raise InvalidInputError('encode_glyphs_batch got no prompts; pass a list with at least one prompt (or "").')
-    embeds = [encode_glyphs(item, text_encoder, tokenizer, max_length)[0] for item in prompts_or_texts]  # [T_i, C]
-    width = max(e.shape[0] for e in embeds)
-    out = embeds[0].new_zeros(len(embeds), width, embeds[0].shape[1])  # [B, Tmax, C]
-    mask = torch.zeros(len(embeds), width, dtype=torch.bool, device=out.device)  # [B, Tmax]
-    for i, e in enumerate(embeds):
-        out[i, width - e.shape[0] :] = e
-        mask[i, width - e.shape[0] :] = True
-    return out, mask
+    return pad_glyphs([encode_glyphs(item, text_encoder, tokenizer, max_length) for item in prompts_or_texts])

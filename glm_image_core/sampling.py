@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .dit import GlmImageTransformer2DModel, ReferenceKV
+from .glyph import pad_glyphs
 
 
 @dataclass
@@ -26,15 +27,6 @@ class DitCondition:
     drop_prior: bool | torch.Tensor = False
     glyph_mask: torch.Tensor | None = None
     reference_kv: ReferenceKV | None = None
-
-
-def pad_glyphs(glyphs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad [B_i, T_i, C] glyph batches to one [sum B_i, max T, C] tensor and its bool mask. Padded positions are
-    masked out of attention (never repeated: repeating tokens changes joint self-attention)."""
-    length = max(g.shape[1] for g in glyphs)
-    padded = torch.cat([F.pad(g, (0, 0, 0, length - g.shape[1])) for g in glyphs])
-    mask = torch.cat([torch.arange(length, device=g.device)[None].expand(g.shape[0], -1) < g.shape[1] for g in glyphs])
-    return padded, mask
 
 
 def stack_conditions(conditions: list[DitCondition], batch: int) -> DitCondition:

@@ -27,7 +27,7 @@ from comfy.ldm.modules.attention import optimized_attention_masked
 
 from ..glm_image_core.dit import GlmImageTransformer2DModel, ReferenceKV
 from ..glm_image_core.errors import InvalidInputError
-from ..glm_image_core.sampling import pad_glyphs
+from ..glm_image_core.glyph import pad_glyphs
 from ..glm_image_core.schedule import compute_mu
 from .latent_format import GlmImageLatentFormat
 
