@@ -22,3 +22,19 @@ def tiny_model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny") / "GLM-Image"
     write_tiny_model(root, seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def core_models(tiny_model_dir):
+    """Every component of the tiny folder through our loaders (glm_image_core.pipeline.load_models), fp32."""
+    from glm_image_core.pipeline import load_models
+
+    return load_models(tiny_model_dir, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline(tiny_model_dir):
+    """diffusers' GlmImagePipeline on the same tiny folder, fp32: the reference implementation."""
+    from diffusers import GlmImagePipeline
+
+    return GlmImagePipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)

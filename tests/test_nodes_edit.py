@@ -33,7 +33,7 @@ from diffusers.pipelines.glm_image.pipeline_glm_image import (  # noqa: E402
 
 import nodes  # noqa: E402
 from glm_image_core import ar  # noqa: E402
-from glm_image_core.pipeline import generate, initial_noise, load_models  # noqa: E402
+from glm_image_core.pipeline import generate, initial_noise  # noqa: E402
 
 HEIGHT, WIDTH, STEPS, GUIDANCE, SEED = 512, 512, 4, 1.5, 5
 PROMPT = "Make the sky 'blue' and add a sign that reads \u201cOPEN\u201d"
@@ -79,16 +79,6 @@ def comfy_edit(tiny_model_dir, tmp_path_factory):
     yield inputs
     del nodes.NODE_CLASS_MAPPINGS["GLMImageTestCapture"]
     folder_paths.set_input_directory(input_dir)
-
-
-@pytest.fixture(scope="module")
-def core_models(tiny_model_dir):
-    return load_models(tiny_model_dir, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def reference_pipeline(tiny_model_dir):
-    return GlmImagePipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
 
 
 def edit_graph(reference_files: list[str], key: str) -> dict:
