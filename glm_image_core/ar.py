@@ -298,6 +298,7 @@ def generate_prior_tokens(
     fast: bool | None = None,
     callback_every: int = 16,
     compile_decoder: bool = False,
+    cuda_graph: bool | None = None,
 ) -> ARResult:
     """Sample ``len(generators)`` token grids for one prompt, decoded together as a batch.
 
@@ -319,6 +320,8 @@ def generate_prior_tokens(
     True forces it on any device (it falls back to the transformers loop, with a warning, if the model is not
     supported); False = the transformers loop (``static_cache`` chooses its cache). compile_decoder: let
     ``torch.compile`` fuse the fast decoder's small kernels (faster per token; the first call compiles for a while).
+    cuda_graph: None = the fast decoder replays each token as a CUDA graph on CUDA; False = never (a host's switch,
+    e.g. ComfyUI's --disable-cuda-graphs).
     """
     from transformers import DynamicCache, StaticCache
 
@@ -360,6 +363,7 @@ def generate_prior_tokens(
         tokens = fast_ar.decode(
             model, input_ids, position_ids, decode_position_ids, uniforms, pick,
             rows=NUM_VQ_CODES, callback=callback, callback_every=callback_every, compile=compile_decoder,
+            cuda_graph=cuda_graph,
         )  # fmt: skip
         return _result(tokens, geometry, inputs, reference_ids)
 

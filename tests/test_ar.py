@@ -1,7 +1,10 @@
 """The AR stage (glm_image_core.ar) against transformers' GlmImageProcessor / GlmImageForConditionalGeneration."""
 
+import contextlib
 import copy
+import logging
 import os
+import types
 
 import numpy as np
 import PIL.Image
@@ -527,3 +530,84 @@ def test_compiled_fast_decoder_samples_the_same_tokens(peaked_model, t2i_inputs)
     eager = ar.generate_prior_tokens(peaked_model, t2i_inputs, seeded(6), fast=True)
     compiled = ar.generate_prior_tokens(peaked_model, t2i_inputs, seeded(6), fast=True, compile_decoder=True)
     assert torch.equal(eager.target_ids, compiled.target_ids)
+
+
+# --- the CUDA graph runner, with torch.cuda replaced by stand-ins (no GPU here) ---------------------------------------
+
+
+class FakeGraph:
+    def __init__(self):
+        self.replays, self.resets = 0, 0
+
+    def replay(self):
+        self.replays += 1
+
+    def reset(self):
+        self.resets += 1
+
+
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda as the graph runner uses it; `capture_error` makes the capture fail with that exception."""
+    state = dict(synchronized=0, graphs=[], capture_error=None)
+
+    @contextlib.contextmanager
+    def graph(g, capture_error_mode=None):
+        if state["capture_error"] is not None:
+            raise state["capture_error"]
+        yield
+
+    def new_graph():
+        state["graphs"].append(FakeGraph())
+        return state["graphs"][-1]
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
+    monkeypatch.setattr(
+        torch.cuda, "synchronize", lambda device=None: state.update(synchronized=state["synchronized"] + 1)
+    )
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    fast_ar._warn_once.cache_clear()
+    return state
+
+
+class CountingLoop:
+    decoder = types.SimpleNamespace(device=torch.device("cuda", 0))
+
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+
+
+def test_graph_runner_captures_the_third_step_after_a_synchronize_and_releases_the_graph(fake_cuda):
+    loop = CountingLoop()
+    runner = fast_ar._GraphRunner(loop)
+    for _ in range(5):
+        runner()
+    (graph,) = fake_cuda["graphs"]
+    assert loop.steps == 3  # two warm-up steps run, the third is recorded (the stand-in runs it once)
+    assert graph.replays == 3 and fake_cuda["synchronized"] == 1
+    runner.release()
+    assert graph.resets == 1 and runner.graph is None
+
+
+def test_a_failed_capture_decodes_eagerly_and_warns_once_with_the_reason(fake_cuda, caplog):
+    fake_cuda["capture_error"] = ValueError("operation not permitted when stream is capturing")
+    for _ in range(2):  # two generations
+        loop = CountingLoop()
+        runner = fast_ar._GraphRunner(loop)
+        with caplog.at_level(logging.WARNING):
+            for _ in range(5):
+                runner()
+        assert loop.steps == 5 and runner.graph is None
+    warnings = [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()]
+    assert len(warnings) == 1 and "ValueError: operation not permitted" in warnings[0]
