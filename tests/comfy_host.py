@@ -2,8 +2,9 @@
 ComfyUI does, and run API-format prompts in-process or against a `main.py --cpu` server.
 
 Host tests start with `comfy_host.require_comfyui()`, which skips the module when ComfyUI is absent (set
-COMFYUI_PATH to a ComfyUI checkout; default /opt/ComfyUI). One pytest process tests one ComfyUI: `tests/run_hosts.py`
-runs the host tests once per checkout and setting. GLM_IMAGE_DYNAMIC_VRAM=1 switches on ComfyUI's dynamic VRAM
+COMFYUI_PATH to a ComfyUI checkout; default /opt/ComfyUI). One pytest process tests one ComfyUI: `.ci/run` runs
+`pytest -m host` once per checkout and setting, each in an environment with that ComfyUI's requirements.
+GLM_IMAGE_DYNAMIC_VRAM=1 switches on ComfyUI's dynamic VRAM
 (`comfy.memory_management.aimdo_enabled`, on by default on NVIDIA GPUs since March 2026) in this process and in the
 servers it starts. Everything here is internal ComfyUI API of 0.3.64 to 0.33; keep it in this file.
 """

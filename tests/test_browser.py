@@ -40,7 +40,11 @@ def missing_tools() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=f"browser test: {missing_tools()}")
+pytestmark = [
+    pytest.mark.skipif(missing_tools() is not None, reason=f"browser test: {missing_tools()}"),
+    pytest.mark.host,
+    pytest.mark.browser,
+]
 
 
 @pytest.fixture(scope="module")

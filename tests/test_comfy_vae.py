@@ -10,6 +10,7 @@ import torch
 from tests import comfy_host
 
 comfy_host.require_comfyui()
+pytestmark = pytest.mark.host
 
 import comfy.cli_args  # noqa: E402
 import comfy.ldm.models.autoencoder  # noqa: E402

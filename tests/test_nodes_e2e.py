@@ -12,6 +12,7 @@ from PIL import Image
 from tests import comfy_host
 
 comfy_host.require_comfyui()
+pytestmark = pytest.mark.host
 
 import folder_paths  # noqa: E402
 from diffusers import GlmImagePipeline  # noqa: E402

@@ -153,6 +153,7 @@ def test_size_problems_are_those_of_check_image_size():
         assert (problem is not None) == refused, (h, w, problem)
 
 
+@pytest.mark.host
 def test_override_lines_equal_the_encode_nodes_rule():
     from tests import comfy_host
 

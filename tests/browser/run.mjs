@@ -73,12 +73,12 @@ try {
   );
   log("front end loaded", { version: await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null) });
 
-  // --- the template, through the menu: Browse Templates -> <pack> -> <template> ---------------------------------
+  // --- the template, through the template browser: Browse Templates -> <pack> -> <template> ---------------------
+  // Opened by its command, which the menu entry runs: the menu itself moved between front ends 1.27 and 1.49.
   await retry("open template", async () => {
     await page.keyboard.press("Escape");
-    await page.locator(".comfyui-logo-wrapper").click();
-    await page.getByRole("menuitem", { name: "Browse Templates" }).click();
-    const dialog = page.locator(".p-dialog").filter({ hasText: opts.pack });
+    await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
+    const dialog = page.getByRole("dialog").filter({ hasText: opts.pack });
     await dialog.getByText(opts.pack, { exact: true }).click();
     await dialog.getByText(opts.template, { exact: true }).first().click();
     await page.waitForFunction((type) => window.app.graph.nodes.some((n) => n.comfyClass === type), TOKENS, {
@@ -125,6 +125,17 @@ try {
   log("panel", { text: seen.initial.text });
 
   // --- live updates: type into the prompt, use the width arrows ---------------------------------------------------
+  const centerOn = (nodeId) =>
+    page.evaluate((nodeId) => {
+      const app = window.app;
+      const node = app.graph.getNodeById(nodeId);
+      app.canvas.ds.scale = 1;
+      app.canvas.centerOnNode(node);
+      app.canvas.setDirty(true, true);
+    }, nodeId);
+  // At full scale: zoomed out, front end 1.49 draws nodes without their widgets (the prompt textarea is hidden).
+  await centerOn(ids.tokens);
+  await page.waitForTimeout(300);
   const textarea = await page.evaluateHandle(
     (nodeId) => window.app.graph.getNodeById(nodeId).widgets.find((w) => w.name === "prompt").inputEl,
     ids.tokens,
@@ -171,14 +182,6 @@ try {
       app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], { zoom: 0.95 });
       app.canvas.setDirty(true, true);
     });
-  const centerOn = (nodeId) =>
-    page.evaluate((nodeId) => {
-      const app = window.app;
-      const node = app.graph.getNodeById(nodeId);
-      app.canvas.ds.scale = 1;
-      app.canvas.centerOnNode(node);
-      app.canvas.setDirty(true, true);
-    }, nodeId);
   await centerOn(ids.tokens);
   await page.waitForTimeout(300);
   const width0 = seen.afterRestore.width;
