@@ -222,7 +222,17 @@ class SaveTokens(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        try:
+            if filename_prefix is not None:
+                paths.check_output_prefix(filename_prefix)
+        except InvalidInputError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, tokens, filename_prefix) -> io.NodeOutput:
+        paths.check_output_prefix(filename_prefix)
         out_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
         file = f"{name}_{counter:05}_{paths.TOKENS_EXTENSION}"

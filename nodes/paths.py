@@ -152,6 +152,18 @@ def resolve(files: ModelFiles | TokenFiles, choice: str) -> str:
     raise InvalidInputError(f"{choice!r} ({files.describe()}) was removed after the list was made; refresh (press R).")
 
 
+def check_output_prefix(prefix: str) -> None:
+    """InvalidInputError unless files saved under `prefix` land inside the output folder (symlinks followed; ComfyUI
+    itself checks the path without following them, and only when saving)."""
+    output = os.path.realpath(folder_paths.get_output_directory())
+    target = os.path.realpath(os.path.join(output, os.path.dirname(os.path.normpath(prefix))))
+    if not is_inside(target, output):
+        raise InvalidInputError(
+            f"filename_prefix {prefix!r} would save to {target}, outside the output folder {output}; use a path "
+            "inside it, such as glm_tokens/tokens."
+        )
+
+
 def validate(files: ModelFiles | TokenFiles, choice: str | None) -> bool | str:
     """For validate_inputs: True, or what is wrong with the choice (also what the files' cheap checks find, e.g. a
     missing or truncated shard). A linked value (None here) is resolved when the node runs."""

@@ -232,6 +232,20 @@ def test_every_listed_choice_resolves_inside_its_folders_or_is_refused(layout):
                 assert "leads to" in str(e), e
 
 
+@pytest.mark.parametrize("template", ["../outside/tokens", "{abs}/tokens", "{up}/tokens", "escape/tokens"])
+def test_a_save_prefix_that_leaves_the_output_folder_is_refused_at_queue_time(layout, template):
+    (layout / "output" / "escape").symlink_to(layout / "outside", target_is_directory=True)
+    prompt = {
+        "1": {"class_type": "GLMImageLoadTokens", "inputs": {"tokens_file": "glm_tokens/saved.glm_tokens [output]"}},
+        "2": {"class_type": "GLMImageSaveTokens", "inputs": {"tokens": ["1", 0], "filename_prefix": traversal(template, layout / "outside")}},
+    }  # fmt: skip
+    try:
+        (error,) = validation_errors(comfy_host.run_prompt(prompt), node="2")
+    finally:
+        (layout / "output" / "escape").unlink()
+    assert f"would save to {layout / 'outside'}" in error and "outside the output folder" in error
+
+
 # --- model files are checked at queue time --------------------------------------------------------------------------
 
 
