@@ -725,6 +725,17 @@ def load_ar_processor(folder: str | Path):
     ``processor/``."""
     from transformers import GlmImageProcessor
 
+    location = _processor_folder(folder)
+    try:
+        return GlmImageProcessor.from_pretrained(location, local_files_only=True)
+    except Exception as e:  # transformers raises many types for unreadable tokenizer files
+        raise ModelFilesError(
+            f"{location.name}/ could not be loaded as a GlmImageProcessor ({type(e).__name__}: {e}); {REDOWNLOAD}."
+        ) from e
+
+
+def _processor_folder(folder: str | Path) -> Path:
+    """The processor folder of a root (or the folder itself), after checking that the files it needs are there."""
     folder = Path(folder)
     location = folder / "processor" if (folder / "processor").is_dir() else folder
     if (folder / "model_index.json").is_file() and location == folder:
@@ -738,12 +749,7 @@ def load_ar_processor(folder: str | Path):
             f"{location.name}/{missing[0]} is missing; the GLM-Image processor needs {', '.join(required)} and "
             f"preprocessor_config.json. Download the processor/ folder of zai-org/GLM-Image into {location}."
         )
-    try:
-        return GlmImageProcessor.from_pretrained(location, local_files_only=True)
-    except Exception as e:  # transformers raises many types for unreadable tokenizer files
-        raise ModelFilesError(
-            f"{location.name}/ could not be loaded as a GlmImageProcessor ({type(e).__name__}: {e}); {REDOWNLOAD}."
-        ) from e
+    return location
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -753,11 +759,14 @@ def load_ar_processor(folder: str | Path):
 def check_files(path: str | Path, component: Component) -> None:
     """Raise ModelFilesError unless ``path`` passes every check that reads no tensor data: the folder or file exists,
     the index's shards are all present, every safetensors header reads and covers its file, the weights are this
-    component's and its config is of the right class. It reads headers and config.json only (milliseconds, also for
-    the 9B AR), so a host can run it when a job is queued; the loaders repeat it before reading the weights, and then
-    check the tensor shapes against the model the config builds."""
+    component's and its config is of the right class (for the AR model given a GLM-Image root, also that the
+    processor's files are there). It reads headers and configs only (milliseconds, also for the 9B AR), so a host can
+    run it when a job is queued; the loaders repeat it before reading the weights, and then check the tensor shapes
+    against the model the config builds."""
     if component is AR_MODEL:
         open_component(_ar_model_folder(path), AR_MODEL, None)
+        if (Path(path) / "model_index.json").is_file():  # a root: the AR loads with the processor beside it
+            _processor_folder(path)
         return
     infer_config = {
         TRANSFORMER: infer_transformer_config,

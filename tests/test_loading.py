@@ -526,3 +526,10 @@ def test_check_files_refuses_a_single_file_for_the_ar_model(tiny_model_dir):
             tiny_model_dir / "vision_language_encoder" / SINGLE_FILE["vision_language_encoder"],
             COMPONENT["vision_language_encoder"],
         )
+
+
+def test_check_files_names_a_missing_processor_file_beside_the_ar_model(tiny_model_dir, tmp_path):
+    root = copy_tiny(tiny_model_dir, tmp_path, "vision_language_encoder", "processor")
+    (root / "processor" / "tokenizer.json").unlink()
+    with pytest.raises(ModelFilesError, match=r"processor/tokenizer.json is missing"):
+        check_files(root, COMPONENT["vision_language_encoder"])
