@@ -187,6 +187,17 @@ def test_a_value_that_climbs_out_is_refused_at_queue_time_and_opens_nothing(layo
     assert watch.opened() == []
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="OpenWatch uses inotify")
+@pytest.mark.parametrize("node_id", LOADERS)
+def test_a_node_run_without_validation_refuses_the_value_too(layout, watch, node_id):
+    """What a linked value (unknown when the prompt is queued) goes through: the node resolves it again."""
+    name, others = LOADERS[node_id]
+    value = traversal(TRAVERSALS[node_id][2], layout / "outside")
+    with pytest.raises(InvalidInputError, match="is not one of the choices for"):
+        comfy_host.load_pack()[node_id].execute(**{name: value}, **others)
+    assert watch.opened() == []
+
+
 def test_the_error_for_an_unknown_choice_says_where_the_choices_come_from(layout):
     (error,) = validation_errors(comfy_host.run_prompt(loader_prompt("GLMImageDiTLoader", "GLM-Imag")))
     assert "'GLM-Imag' is not one of the choices for the DiT (GlmImageTransformer2DModel)" in error
