@@ -671,6 +671,16 @@ def load_glyph_tokenizer(path: str | Path | None = None):
 # AR model and processor (transformers)
 
 
+def _ar_model_folder(folder: str | Path) -> Path:
+    location = component_location(folder, AR_MODEL)
+    if location.is_file():
+        raise ModelFilesError(
+            f"{display_name(location)}: {AR_MODEL.label} loads from its folder (vision_language_encoder/ with "
+            "config.json and the shards), not from a single file."
+        )
+    return location
+
+
 def load_ar_model(folder: str | Path, dtype: torch.dtype | None = torch.bfloat16, device: torch.device | str = "cpu"):
     """The AR model (``transformers.GlmImageForConditionalGeneration``) from the root or ``vision_language_encoder/``.
 
@@ -680,12 +690,7 @@ def load_ar_model(folder: str | Path, dtype: torch.dtype | None = torch.bfloat16
     """
     from transformers import GlmImageForConditionalGeneration
 
-    location = component_location(folder, AR_MODEL)
-    if location.is_file():
-        raise ModelFilesError(
-            f"{display_name(location)}: {AR_MODEL.label} loads from its folder (vision_language_encoder/ with "
-            "config.json and the shards), not from a single file."
-        )
+    location = _ar_model_folder(folder)
     files = open_component(location, AR_MODEL, None)
     try:
         # ignore_mismatched_sizes: transformers then reports shape mismatches instead of raising a bare RuntimeError
@@ -720,6 +725,17 @@ def load_ar_processor(folder: str | Path):
     ``processor/``."""
     from transformers import GlmImageProcessor
 
+    location = _processor_folder(folder)
+    try:
+        return GlmImageProcessor.from_pretrained(location, local_files_only=True)
+    except Exception as e:  # transformers raises many types for unreadable tokenizer files
+        raise ModelFilesError(
+            f"{location.name}/ could not be loaded as a GlmImageProcessor ({type(e).__name__}: {e}); {REDOWNLOAD}."
+        ) from e
+
+
+def _processor_folder(folder: str | Path) -> Path:
+    """The processor folder of a root (or the folder itself), after checking that the files it needs are there."""
     folder = Path(folder)
     location = folder / "processor" if (folder / "processor").is_dir() else folder
     if (folder / "model_index.json").is_file() and location == folder:
@@ -733,12 +749,31 @@ def load_ar_processor(folder: str | Path):
             f"{location.name}/{missing[0]} is missing; the GLM-Image processor needs {', '.join(required)} and "
             f"preprocessor_config.json. Download the processor/ folder of zai-org/GLM-Image into {location}."
         )
-    try:
-        return GlmImageProcessor.from_pretrained(location, local_files_only=True)
-    except Exception as e:  # transformers raises many types for unreadable tokenizer files
-        raise ModelFilesError(
-            f"{location.name}/ could not be loaded as a GlmImageProcessor ({type(e).__name__}: {e}); {REDOWNLOAD}."
-        ) from e
+    return location
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The checks that read no weights
+
+
+def check_files(path: str | Path, component: Component) -> None:
+    """Raise ModelFilesError unless ``path`` passes every check that reads no tensor data: the folder or file exists,
+    the index's shards are all present, every safetensors header reads and covers its file, the weights are this
+    component's and its config is of the right class (for the AR model given a GLM-Image root, also that the
+    processor's files are there). It reads headers and configs only (milliseconds, also for the 9B AR), so a host can
+    run it when a job is queued; the loaders repeat it before reading the weights, and then check the tensor shapes
+    against the model the config builds."""
+    if component is AR_MODEL:
+        open_component(_ar_model_folder(path), AR_MODEL, None)
+        if (Path(path) / "model_index.json").is_file():  # a root: the AR loads with the processor beside it
+            _processor_folder(path)
+        return
+    infer_config = {
+        TRANSFORMER: infer_transformer_config,
+        VAE: infer_vae_config,
+        TEXT_ENCODER: infer_text_encoder_config,
+    }[component]
+    open_component(path, component, infer_config)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..glm_image_core import ar, loading, preview
+from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
 from ..glm_image_core.sizes import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, check_image_size
 from . import paths
@@ -23,7 +24,6 @@ from .dit_nodes import validate_size
 from .types import ARModel, GlmARModel, GlmTokens, ManagedHFModel, Reference, VisualTokens
 
 MAX_REFERENCE_INPUTS = 4
-TOKENS_EXTENSION = ".glm_tokens"  # a safetensors file with the grids and their prompt, size and seed
 
 
 def devices() -> list[str]:
@@ -46,7 +46,7 @@ class ARModelLoader(io.ComfyNode):
             description="The 9B autoregressive model that writes the visual token grid, with its processor.",
             inputs=[
                 io.Combo.Input(
-                    "model_folder", options=paths.model_folders("vision_language_encoder"),
+                    "model_folder", options=paths.AR_MODEL.options(),
                     tooltip="A GLM-Image folder as downloaded, under models/glm_image.",
                 ),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp32"], tooltip="auto: bf16 where supported."),
@@ -55,12 +55,16 @@ class ARModelLoader(io.ComfyNode):
                     tooltip="Where the AR runs: 'default' is ComfyUI's GPU; pick another GPU to keep the DiT's free.",
                 ),
             ],
-            outputs=[GlmARModel.Output(display_name="ar_model")],
+            outputs=[GlmARModel.Output(display_name="ar_model", tooltip="The AR model and its processor, for Generate Visual Tokens.")],
         )  # fmt: skip
 
     @classmethod
+    def validate_inputs(cls, model_folder=None):
+        return paths.validate(paths.AR_MODEL, model_folder)
+
+    @classmethod
     def execute(cls, model_folder, dtype, device) -> io.NodeOutput:
-        folder = paths.resolve(model_folder)
+        folder = paths.resolve(paths.AR_MODEL, model_folder)
         load_device = mm.get_torch_device() if device == "default" else torch.device(device)
         model = loading.load_ar_model(folder, dtype=pick_dtype(dtype, load_device), device="cpu")
         managed = ManagedHFModel.wrap(model, load_device, mm.unet_offload_device())
@@ -91,7 +95,7 @@ class GenerateTokens(io.ComfyNode):
             description="Runs the AR model: the prompt (and reference images) become the grid of visual tokens the "
             "DiT paints from. Re-runs only when its own inputs change.",
             inputs=[
-                GlmARModel.Input("ar_model"),
+                GlmARModel.Input("ar_model", tooltip="From Load GLM-Image AR Model."),
                 io.String.Input(
                     "prompt", multiline=True, dynamic_prompts=True,
                     tooltip="Text in quotes ('...', \"...\", “...”, 「...」) is rendered as glyphs; as in the reference, an "
@@ -109,7 +113,13 @@ class GenerateTokens(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Token grids to sample from this prompt."),
                 *references,
             ],
-            outputs=[GlmTokens.Output(display_name="tokens")],
+            outputs=[
+                GlmTokens.Output(
+                    display_name="tokens",
+                    tooltip="The visual token grid(s) with their prompt, size, seed and references: for Encode, the "
+                    "latent, ModelSampling and Save Visual Tokens.",
+                )
+            ],
         )  # fmt: skip
 
     @classmethod
@@ -174,7 +184,7 @@ def tokens_from_file(path: str) -> VisualTokens:
             info = json.loads((f.metadata() or {})["glm_image_tokens"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types; any failure means the same here
-        raise ValueError(f"{os.path.basename(path)} is not a GLM-Image tokens file ({e}).") from e
+        raise InvalidInputError(f"{os.path.basename(path)} is not a GLM-Image tokens file ({e}).") from e
     references = [
         Reference(tensors[f"reference.{i}.pixels"], tensors[f"reference.{i}.prior_token_ids"])
         for i in range(info["references"])
@@ -185,7 +195,7 @@ def tokens_from_file(path: str) -> VisualTokens:
     )  # fmt: skip
     check_image_size(tokens.height, tokens.width)
     if tokens.prior_token_ids.shape[1] != (tokens.height // 16) * (tokens.width // 16):
-        raise ValueError(
+        raise InvalidInputError(
             f"{os.path.basename(path)} is damaged: its grid does not match {tokens.width}x{tokens.height}."
         )
     return tokens
@@ -198,9 +208,9 @@ class SaveTokens(io.ComfyNode):
             node_id="GLMImageSaveTokens",
             display_name="GLM-Image Save Visual Tokens",
             category="GLM-Image",
-            description=f"Writes the token grids (with prompt, size and seed) to output/glm_tokens/*{TOKENS_EXTENSION}.",
+            description=f"Writes the token grids (with prompt, size and seed) to output/glm_tokens/*{paths.TOKENS_EXTENSION}.",
             inputs=[
-                GlmTokens.Input("tokens"),
+                GlmTokens.Input("tokens", tooltip="From Generate Visual Tokens."),
                 io.String.Input(
                     "filename_prefix",
                     default="glm_tokens/tokens",
@@ -212,27 +222,22 @@ class SaveTokens(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        try:
+            if filename_prefix is not None:
+                paths.check_output_prefix(filename_prefix)
+        except InvalidInputError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, tokens, filename_prefix) -> io.NodeOutput:
+        paths.check_output_prefix(filename_prefix)
         out_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-        file = f"{name}_{counter:05}_{TOKENS_EXTENSION}"
+        file = f"{name}_{counter:05}_{paths.TOKENS_EXTENSION}"
         tokens_to_file(tokens, os.path.join(folder, file))
         return io.NodeOutput(ui=ui.PreviewText(f"saved {os.path.join(subfolder, file)}"))
-
-
-def token_files() -> list[str]:
-    """Token files directly in input/ and, annotated as ComfyUI names output files, in output/glm_tokens/ (where
-    Save Visual Tokens writes). Only these two folders are listed: this runs whenever the node list is served."""
-    found = []
-    input_dir, output_dir = folder_paths.get_input_directory(), folder_paths.get_output_directory()
-    for base, folder, suffix in (
-        (input_dir, input_dir, ""),
-        (output_dir, os.path.join(output_dir, "glm_tokens"), " [output]"),
-    ):
-        if os.path.isdir(folder):
-            found += [os.path.relpath(os.path.join(folder, f), base).replace(os.sep, "/") + suffix
-                      for f in os.listdir(folder) if f.endswith(TOKENS_EXTENSION)]  # fmt: skip
-    return sorted(found)
 
 
 class LoadTokens(io.ComfyNode):
@@ -243,20 +248,34 @@ class LoadTokens(io.ComfyNode):
             display_name="GLM-Image Load Visual Tokens",
             category="GLM-Image",
             description="Reads token grids written by 'GLM-Image Save Visual Tokens' (no AR run needed).",
-            inputs=[io.Combo.Input("tokens_file", options=token_files(), tooltip="From input/ or output/.")],
+            inputs=[
+                io.Combo.Input(
+                    "tokens_file",
+                    options=paths.TOKENS.options(),
+                    tooltip="A *.glm_tokens file directly in input/ or in output/glm_tokens/.",
+                )
+            ],
             outputs=[
-                GlmTokens.Output(display_name="tokens"),
-                io.Int.Output(display_name="width"),
-                io.Int.Output(display_name="height"),
+                GlmTokens.Output(
+                    display_name="tokens", tooltip="The saved token grids, as Generate Visual Tokens made them."
+                ),
+                io.Int.Output(display_name="width", tooltip="The image width the tokens were made for."),
+                io.Int.Output(display_name="height", tooltip="The image height the tokens were made for."),
             ],  # fmt: skip
         )
 
     @classmethod
+    def validate_inputs(cls, tokens_file=None):
+        return paths.validate(paths.TOKENS, tokens_file)
+
+    @classmethod
     def fingerprint_inputs(cls, tokens_file):
-        path = folder_paths.get_annotated_filepath(tokens_file)
-        return os.path.getmtime(path) if os.path.exists(path) else tokens_file
+        try:
+            return os.path.getmtime(paths.resolve(paths.TOKENS, tokens_file))
+        except InvalidInputError:
+            return tokens_file  # execute reports it
 
     @classmethod
     def execute(cls, tokens_file) -> io.NodeOutput:
-        tokens = tokens_from_file(folder_paths.get_annotated_filepath(tokens_file))
+        tokens = tokens_from_file(paths.resolve(paths.TOKENS, tokens_file))
         return io.NodeOutput(tokens, tokens.width, tokens.height)

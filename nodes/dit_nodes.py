@@ -59,7 +59,7 @@ class DiTLoader(io.ComfyNode):
             "SamplerCustomAdvanced (use euler + simple for the reference schedule).",
             inputs=[
                 io.Combo.Input(
-                    "dit", options=paths.choices("transformer", "diffusion_models"),
+                    "dit", options=paths.DIT.options(),
                     tooltip="A GLM-Image folder (models/glm_image) or one .safetensors in models/diffusion_models.",
                 ),
                 io.Combo.Input(
@@ -67,12 +67,16 @@ class DiTLoader(io.ComfyNode):
                     tooltip="As UNETLoader: fp8 halves the weights' memory; *_fast also uses fp8 matmuls.",
                 ),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The DiT, set for 1024x1024: add ModelSampling GLM-Image for other sizes.")],
         )  # fmt: skip
 
     @classmethod
+    def validate_inputs(cls, dit=None):
+        return paths.validate(paths.DIT, dit)
+
+    @classmethod
     def execute(cls, dit, weight_dtype) -> io.NodeOutput:
-        config, state_dict = loading.read_checked_weights(paths.resolve(dit, "diffusion_models"), loading.TRANSFORMER)
+        config, state_dict = loading.read_checked_weights(paths.resolve(paths.DIT, dit), loading.TRANSFORMER)
         return io.NodeOutput(load_dit_patcher(state_dict, config, weight_dtype))
 
 
@@ -85,8 +89,12 @@ class ModelSampling(io.ComfyNode):
             category="GLM-Image",
             description="Sets the resolution-dependent shift (1024x1024: 3.25, 512x512: 1.75). Use this, not the "
             "stock ModelSampling nodes: they would feed the DiT the shifted time.",
-            inputs=[io.Model.Input("model"), *size_inputs("The image size being sampled."), tokens_size_input()],
-            outputs=[io.Model.Output()],
+            inputs=[
+                io.Model.Input("model", tooltip="From Load GLM-Image DiT."),
+                *size_inputs("The image size being sampled."),
+                tokens_size_input(),
+            ],
+            outputs=[io.Model.Output(tooltip="The DiT with GLM-Image's sampling for this size, for the sampler.")],
         )
 
     @classmethod
@@ -114,7 +122,7 @@ class EmptyLatent(io.ComfyNode):
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Ignored when tokens hold several grids."),
                 GlmTokens.Input("tokens", optional=True, tooltip="Take width/height (and batch) from these tokens."),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="Zeros of the size the sampler needs (16 channels, 1/8 scale).")],
         )  # fmt: skip
 
     @classmethod
@@ -140,11 +148,11 @@ class Scheduler(io.ComfyNode):
             description="The reference pipeline's exact sigmas (integer timestep grid, resolution shift) for any step "
             "count, for SamplerCustomAdvanced. KSampler's 'simple' equals it when 1000 is divisible by the steps.",
             inputs=[
-                io.Int.Input("steps", default=50, min=1, max=1000),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Denoising steps (the reference uses 50)."),
                 *size_inputs("The image size being sampled."),
                 tokens_size_input(),
             ],
-            outputs=[io.Sigmas.Output()],
+            outputs=[io.Sigmas.Output(tooltip="For SamplerCustomAdvanced's sigmas input.")],
         )
 
     @classmethod

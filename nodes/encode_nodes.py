@@ -26,17 +26,21 @@ class GlyphEncoderLoader(io.ComfyNode):
             description="The Glyph-ByT5 text encoder that tells the DiT which characters to render.",
             inputs=[
                 io.Combo.Input(
-                    "encoder", options=paths.choices("text_encoder", "text_encoders"),
+                    "encoder", options=paths.GLYPH_ENCODER.options(),
                     tooltip="A GLM-Image folder (models/glm_image) or a single .safetensors in models/text_encoders.",
                 ),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp32"], tooltip="auto: bf16 where supported."),
             ],
-            outputs=[GlmGlyphEncoder.Output(display_name="glyph_encoder")],
+            outputs=[GlmGlyphEncoder.Output(display_name="glyph_encoder", tooltip="The glyph encoder and its tokenizer, for GLM-Image Encode.")],
         )  # fmt: skip
 
     @classmethod
+    def validate_inputs(cls, encoder=None):
+        return paths.validate(paths.GLYPH_ENCODER, encoder)
+
+    @classmethod
     def execute(cls, encoder, dtype) -> io.NodeOutput:
-        path = paths.resolve(encoder, "text_encoders")
+        path = paths.resolve(paths.GLYPH_ENCODER, encoder)
         device = mm.text_encoder_device()
         model = loading.load_glyph_encoder(path, dtype=pick_dtype(dtype, device), device="cpu")
         tokenizer = loading.load_glyph_tokenizer(path if os.path.isdir(path) else None)
@@ -68,7 +72,7 @@ class Encode(io.ComfyNode):
             "text. The negative is always GLM's unconditional branch (no glyphs, no tokens, no references), also "
             "when a ConditioningZeroOut of the positive is wired instead.",
             inputs=[
-                GlmGlyphEncoder.Input("glyph_encoder"),
+                GlmGlyphEncoder.Input("glyph_encoder", tooltip="From Load GLM-Image Glyph Encoder."),
                 GlmTokens.Input("tokens", tooltip="From 'GLM-Image Generate Visual Tokens' or 'Load Visual Tokens'."),
                 io.Combo.Input(
                     "glyph_text", options=[FROM_PROMPT, OVERRIDE],
@@ -77,7 +81,14 @@ class Encode(io.ComfyNode):
                 io.String.Input("override", multiline=True, default="", tooltip="One glyph span per line."),
                 io.Vae.Input("vae", optional=True, tooltip="Needed for editing: encodes the reference images."),
             ],
-            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+            outputs=[
+                io.Conditioning.Output(
+                    display_name="positive", tooltip="Glyph embedding, visual tokens and references: the sampler's positive."
+                ),
+                io.Conditioning.Output(
+                    display_name="negative", tooltip="GLM-Image's unconditional branch: the sampler's negative."
+                ),
+            ],
         )  # fmt: skip
 
     @classmethod

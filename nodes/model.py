@@ -13,8 +13,6 @@ How a GLM-Image conditioning reaches the DiT (see comfyui-notes §2-3):
 
 from __future__ import annotations
 
-import logging
-
 import comfy.conds
 import comfy.model_base
 import comfy.model_management
@@ -139,7 +137,7 @@ class GlmImageModel(comfy.model_base.BaseModel):
             )
         check_prior_matches_latent(prior, noise, kwargs.get("glm_image_size"))
         check_whole_image_area(kwargs.get("area"), noise)
-        self.warn_if_shift_mismatch(noise)
+        self.check_model_sampling(noise)
         negative = kwargs.get("prompt_type") == "negative"
         glyph = kwargs.get("glm_empty_glyph") if negative else kwargs.get("cross_attn")
         if glyph is None:
@@ -166,14 +164,26 @@ class GlmImageModel(comfy.model_base.BaseModel):
             parts.append(self.diffusion_model.encode_reference(latent, ids, ref["image_size"]))
         return ReferenceKV.concat(parts)
 
-    def warn_if_shift_mismatch(self, noise):
-        mu = compute_mu(noise.shape[2] * 8, noise.shape[3] * 8)
-        if abs(self.model_sampling.shift - mu) > 1e-3:
-            logging.warning(
-                "GLM-Image: the model's shift %.3f does not match this %dx%d latent (expected %.3f); add "
-                "'ModelSampling GLM-Image' with the image size.",
-                self.model_sampling.shift, noise.shape[3] * 8, noise.shape[2] * 8, mu,
-            )  # fmt: skip
+    def check_model_sampling(self, noise):
+        """Refuse what would silently give another image than GLM-Image's: a stock model sampling (ModelSamplingAuraFlow,
+        SD3, Flux, ... feed the DiT the shifted time) or GLM's sampling with the shift of another image size (a model
+        straight from the loader is set for 1024x1024). The sigmas are already made from the model's sampling when
+        this runs, so it cannot be corrected here."""
+        width, height = noise.shape[3] * 8, noise.shape[2] * 8
+        sampling, fix = self.model_sampling, f"'ModelSampling GLM-Image' set to {width}x{height} (or given the tokens)"
+        if not isinstance(sampling, GlmImageModelSampling):
+            raise InvalidInputError(
+                f"This GLM-Image model samples with {type(sampling).__name__}, set by a stock ModelSampling node: it "
+                f"feeds the DiT another time than GLM-Image's sampling and makes a different image. Remove that node "
+                f"and put {fix} between the GLM-Image DiT loader and the sampler."
+            )
+        mu = compute_mu(height, width)
+        if abs(sampling.shift - mu) > 1e-3:
+            raise InvalidInputError(
+                f"This GLM-Image model's shift {sampling.shift:.3f} is for another image size than this "
+                f"{width}x{height} latent (GLM-Image samples it with shift {mu:.3f}; a model straight from the "
+                f"loader is set for 1024x1024). Put {fix} between the GLM-Image DiT loader and the sampler."
+            )
 
 
 def check_prior_matches_latent(prior: torch.Tensor, noise: torch.Tensor, image_size=None) -> None:

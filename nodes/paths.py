@@ -1,20 +1,32 @@
-"""Where GLM-Image files live in ComfyUI.
+"""Where GLM-Image files live in ComfyUI, and the one way a node turns a file choice into a path.
 
 - `models/glm_image/<name>/`: the published folder exactly as downloaded (model_index.json, transformer/, vae/, ...).
   Extra roots come from `glm_image:` in extra_model_paths.yaml.
 - Single `.safetensors` files of the DiT, the glyph encoder and the VAE in the usual folders (`diffusion_models`,
   `text_encoders`, `vae`).
+- Visual token files: directly in input/, and in output/glm_tokens/ (where Save Visual Tokens writes).
 
 A loader's choice is a folder name (no extension) or a file name (with its .safetensors extension).
+
+Every file-valued input resolves through `resolve`: the value must be one of the input's own current options, and
+its real path (symlinks followed) must lie inside one of the folders registered for it. ComfyUI does not check a
+V3 combo value against its options (0.3.64), and a prompt can be queued by anyone who reaches the server, so a
+value such as "../../etc/passwd [output]" must be refused here before any file is opened.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import folder_paths
 
+from ..glm_image_core import loading
+from ..glm_image_core.errors import GlmImageError, InvalidInputError
+
 GLM_IMAGE_FOLDER = "glm_image"
+TOKENS_EXTENSION = ".glm_tokens"  # a safetensors file with the grids and their prompt, size and seed
+TOKENS_OUTPUT_FOLDER = "glm_tokens"  # under the output directory
 
 
 def register_model_folder() -> None:
@@ -40,21 +52,125 @@ def model_folders(component: str) -> list[str]:
     return sorted(found)
 
 
-def choices(component: str, single_file_folder: str | None = None) -> list[str]:
-    """Loader options: GLM-Image folders with that component, then single .safetensors files."""
-    files = []
-    if single_file_folder is not None:
-        files = [f for f in folder_paths.get_filename_list(single_file_folder) if f.endswith(".safetensors")]
-    return model_folders(component) + files
+@dataclass(frozen=True)
+class ModelFiles:
+    """A loader input: GLM-Image folders that hold the component's sub-folder, then (if `file_folder` is set) the
+    single .safetensors files of that ComfyUI model folder."""
+
+    component: loading.Component
+    file_folder: str | None = None
+
+    def options(self) -> list[str]:
+        files = []
+        if self.file_folder is not None:
+            files = [f for f in folder_paths.get_filename_list(self.file_folder) if f.endswith(".safetensors")]
+        return model_folders(self.component.subfolder) + files
+
+    def locations(self, choice: str) -> tuple[list[str], list[str]]:
+        """The folders registered for `choice`, and the paths it names in them in ComfyUI's search order."""
+        roots = folder_paths.get_folder_paths(self.file_folder if self.is_file(choice) else GLM_IMAGE_FOLDER)
+        return roots, [os.path.join(root, choice) for root in roots]
+
+    def is_file(self, choice: str) -> bool:
+        return self.file_folder is not None and choice.endswith(".safetensors")
+
+    def describe(self) -> str:
+        where = f"GLM-Image folders with {self.component.subfolder}/ in {GLM_IMAGE_FOLDER}"
+        if self.file_folder is not None:
+            where += f" and .safetensors files in {self.file_folder}"
+        return f"{self.component.label} ({where})"
+
+    def check(self, path: str) -> None:
+        loading.check_files(path, self.component)
 
 
-def resolve(choice: str, single_file_folder: str | None = None) -> str:
-    """The path of a loader choice: a folder under a glm_image root, or a single file."""
-    if choice.endswith(".safetensors") and single_file_folder is not None:
-        return folder_paths.get_full_path_or_raise(single_file_folder, choice)
-    for root in folder_paths.get_folder_paths(GLM_IMAGE_FOLDER):
-        path = os.path.join(root, choice)
-        if os.path.isdir(path):
-            return path
-    roots = ", ".join(folder_paths.get_folder_paths(GLM_IMAGE_FOLDER))
-    raise FileNotFoundError(f"GLM-Image folder '{choice}' not found under {roots}.")
+@dataclass(frozen=True)
+class TokenFiles:
+    """Visual token files directly in input/, and in output/glm_tokens/ annotated " [output]" as ComfyUI names
+    output files. Only these two folders are listed: this runs whenever the node list is served."""
+
+    def folders(self) -> dict[str, tuple[str, str]]:
+        """annotation -> (the folder listed names are relative to, the folder listed)."""
+        input_dir, output_dir = folder_paths.get_input_directory(), folder_paths.get_output_directory()
+        return {"": (input_dir, input_dir), " [output]": (output_dir, os.path.join(output_dir, TOKENS_OUTPUT_FOLDER))}
+
+    def options(self) -> list[str]:
+        found = []
+        for annotation, (base, folder) in self.folders().items():
+            if os.path.isdir(folder):
+                found += [os.path.relpath(os.path.join(folder, f), base).replace(os.sep, "/") + annotation
+                          for f in os.listdir(folder) if f.endswith(TOKENS_EXTENSION)]  # fmt: skip
+        return sorted(found)
+
+    def locations(self, choice: str) -> tuple[list[str], list[str]]:
+        annotation = " [output]" if choice.endswith(" [output]") else ""
+        base, folder = self.folders()[annotation]
+        return [folder], [os.path.join(base, choice.removesuffix(annotation))]
+
+    def describe(self) -> str:
+        return f"visual token files (*{TOKENS_EXTENSION} in input/ and output/{TOKENS_OUTPUT_FOLDER}/)"
+
+    def check(self, path: str) -> None:
+        pass  # read whole when the node runs; the file is small
+
+
+DIT = ModelFiles(loading.TRANSFORMER, "diffusion_models")
+VAE = ModelFiles(loading.VAE, "vae")
+GLYPH_ENCODER = ModelFiles(loading.TEXT_ENCODER, "text_encoders")
+AR_MODEL = ModelFiles(loading.AR_MODEL)  # a folder only: transformers loads it with its processor
+TOKENS = TokenFiles()
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies under it (both already real paths)."""
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # Windows: another drive
+        return False
+
+
+def resolve(files: ModelFiles | TokenFiles, choice: str) -> str:
+    """The real path of `choice`, one of `files.options()`, inside a folder registered for it; InvalidInputError
+    for anything else (another value, a path that climbs out, a symlink that points out)."""
+    if not isinstance(choice, str) or choice not in files.options():
+        raise InvalidInputError(
+            f"{choice!r} is not one of the choices for {files.describe()}. Pick one from the list; if you have just "
+            "added it, refresh the node definitions (press R in ComfyUI)."
+        )
+    roots, candidates = files.locations(choice)
+    for path in candidates:
+        if not os.path.exists(path):
+            continue
+        real = os.path.realpath(path)
+        if not any(is_inside(real, os.path.realpath(root)) for root in roots):
+            raise InvalidInputError(
+                f"{choice!r} leads to {real}, outside the folders registered for it ({', '.join(roots)}): a symlink "
+                "points out of them. Files are read only from those folders: register the folder it points to (in "
+                "extra_model_paths.yaml) or move the files there."
+            )
+        return real
+    raise InvalidInputError(f"{choice!r} ({files.describe()}) was removed after the list was made; refresh (press R).")
+
+
+def check_output_prefix(prefix: str) -> None:
+    """InvalidInputError unless files saved under `prefix` land inside the output folder (symlinks followed; ComfyUI
+    itself checks the path without following them, and only when saving)."""
+    output = os.path.realpath(folder_paths.get_output_directory())
+    target = os.path.realpath(os.path.join(output, os.path.dirname(os.path.normpath(prefix))))
+    if not is_inside(target, output):
+        raise InvalidInputError(
+            f"filename_prefix {prefix!r} would save to {target}, outside the output folder {output}; use a path "
+            "inside it, such as glm_tokens/tokens."
+        )
+
+
+def validate(files: ModelFiles | TokenFiles, choice: str | None) -> bool | str:
+    """For validate_inputs: True, or what is wrong with the choice (also what the files' cheap checks find, e.g. a
+    missing or truncated shard). A linked value (None here) is resolved when the node runs."""
+    if choice is None:
+        return True
+    try:
+        files.check(resolve(files, choice))
+    except GlmImageError as e:
+        return str(e)
+    return True

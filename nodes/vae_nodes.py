@@ -20,14 +20,18 @@ class VAELoader(io.ComfyNode):
             "or fp32, never fp16 (it overflows).",
             inputs=[
                 io.Combo.Input(
-                    "vae", options=paths.choices("vae", "vae"),
+                    "vae", options=paths.VAE.options(),
                     tooltip="A GLM-Image folder (models/glm_image) or one .safetensors in models/vae.",
                 )
             ],
-            outputs=[io.Vae.Output()],
+            outputs=[io.Vae.Output(tooltip="A stock VAE: for VAEDecode, VAEEncode (and tiled) and GLM-Image Encode.")],
         )  # fmt: skip
 
     @classmethod
+    def validate_inputs(cls, vae=None):
+        return paths.validate(paths.VAE, vae)
+
+    @classmethod
     def execute(cls, vae) -> io.NodeOutput:
-        config, state_dict = loading.read_checked_weights(paths.resolve(vae, "vae"), loading.VAE)
+        config, state_dict = loading.read_checked_weights(paths.resolve(paths.VAE, vae), loading.VAE)
         return io.NodeOutput(load_glm_image_vae(state_dict, config))

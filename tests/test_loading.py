@@ -13,10 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import glm_image_core.loading
 from glm_image_core.errors import InvalidInputError, ModelFilesError
 from glm_image_core.loading import (
+    COMPONENTS,
     PUBLISHED_LATENTS_MEAN,
     PUBLISHED_LATENTS_STD,
+    check_files,
     infer_transformer_config,
     infer_vae_config,
     load_ar_model,
@@ -464,3 +467,69 @@ def test_processor_without_tokenizer_json(tiny_model_dir, tmp_path):
     (root / "processor" / "tokenizer.json").unlink()
     with pytest.raises(ModelFilesError, match=r"processor/tokenizer.json is missing.*Download the processor/ folder"):
         load_ar_processor(root)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The checks that read no weights (what a host runs when a job is queued)
+
+COMPONENT = {c.subfolder: c for c in COMPONENTS}
+
+
+@pytest.mark.parametrize("component", list(LOADERS))
+def test_check_files_passes_a_complete_folder_from_the_root_or_the_component(tiny_model_dir, component):
+    check_files(tiny_model_dir, COMPONENT[component])
+    check_files(tiny_model_dir / component, COMPONENT[component])
+
+
+@pytest.mark.parametrize("component", list(LOADERS))
+def test_check_files_reads_no_tensor_data(tiny_model_dir, monkeypatch, component):
+    def read_tensors(*args, **kwargs):
+        raise AssertionError("check_files read tensor data")
+
+    monkeypatch.setattr(glm_image_core.loading, "load_tensors", read_tensors)
+    monkeypatch.setattr(glm_image_core.loading, "read_state_dict", read_tensors)
+    check_files(tiny_model_dir, COMPONENT[component])
+
+
+@pytest.mark.parametrize("component", SHARDED)
+def test_check_files_names_a_missing_shard(tiny_model_dir, tmp_path, component):
+    root = copy_tiny(tiny_model_dir, tmp_path, component)
+    shard = f"{WEIGHTS_NAME[component]}-00002-of-00003.safetensors"
+    (root / component / shard).unlink()
+    with pytest.raises(ModelFilesError, match=f"{component}/{shard} is missing; the index .* lists 3 shards"):
+        check_files(root, COMPONENT[component])
+
+
+@pytest.mark.parametrize("component", list(LOADERS))
+def test_check_files_names_a_truncated_file(tiny_model_dir, tmp_path, component):
+    root = copy_tiny(tiny_model_dir, tmp_path, component)
+    file = root / component / SINGLE_FILE[component]
+    with open(file, "r+b") as f:
+        f.truncate(file.stat().st_size // 2)
+    with pytest.raises(ModelFilesError, match=f"{component}/{SINGLE_FILE[component]} is truncated or corrupt"):
+        check_files(root, COMPONENT[component])
+
+
+def test_check_files_names_a_folder_that_does_not_exist(tmp_path):
+    with pytest.raises(ModelFilesError, match="GLM-Image does not exist; expected the GLM-Image folder"):
+        check_files(tmp_path / "GLM-Image", COMPONENT["transformer"])
+
+
+def test_check_files_names_weights_of_another_component(tiny_model_dir):
+    with pytest.raises(ModelFilesError, match=r"holds the weights of the VAE \(AutoencoderKL\), not of the DiT"):
+        check_files(tiny_model_dir / "vae" / SINGLE_FILE["vae"], COMPONENT["transformer"])
+
+
+def test_check_files_refuses_a_single_file_for_the_ar_model(tiny_model_dir):
+    with pytest.raises(ModelFilesError, match="loads from its folder"):
+        check_files(
+            tiny_model_dir / "vision_language_encoder" / SINGLE_FILE["vision_language_encoder"],
+            COMPONENT["vision_language_encoder"],
+        )
+
+
+def test_check_files_names_a_missing_processor_file_beside_the_ar_model(tiny_model_dir, tmp_path):
+    root = copy_tiny(tiny_model_dir, tmp_path, "vision_language_encoder", "processor")
+    (root / "processor" / "tokenizer.json").unlink()
+    with pytest.raises(ModelFilesError, match=r"processor/tokenizer.json is missing"):
+        check_files(root, COMPONENT["vision_language_encoder"])

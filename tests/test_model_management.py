@@ -71,13 +71,14 @@ def test_the_sampler_loads_the_dit_through_model_management(glm):
             .execute(glyph_encoder=encoder, tokens=random_tokens(), glyph_text="from prompt quotes", override="")
             .args
         )
-    assert not is_managed(dit)
+    model = glm["GLMImageModelSampling"].execute(model=dit, width=SIZE, height=SIZE)[0]
+    assert not is_managed(model)
 
     noise = torch.randn(1, 16, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        comfy.sample.sample(dit, noise, 1, 1.5, "euler", "simple", positive, negative, torch.zeros_like(noise))
+        comfy.sample.sample(model, noise, 1, 1.5, "euler", "simple", positive, negative, torch.zeros_like(noise))
 
-    assert is_managed(dit)
+    assert is_managed(model)
 
 
 def test_comfyui_can_evict_the_ar_model_and_the_next_run_loads_it_again(glm):

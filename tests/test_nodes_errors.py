@@ -43,16 +43,11 @@ def random_tokens(width=SIZE, height=SIZE, grids=1, references=0, seed=0, prompt
 
 @pytest.fixture(scope="module")
 def files(tiny_model_dir, tmp_path_factory):
-    """Model folders (the tiny one, damaged copies, a VAE file among the diffusion models), token files in the input
+    """Model folders (the tiny one, a VAE file among the diffusion models), token files in the input
     folder, a temp output folder; the folders this adds are taken out of ComfyUI's lists afterwards."""
     glm = comfy_host.load_pack()
     root = tmp_path_factory.mktemp("errors")
-    damaged, diffusion_models, inputs = root / "glm_image", root / "diffusion_models", root / "input"
-    for name in ("MissingShard", "TruncatedShard"):
-        shutil.copytree(tiny_model_dir / "transformer", damaged / name / "transformer")
-    (damaged / "MissingShard/transformer/diffusion_pytorch_model-00002-of-00003.safetensors").unlink()
-    with open(damaged / "TruncatedShard/transformer/diffusion_pytorch_model-00002-of-00003.safetensors", "r+b") as f:
-        f.truncate(100_000)
+    diffusion_models, inputs = root / "diffusion_models", root / "input"
     diffusion_models.mkdir()
     shutil.copy(tiny_model_dir / "vae/diffusion_pytorch_model.safetensors", diffusion_models / "glm_vae.safetensors")
     inputs.mkdir()
@@ -60,7 +55,7 @@ def files(tiny_model_dir, tmp_path_factory):
     ar_nodes.tokens_to_file(random_tokens(width=768), str(inputs / "wide.glm_tokens"))
     ar_nodes.tokens_to_file(random_tokens(references=1), str(inputs / "edit.glm_tokens"))
 
-    wanted = {"glm_image": [str(tiny_model_dir.parent), str(damaged)], "diffusion_models": [str(diffusion_models)]}
+    wanted = {"glm_image": [str(tiny_model_dir.parent)], "diffusion_models": [str(diffusion_models)]}
     added = {kind: [p for p in paths if p not in folder_paths.get_folder_paths(kind)] for kind, paths in wanted.items()}
     for kind, paths in added.items():
         for path in paths:
@@ -181,9 +176,15 @@ def test_comfyui_runs_the_next_prompt_after_an_error_in_the_sampler(files):
 
 
 @pytest.fixture(scope="module")
-def model(files):
+def dit(files):
+    """The DiT loader's MODEL as it comes out (GLM-Image's sampling for 1024x1024)."""
     with torch.inference_mode():
-        dit = files["GLMImageDiTLoader"].execute(dit="GLM-Image", weight_dtype="default")[0]
+        return files["GLMImageDiTLoader"].execute(dit="GLM-Image", weight_dtype="default")[0]
+
+
+@pytest.fixture(scope="module")
+def model(files, dit):
+    with torch.inference_mode():
         return files["GLMImageModelSampling"].execute(model=dit, width=SIZE, height=SIZE)[0]
 
 
@@ -237,6 +238,53 @@ def test_more_token_grids_than_one_and_fewer_than_the_latent_batch_fail_with_a_c
         sample(model, positive, negative, batch=3)
 
 
+# --- model sampling -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "node_id, method, inputs",
+    [
+        ("ModelSamplingAuraFlow", "patch_aura", {"shift": 1.75}),  # 1.75: GLM-Image's shift at 512x512
+        ("ModelSamplingSD3", "patch", {"shift": 1.75}),
+        ("ModelSamplingFlux", "patch", {"max_shift": 1.15, "base_shift": 0.5, "width": SIZE, "height": SIZE}),
+        ("ModelSamplingDiscrete", "patch", {"sampling": "eps", "zsnr": False}),
+    ],
+)
+def test_a_stock_model_sampling_node_is_refused_with_the_glm_node_named(dit, encode, node_id, method, inputs):
+    positive, negative = encode(random_tokens())
+    stock_sampled = stock(node_id, method, model=dit, **inputs)
+    with pytest.raises(InvalidInputError) as error:
+        sample(stock_sampled, positive, negative)
+    message = str(error.value)
+    assert "set by a stock ModelSampling node" in message and "makes a different image" in message
+    assert f"'ModelSampling GLM-Image' set to {SIZE}x{SIZE}" in message
+
+
+def test_the_loaders_model_samples_1024x1024_without_a_model_sampling_node(dit, encode):
+    positive, negative = encode(random_tokens(width=1024, height=1024))
+    noise = torch.randn(1, 16, 1024 // 8, 1024 // 8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        out = comfy.sample.sample(dit, noise, 1, 1.5, "euler", "simple", positive, negative, torch.zeros_like(noise))
+    assert out.isfinite().all()
+
+
+def test_the_loaders_model_at_another_size_is_refused_with_the_glm_node_named(dit, encode):
+    positive, negative = encode(random_tokens())
+    with pytest.raises(InvalidInputError) as error:
+        sample(dit, positive, negative)
+    message = str(error.value)
+    assert "shift 3.250 is for another image size than this 512x512 latent" in message
+    assert "straight from the loader is set for 1024x1024" in message
+    assert f"'ModelSampling GLM-Image' set to {SIZE}x{SIZE}" in message
+
+
+def test_glm_model_sampling_for_another_size_is_refused(files, dit, encode):
+    positive, negative = encode(random_tokens())
+    wrong = files["GLMImageModelSampling"].execute(model=dit, width=768, height=768)[0]
+    with pytest.raises(InvalidInputError, match="is for another image size than this 512x512 latent"):
+        sample(wrong, positive, negative)
+
+
 # --- model files ----------------------------------------------------------------------------------------------------
 
 
@@ -247,21 +295,10 @@ def dit_loader_prompt(choice: str) -> dict:
     }
 
 
-def test_a_vae_file_given_to_the_dit_loader_is_named_as_a_vae(files):
-    message = execution_error(comfy_host.run_prompt(dit_loader_prompt("glm_vae.safetensors")), node="1")
+def test_a_vae_file_given_to_the_dit_loader_is_named_as_a_vae_when_queued(files):
+    """(Missing and truncated shards: test_nodes_paths.py.)"""
+    message = validation_errors(comfy_host.run_prompt(dit_loader_prompt("glm_vae.safetensors")))
     assert "holds the weights of the VAE" in message and "load this file with the vae loader" in message
-
-
-def test_a_missing_shard_is_named_with_where_to_get_it(files):
-    message = execution_error(comfy_host.run_prompt(dit_loader_prompt("MissingShard")), node="1")
-    assert "transformer/diffusion_pytorch_model-00002-of-00003.safetensors is missing" in message
-    assert "Download the missing shard from zai-org/GLM-Image" in message
-
-
-def test_a_truncated_shard_is_named_as_truncated(files):
-    message = execution_error(comfy_host.run_prompt(dit_loader_prompt("TruncatedShard")), node="1")
-    assert "transformer/diffusion_pytorch_model-00002-of-00003.safetensors is truncated or corrupt" in message
-    assert "delete the file and re-download it" in message
 
 
 # --- the Encode node ------------------------------------------------------------------------------------------------
@@ -380,10 +417,15 @@ def test_the_server_reports_bad_prompts_and_keeps_serving(tiny_model_dir, tmp_pa
         with pytest.raises(RuntimeError, match="width 520 is not a multiple of 32"):
             comfy_host.server_run_prompt(url, bad_size)
 
-        failed = comfy_host.server_run_prompt(url, dit_loader_prompt("vae.safetensors"))
+        with pytest.raises(RuntimeError, match="holds the weights of the VAE"):
+            comfy_host.server_run_prompt(url, dit_loader_prompt("vae.safetensors"))
+
+        linked_size = {**decode_empty, "5": {"class_type": "PrimitiveInt", "inputs": {"value": 520}}}
+        linked_size["1"] = {**decode_empty["1"], "inputs": {"width": ["5", 0], "height": SIZE, "batch_size": 1}}
+        failed = comfy_host.server_run_prompt(url, linked_size)
         assert failed["status"]["status_str"] == "error"
         errors = [data for event, data in failed["status"]["messages"] if event == "execution_error"]
-        assert "holds the weights of the VAE" in errors[0]["exception_message"]
+        assert "width 520 is not a multiple of 32" in errors[0]["exception_message"]
 
         served = comfy_host.server_run_prompt(url, decode_empty)
         assert served["status"]["status_str"] == "success"

@@ -245,6 +245,14 @@ def test_text_rendering_prompt_quotes_in_every_style():
 
 
 @pytest.mark.parametrize("stem", STEMS)
+def test_every_image_an_example_loads_ships_with_comfyui(stem):
+    """A template must run as shipped: its Load Image nodes name files a fresh ComfyUI install has in input/."""
+    shipped = {p.name for p in (comfy_host.COMFYUI_PATH / "input").iterdir()}
+    loaded = {n["inputs"]["image"] for n in load(TWINS, stem).values() if n["class_type"] == "LoadImage"}
+    assert loaded <= shipped
+
+
+@pytest.mark.parametrize("stem", STEMS)
 def test_empty_latent_takes_its_size_from_the_tokens(stem):
     """So the runs below leave its width/height at the example's values: a wrong size would show."""
     graph = load(TWINS, stem)
