@@ -5,6 +5,7 @@ import pytest
 from tests import comfy_host
 
 comfy_host.require_comfyui()
+pytestmark = pytest.mark.host
 
 NODE_CLASSES = comfy_host.load_pack()
 

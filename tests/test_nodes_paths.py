@@ -23,6 +23,7 @@ import torch
 from tests import comfy_host
 
 comfy_host.require_comfyui()
+pytestmark = pytest.mark.host
 
 import folder_paths  # noqa: E402
 
