@@ -20,12 +20,13 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
+import comfy.patcher_extension
 import comfy.supported_models_base
 import comfy.utils
 import torch
 from comfy.ldm.modules.attention import optimized_attention_masked
 
-from ..glm_image_core.dit import GlmImageTransformer2DModel, ReferenceKV
+from ..glm_image_core.dit import GlmImageTransformer2DModel, ReferenceKV, attention_layout, text_groups_for_lengths
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.glyph import pad_glyphs
 from ..glm_image_core.schedule import compute_mu
@@ -50,56 +51,100 @@ def model_sampling_for_size(width: int, height: int) -> GlmImageModelSampling:
     return sampling
 
 
-def comfy_attention(transformer_options):
-    """The core's attention(q, k, v, key_mask) through ComfyUI's dispatch (sage/xformers/flash/SDPA/sub-quad)."""
-
-    def attention(q, k, v, key_mask):
-        mask = None
-        if key_mask is not None:  # additive form: every ComfyUI backend accepts it
-            mask = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
-            mask = mask.masked_fill(~key_mask, -torch.finfo(q.dtype).max)[:, None, None, :]
-        return optimized_attention_masked(
-            q, k, v, q.shape[1], mask, skip_reshape=True, skip_output_reshape=True,
-            transformer_options=transformer_options,
-        )  # fmt: skip
-
-    return attention
+def comfy_attention(q, k, v, key_mask, transformer_options=None):
+    """The core's attention through ComfyUI's dispatch (sage/xformers/flash/SDPA/sub-quad). One module-level function,
+    so a compiled model sees the same function on every call; the per-call transformer_options (attention overrides,
+    block index) come in as an argument."""
+    mask = None
+    if key_mask is not None:  # additive form: every ComfyUI backend accepts it
+        mask = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(~key_mask, -torch.finfo(q.dtype).max)[:, None, None, :]
+    return optimized_attention_masked(
+        q, k, v, q.shape[1], mask, skip_reshape=True, skip_output_reshape=True,
+        transformer_options=transformer_options or {},
+    )  # fmt: skip
 
 
 class ComfyGlmImageDiT(GlmImageTransformer2DModel):
-    """The core DiT behind ComfyUI's diffusion_model call convention."""
+    """The core DiT behind ComfyUI's diffusion_model call convention, open to what ComfyUI attaches to native DiTs:
 
-    def forward(
-        self, x, timestep, context=None, glyph=None, prior_token_id=None, prior_token_drop=None, reference_kv=None,
-        transformer_options=None, **kwargs,
-    ):  # fmt: skip
-        embeds, mask = glyph
+    - wrappers: the forward runs inside the DIFFUSION_MODEL wrapper executor (EasyCache, TorchCompileModel, ...);
+    - transformer_options reach every block's attention, with `block_index`, `total_blocks` and `block_type`
+      ("double") set as Qwen-Image and Flux set them, beside ComfyUI's own `sigmas`, `cond_or_uncond`, `uuids`;
+    - `patches_replace["dit"][("double_block", i)]` replaces block i. GLM's blocks are one stream of joint blocks
+      (image and text tokens with their own modulations, like Qwen-Image's), so they use Qwen-Image's key:
+      args {"img", "txt", "vec", "pe", "transformer_options"} -> {"img", "txt"};
+    - `patches["double_block"]` run after each block with {"img", "txt", "x", "block_index", "transformer_options"}.
+
+    The reference-image pass (`encode_reference`, once per sampling run) runs the core forward directly: no wrapper or
+    patch sees it, so step caches never replay it.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs, attention=comfy_attention)
+
+    def forward(self, x, timestep, context=None, glyph=None, prior_token_id=None, prior_token_drop=None,
+                reference_kv=None, control=None, transformer_options=None, **kwargs):  # fmt: skip
+        transformer_options = {} if transformer_options is None else transformer_options
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._forward,
+            self,
+            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options),
+        ).execute(x, timestep, context, glyph, prior_token_id, prior_token_drop, reference_kv, control,
+                  transformer_options, **kwargs)  # fmt: skip
+
+    def _forward(self, x, timestep, context, glyph, prior_token_id, prior_token_drop, reference_kv, control,
+                 transformer_options, **kwargs):  # fmt: skip
+        """x: [B, 16, h, w]; timestep: [B]; glyph: GlyphCond.concat's [embeds [B, T, C], mask [B, T], text groups]."""
+        embeds, mask, *layout = glyph
         b, _, h, w = x.shape
         target = torch.tensor([[h * 8, w * 8]], dtype=torch.float32, device=x.device).expand(b, 2)
-        return super().forward(
-            x,
-            embeds,
-            prior_token_id,
-            prior_token_drop,
-            timestep,
-            target,
-            torch.zeros_like(target),
-            encoder_attention_mask=mask.bool(),
-            reference_kv=reference_kv,
-            attention=comfy_attention(transformer_options or {}),
+        img, txt, temb, rope = self.embed(
+            x, embeds, prior_token_id, prior_token_drop, timestep, target, torch.zeros_like(target)
         )
+        key_mask, text_groups = attention_layout(mask.bool(), img.shape[1], txt.shape[1], *layout)
+        blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
+        block_patches = transformer_options.get("patches", {}).get("double_block", [])
+        transformer_options["total_blocks"] = len(self.transformer_blocks)
+        transformer_options["block_type"] = "double"
+        for i, block in enumerate(self.transformer_blocks):
+            transformer_options["block_index"] = i
+            reference = None if reference_kv is None else reference_kv.layers[i]
+
+            def original_block(args, block=block, reference=reference):
+                img, txt = block(
+                    args["img"], args["txt"], args["vec"], args["pe"], key_mask, self.attention, reference,
+                    text_groups=text_groups, attention_options={"transformer_options": args["transformer_options"]},
+                )  # fmt: skip
+                return {"img": img, "txt": txt}
+
+            args = {"img": img, "txt": txt, "vec": temb, "pe": rope, "transformer_options": transformer_options}
+            if ("double_block", i) in blocks_replace:
+                out = blocks_replace[("double_block", i)](args, {"original_block": original_block})
+            else:
+                out = original_block(args)
+            img, txt = out["img"], out["txt"]
+            for patch in block_patches:
+                out = patch(
+                    {"img": img, "txt": txt, "x": x, "block_index": i, "transformer_options": transformer_options}
+                )
+                img, txt = out["img"], out["txt"]
+        return self.unembed(img, temb, h, w)
 
 
 class GlyphCond(comfy.conds.CONDRegular):
     """Glyph embeddings [1, T, C]. Conds of any length batch together: zero padding plus a mask (long, so that
-    ComfyUI moves it without casting it to the model dtype)."""
+    ComfyUI moves it without casting it to the model dtype), and the padding layout (text groups) worked out from
+    the conds' shapes on the host, so the DiT never reads the mask back from the device."""
 
     def can_concat(self, other):
         return self.cond.shape[2] == other.cond.shape[2] and self.cond.device == other.cond.device
 
     def concat(self, others):
-        embeds, mask = pad_glyphs([self.cond] + [o.cond for o in others])
-        return [embeds, mask.long()]
+        conds = [self.cond] + [o.cond for o in others]
+        embeds, mask = pad_glyphs(conds)
+        lengths = [c.shape[1] for c in conds for _ in range(c.shape[0])]
+        return [embeds, mask.long(), text_groups_for_lengths(lengths)]
 
 
 class ReferenceKVCond:
