@@ -86,12 +86,17 @@ class ComfyGlmImageDiT(GlmImageTransformer2DModel):
     def forward(self, x, timestep, context=None, glyph=None, prior_token_id=None, prior_token_drop=None,
                 reference_kv=None, control=None, transformer_options=None, **kwargs):  # fmt: skip
         transformer_options = {} if transformer_options is None else transformer_options
-        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
-            self._forward,
-            self,
-            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options),
-        ).execute(x, timestep, context, glyph, prior_token_id, prior_token_drop, reference_kv, control,
-                  transformer_options, **kwargs)  # fmt: skip
+        wrappers = comfy.patcher_extension.get_all_wrappers(
+            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options
+        )
+        if wrappers:
+            # Stock EasyCache adds its cached difference to this input in place; when the model computes in float32,
+            # x is the very tensor BaseModel later turns into denoised = x - v * sigma, which that would corrupt.
+            x = x.clone()
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
+            x, timestep, context, glyph, prior_token_id, prior_token_drop, reference_kv, control, transformer_options,
+            **kwargs,
+        )  # fmt: skip
 
     def _forward(self, x, timestep, context, glyph, prior_token_id, prior_token_drop, reference_kv, control,
                  transformer_options, **kwargs):  # fmt: skip
