@@ -29,6 +29,7 @@ from comfy.ldm.modules.attention import optimized_attention_masked
 from ..glm_image_core.dit import GlmImageTransformer2DModel, ReferenceKV, attention_layout, text_groups_for_lengths
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.glyph import pad_glyphs
+from ..glm_image_core.loading import SCALED_FP8_MARKER
 from ..glm_image_core.schedule import compute_mu
 from .latent_format import GlmImageLatentFormat
 
@@ -275,27 +276,60 @@ WEIGHT_DTYPES = {
 }
 
 
-def load_dit_patcher(state_dict: dict, config: dict, weight_dtype: str = "default") -> comfy.model_patcher.ModelPatcher:
+def load_dit_patcher(
+    state_dict: dict, config: dict, weight_dtype: str = "default", model_options: dict | None = None
+) -> comfy.model_patcher.ModelPatcher:
     """The DiT under ComfyUI's model management, as UNETLoader would build it. `config`: the published
-    transformer/config.json keys."""
+    transformer/config.json keys. `model_options` as comfy.sd.load_diffusion_model_state_dict takes them ("dtype",
+    "custom_operations", "fp8_optimizations"); they win over `weight_dtype`. A ComfyUI scaled-fp8 file (the
+    `scaled_fp8` marker) loads with ComfyUI's scaled-fp8 layers."""
+    model_options = model_options or {}
     mm = comfy.model_management
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     dtype, fp8_fast = WEIGHT_DTYPES[weight_dtype]
+    dtype = model_options.get("dtype", dtype)
     model_config = GlmImageConfig({k: v for k, v in config.items() if not k.startswith("_")})
+    state_dict, quantisation = use_quantisation(model_config, state_dict, model_options)
     if dtype is None:
         dtype = mm.unet_dtype(
             model_params=comfy.utils.calculate_parameters(state_dict),
             supported_dtypes=model_config.supported_inference_dtypes,
-            weight_dtype=comfy.utils.weight_dtype(state_dict),
+            weight_dtype=None if quantisation else comfy.utils.weight_dtype(state_dict),
         )
     model_config.set_inference_dtype(
-        dtype, mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
+        dtype,
+        mm.unet_manual_cast(
+            None if quantisation == MIXED_OPS else dtype, load_device, model_config.supported_inference_dtypes
+        ),
     )
-    model_config.optimizations["fp8"] = fp8_fast
+    model_config.optimizations["fp8"] = fp8_fast or model_options.get("fp8_optimizations", False)
+    model_config.custom_operations = model_options.get("custom_operations", model_config.custom_operations)
     model = model_config.get_model(state_dict, "", device=offload_device)
     missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.endswith(OPTIONAL_SCALES)]  # absent scales are 1
     if missing or unexpected:
         raise InvalidInputError(
             f"GLM-Image DiT weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+SCALED_OPS, MIXED_OPS = "scaled_fp8", "mixed_ops"
+OPTIONAL_SCALES = (".scale_weight", ".scale_input")
+
+
+def use_quantisation(model_config, state_dict: dict, model_options: dict) -> tuple[dict, str | None]:
+    """Set up ComfyUI's layers for a scaled-fp8 file (`scaled_fp8` marker, per-Linear `scale_weight`), as
+    comfy.sd.load_diffusion_model_state_dict does: ComfyUI 0.3.x builds scaled-fp8 Linear layers from the marker;
+    newer ComfyUI (comfy.utils.convert_old_quants) turns the file into per-layer quantisation configs for its
+    mixed-precision layers. Returns the state dict to load and which of the two applies (None: not quantised).
+    Custom operations (a GGUF-style loader) get the state dict as it is."""
+    if SCALED_FP8_MARKER not in state_dict or "custom_operations" in model_options:
+        return state_dict, None
+    if hasattr(comfy.utils, "convert_old_quants"):
+        state_dict, _ = comfy.utils.convert_old_quants(state_dict, "", metadata={})
+        model_config.quant_config = comfy.utils.detect_layer_quantization(state_dict, "")
+        return state_dict, MIXED_OPS
+    marker = state_dict.pop(SCALED_FP8_MARKER)
+    model_config.scaled_fp8 = torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype
+    return state_dict, SCALED_OPS

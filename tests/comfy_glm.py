@@ -14,11 +14,11 @@ from tests import comfy_host
 model_nodes = comfy_host.import_pack_module("nodes.model")
 
 
-def tiny_patcher(tiny_model_dir, width: int, height: int, weight_dtype: str = "default"):
+def tiny_patcher(tiny_model_dir, width: int, height: int, weight_dtype: str = "default", model_options=None):
     """The tiny DiT through the pack's loader, with the model sampling of this image size."""
     folder = tiny_model_dir / "transformer"
     config = json.loads((folder / "config.json").read_text())
-    patcher = model_nodes.load_dit_patcher(read_state_dict(folder), config, weight_dtype)
+    patcher = model_nodes.load_dit_patcher(read_state_dict(folder), config, weight_dtype, model_options=model_options)
     patcher.add_object_patch("model_sampling", model_nodes.model_sampling_for_size(width, height))
     return patcher
 
