@@ -14,6 +14,7 @@ How a GLM-Image conditioning reaches the DiT (see comfyui-notes §2-3):
 from __future__ import annotations
 
 import logging
+import math
 
 import comfy.conds
 import comfy.model_base
@@ -169,13 +170,43 @@ class ReferenceKVCond:
         return self.cond
 
     def size(self):
-        return [1]
+        """[B_ref, L_ref]: the reference tokens every conditional attention also reads (see GlmImageModel's memory)."""
+        k = self.cond.layers[0][0]  # [B_ref, heads, L_ref, head_dim]
+        return [k.shape[0], k.shape[2]]
 
 
 class GlmImageModel(comfy.model_base.BaseModel):
+    """Memory, as ComfyUI estimates it for a sampling run (`memory_required`, from `extra_conds_shapes` before
+    sampling and from the conds' `size()` to batch conds): the latent, plus the glyph tokens and the reference tokens
+    each sample attends to, counted as latent area (one token = one patch of latent cells); plus, before sampling,
+    the reference K/V that `extra_conds` will store for the whole run (2 x layers x tokens x width numbers; ~1.9 GiB
+    in bf16 per 1024x1024 reference for the published DiT)."""
+
     def __init__(self, model_config, device=None):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=ComfyGlmImageDiT)
         self.model_sampling = GlmImageModelSampling(model_config)
+        patch_area = self.diffusion_model.patch_size**2
+        self.memory_usage_factor_conds = ("glyph", "reference_kv")
+        tokens_as_latent = lambda shape: [shape[0], 1, shape[1] * patch_area]  # noqa: E731  [B, tokens, ...]
+        self.memory_usage_shape_process = {"glyph": tokens_as_latent, "reference_kv": tokens_as_latent}
+
+    def extra_conds_shapes(self, **kwargs):
+        """Per conditioning, before sampling: glyph [1, T, C], reference tokens [1, L_ref] and the K/V numbers."""
+        out = {}
+        if kwargs.get("cross_attn") is not None:
+            out["glyph"] = list(kwargs["cross_attn"].shape)
+        references = kwargs.get("glm_references")
+        if references:
+            dit = self.diffusion_model
+            latents = [ref["latent"].shape for ref in references]  # [B, 16, h, w]
+            out["reference_kv"] = [1, sum(b * (h // dit.patch_size) * (w // dit.patch_size) for b, _, h, w in latents)]
+            out["reference_kv_stored"] = [sum(b * dit.reference_kv_elements(h, w) for b, _, h, w in latents)]
+        return out
+
+    def memory_required(self, input_shape, cond_shapes={}):  # noqa: B006 (ComfyUI's signature)
+        stored = sum(math.prod(shape) for shape in cond_shapes.get("reference_kv_stored", []))
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        return super().memory_required(input_shape, cond_shapes) + stored * comfy.model_management.dtype_size(dtype)
 
     def process_timestep(self, timestep, **kwargs):
         return timestep - 1.0  # the reference feeds the DiT t - 1

@@ -30,9 +30,8 @@ def conditionings(width: int, height: int, seed: int = 0, glyph_len: int = 6, re
     empty = torch.randn(1, 1, 64, generator=g)
     prior = torch.randint(0, 16384, (1, (height // 16) * (width // 16)), generator=g)
     extras = {"glm_prior_token_ids": prior, "glm_empty_glyph": empty}
-    if references:
-        extras["glm_references"] = references
-    return [[glyph, dict(extras)]], [[empty, dict(extras)]]
+    positive = dict(extras, glm_references=references) if references else dict(extras)
+    return [[glyph, positive]], [[empty, extras]]
 
 
 def reference(width: int, height: int, seed: int = 0) -> dict:
