@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # attention(q, k, v, key_mask, **options) -> out; q, k, v: [B, heads, L, head_dim]; key_mask: bool [B, Lk] (True =
-# attend) or None; out: [B, heads, Lq, head_dim]. `options` are whatever the caller of the model's forward passed as
-# `attention_options` (a host's per-call settings, e.g. ComfyUI's transformer_options); none by default.
+# attend) or None; out: [B, heads, Lq, head_dim]. `options` are what the caller of a block passed as
+# `attention_options` (a host's per-call settings, e.g. ComfyUI's transformer_options); none from `forward`.
 AttentionFn = Callable[..., torch.Tensor]
 
 # A run of batch rows whose glyph text is right-padded to the same number of real tokens: (first row, end row, n).
@@ -271,7 +271,7 @@ class GlmImageTransformer2DModel(nn.Module):
         self.dtype = dtype
         self.attention = attention
         dim = num_attention_heads * attention_head_dim
-        self.attn_dim = dim
+        self.inner_dim = dim
         kw = dict(dtype=dtype, device=device)
 
         self.image_projector = nn.Module()
@@ -396,8 +396,7 @@ class GlmImageTransformer2DModel(nn.Module):
         """How many numbers `encode_reference` stores for one reference latent of this size: a key and a value
         [heads, L_ref, head_dim] per layer, L_ref = its patch count."""
         tokens = (latent_height // self.patch_size) * (latent_width // self.patch_size)
-        dim = self.attn_dim
-        return 2 * len(self.transformer_blocks) * tokens * dim
+        return 2 * len(self.transformer_blocks) * tokens * self.inner_dim
 
     @torch.no_grad()
     def encode_reference(
