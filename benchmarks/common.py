@@ -32,9 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# Where the published configs are read: a GLM-Image folder as downloaded (<component>/config.json) or the project's
-# shared reference folder (<component>__config.json); gpu_prepare.sh copies the latter next to the repo for GPU runs.
-CONFIGS = Path(os.environ.get("GLM_IMAGE_CONFIGS", REPO.parent / "shared" / "reference" / "glm-image-configs"))
+# Where the published configs are read: a GLM-Image folder as downloaded (<component>/config.json), or by default the
+# copies in the package (glm_image_core/published, <component>__config.json).
+CONFIGS = Path(os.environ.get("GLM_IMAGE_CONFIGS", REPO / "glm_image_core" / "published"))
 # The Glyph-ByT5 encoder's config is not among the reference configs: ByT5-small's shape (google/byt5-small) with
 # GLM-Image's 384-entry byte vocabulary and d_model 1472 (= the DiT's text_embed_dim).
 GLYPH_ENCODER_CONFIG = {
@@ -106,7 +106,7 @@ def published_config(component: str) -> dict:
             return json.loads(path.read_text())
     raise SystemExit(
         f"No published config for {component} in {CONFIGS}: set GLM_IMAGE_CONFIGS to a GLM-Image folder as downloaded "
-        "(zai-org/GLM-Image) or to the project's shared/reference/glm-image-configs."
+        "(zai-org/GLM-Image), or unset it to use glm_image_core/published."
     )
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Run HERE (a machine with pip access) before benchmarking on a lent GPU machine, which has no network. Fills two
-# folders of the repo that git ignores and the device run carries:
-#   .whl/      transformers 5.23.0 and diffusers 0.42.1 wheels (pure Python); the GPU image has transformers 5.17
-#              and no diffusers
+# Run on a machine with pip access before benchmarking on a GPU machine that may have no network. Fills two
+# folders of the repo that git ignores, to copy to the GPU machine with the repo:
+#   .whl/      transformers 5.23.0 and diffusers 0.42.1 wheels (pure Python); a GPU image may have an older
+#              transformers and no diffusers
 #   .comfyui/  ComfyUI without its git history, node packs and models (~14 MB), from $COMFYUI_PATH (default
 #              /opt/ComfyUI), for the ComfyUI/fp8 rows; skipped if there is none
-#   .configs/  the published GLM-Image configs from the project's shared/reference (not committed to the repo)
+#   .configs/  only when GLM_IMAGE_CONFIGS is set: those configs (default: glm_image_core/published, in the repo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exclude="$(git rev-parse --git-path info/exclude)"
@@ -18,7 +18,7 @@ rm -rf .whl && mkdir .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl transformers==5.23.0 diffusers==0.42.1
 
-rm -rf .configs && cp -r "${GLM_IMAGE_CONFIGS:-../shared/reference/glm-image-configs}" .configs
+[ -n "${GLM_IMAGE_CONFIGS:-}" ] && rm -rf .configs && cp -r "$GLM_IMAGE_CONFIGS" .configs
 
 comfyui="${COMFYUI_PATH:-/opt/ComfyUI}"
 rm -rf .comfyui

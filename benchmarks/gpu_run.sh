@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole benchmark on a lent GPU machine, from the repo root (prepare with benchmarks/gpu_prepare.sh first):
+# The whole benchmark on a GPU machine, from the repo root (prepare with benchmarks/gpu_prepare.sh first):
 # installs the carried wheels into /tmp/site, then runs run_all.py; the table, the rows and the log go to $OUT.
 # Extra arguments go to run_all.py (e.g. --compile, --reference-e2e).
 set -uo pipefail

@@ -264,6 +264,16 @@ def sample_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.minimum(picked, last_nonzero).squeeze(-1)
 
 
+def token_picker(temperature: float, top_k: int | None, top_p: float) -> fast_ar.PickFn:
+    """The one sampling rule of both decoders: pick(logits [N, V] float32, uniforms [N]) -> tokens [N] int64,
+    transformers' warpers (``warp_logits``) then inverse CDF (``sample_tokens``)."""
+
+    def pick(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        return sample_tokens(warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1), uniforms)
+
+    return pick
+
+
 def next_token_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
     """One model call on new tokens with the KV ``cache``: float32 logits of the last position, [N, 16512].
 
@@ -288,6 +298,7 @@ def generate_prior_tokens(
     fast: bool | None = None,
     callback_every: int = 16,
     compile_decoder: bool = False,
+    cuda_graph: bool | None = None,
 ) -> ARResult:
     """Sample ``len(generators)`` token grids for one prompt, decoded together as a batch.
 
@@ -309,6 +320,8 @@ def generate_prior_tokens(
     True forces it on any device (it falls back to the transformers loop, with a warning, if the model is not
     supported); False = the transformers loop (``static_cache`` chooses its cache). compile_decoder: let
     ``torch.compile`` fuse the fast decoder's small kernels (faster per token; the first call compiles for a while).
+    cuda_graph: None = the fast decoder replays each token as a CUDA graph on CUDA; False = never (a host's switch,
+    e.g. ComfyUI's --disable-cuda-graphs).
     """
     from transformers import DynamicCache, StaticCache
 
@@ -345,14 +358,12 @@ def generate_prior_tokens(
     decode_position_ids = inputs.decode_position_ids.to(device).expand(3, n, -1)
 
     uniforms = torch.stack([torch.rand(total, generator=g, device=g.device).to(device) for g in generators])
+    pick = token_picker(temperature, top_k, top_p)
     if use_fast_decoder(model, fast):
-
-        def pick(logits, u):
-            return sample_tokens(warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1), u)
-
         tokens = fast_ar.decode(
             model, input_ids, position_ids, decode_position_ids, uniforms, pick,
             rows=NUM_VQ_CODES, callback=callback, callback_every=callback_every, compile=compile_decoder,
+            cuda_graph=cuda_graph,
         )  # fmt: skip
         return _result(tokens, geometry, inputs, reference_ids)
 
@@ -364,8 +375,7 @@ def generate_prior_tokens(
 
     logits = next_token_logits(model, input_ids, position_ids, cache)  # [N, 16512]
     for step in range(total):
-        warped = warp_logits(logits[:, :NUM_VQ_CODES], temperature, top_k, top_p)
-        token = sample_tokens(warped.softmax(dim=-1), uniforms[:, step])  # [N]
+        token = pick(logits[:, :NUM_VQ_CODES], uniforms[:, step])  # [N]
         tokens[:, step] = token
         if callback is not None:
             callback(step + 1, total, tokens[:, : step + 1])

@@ -1,7 +1,6 @@
 """Fast AR decoding: GLM-Image's text decoder as plain tensor code over transformers' own weights.
 
-transformers' per-token forward costs ~60 ms on an H200 where reading the decoder's weights takes ~4 ms (reference
-§5): the time goes to Python, hundreds of small kernel launches and cache bookkeeping. Here one decode step is
+transformers' per-token forward costs ~60 ms on an H200 where reading the decoder's weights takes ~4 ms: the time goes to Python, hundreds of small kernel launches and cache bookkeeping. Here one decode step is
 
     embed -> 40 x [RMSNorm, q and kv projections, 3-axis partial RoPE, K/V into a preallocated cache, attention over
     the cache, o projection, RMSNorm, residual, RMSNorm, gated MLP, RMSNorm, residual] -> RMSNorm
@@ -21,6 +20,7 @@ internally. The cache costs 40 x 2 x 2 x 128 x 4 bytes = 80 KB per token and sam
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import deque
@@ -338,7 +338,7 @@ def decode(
     (the position of the k-th new token when it is fed back), uniforms [N, total] on the model's device, one per
     token. ``pick(logits[:, :rows], uniforms[:, k])`` chooses token k. callback(step, total, tokens[:, :step]) runs
     every ``callback_every`` tokens and after the last (step = tokens so far); an exception raised in it stops the
-    generation. cuda_graph: None = on CUDA devices. compile: fuse each decode layer's small kernels with
+    generation. cuda_graph: None = on CUDA devices (False, e.g., for ComfyUI's --disable-cuda-graphs). compile: fuse each decode layer's small kernels with
     ``torch.compile`` (see ``FastDecoder``).
 
     On CUDA the host queues up to two chunks of ``callback_every`` tokens and reports a chunk once the GPU has
@@ -349,18 +349,22 @@ def decode(
     loop = _DecodeLoop(decoder, input_ids.shape[1], decode_position_ids, uniforms, pick, rows)
     loop.first(decoder.prefill(input_ids, position_ids, rows))
     on_cuda = decoder.device.type == "cuda"
-    use_graph = on_cuda if cuda_graph is None else cuda_graph
-    run = _GraphRunner(loop) if use_graph else loop.step
+    runner = _GraphRunner(loop) if on_cuda and cuda_graph is not False else None
+    run = runner or loop.step
 
     pending: deque[tuple[int, torch.cuda.Event | None]] = deque()
     done = 1
-    report(callback, pending, done, total, loop.tokens, on_cuda, final=total == 1)
-    while done < total:
-        chunk = min(callback_every - done % callback_every, total - done)  # keep reports on multiples of k
-        for _ in range(chunk):
-            run()
-        done += chunk
-        report(callback, pending, done, total, loop.tokens, on_cuda, final=done == total)
+    try:
+        report(callback, pending, done, total, loop.tokens, on_cuda, final=total == 1)
+        while done < total:
+            chunk = min(callback_every - done % callback_every, total - done)  # keep reports on multiples of k
+            for _ in range(chunk):
+                run()
+            done += chunk
+            report(callback, pending, done, total, loop.tokens, on_cuda, final=done == total)
+    finally:
+        if runner is not None:
+            runner.release()  # its memory pool goes back to the allocator now, not when Python collects it
     return loop.tokens
 
 
@@ -384,7 +388,8 @@ def report(callback, pending: deque, done: int, total: int, tokens: torch.Tensor
 class _GraphRunner:
     """Replays ``loop.step`` as one CUDA graph. The first two calls run it eagerly on a side stream (warm-up: cuBLAS
     workspaces, lazy inits) as real decode steps; the third captures it, and it and every later call replay it. If
-    the capture fails, the step keeps running eagerly (same results, slower)."""
+    the capture fails, for any reason, the step keeps running eagerly (same results, slower). One graph per
+    generation, released at its end."""
 
     WARMUP = 2
 
@@ -410,13 +415,26 @@ class _GraphRunner:
                 self.loop.step()
             torch.cuda.current_stream().wait_stream(self.side)
 
+    def release(self) -> None:
+        if self.graph is not None:
+            self.graph.reset()
+            self.graph = None
+
     def _capture(self) -> torch.cuda.CUDAGraph | None:
         """Record one step (recording runs nothing: the state is unchanged until the first replay)."""
+        # Nothing in flight when capture starts, as ComfyUI does before its own graphs: allocator hooks (comfy-aimdo's
+        # dynamic VRAM) and other streams must not see work of this step half recorded.
+        torch.cuda.synchronize(self.loop.decoder.device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.loop.step()
-        except RuntimeError as e:  # depends on the CUDA setup; the eager step computes the same
-            logging.warning("GLM-Image AR: CUDA graph capture failed (%s); decoding without a graph.", e)
+        except Exception as e:  # depends on the CUDA setup and allocator; the eager step computes the same
+            _warn_once(f"GLM-Image AR: CUDA graph capture failed ({type(e).__name__}: {e}); decoding without a graph.")
             return None
         return graph
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.warning(message)

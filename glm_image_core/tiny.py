@@ -23,6 +23,7 @@ from torch import nn
 from .vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
 # Token ids of GLM-Image (vision_language_encoder/config.json and processor/tokenizer.json).
+PUBLISHED_CONFIGS = Path(__file__).parent / "published"  # the published config files as <subfolder>__<file>
 VISION_VOCAB_SIZE = 16512  # `<|dit_token_N|>` is token N: 0..16383 VQ codes, 16384 image start, 16385 image end
 TEXT_VOCAB_SIZE = 168064
 PAD_TOKEN_ID = 167841  # `<|endoftext|>`; GLM-4's special tokens follow it in GLM-4's order

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import comfy.cli_args
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
@@ -138,8 +139,9 @@ class GenerateTokens(io.ComfyNode):
             progress.update_absolute(step, total, preview=shown)
 
         result = ar.generate_prior_tokens(
-            model, inputs, generators, temperature=temperature, top_p=top_p, top_k=top_k or None, callback=on_token
-        )
+            model, inputs, generators, temperature=temperature, top_p=top_p, top_k=top_k or None, callback=on_token,
+            cuda_graph=False if getattr(comfy.cli_args.args, "disable_cuda_graphs", False) else None,
+        )  # fmt: skip
         references = [
             Reference(pixels=(image_to_tensor(image, gh * 16, gw * 16) / 2 + 0.5).permute(0, 2, 3, 1), prior_token_ids=ids[None].cpu())
             for image, ids, (gh, gw) in zip(images, result.reference_prior_ids, result.reference_grid_sizes)

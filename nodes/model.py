@@ -307,6 +307,26 @@ WEIGHT_DTYPES = {
 }
 
 
+def cast_to_model_dtypes(model: torch.nn.Module, state_dict: dict, dtype: torch.dtype) -> dict:
+    """Each floating tensor in the dtype its parameter is built with (the weight dtype). Without dynamic VRAM,
+    load_state_dict copies into parameters of that dtype and so casts; with it (ComfyUI 0.33+, comfy-aimdo), comfy.ops
+    layers are built empty and keep the loaded tensors as they are: an fp8 choice would keep bf16 weights and a bf16
+    file under an fp32 model would meet fp32 activations."""
+    built = dict(model.named_parameters())  # empty comfy.ops layers list none; their intended dtype is kept as
+    cast = {}  # `<name>_comfy_model_dtype` on the layer
+    for key, tensor in state_dict.items():
+        target = built[key].dtype if key in built else None
+        if target is None:
+            module_name, _, attribute = key.rpartition(".")
+            try:
+                module = model.get_submodule(module_name)
+            except AttributeError:  # not a key of this model: load_state_dict reports it
+                module = None
+            target = getattr(module, f"{attribute}_comfy_model_dtype", None) or dtype
+        cast[key] = tensor.to(target) if tensor.is_floating_point() else tensor
+    return cast
+
+
 def load_dit_patcher(
     state_dict: dict, config: dict, weight_dtype: str = "default", model_options: dict | None = None
 ) -> comfy.model_patcher.ModelPatcher:
@@ -336,6 +356,8 @@ def load_dit_patcher(
     model_config.optimizations["fp8"] = fp8_fast or model_options.get("fp8_optimizations", False)
     model_config.custom_operations = model_options.get("custom_operations", model_config.custom_operations)
     model = model_config.get_model(state_dict, "", device=offload_device)
+    if quantisation is None and "custom_operations" not in model_options:  # quantised layers take fp8 + scales as is
+        state_dict = cast_to_model_dtypes(model.diffusion_model, state_dict, dtype)
     missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not k.endswith(OPTIONAL_SCALES)]  # absent scales are 1
     if missing or unexpected:

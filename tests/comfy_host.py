@@ -2,8 +2,10 @@
 ComfyUI does, and run API-format prompts in-process or against a `main.py --cpu` server.
 
 Host tests start with `comfy_host.require_comfyui()`, which skips the module when ComfyUI is absent (set
-COMFYUI_PATH to a ComfyUI checkout; default /opt/ComfyUI). Everything here is internal ComfyUI API as of 0.3.64
-(comfyui-notes §6); keep it in this file.
+COMFYUI_PATH to a ComfyUI checkout; default /opt/ComfyUI). One pytest process tests one ComfyUI: `tests/run_hosts.py`
+runs the host tests once per checkout and setting. GLM_IMAGE_DYNAMIC_VRAM=1 switches on ComfyUI's dynamic VRAM
+(`comfy.memory_management.aimdo_enabled`, on by default on NVIDIA GPUs since March 2026) in this process and in the
+servers it starts. Everything here is internal ComfyUI API of 0.3.64 to 0.33; keep it in this file.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from functools import cache
 from pathlib import Path
 
 COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH", "/opt/ComfyUI")).resolve()
+DYNAMIC_VRAM = os.environ.get("GLM_IMAGE_DYNAMIC_VRAM") == "1"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_MODULE_NAME = str(REPO_ROOT).replace(".", "_x_")  # the sys.modules key ComfyUI's load_custom_node uses
 
@@ -45,6 +48,12 @@ def require_comfyui() -> None:
     _import_comfyui()
 
 
+def comfyui_version() -> tuple[int, ...]:
+    """The version of the ComfyUI under test, e.g. (0, 33, 0)."""
+    text = (COMFYUI_PATH / "comfyui_version.py").read_text()
+    return tuple(int(part) for part in text.split('__version__ = "')[1].split('"')[0].split("."))
+
+
 @cache
 def _import_comfyui() -> None:
     sys.path.insert(0, str(COMFYUI_PATH))
@@ -53,7 +62,7 @@ def _import_comfyui() -> None:
     if "comfy.model_management" in sys.modules and not args.cpu:
         raise RuntimeError("comfy.model_management was imported before comfy_host could set args.cpu = True")
     args.cpu = True  # must precede the first import of comfy.model_management (it probes CUDA at import)
-    with _torchvision_stub():
+    with _package_stubs():
         # As in main.py: ComfyUI's utils/ package first, before nodes.py puts comfy/ (with comfy/utils.py) first on
         # sys.path; then nodes.py, which imports comfy.sd, model_base, controlnet, ...
         importlib.import_module("utils.extra_config")
@@ -62,20 +71,37 @@ def _import_comfyui() -> None:
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))  # + comfy_extras nodes
     if Path(nodes.__file__).resolve() != COMFYUI_PATH / "nodes.py":
         raise RuntimeError(f"`import nodes` found {nodes.__file__}, not ComfyUI's nodes.py (this repo has a nodes/)")
+    _set_dynamic_vram()
 
 
-# --- torchvision ---------------------------------------------------------------------------------------------------
-# ComfyUI 0.3.64 imports torchvision at module level in comfy.ldm.cascade (Stable Cascade), comfy.ldm.cosmos and
-# comfy.ldm.ace (audio VAE), all reached by `import comfy.sd`, but uses it only when one of those models is built.
-# The test environment has CPU torch from the PyTorch index, and PyPI's torchvision for that version fails at
-# import ("operator torchvision::nms does not exist"). So, only when torchvision is not installed, a stub package
-# is importable while ComfyUI itself is imported and removed afterwards: transformers decides whether to use
-# torchvision image processors by `find_spec("torchvision")`, and must keep seeing it as absent.
+def _set_dynamic_vram() -> None:
+    """What main.py does when comfy-aimdo starts: comfy.ops layers are built empty and take the loaded tensors as
+    they are. (Its other half, CoreModelPatcher = ModelPatcherDynamic, needs the CUDA allocator hook.)"""
+    if not DYNAMIC_VRAM:
+        return
+    import comfy.memory_management
+
+    if not hasattr(comfy.memory_management, "aimdo_enabled"):
+        raise RuntimeError(f"GLM_IMAGE_DYNAMIC_VRAM=1, but ComfyUI {comfyui_version()} has no dynamic VRAM")
+    comfy.memory_management.aimdo_enabled = True
 
 
-class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+# --- torchvision, torchaudio ---------------------------------------------------------------------------------------
+# ComfyUI imports torchvision (0.3.64 on: comfy.ldm.cascade, cosmos, ace) and torchaudio (0.33: the LTX and ACE audio
+# VAEs, audio encoders) at module level, all reached by `import comfy.sd`, but uses them only when one of those
+# models is built. The test environment has the CPU torch, and PyPI's torchvision/torchaudio for it fail at import
+# ("operator torchvision::nms does not exist"). So, only for those not installed, a stub package is importable while
+# ComfyUI itself is imported and removed afterwards: transformers decides whether to use torchvision image
+# processors by `find_spec("torchvision")`, and must keep seeing it as absent.
+STUBBED_PACKAGES = ("torchvision", "torchaudio")
+
+
+class _PackageStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, packages: list[str]):
+        self.packages = packages
+
     def find_spec(self, name, path=None, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
+        if name.split(".")[0] in self.packages:
             return importlib.machinery.ModuleSpec(name, self, is_package=True)
         return None
 
@@ -84,23 +110,24 @@ class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):
         def __getattr__(attr):
-            raise AttributeError(f"{module.__name__}.{attr}: torchvision is a stub in the GLM-Image host tests")
+            raise AttributeError(f"{module.__name__}.{attr}: a stub in the GLM-Image host tests")
 
         module.__getattr__ = __getattr__
 
 
 @contextlib.contextmanager
-def _torchvision_stub():
-    if importlib.util.find_spec("torchvision") is not None:
+def _package_stubs():
+    missing = [name for name in STUBBED_PACKAGES if importlib.util.find_spec(name) is None]
+    if not missing:
         yield
         return
-    stub = _TorchvisionStub()
+    stub = _PackageStub(missing)
     sys.meta_path.append(stub)
     try:
         yield
     finally:
         sys.meta_path.remove(stub)
-        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        for name in [n for n in sys.modules if n.split(".")[0] in missing]:
             del sys.modules[name]  # ComfyUI's modules keep their reference; nothing else can find it now
         import_utils = sys.modules.get("transformers.utils.import_utils")
         for fn in vars(import_utils).values() if import_utils else ():
@@ -185,9 +212,20 @@ def run_prompt(prompt: dict, prompt_id: str | None = None) -> PromptRun:
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not ok:
         return PromptRun(success=False, error=error, node_errors=node_errors)
-    executor = execution.PromptExecutor(_NoServer(), cache_type=execution.CacheType.CLASSIC)
+    executor = execution.PromptExecutor(_NoServer(), cache_type=execution.CacheType.CLASSIC, **_cache_args())
     executor.execute(prompt, prompt_id, extra_data={}, execute_outputs=outputs)
     return PromptRun(executor.success, executor.history_result["outputs"], executor.status_messages)
+
+
+def _cache_args() -> dict:
+    """PromptExecutor's cache_args (ComfyUI 0.33 reads them even for the classic cache; 0.3.64 has none)."""
+    import inspect
+
+    import execution
+
+    if "cache_args" not in inspect.signature(execution.PromptExecutor).parameters:
+        return {}
+    return {"cache_args": {"lru": 0, "ram": 0, "ram_inactive": 0}}
 
 
 # --- a real server --------------------------------------------------------------------------------------------------
@@ -201,9 +239,10 @@ def _serve(argv: list[str]) -> None:
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    with _torchvision_stub():  # main.py's own imports then find these imported
+    with _package_stubs():  # main.py's own imports then find these imported
         importlib.import_module("utils.extra_config")
         importlib.import_module("nodes")
+    _set_dynamic_vram()
     import runpy
 
     runpy.run_path(sys.argv[0], run_name="__main__")

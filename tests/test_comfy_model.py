@@ -82,6 +82,23 @@ def test_fp8_weights_run_and_stay_near_the_float32_model(tiny_model_dir):
     assert torch.isfinite(out).all() and error < 0.2, error
 
 
+@pytest.mark.parametrize(
+    "weight_dtype,stored", [("default", torch.float32), ("fp8_e4m3fn", torch.float8_e4m3fn),
+                            ("fp8_e4m3fn_fast", torch.float8_e4m3fn)],
+)  # fmt: skip
+def test_the_weights_are_held_in_the_chosen_dtype(tiny_model_dir, weight_dtype, stored):
+    """The tiny file is bf16, as published; on the CPU the default weight dtype is float32. Under dynamic VRAM
+    (GLM_IMAGE_DYNAMIC_VRAM=1) comfy.ops layers keep the tensors they are given, so the loader casts them itself."""
+    folder = tiny_model_dir / "transformer"
+    config = json.loads((folder / "config.json").read_text())
+    state_dict = read_state_dict(folder)
+    patcher = model_nodes.load_dit_patcher(state_dict, config, weight_dtype)
+    params = list(patcher.model.diffusion_model.parameters())
+    assert {p.dtype for p in params} == {stored}
+    assert sum(p.nbytes for p in params) == sum(t.numel() for t in state_dict.values()) * stored.itemsize
+    assert patcher.model.model_config.optimizations.get("fp8", False) == weight_dtype.endswith("_fast")
+
+
 @pytest.mark.parametrize("sampler", comfy.samplers.KSampler.SAMPLERS)
 def test_every_stock_sampler_runs(models, sampler):
     patcher, _ = models

@@ -3,7 +3,6 @@ AutoencoderKL, through ComfyUI's own VAEDecode / VAEEncode nodes and their tiled
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +17,13 @@ from diffusers import AutoencoderKL  # noqa: E402
 
 import nodes as comfy_nodes  # noqa: E402  ComfyUI's nodes.py
 from glm_image_core import loading  # noqa: E402
+from glm_image_core.tiny import PUBLISHED_CONFIGS  # noqa: E402
 
 vae_module = comfy_host.import_pack_module("nodes.vae")
 latent_format = comfy_host.import_pack_module("nodes.latent_format")
 ModelFilesError = comfy_host.import_pack_module("glm_image_core.errors").ModelFilesError
 
-PUBLISHED_CONFIG = Path(__file__).resolve().parents[2] / "shared/reference/glm-image-configs/vae__config.json"
+PUBLISHED_CONFIG = PUBLISHED_CONFIGS / "vae__config.json"
 TINY = {  # the published config, shrunk: 4 levels, 3 resnets per block, fewer GroupNorm groups than ComfyUI's 32
     "block_out_channels": [32, 64, 64, 64],
     "norm_num_groups": 8,
@@ -39,8 +39,6 @@ TINY = {  # the published config, shrunk: 4 levels, 3 resnets per block, fewer G
 
 
 def published_config() -> dict:
-    if not PUBLISHED_CONFIG.is_file():
-        pytest.skip(f"{PUBLISHED_CONFIG} (the shared reference configs) is not beside this checkout")
     return json.loads(PUBLISHED_CONFIG.read_text())
 
 

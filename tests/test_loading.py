@@ -28,6 +28,7 @@ from glm_image_core.loading import (
     read_state_dict,
     save_single_file,
 )
+from glm_image_core.tiny import PUBLISHED_CONFIGS
 
 LOADERS = {
     "transformer": load_transformer,
@@ -203,10 +204,7 @@ def test_single_vae_file_without_metadata_infers_the_config_and_published_statis
 
 
 def test_vae_defaults_for_inference_are_the_published_values():
-    published_config = Path(__file__).parents[2] / "shared/reference/glm-image-configs/vae__config.json"
-    if not published_config.is_file():
-        pytest.skip("the shared reference configs are not beside this checkout")
-    published = json.loads(published_config.read_text())
+    published = json.loads((PUBLISHED_CONFIGS / "vae__config.json").read_text())
     assert list(PUBLISHED_LATENTS_MEAN) == published["latents_mean"]
     assert list(PUBLISHED_LATENTS_STD) == published["latents_std"]
     assert published["norm_num_groups"] == 32 and published["scaling_factor"] == 0.18215

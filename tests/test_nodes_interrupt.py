@@ -111,3 +111,15 @@ def test_the_executor_reports_an_interrupted_ar_and_runs_the_next_prompt(glm, un
     saved_as = run.outputs["3"]["text"][0].removeprefix("saved ")  # relative to the output folder
     saved = ar_nodes.tokens_from_file(os.path.join(folder_paths.get_output_directory(), saved_as))
     assert torch.equal(saved.prior_token_ids, uninterrupted.prior_token_ids)
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_comfyuis_disable_cuda_graphs_switch_reaches_the_decoder(glm, ar_model, monkeypatch, disabled):
+    import comfy.cli_args
+
+    seen = []
+    real = ar_nodes.ar.generate_prior_tokens
+    monkeypatch.setattr(ar_nodes.ar, "generate_prior_tokens", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(comfy.cli_args.args, "disable_cuda_graphs", disabled, raising=False)
+    generate_tokens(glm, ar_model)
+    assert seen[0]["cuda_graph"] is (False if disabled else None)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-# The published config files (`<subfolder>__<file>`), when this checkout sits next to the shared reference folder.
-PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "glm-image-configs"
-needs_published = pytest.mark.skipif(not PUBLISHED.is_dir(), reason="published config files not available")
+from glm_image_core.tiny import PUBLISHED_CONFIGS
+
+PUBLISHED = PUBLISHED_CONFIGS
 
 PUBLISHED_FILES = {
     "model_index.json",
@@ -78,7 +78,6 @@ def test_folder_is_small(tiny_model_dir):
     assert size < 60 * 2**20
 
 
-@needs_published
 @pytest.mark.parametrize(
     "published,written",
     [
@@ -142,7 +141,6 @@ SHRUNK = {
 }
 
 
-@needs_published
 @pytest.mark.parametrize("published", sorted(SHRUNK))
 def test_shrunk_configs_change_only_sizes(tiny_model_dir, published):
     written, sizes = SHRUNK[published]
