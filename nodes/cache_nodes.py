@@ -1,9 +1,9 @@
 """EasyCache (GLM-Image): the stock EasyCache with its cache applied row by row.
 
 The stock EasyCache node works on the GLM-Image MODEL (its DIFFUSION_MODEL wrapper sees every sampling call; the
-reference-image pass is not one of them, so it is never cached). One flaw in ComfyUI 0.3.x's EasyCache matters here:
+reference-image pass is not one of them, so it is never cached). One flaw in ComfyUI 0.3.64's EasyCache matters here:
 on a skipped step it adds every cond's cached difference to the whole batch, so when cond and uncond run as one batch
-(GLM-Image's text-to-image CFG does) both rows get both differences. Newer ComfyUI slices the batch per cond; this
+(GLM-Image's text-to-image CFG does) both rows get both differences. ComfyUI 0.33 slices the batch per cond; this
 node does the same on any version, with the stock node's settings and wrappers.
 """
 
@@ -17,7 +17,7 @@ class RowwiseEasyCacheHolder(nodes_easycache.EasyCacheHolder):
     """EasyCacheHolder whose skipped steps add each cond's cached difference to that cond's rows only."""
 
     def apply_cache_diff(self, x, uuids, *args, **kwargs):
-        if args or kwargs:  # newer ComfyUI (audio caches) already slices per cond
+        if args or kwargs:  # ComfyUI 0.33 (audio caches) already slices per cond
             return super().apply_cache_diff(x, uuids, *args, **kwargs)
         if self.first_cond_uuid in uuids:
             self.total_steps_skipped += 1
