@@ -73,6 +73,17 @@ def test_stock_easycache_stays_near_the_uncached_run_when_each_branch_runs_alone
     assert distance(cached, plain) <= MAX_DISTANCE
 
 
+@pytest.mark.xfail(
+    comfy_host.comfyui_version() < (0, 33),
+    reason="ComfyUI 0.3.64's EasyCache adds every cond's cached difference to the whole batch (0.61 off, measured): "
+    "use EasyCache (GLM-Image) there",
+    strict=True,
+)
+def test_stock_easycache_stays_near_the_uncached_run_with_batched_cfg(smooth_patcher):
+    plain, _, cached, _ = run_cached(smooth_patcher, EasyCacheNode, cfg=1.5)
+    assert distance(cached, plain) <= MAX_DISTANCE
+
+
 def test_glm_easycache_stays_near_the_uncached_run_with_batched_cfg(smooth_patcher):
     plain, plain_calls, cached, cached_calls = run_cached(smooth_patcher, cache_nodes.EasyCache, cfg=1.5)
     assert 1 - cached_calls / plain_calls >= MIN_SKIPPED
