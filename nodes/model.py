@@ -79,7 +79,8 @@ class ComfyGlmImageDiT(GlmImageTransformer2DModel):
     - `patches["double_block"]` run after each block with {"img", "txt", "x", "block_index", "transformer_options"}.
 
     The reference-image pass (`encode_reference`, once per sampling run) runs the core forward directly: no wrapper or
-    patch sees it, so step caches never replay it.
+    patch sees it, so step caches never replay it. `control` (ControlNet residuals) is accepted and unused: there is
+    no GLM-Image ControlNet.
     """
 
     def __init__(self, **kwargs):
