@@ -21,12 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# attention(q, k, v, key_mask) -> out; q, k, v: [B, heads, L, head_dim]; key_mask: bool [B, Lk] (True = attend) or
-# None; out: [B, heads, Lq, head_dim].
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# attention(q, k, v, key_mask, **options) -> out; q, k, v: [B, heads, L, head_dim]; key_mask: bool [B, Lk] (True =
+# attend) or None; out: [B, heads, Lq, head_dim]. `options` are what the caller of a block passed as
+# `attention_options` (a host's per-call settings, e.g. ComfyUI's transformer_options); none from `forward`.
+AttentionFn = Callable[..., torch.Tensor]
+
+# A run of batch rows whose glyph text is right-padded to the same number of real tokens: (first row, end row, n).
+TextGroups = list[tuple[int, int, int]]
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, **options
+) -> torch.Tensor:
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -141,12 +147,15 @@ class GlmImageTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dim, 4 * dim, gelu_tanh, dtype=dtype, device=device, operations=operations)
 
     def forward(
-        self, x, text, temb, rope, key_mask, attention: AttentionFn, reference=None, write_kv=None, text_groups=None
-    ):
+        self, x, text, temb, rope, key_mask, attention: AttentionFn, reference=None, write_kv=None, text_groups=None,
+        attention_options=None,
+    ):  # fmt: skip
         """x: [B, N, dim] image tokens; text: [B, T, dim]; temb: [B, time_embed_dim].
         reference: this layer's reference (k, v) to attend to; write_kv: a list to append this layer's (k, v) to.
         key_mask: bool [B, (L_ref +) N + T] or None. text_groups: (first row, end row, real text tokens) runs that
-        cover the batch, for right-padded text: each run attends to a prefix of the keys, without a mask."""
+        cover the batch, for right-padded text: each run attends to a prefix of the keys, without a mask.
+        attention_options: keyword arguments for every `attention` call (a host's per-call settings)."""
+        options = attention_options or {}
         (
             shift,
             c_shift,
@@ -175,11 +184,11 @@ class GlmImageTransformerBlock(nn.Module):
             if key_mask is not None:
                 key_mask = torch.cat([key_mask.new_ones(key_mask.shape[0], ref_k.shape[2]), key_mask], dim=1)
         if text_groups is None:
-            out = attention(q, k, v, key_mask)
+            out = attention(q, k, v, key_mask, **options)
         else:  # each run of rows sees its real text tokens as a prefix: no mask, so the fastest kernels apply
             before_text = k.shape[2] - text_len
             out = torch.cat(
-                [attention(q[a:b], k[a:b, :, : before_text + n], v[a:b, :, : before_text + n], None)
+                [attention(q[a:b], k[a:b, :, : before_text + n], v[a:b, :, : before_text + n], None, **options)
                  for a, b, n in text_groups]
             )  # fmt: skip
         out = self.attn1.to_out[0](out.transpose(1, 2).flatten(2).to(q.dtype))
@@ -194,21 +203,43 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return F.layer_norm(x, x.shape[-1:], eps=1e-5) * (1 + scale) + shift
 
 
-def padded_text_groups(mask: torch.Tensor) -> list[tuple[int, int, int]] | None:
-    """Runs of consecutive rows with the same number of real text tokens, ``[(first, end, n), ...]``, when every row
-    of ``mask`` (bool [B, T], True = real) is right-padded (n real tokens, then padding); None otherwise. One small
-    copy to the host per forward."""
-    rows = mask.bool().cpu()
-    lengths = rows.sum(dim=1)
-    if not torch.equal(rows, torch.arange(rows.shape[1]) < lengths[:, None]):
-        return None
-    groups: list[tuple[int, int, int]] = []
-    for i, n in enumerate(lengths.tolist()):
+def text_groups_for_lengths(lengths: list[int]) -> TextGroups:
+    """Runs of consecutive rows with the same number of real (right-padded) text tokens: ``[(first, end, n), ...]``.
+    A host that knows each row's length (ComfyUI: from the cond shapes) passes these to `forward` as `text_groups`,
+    so the DiT never reads the mask back from the device."""
+    groups: TextGroups = []
+    for i, n in enumerate(lengths):
         if groups and groups[-1][2] == n:
             groups[-1] = (groups[-1][0], i + 1, n)
         else:
             groups.append((i, i + 1, n))
     return groups
+
+
+def padded_text_groups(mask: torch.Tensor) -> TextGroups | None:
+    """`text_groups_for_lengths` of ``mask`` (bool [B, T], True = real) when every row is right-padded (n real
+    tokens, then padding); None otherwise. One small copy to the host."""
+    rows = mask.bool().cpu()
+    lengths = rows.sum(dim=1)
+    if not torch.equal(rows, torch.arange(rows.shape[1]) < lengths[:, None]):
+        return None
+    return text_groups_for_lengths(lengths.tolist())
+
+
+def attention_layout(
+    mask: torch.Tensor | None, image_len: int, text_len: int, text_groups: TextGroups | None = None
+) -> tuple[torch.Tensor | None, TextGroups | None]:
+    """How the blocks attend to the text: (key_mask, text_groups), at most one of them set. Right-padded text runs
+    group by group without a mask; other masks mask the keys [image; text]; unpadded text needs neither."""
+    if mask is None:
+        return None, None
+    if text_groups is None:
+        text_groups = padded_text_groups(mask)
+    if text_groups is None:  # not right-padded: mask the keys (image keys first, as the blocks order them)
+        return torch.cat([mask.new_ones(mask.shape[0], image_len), mask], 1).bool(), None
+    if len(text_groups) == 1 and text_groups[0][2] == text_len:
+        return None, None  # nothing is padded
+    return None, text_groups
 
 
 class GlmImageTransformer2DModel(nn.Module):
@@ -240,6 +271,7 @@ class GlmImageTransformer2DModel(nn.Module):
         self.dtype = dtype
         self.attention = attention
         dim = num_attention_heads * attention_head_dim
+        self.inner_dim = dim
         kw = dict(dtype=dtype, device=device)
 
         self.image_projector = nn.Module()
@@ -307,6 +339,7 @@ class GlmImageTransformer2DModel(nn.Module):
         reference_kv: ReferenceKV | None = None,
         collect_kv: list | None = None,
         attention: AttentionFn | None = None,
+        text_groups: TextGroups | None = None,
     ) -> torch.Tensor:
         """Flow velocity (noise - x0) for a latent.
 
@@ -321,33 +354,49 @@ class GlmImageTransformer2DModel(nn.Module):
             rows (``glyph.pad_glyphs``) are attended without a mask, run by run of equal length.
         reference_kv: reference-image keys/values to attend to (conditional branch of editing).
         collect_kv: if given, each layer appends its (k, v) here (how `encode_reference` records them).
-        attention: overrides the model's attention function for this call (a host passes per-call options this way).
+        attention: overrides the model's attention function for this call.
+        text_groups: the right-padded layout of the mask, if the caller knows it (`text_groups_for_lengths`);
+            otherwise it is read from the mask.
         Returns [B, out_channels, H, W].
         """
-        b, _, height, width = hidden_states.shape
+        height, width = hidden_states.shape[2:]
+        x, text, temb, rope = self.embed(
+            hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep, target_size, crop_coords
+        )
+        key_mask, text_groups = attention_layout(encoder_attention_mask, x.shape[1], text.shape[1], text_groups)
+        for i, block in enumerate(self.transformer_blocks):
+            reference = None if reference_kv is None else reference_kv.layers[i]
+            x, text = block(
+                x, text, temb, rope, key_mask, attention or self.attention, reference, collect_kv, text_groups
+            )
+        return self.unembed(x, temb, height, width)
+
+    def embed(self, hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep, target_size,
+              crop_coords):  # fmt: skip
+        """The blocks' inputs (arguments as `forward`): image tokens x [B, N, dim], text tokens [B, T, dim], temb
+        [B, time_embed_dim] and the RoPE (cos, sin) of the patch grid."""
+        height, width = hidden_states.shape[2:]
         p = self.patch_size
         dtype = hidden_states.dtype
         rope = rope_2d(height // p, width // p, self.head_dim, hidden_states.device)
         x = self.embed_image(hidden_states, prior_token_id, prior_token_drop)
         text = self.glyph_projector(encoder_hidden_states.to(dtype))
         temb = self.conditioning(timestep, target_size, crop_coords, dtype)
-        key_mask, text_groups = None, None
-        if encoder_attention_mask is not None:
-            text_groups = padded_text_groups(encoder_attention_mask)
-            if text_groups is None:  # not right-padded: mask the keys (image keys first, as the blocks order them)
-                key_mask = torch.cat([encoder_attention_mask.new_ones(b, x.shape[1]), encoder_attention_mask], 1).bool()
-            elif len(text_groups) == 1 and text_groups[0][2] == text.shape[1]:
-                text_groups = None  # nothing is padded
-        for i, block in enumerate(self.transformer_blocks):
-            reference = None if reference_kv is None else reference_kv.layers[i]
-            x, text = block(
-                x, text, temb, rope, key_mask, attention or self.attention, reference, collect_kv, text_groups
-            )
+        return x, text, temb, rope
 
-        scale, shift = self.norm_out.linear(temb.to(dtype))[:, None].chunk(2, dim=-1)
+    def unembed(self, x: torch.Tensor, temb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Image tokens [B, N, dim] after the last block -> [B, out_channels, height, width] (latent cells)."""
+        p = self.patch_size
+        scale, shift = self.norm_out.linear(temb.to(x.dtype))[:, None].chunk(2, dim=-1)
         x = self.proj_out(modulate(x, shift, scale))  # [B, N, p*p*C]
-        x = x.reshape(b, height // p, width // p, -1, p, p).permute(0, 3, 1, 4, 2, 5)
-        return x.reshape(b, -1, height, width)
+        x = x.reshape(x.shape[0], height // p, width // p, -1, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(x.shape[0], -1, height, width)
+
+    def reference_kv_elements(self, latent_height: int, latent_width: int) -> int:
+        """How many numbers `encode_reference` stores for one reference latent of this size: a key and a value
+        [heads, L_ref, head_dim] per layer, L_ref = its patch count."""
+        tokens = (latent_height // self.patch_size) * (latent_width // self.patch_size)
+        return 2 * len(self.transformer_blocks) * tokens * self.inner_dim
 
     @torch.no_grad()
     def encode_reference(

@@ -395,10 +395,11 @@ def check_weights_match(
     files: ComponentFiles,
     optional: frozenset[str] = frozenset(),
 ) -> None:
-    """Every tensor the model expects is in the files with its shape, and nothing else; else ModelFilesError."""
+    """Every tensor the model expects is in the files with its shape, and nothing else (but the scales of a scaled-fp8
+    file); else ModelFilesError."""
     found = files.weights.shapes
     missing = [k for k in expected if k not in found and k not in optional]
-    unexpected = [k for k in found if k not in expected]
+    unexpected = [k for k in found if k not in expected and not is_scaled_fp8_key(k, expected)]
     mismatched = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
     if not (missing or unexpected or mismatched):
         return
@@ -440,6 +441,79 @@ def _assign_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         raise RuntimeError(f"{type(model).__name__} kept tensors on the meta device after loading: {left[:3]}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Quantised weights: ComfyUI's scaled-fp8 single files are read; other quantisations are refused by name
+
+# A scaled-fp8 file: the `scaled_fp8` marker tensor, each Linear weight in fp8 with a float32 `scale_weight` (the
+# weight is fp8 * scale) and possibly a `scale_input`; everything else as in the bf16 files.
+SCALED_FP8_MARKER = "scaled_fp8"
+SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+FP8_MAX = 448.0  # the largest float8_e4m3fn
+FOREIGN_QUANTISATIONS = {  # a key suffix -> the format it belongs to
+    ".comfy_quant": "ComfyUI mixed-precision (comfy_quant)",
+    ".weight_scale": "ComfyUI mixed-precision (comfy_quant)",
+    ".absmax": "bitsandbytes 4-bit",
+    ".SCB": "bitsandbytes 8-bit",
+    ".qweight": "GPTQ/AWQ",
+}
+
+
+def is_scaled_fp8_key(key: str, expected) -> bool:
+    """The marker, or the scale of a layer whose weight the model has."""
+    if key == SCALED_FP8_MARKER:
+        return True
+    return key.endswith(SCALE_SUFFIXES) and f"{key.rsplit('.', 1)[0]}.weight" in expected
+
+
+def check_quantisation(files: ComponentFiles) -> bool:
+    """True for a ComfyUI scaled-fp8 file, False for plain (bf16/fp32/fp8) weights; a ModelFilesError naming the
+    format for quantisations this loader cannot use."""
+    refuse = None
+    if "quantization_config" in files.config:
+        refuse = f"{files.config_source} describes a quantised re-upload ({files.config['quantization_config'].get('quant_method', '?')})"
+    elif "_quantization_metadata" in files.weights.metadata:
+        refuse = f"{files.weights.where} carries ComfyUI's per-layer quantisation metadata (_quantization_metadata)"
+    else:
+        for key in files.weights.shapes:
+            fmt = next((f for suffix, f in FOREIGN_QUANTISATIONS.items() if key.endswith(suffix)), None)
+            if fmt is not None:
+                refuse = f"{files.weights.where} holds {fmt} weights (e.g. {key})"
+                break
+    if refuse:
+        raise ModelFilesError(
+            f"{refuse}; this loader reads bf16/fp32/fp8 weights and ComfyUI scaled-fp8 files. Use the files of "
+            "zai-org/GLM-Image, or make a scaled-fp8 file from them with save_single_file(..., scaled_fp8=True)."
+        )
+    return SCALED_FP8_MARKER in files.weights.shapes
+
+
+def dequantise_scaled_fp8(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """A scaled-fp8 state dict as plain weights: each Linear weight = fp8 * scale_weight (in float32), then ``dtype``
+    (None: float32 for them, the others as stored)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if key == SCALED_FP8_MARKER or key.endswith(SCALE_SUFFIXES):
+            continue
+        scale = state_dict.get(f"{key.rsplit('.', 1)[0]}.scale_weight") if key.endswith(".weight") else None
+        if scale is not None:
+            tensor = tensor.float() * scale.float()
+        out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return out
+
+
+def quantise_scaled_fp8(state_dict: dict[str, torch.Tensor], linear_layers) -> dict[str, torch.Tensor]:
+    """ComfyUI's scaled-fp8 layout: the weight of every layer in ``linear_layers`` (module names) in float8_e4m3fn
+    with one float32 ``scale_weight`` per layer (its largest magnitude / 448), the rest as given, plus the marker."""
+    out = dict(state_dict)
+    for name in linear_layers:
+        weight = state_dict[f"{name}.weight"].float()
+        scale = (weight.abs().max() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        out[f"{name}.weight"] = (weight / scale).to(torch.float8_e4m3fn)
+        out[f"{name}.scale_weight"] = scale.reshape(())
+    out[SCALED_FP8_MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
 def _checked_meta_model(cls: type, kwargs: dict, component: Component, files: ComponentFiles, dtype, ops: dict):
     """``cls(**kwargs)`` on the meta device (no memory), after checking the files hold exactly its tensors."""
     try:
@@ -469,6 +543,8 @@ def read_checked_weights(
         k: v for k, v in _constructor_kwargs(cls, files.config).items() if k not in ("dtype", "device", "operations")
     }
     _checked_meta_model(cls, kwargs, component, files, None, {})
+    if check_quantisation(files):  # the fp8 weights and their scales go to the host as stored
+        dtype = None
     return files.config, load_tensors(files.weights, dtype)
 
 
@@ -489,7 +565,10 @@ def _build_and_load(
     """
     ops = {} if operations is None else {"operations": operations}
     meta_model = _checked_meta_model(cls, kwargs, component, files, dtype, ops)
-    state_dict = load_tensors(files.weights, dtype, device)
+    if check_quantisation(files):
+        state_dict = dequantise_scaled_fp8(load_tensors(files.weights, None, device), dtype)
+    else:
+        state_dict = load_tensors(files.weights, dtype, device)
     if operations is None:
         model = meta_model
         _assign_weights(model, state_dict)
@@ -537,12 +616,7 @@ def load_transformer(
     from .dit import GlmImageTransformer2DModel
 
     files = open_component(path, TRANSFORMER, infer_transformer_config)
-    if "quantization_config" in files.config:
-        method = files.config["quantization_config"].get("quant_method", "?")
-        raise ModelFilesError(
-            f"{files.config_source} describes a quantised re-upload ({method}); this loader reads the bf16 "
-            "weights of zai-org/GLM-Image (or single files made from them with save_single_file)."
-        )
+    check_quantisation(files)
     kwargs = _constructor_kwargs(GlmImageTransformer2DModel, files.config)
     for key in ("dtype", "device", "operations"):
         kwargs.pop(key, None)
@@ -780,11 +854,13 @@ def check_files(path: str | Path, component: Component) -> None:
 # Single-file export
 
 
-def save_single_file(component_path: str | Path, out_file: str | Path) -> Path:
+def save_single_file(component_path: str | Path, out_file: str | Path, scaled_fp8: bool = False) -> Path:
     """Merge a component folder (``transformer/``, ``vae/`` or ``text_encoder/``) into one .safetensors file.
 
     The folder's config.json goes into the file's metadata (``config``), so the loaders rebuild exactly the same
     model from the file alone. Tensors are written as stored (no cast). Needs the component's size in memory.
+    ``scaled_fp8`` (the DiT only): every Linear weight in fp8 with a per-layer scale, ComfyUI's scaled-fp8 format
+    (about half the size of bf16; ComfyUI's DiT loader and ``load_transformer`` read it).
     """
     folder = Path(component_path)
     config_path = folder / "config.json"
@@ -804,6 +880,17 @@ def save_single_file(component_path: str | Path, out_file: str | Path) -> Path:
     _check_signature(component, weights)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: t.contiguous() for k, t in load_tensors(weights).items()}
+    tensors = load_tensors(weights)
+    if scaled_fp8:
+        if component is not TRANSFORMER:
+            raise InvalidInputError(f"scaled_fp8 export is for the DiT, not {component.label}.")
+        from .dit import GlmImageTransformer2DModel
+
+        kwargs = _constructor_kwargs(GlmImageTransformer2DModel, config)
+        with torch.device("meta"):
+            model = GlmImageTransformer2DModel(**kwargs)
+        linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        tensors = quantise_scaled_fp8(tensors, linear)
+    tensors = {k: t.contiguous() for k, t in tensors.items()}
     save_file(tensors, out_file, metadata={"format": "pt", "config": json.dumps(config)})
     return out_file

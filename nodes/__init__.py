@@ -2,7 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import ar_nodes, dit_nodes, encode_nodes, paths, vae_nodes
+from . import ar_nodes, cache_nodes, dit_nodes, encode_nodes, lora_nodes, paths, vae_nodes
 
 NODES: list[type[io.ComfyNode]] = [
     ar_nodes.ARModelLoader,
@@ -15,6 +15,8 @@ NODES: list[type[io.ComfyNode]] = [
     dit_nodes.ModelSampling,
     dit_nodes.EmptyLatent,
     dit_nodes.Scheduler,
+    cache_nodes.EasyCache,
+    lora_nodes.LoraLoader,
     vae_nodes.VAELoader,
 ]
 

@@ -125,4 +125,6 @@ class Encode(io.ComfyNode):
                  "image_size": tuple(ref.pixels.shape[1:3])}
                 for ref in tokens.references
             ]  # fmt: skip
-        return io.NodeOutput([[cond, dict(extras)]], [[empty, dict(extras)]])
+        # the unconditional branch never reads the references: leaving them off keeps ComfyUI's memory estimate exact
+        negative = {k: v for k, v in extras.items() if k != "glm_references"}
+        return io.NodeOutput([[cond, dict(extras)]], [[empty, negative]])

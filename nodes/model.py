@@ -13,19 +13,23 @@ How a GLM-Image conditioning reaches the DiT (see comfyui-notes §2-3):
 
 from __future__ import annotations
 
+import math
+
 import comfy.conds
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.model_sampling
+import comfy.patcher_extension
 import comfy.supported_models_base
 import comfy.utils
 import torch
 from comfy.ldm.modules.attention import optimized_attention_masked
 
-from ..glm_image_core.dit import GlmImageTransformer2DModel, ReferenceKV
+from ..glm_image_core.dit import GlmImageTransformer2DModel, ReferenceKV, attention_layout, text_groups_for_lengths
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.glyph import pad_glyphs
+from ..glm_image_core.loading import SCALED_FP8_MARKER
 from ..glm_image_core.schedule import compute_mu
 from .latent_format import GlmImageLatentFormat
 
@@ -48,56 +52,106 @@ def model_sampling_for_size(width: int, height: int) -> GlmImageModelSampling:
     return sampling
 
 
-def comfy_attention(transformer_options):
-    """The core's attention(q, k, v, key_mask) through ComfyUI's dispatch (sage/xformers/flash/SDPA/sub-quad)."""
-
-    def attention(q, k, v, key_mask):
-        mask = None
-        if key_mask is not None:  # additive form: every ComfyUI backend accepts it
-            mask = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
-            mask = mask.masked_fill(~key_mask, -torch.finfo(q.dtype).max)[:, None, None, :]
-        return optimized_attention_masked(
-            q, k, v, q.shape[1], mask, skip_reshape=True, skip_output_reshape=True,
-            transformer_options=transformer_options,
-        )  # fmt: skip
-
-    return attention
+def comfy_attention(q, k, v, key_mask, transformer_options=None):
+    """The core's attention through ComfyUI's dispatch (sage/xformers/flash/SDPA/sub-quad). One module-level function,
+    so a compiled model sees the same function on every call; the per-call transformer_options (attention overrides,
+    block index) come in as an argument."""
+    mask = None
+    if key_mask is not None:  # additive form: every ComfyUI backend accepts it
+        mask = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(~key_mask, -torch.finfo(q.dtype).max)[:, None, None, :]
+    return optimized_attention_masked(
+        q, k, v, q.shape[1], mask, skip_reshape=True, skip_output_reshape=True,
+        transformer_options=transformer_options or {},
+    )  # fmt: skip
 
 
 class ComfyGlmImageDiT(GlmImageTransformer2DModel):
-    """The core DiT behind ComfyUI's diffusion_model call convention."""
+    """The core DiT behind ComfyUI's diffusion_model call convention, open to what ComfyUI attaches to native DiTs:
 
-    def forward(
-        self, x, timestep, context=None, glyph=None, prior_token_id=None, prior_token_drop=None, reference_kv=None,
-        transformer_options=None, **kwargs,
-    ):  # fmt: skip
-        embeds, mask = glyph
+    - wrappers: the forward runs inside the DIFFUSION_MODEL wrapper executor (EasyCache, TorchCompileModel, ...);
+    - transformer_options reach every block's attention, with `block_index`, `total_blocks` and `block_type`
+      ("double") set as Qwen-Image and Flux set them, beside ComfyUI's own `sigmas`, `cond_or_uncond`, `uuids`;
+    - `patches_replace["dit"][("double_block", i)]` replaces block i. GLM's blocks are one stream of joint blocks
+      (image and text tokens with their own modulations, like Qwen-Image's), so they use Qwen-Image's key:
+      args {"img", "txt", "vec", "pe", "transformer_options"} -> {"img", "txt"};
+    - `patches["double_block"]` run after each block with {"img", "txt", "x", "block_index", "transformer_options"}.
+
+    The reference-image pass (`encode_reference`, once per sampling run) runs the core forward directly: no wrapper or
+    patch sees it, so step caches never replay it. `control` (ControlNet residuals) is accepted and unused: there is
+    no GLM-Image ControlNet.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs, attention=comfy_attention)
+
+    def forward(self, x, timestep, context=None, glyph=None, prior_token_id=None, prior_token_drop=None,
+                reference_kv=None, control=None, transformer_options=None, **kwargs):  # fmt: skip
+        transformer_options = {} if transformer_options is None else transformer_options
+        wrappers = comfy.patcher_extension.get_all_wrappers(
+            comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options
+        )
+        if wrappers:
+            # Stock EasyCache adds its cached difference to this input in place; when the model computes in float32,
+            # x is the very tensor BaseModel later turns into denoised = x - v * sigma, which that would corrupt.
+            x = x.clone()
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
+            x, timestep, context, glyph, prior_token_id, prior_token_drop, reference_kv, control, transformer_options,
+            **kwargs,
+        )  # fmt: skip
+
+    def _forward(self, x, timestep, context, glyph, prior_token_id, prior_token_drop, reference_kv, control,
+                 transformer_options, **kwargs):  # fmt: skip
+        """x: [B, 16, h, w]; timestep: [B]; glyph: GlyphCond.concat's [embeds [B, T, C], mask [B, T], text groups]."""
+        embeds, mask, *layout = glyph
         b, _, h, w = x.shape
         target = torch.tensor([[h * 8, w * 8]], dtype=torch.float32, device=x.device).expand(b, 2)
-        return super().forward(
-            x,
-            embeds,
-            prior_token_id,
-            prior_token_drop,
-            timestep,
-            target,
-            torch.zeros_like(target),
-            encoder_attention_mask=mask.bool(),
-            reference_kv=reference_kv,
-            attention=comfy_attention(transformer_options or {}),
+        img, txt, temb, rope = self.embed(
+            x, embeds, prior_token_id, prior_token_drop, timestep, target, torch.zeros_like(target)
         )
+        key_mask, text_groups = attention_layout(mask.bool(), img.shape[1], txt.shape[1], *layout)
+        blocks_replace = transformer_options.get("patches_replace", {}).get("dit", {})
+        block_patches = transformer_options.get("patches", {}).get("double_block", [])
+        transformer_options["total_blocks"] = len(self.transformer_blocks)
+        transformer_options["block_type"] = "double"
+        for i, block in enumerate(self.transformer_blocks):
+            transformer_options["block_index"] = i
+            reference = None if reference_kv is None else reference_kv.layers[i]
+
+            def original_block(args, block=block, reference=reference):
+                img, txt = block(
+                    args["img"], args["txt"], args["vec"], args["pe"], key_mask, self.attention, reference,
+                    text_groups=text_groups, attention_options={"transformer_options": args["transformer_options"]},
+                )  # fmt: skip
+                return {"img": img, "txt": txt}
+
+            args = {"img": img, "txt": txt, "vec": temb, "pe": rope, "transformer_options": transformer_options}
+            if ("double_block", i) in blocks_replace:
+                out = blocks_replace[("double_block", i)](args, {"original_block": original_block})
+            else:
+                out = original_block(args)
+            img, txt = out["img"], out["txt"]
+            for patch in block_patches:
+                out = patch(
+                    {"img": img, "txt": txt, "x": x, "block_index": i, "transformer_options": transformer_options}
+                )
+                img, txt = out["img"], out["txt"]
+        return self.unembed(img, temb, h, w)
 
 
 class GlyphCond(comfy.conds.CONDRegular):
     """Glyph embeddings [1, T, C]. Conds of any length batch together: zero padding plus a mask (long, so that
-    ComfyUI moves it without casting it to the model dtype)."""
+    ComfyUI moves it without casting it to the model dtype), and the padding layout (text groups) worked out from
+    the conds' shapes on the host, so the DiT never reads the mask back from the device."""
 
     def can_concat(self, other):
         return self.cond.shape[2] == other.cond.shape[2] and self.cond.device == other.cond.device
 
     def concat(self, others):
-        embeds, mask = pad_glyphs([self.cond] + [o.cond for o in others])
-        return [embeds, mask.long()]
+        conds = [self.cond] + [o.cond for o in others]
+        embeds, mask = pad_glyphs(conds)
+        lengths = [c.shape[1] for c in conds for _ in range(c.shape[0])]
+        return [embeds, mask.long(), text_groups_for_lengths(lengths)]
 
 
 class ReferenceKVCond:
@@ -116,13 +170,43 @@ class ReferenceKVCond:
         return self.cond
 
     def size(self):
-        return [1]
+        """[B_ref, L_ref]: the reference tokens every conditional attention also reads (see GlmImageModel's memory)."""
+        k = self.cond.layers[0][0]  # [B_ref, heads, L_ref, head_dim]
+        return [k.shape[0], k.shape[2]]
 
 
 class GlmImageModel(comfy.model_base.BaseModel):
+    """Memory, as ComfyUI estimates it for a sampling run (`memory_required`, from `extra_conds_shapes` before
+    sampling and from the conds' `size()` to batch conds): the latent, plus the glyph tokens and the reference tokens
+    each sample attends to, counted as latent area (one token = one patch of latent cells); plus, before sampling,
+    the reference K/V that `extra_conds` will store for the whole run (2 x layers x tokens x width numbers; ~1.9 GiB
+    in bf16 per 1024x1024 reference for the published DiT)."""
+
     def __init__(self, model_config, device=None):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=ComfyGlmImageDiT)
         self.model_sampling = GlmImageModelSampling(model_config)
+        patch_area = self.diffusion_model.patch_size**2
+        self.memory_usage_factor_conds = ("glyph", "reference_kv")
+        tokens_as_latent = lambda shape: [shape[0], 1, shape[1] * patch_area]  # noqa: E731  [B, tokens, ...]
+        self.memory_usage_shape_process = {"glyph": tokens_as_latent, "reference_kv": tokens_as_latent}
+
+    def extra_conds_shapes(self, **kwargs):
+        """Per conditioning, before sampling: glyph [1, T, C], reference tokens [1, L_ref] and the K/V numbers."""
+        out = {}
+        if kwargs.get("cross_attn") is not None:
+            out["glyph"] = list(kwargs["cross_attn"].shape)
+        references = kwargs.get("glm_references")
+        if references:
+            dit = self.diffusion_model
+            latents = [ref["latent"].shape for ref in references]  # [B, 16, h, w]
+            out["reference_kv"] = [1, sum(b * (h // dit.patch_size) * (w // dit.patch_size) for b, _, h, w in latents)]
+            out["reference_kv_stored"] = [sum(b * dit.reference_kv_elements(h, w) for b, _, h, w in latents)]
+        return out
+
+    def memory_required(self, input_shape, cond_shapes={}):  # noqa: B006 (ComfyUI's signature)
+        stored = sum(math.prod(shape) for shape in cond_shapes.get("reference_kv_stored", []))
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        return super().memory_required(input_shape, cond_shapes) + stored * comfy.model_management.dtype_size(dtype)
 
     def process_timestep(self, timestep, **kwargs):
         return timestep - 1.0  # the reference feeds the DiT t - 1
@@ -255,28 +339,62 @@ def cast_to_model_dtypes(model: torch.nn.Module, state_dict: dict, dtype: torch.
     return cast
 
 
-def load_dit_patcher(state_dict: dict, config: dict, weight_dtype: str = "default") -> comfy.model_patcher.ModelPatcher:
+def load_dit_patcher(
+    state_dict: dict, config: dict, weight_dtype: str = "default", model_options: dict | None = None
+) -> comfy.model_patcher.ModelPatcher:
     """The DiT under ComfyUI's model management, as UNETLoader would build it. `config`: the published
-    transformer/config.json keys."""
+    transformer/config.json keys. `model_options` as comfy.sd.load_diffusion_model_state_dict takes them ("dtype",
+    "custom_operations", "fp8_optimizations"); they win over `weight_dtype`. A ComfyUI scaled-fp8 file (the
+    `scaled_fp8` marker) loads with ComfyUI's scaled-fp8 layers."""
+    model_options = model_options or {}
     mm = comfy.model_management
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     dtype, fp8_fast = WEIGHT_DTYPES[weight_dtype]
+    dtype = model_options.get("dtype", dtype)
     model_config = GlmImageConfig({k: v for k, v in config.items() if not k.startswith("_")})
+    state_dict, quantisation = use_quantisation(model_config, state_dict, model_options)
     if dtype is None:
         dtype = mm.unet_dtype(
             model_params=comfy.utils.calculate_parameters(state_dict),
             supported_dtypes=model_config.supported_inference_dtypes,
-            weight_dtype=comfy.utils.weight_dtype(state_dict),
+            weight_dtype=None if quantisation else comfy.utils.weight_dtype(state_dict),
         )
     model_config.set_inference_dtype(
-        dtype, mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
+        dtype,
+        mm.unet_manual_cast(
+            None if quantisation == MIXED_OPS else dtype, load_device, model_config.supported_inference_dtypes
+        ),
     )
-    model_config.optimizations["fp8"] = fp8_fast
+    model_config.optimizations["fp8"] = fp8_fast or model_options.get("fp8_optimizations", False)
+    model_config.custom_operations = model_options.get("custom_operations", model_config.custom_operations)
     model = model_config.get_model(state_dict, "", device=offload_device)
-    state_dict = cast_to_model_dtypes(model.diffusion_model, state_dict, dtype)
+    if quantisation is None and "custom_operations" not in model_options:  # quantised layers take fp8 + scales as is
+        state_dict = cast_to_model_dtypes(model.diffusion_model, state_dict, dtype)
     missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.endswith(OPTIONAL_SCALES)]  # absent scales are 1
     if missing or unexpected:
         raise InvalidInputError(
             f"GLM-Image DiT weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+SCALED_OPS, MIXED_OPS = "scaled_fp8", "mixed_ops"
+OPTIONAL_SCALES = (".scale_weight", ".scale_input")
+
+
+def use_quantisation(model_config, state_dict: dict, model_options: dict) -> tuple[dict, str | None]:
+    """Set up ComfyUI's layers for a scaled-fp8 file (`scaled_fp8` marker, per-Linear `scale_weight`), as
+    comfy.sd.load_diffusion_model_state_dict does: ComfyUI 0.3.x builds scaled-fp8 Linear layers from the marker;
+    newer ComfyUI (comfy.utils.convert_old_quants) turns the file into per-layer quantisation configs for its
+    mixed-precision layers. Returns the state dict to load and which of the two applies (None: not quantised).
+    Custom operations (a GGUF-style loader) get the state dict as it is."""
+    if SCALED_FP8_MARKER not in state_dict or "custom_operations" in model_options:
+        return state_dict, None
+    if hasattr(comfy.utils, "convert_old_quants"):
+        state_dict, _ = comfy.utils.convert_old_quants(state_dict, "", metadata={})
+        model_config.quant_config = comfy.utils.detect_layer_quantization(state_dict, "")
+        return state_dict, MIXED_OPS
+    marker = state_dict.pop(SCALED_FP8_MARKER)
+    model_config.scaled_fp8 = torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype
+    return state_dict, SCALED_OPS

@@ -134,3 +134,13 @@ def test_glyph_mask_with_holes_equals_the_sample_without_those_tokens(dits):
         got = ours(latent, glyph, prior, drop, timestep, target, crop, encoder_attention_mask=mask)
     kept = run_reference(reference, latent, glyph[:, mask[0]], prior, drop, timestep, target, crop)
     assert (got - kept).abs().max() <= TOLERANCE
+
+
+def test_the_published_dit_stores_1_875_gib_of_reference_kv_per_1024px_reference_in_bf16():
+    """30 layers x (key + value) x 4096 tokens x 4096 numbers x 2 bytes: what ComfyUI's memory estimate adds."""
+    from glm_image_core.dit import GlmImageTransformer2DModel
+
+    with torch.device("meta"):
+        published = GlmImageTransformer2DModel()
+    assert published.reference_kv_elements(128, 128) * 2 / 2**30 == 1.875
+    assert published.reference_kv_elements(256, 256) * 2 / 2**30 == 7.5  # a 2048x2048 reference

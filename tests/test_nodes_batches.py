@@ -118,13 +118,14 @@ def test_glyph_conds_of_lengths_3_and_7_concat_by_zero_padding_with_a_mask():
     a, b = model_nodes.GlyphCond(short), model_nodes.GlyphCond(long)
     assert a.can_concat(b)
 
-    embeds, mask = a.concat([b])
+    embeds, mask, text_groups = a.concat([b])
 
     assert embeds.shape == (2, 7, 8)
     assert torch.equal(embeds[0, :3], short[0]) and torch.equal(embeds[1], long[0])
     assert torch.equal(embeds[0, 3:], torch.zeros(4, 8))  # zeros, not the short sequence repeated
     assert mask.dtype == torch.long  # long: ComfyUI moves it to the device without casting it to the model dtype
     assert mask.tolist() == [[1, 1, 1, 0, 0, 0, 0], [1] * 7]
+    assert text_groups == [(0, 1, 3), (1, 2, 7)]  # row runs and their real lengths, from the shapes (no device read)
 
 
 # --- cond/uncond batching -------------------------------------------------------------------------------------------

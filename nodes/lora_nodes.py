@@ -1,0 +1,75 @@
+"""Load GLM-Image LoRA: LoRAs in diffusers/PEFT key names (and ComfyUI's) on the GLM-Image MODEL.
+
+ComfyUI's key map (comfy.lora.model_lora_keys_unet) knows diffusers LoRA names only for the model classes it lists,
+with no hook for a custom model, so the stock LoraLoaderModelOnly reads ComfyUI/kohya LoRAs (`diffusion_model.*`,
+`lora_unet_*`) of this model but not diffusers/PEFT ones (`transformer.*.lora_A/lora_B`). This node uses ComfyUI's
+map plus ours, and ComfyUI's own LoRA machinery (comfy.lora.load_lora, ModelPatcher.add_patches).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..glm_image_core.errors import InvalidInputError
+from ..glm_image_core.lora import diffusers_lora_names, unmatched_lora_keys
+
+
+def glm_lora_key_map(model) -> dict[str, str]:
+    """ComfyUI's LoRA key map for this BaseModel plus the diffusers/PEFT names of the DiT's layers."""
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    weights = model.diffusion_model.state_dict().keys()
+    key_map.update({name: f"diffusion_model.{key}" for name, key in diffusers_lora_names(weights).items()})
+    return key_map
+
+
+def apply_lora(patcher, lora: dict, strength: float, source: str = "this LoRA"):
+    """A clone of ``patcher`` with the LoRA added at ``strength``. Refuses a LoRA none of whose keys name a layer of
+    the DiT; warns with the names of the keys it cannot place."""
+    key_map = glm_lora_key_map(patcher.model)
+    unmatched = unmatched_lora_keys(lora, key_map)
+    if unmatched and len(unmatched) == len(lora):
+        raise InvalidInputError(
+            f"{source} matches no layer of the GLM-Image DiT ({len(lora)} keys, e.g. {', '.join(unmatched[:3])}): it "
+            "is for another model. GLM-Image LoRAs name layers as diffusers does (transformer.transformer_blocks.0."
+            "attn1.to_q.lora_A.weight) or as ComfyUI does (lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight)."
+        )
+    if unmatched:
+        logging.warning(
+            "GLM-Image LoRA: %d of the %d keys of %s match no layer of the DiT and are ignored: %s",
+            len(unmatched), len(lora), source, ", ".join(unmatched[:10]),
+        )  # fmt: skip
+    patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map)
+    patched = patcher.clone()
+    patched.add_patches(patches, strength)
+    return patched
+
+
+class LoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GLMImageLoraLoader",
+            display_name="Load GLM-Image LoRA",
+            category="GLM-Image",
+            description="A LoRA for the GLM-Image DiT, in diffusers/PEFT key names (transformer.*.lora_A/lora_B, as "
+            "diffusers-based trainers write them) or ComfyUI's (which the stock LoraLoaderModelOnly also reads).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras")),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
+        if strength_model == 0:
+            return io.NodeOutput(model)
+        lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora_name), safe_load=True)
+        return io.NodeOutput(apply_lora(model, lora, strength_model, lora_name))
