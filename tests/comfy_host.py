@@ -76,14 +76,19 @@ def _import_comfyui() -> None:
 
 
 def _set_dynamic_vram() -> None:
-    """What main.py does when comfy-aimdo starts: comfy.ops layers are built empty and take the loaded tensors as
-    they are. (Its other half, CoreModelPatcher = ModelPatcherDynamic, needs the CUDA allocator hook.)"""
+    """What main.py does when comfy-aimdo starts: aimdo's host side (safetensors files are memory-mapped through it)
+    and the switch by which comfy.ops layers are built empty and take the loaded tensors as they are. (Its device
+    half, CoreModelPatcher = ModelPatcherDynamic paging weights, needs a GPU.)"""
     if not DYNAMIC_VRAM:
         return
     import comfy.memory_management
 
     if not hasattr(comfy.memory_management, "aimdo_enabled"):
         raise RuntimeError(f"GLM_IMAGE_DYNAMIC_VRAM=1, but ComfyUI {comfyui_version()} has no dynamic VRAM")
+    import comfy_aimdo.control
+
+    if not comfy_aimdo.control.init():
+        raise RuntimeError("GLM_IMAGE_DYNAMIC_VRAM=1, but comfy-aimdo did not initialise")
     comfy.memory_management.aimdo_enabled = True
 
 
