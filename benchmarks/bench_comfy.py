@@ -32,13 +32,13 @@ def import_comfy(comfyui: Path, cpu: bool):
     from comfy.cli_args import args
 
     args.cpu = cpu  # read when comfy.model_management is first imported
-    from comfy_host import _torchvision_stub  # a stand-in only where torchvision is not installed
+    from comfy_host import _package_stubs  # stand-ins only where torchvision/torchaudio are not installed
 
     for name, location in ((PACK, REPO), (f"{PACK}.nodes", REPO / "nodes")):  # bare packages: no __init__ runs
         spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
         spec.submodule_search_locations = [str(location)]
         sys.modules[name] = importlib.util.module_from_spec(spec)
-    with _torchvision_stub():
+    with _package_stubs():
         import comfy.model_management
 
         model_nodes = importlib.import_module(f"{PACK}.nodes.model")

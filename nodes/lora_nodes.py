@@ -13,11 +13,11 @@ import logging
 import comfy.lora
 import comfy.lora_convert
 import comfy.utils
-import folder_paths
 from comfy_api.latest import io
 
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.lora import diffusers_lora_names, unmatched_lora_keys
+from . import paths
 
 
 def glm_lora_key_map(model) -> dict[str, str]:
@@ -60,16 +60,27 @@ class LoraLoader(io.ComfyNode):
             description="A LoRA for the GLM-Image DiT, in diffusers/PEFT key names (transformer.*.lora_A/lora_B, as "
             "diffusers-based trainers write them) or ComfyUI's (which the stock LoraLoaderModelOnly also reads).",
             inputs=[
-                io.Model.Input("model"),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras")),
-                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
+                io.Model.Input("model", tooltip="The GLM-Image MODEL (from Load GLM-Image DiT, or after other LoRAs)."),
+                io.Combo.Input(
+                    "lora_name", options=paths.LORAS.options(),
+                    tooltip="A .safetensors LoRA in models/loras, diffusers/PEFT or ComfyUI key names.",
+                ),
+                io.Float.Input(
+                    "strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
+                    tooltip="Scales the LoRA's change of every weight; 0 leaves the model as it is.",
+                ),
             ],
-            outputs=[io.Model.Output()],
-        )
+            outputs=[io.Model.Output(tooltip="The MODEL with the LoRA applied (the input stays unchanged).")],
+        )  # fmt: skip
+
+    @classmethod
+    def validate_inputs(cls, lora_name=None):
+        return paths.validate(paths.LORAS, lora_name)
 
     @classmethod
     def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
+        path = paths.resolve(paths.LORAS, lora_name)
         if strength_model == 0:
             return io.NodeOutput(model)
-        lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora_name), safe_load=True)
+        lora = comfy.utils.load_torch_file(path, safe_load=True)
         return io.NodeOutput(apply_lora(model, lora, strength_model, lora_name))

@@ -114,11 +114,32 @@ class TokenFiles:
         pass  # read whole when the node runs; the file is small
 
 
+@dataclass(frozen=True)
+class FolderFiles:
+    """The .safetensors files of one ComfyUI model folder (e.g. "loras"), checked when they are read."""
+
+    folder: str
+
+    def options(self) -> list[str]:
+        return [f for f in folder_paths.get_filename_list(self.folder) if f.endswith(".safetensors")]
+
+    def locations(self, choice: str) -> tuple[list[str], list[str]]:
+        roots = folder_paths.get_folder_paths(self.folder)
+        return roots, [os.path.join(root, choice) for root in roots]
+
+    def describe(self) -> str:
+        return f".safetensors files in {self.folder}"
+
+    def check(self, path: str) -> None:
+        pass
+
+
 DIT = ModelFiles(loading.TRANSFORMER, "diffusion_models")
 VAE = ModelFiles(loading.VAE, "vae")
 GLYPH_ENCODER = ModelFiles(loading.TEXT_ENCODER, "text_encoders")
 AR_MODEL = ModelFiles(loading.AR_MODEL)  # a folder only: transformers loads it with its processor
 TOKENS = TokenFiles()
+LORAS = FolderFiles("loras")
 
 
 def is_inside(path: str, folder: str) -> bool:
@@ -129,7 +150,7 @@ def is_inside(path: str, folder: str) -> bool:
         return False
 
 
-def resolve(files: ModelFiles | TokenFiles, choice: str) -> str:
+def resolve(files: ModelFiles | TokenFiles | FolderFiles, choice: str) -> str:
     """The real path of `choice`, one of `files.options()`, inside a folder registered for it; InvalidInputError
     for anything else (another value, a path that climbs out, a symlink that points out)."""
     if not isinstance(choice, str) or choice not in files.options():
@@ -164,7 +185,7 @@ def check_output_prefix(prefix: str) -> None:
         )
 
 
-def validate(files: ModelFiles | TokenFiles, choice: str | None) -> bool | str:
+def validate(files: ModelFiles | TokenFiles | FolderFiles, choice: str | None) -> bool | str:
     """For validate_inputs: True, or what is wrong with the choice (also what the files' cheap checks find, e.g. a
     missing or truncated shard). A linked value (None here) is resolved when the node runs."""
     if choice is None:
