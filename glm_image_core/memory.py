@@ -72,3 +72,35 @@ def ar_bytes_by_component(model) -> dict[str, int]:
 def ar_decode_bytes(model) -> int:
     """What decoding keeps on the device: the text decoder and the lm_head (``ar_decode_modules``)."""
     return module_bytes(*ar_decode_modules(model))
+
+
+def ar_working_bytes(
+    text_config, batch: int, prompt_length: int, new_tokens: int, dtype_bytes: int = 2, int8: bool = False
+) -> int:
+    """Device memory the AR decode needs beside its weights (fast_ar), from the text config's sizes:
+
+    - the float32 K/V cache: layers x 2 x kv_heads x head_dim x 4 B per token and sample, for prompt + new tokens
+      rounded up to ``fast_ar.CACHE_BLOCK`` (1024) slots;
+    - the prefill's largest live activations: per prompt token the residual, the norm output, q/k/v, the
+      attention output and the MLP's gate_up output (2 x intermediate) and its product (intermediate);
+    - with int8 weights, the prefill's dequantised copy of the largest projection (gate_up), one matrix at a time.
+    The transformers loop (CPU, tests) uses a bf16 cache of the same length: less than this."""
+    from .fast_ar import CACHE_BLOCK
+
+    c = text_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    slots = -(-(prompt_length + new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
+    cache = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4 * slots * batch
+    per_token = 4 * c.hidden_size + 2 * c.num_key_value_heads * head_dim + 3 * c.intermediate_size
+    prefill = batch * prompt_length * per_token * dtype_bytes
+    dequantised = 2 * c.intermediate_size * c.hidden_size * dtype_bytes if int8 else 0
+    return cache + prefill + dequantised
+
+
+def ar_model_working_bytes(model, batch: int, prompt_length: int, new_tokens: int) -> int:
+    """``ar_working_bytes`` for a loaded GlmImageForConditionalGeneration (its config, dtype and weight format)."""
+    from .quant import Int8Linear
+
+    int8 = isinstance(model.model.language_model.layers[0].mlp.down_proj, Int8Linear)
+    dtype_bytes = model.lm_head.weight.element_size()
+    return ar_working_bytes(model.config.text_config, batch, prompt_length, new_tokens, dtype_bytes, int8)

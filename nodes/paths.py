@@ -14,6 +14,8 @@ import os
 
 import folder_paths
 
+from ..glm_image_core.loading import AR_INT8_SUFFIX
+
 GLM_IMAGE_FOLDER = "glm_image"
 
 
@@ -58,3 +60,13 @@ def resolve(choice: str, single_file_folder: str | None = None) -> str:
             return path
     roots = ", ".join(folder_paths.get_folder_paths(GLM_IMAGE_FOLDER))
     raise FileNotFoundError(f"GLM-Image folder '{choice}' not found under {roots}.")
+
+
+def ar_int8_files() -> list[str]:
+    """8-bit AR exports (``*.ar_int8.safetensors``, from `python -m glm_image_core export-ar-int8`) anywhere under
+    the glm_image roots, as paths relative to their root."""
+    return sorted(f for f in folder_paths.get_filename_list(GLM_IMAGE_FOLDER) if f.endswith(AR_INT8_SUFFIX))
+
+
+def resolve_file(name: str) -> str:
+    return folder_paths.get_full_path_or_raise(GLM_IMAGE_FOLDER, name)

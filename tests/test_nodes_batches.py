@@ -58,7 +58,7 @@ def vae(glm):
 
 @pytest.fixture(scope="module")
 def ar_model(glm):
-    return glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu")[0]
+    return glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu", weights="full")[0]
 
 
 def random_tokens(grids: int = 1, seed: int = 0, references: int = 0) -> "types.VisualTokens":

@@ -40,7 +40,7 @@ def glm(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ar_model(glm):
-    return glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu")[0]
+    return glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu", weights="full")[0]
 
 
 def generate_tokens(glm, ar_model):
