@@ -870,13 +870,18 @@ def export_ar_int8(folder: str | Path, out_file: str | Path) -> Path:
     files = open_component(location, AR_MODEL, None)
     _meta_int8_ar_model(files)  # the config and the shards agree, before minutes of work
     tensors = read_ar_int8_tensors(files, None)
-    generation = _generation_config(location).to_json_string(use_diff=False)
+    return write_ar_int8_file(tensors, files.config, _generation_config(location).to_dict(), out_file)
+
+
+def write_ar_int8_file(tensors: dict[str, torch.Tensor], config: dict, generation_config: dict, out_file) -> Path:
+    """One 8-bit AR file: ``tensors`` (int8 projections + float32 ``_scale`` s, the rest as given) with the config,
+    the generation config and the format tag in the metadata."""
     metadata = {
         "format": "pt",
         "glm_image_ar": AR_INT8_FORMAT,
         "quantization": "int8 weight-only, symmetric, one float32 scale per output channel (`<key>_scale`)",
-        "config": json.dumps(files.config),
-        "generation_config": generation,
+        "config": json.dumps(config),
+        "generation_config": json.dumps(generation_config),
     }
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)

@@ -153,3 +153,20 @@ def replace_decoder_linears(model: nn.Module) -> list[str]:
             )
             replaced.append(name)
     return replaced
+
+
+@torch.no_grad()
+def quantize_model_(model: nn.Module) -> list[str]:
+    """Quantise the decoder projections of an already loaded GlmImageForConditionalGeneration in place (on its
+    device); each full-precision matrix is released once its int8 copy exists. Returns the modules' names."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and is_quantized_weight(name + ".weight"):
+            parent_name, child = name.rsplit(".", 1)
+            layer = Int8Linear(module.in_features, module.out_features, False, device="meta")
+            q, scale = quantize_int8(module.weight)
+            layer.weight, layer.weight_scale = nn.Parameter(q, False), nn.Parameter(scale, False)
+            layer.bias = module.bias
+            setattr(model.get_submodule(parent_name), child, layer)
+            replaced.append(name)
+    return replaced

@@ -326,3 +326,11 @@ def test_quantising_while_reading_keeps_the_memory_peak_near_the_8bit_size(mediu
     largest_tensor = 16512 * 1024 * 2  # the embedding, bytes
     assert int8["total"] <= int8["model"] + 2 * largest_tensor, int8
     assert int8["total"] < bf16["model"], (int8, bf16)
+
+
+def test_quantising_a_loaded_model_in_place_equals_quantising_while_reading(tiny_model_dir, int8_model):
+    model = loading.load_ar_model(tiny_model_dir, dtype=torch.float32)
+    assert len(quant.quantize_model_(model)) == 12
+    ours, theirs = dict(model.named_parameters()), dict(int8_model.named_parameters())
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
