@@ -214,6 +214,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU (no cap): the code path only")
     parser.add_argument("--workdir", help="where the model folder is written / reused (default: a temp folder)")
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="run one recipe in this process (internal)")
+    parser.add_argument("--prepare", action="store_true", help="only write the model folder (internal)")
     parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES), help="caps to run")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="graphs to run")
     parser.add_argument("--json", help="write the rows here")
@@ -221,6 +222,9 @@ def main(argv=None) -> int:
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("The capped runs need a CUDA GPU; use --tiny on a CPU.")
 
+    if args.prepare:  # its own process, so that no CUDA memory of the build stays reserved during the runs
+        write_full_size_folder(Path(args.workdir))
+        return 0
     if args.recipe:  # the child: one cap per process
         try:
             rows = run_recipe(args)
@@ -234,7 +238,11 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="glm-caps-") as tmp:
         workdir = Path(args.workdir or tmp)
-        (write_tiny_folder if args.tiny else write_full_size_folder)(workdir)
+        if args.tiny:
+            write_tiny_folder(workdir)
+        else:
+            subprocess.run([sys.executable, __file__, "--comfyui", args.comfyui, "--workdir", str(workdir), "--prepare"],
+                           check=True)  # fmt: skip
         rows = []
         for recipe in args.recipes:
             out = Path(tmp) / f"rows-{recipe}.json"

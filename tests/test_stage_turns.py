@@ -70,12 +70,14 @@ def role(patcher) -> str:
     return {"HFModelHolder": "glyph encoder", "GlmImageModel": "dit"}.get(type(holder).__name__, "vae")
 
 
-def int8_ar_fp8_dit_graph(seed: int) -> dict:
-    graph = json.loads((WORKFLOWS / "text_to_image.json").read_text())
+def int8_ar_fp8_dit_graph(seed: int, workflow: str = "text_to_image") -> dict:
+    graph = json.loads((WORKFLOWS / f"{workflow}.json").read_text())
     graph["1"]["inputs"].update(dtype="fp32", weights="int8")
     graph["2"]["inputs"].update(width=512, height=512, seed=seed)
     graph["3"]["inputs"].update(dtype="fp32")
     graph["5"]["inputs"].update(weight_dtype="fp8_e4m3fn")
+    graph["6"]["inputs"].update(width=512, height=512)
+    graph["7"]["inputs"].update(width=512, height=512)
     graph["8"]["inputs"].update(steps=2)
     return graph
 
@@ -92,6 +94,22 @@ def test_int8_ar_and_fp8_dit_take_turns_on_a_full_card(full_card):
     assert "ar vision" not in set().union(*requested)  # text to image never loads the vision encoder
     ar_loads = [i for i, asked in enumerate(requested) if asked == {"ar decoder"}]
     assert any(asked == {"dit"} for asked in requested[: ar_loads[1]])  # the second AR load came after a DiT load
+
+
+def test_an_edit_loads_the_vision_encoder_first_and_the_decoder_evicts_it(full_card, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (256, 256), (120, 160, 200)).save(tmp_path / "example.png")
+    input_directory = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(tmp_path))
+    try:
+        run = comfy_host.run_prompt(int8_ar_fp8_dit_graph(seed=1, workflow="edit_single_reference"))
+    finally:
+        folder_paths.set_input_directory(input_directory)
+    assert run.success, run.execution_error()
+    requested = [asked for asked, _ in full_card]
+    assert requested.index({"ar vision"}) < requested.index({"ar decoder"})
+    assert full_card[requested.index({"ar decoder"})][1] == {"ar decoder"}  # the vision encoder made room
 
 
 def test_comfyui_counts_the_ar_decoder_as_what_decoding_keeps_on_the_device(pack):
