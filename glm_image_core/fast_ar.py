@@ -14,7 +14,8 @@ token. Elsewhere (CPU) the same step runs eagerly, which is how the tests check 
 
 Numerics follow transformers' GLM-Image text model layer by layer: the same weights (read, never copied, except the
 k and v projections, fused into one [512, 4096] matrix per layer, ~170 MB), the same dtype casts in RMSNorm and RoPE.
-The prefill attends with SDPA like transformers; decode steps attend over a float32 K/V cache (keys and values are
+8-bit AR weights (``quant``) are read as stored: the int8 projections with their per-row scales, never a dequantised
+copy of a layer (``linear``). The prefill attends with SDPA like transformers; decode steps attend over a float32 K/V cache (keys and values are
 stored exactly, bf16 -> fp32 is lossless) with float32 scores and probabilities, the precision SDPA's kernels keep
 internally. The cache costs 40 x 2 x 2 x 128 x 4 bytes = 80 KB per token and sample (~400 MB at 2048x2048).
 """

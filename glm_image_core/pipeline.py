@@ -59,7 +59,7 @@ def load_models(
     """
     device = torch.device(device)
     if offload is None:
-        offload = device.type == "cuda" and not _fits_at_once(folder, dtype, device)
+        offload = device.type == "cuda" and not _fits_at_once(folder, dtype, device, ar_quantization == "int8")
     load_device = "cpu" if offload else device
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
     ar_model = loading.load_ar_model(
@@ -80,10 +80,12 @@ def load_models(
 ACTIVATION_MARGIN = 6 * 2**30  # bytes kept free for activations, caches and the CUDA context (2048x2048, CFG)
 
 
-def _fits_at_once(folder: str | Path, dtype: torch.dtype, device: torch.device) -> bool:
+def _fits_at_once(folder: str | Path, dtype: torch.dtype, device: torch.device, ar_int8: bool = False) -> bool:
     """Whether all weights (their file sizes, scaled to ``dtype``; the files are bf16 except the fp32 glyph encoder,
-    which is counted as if bf16 too) and a margin fit the device's free memory."""
-    size = sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+    which is counted as if bf16 too; an int8 AR as about half its files) and a margin fit the device's free memory."""
+    files = list(Path(folder).rglob("*.safetensors"))
+    ar_files = [f for f in files if f.parent.name == loading.AR_MODEL.subfolder]
+    size = sum(f.stat().st_size for f in files) - (0.45 * sum(f.stat().st_size for f in ar_files) if ar_int8 else 0)
     needed = size * dtype.itemsize / 2 + ACTIVATION_MARGIN
     free, _ = torch.cuda.mem_get_info(device)
     return needed <= free

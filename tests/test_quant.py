@@ -334,3 +334,15 @@ def test_quantising_a_loaded_model_in_place_equals_quantising_while_reading(tiny
     ours, theirs = dict(model.named_parameters()), dict(int8_model.named_parameters())
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_ar", "transformers"])
+def test_text_to_image_decoding_never_reads_the_vision_encoder(tiny_model_dir, processor, fast):
+    """The vision encoder and VQ model on the meta device (no data: any read fails): both decode loops still run,
+    so text to image needs only the decoder on the GPU."""
+    model = loading.load_ar_model(tiny_model_dir, dtype=torch.float32, quantization="int8", trim=True)
+    model.model.visual.to("meta")
+    model.model.vqmodel.to("meta")
+    inputs = ar.build_ar_inputs(processor, "a cat", 256, 256)
+    result = ar.generate_prior_tokens(model, inputs, [torch.Generator().manual_seed(0)], fast=fast)
+    assert result.target_ids.shape == (1, 64) and result.target_ids.max() < 16384
