@@ -837,8 +837,12 @@ def load_ar_int8_file(path: str | Path, dtype: torch.dtype | None = torch.bfloat
     files = ComponentFiles(weights, config, source)
     model = _meta_int8_ar_model(files)
     _check_int8_dtypes(files)
+    try:
+        generation_config = _generation_config(path.parent, weights.metadata.get("generation_config", "{}"))
+    except ValueError as e:
+        raise ModelFilesError(f"the generation config in the metadata of {weights.where} is not valid ({e}).") from e
     _assign_ar_weights(model, read_ar_int8_tensors(files, dtype))
-    model.generation_config = _generation_config(path.parent, weights.metadata.get("generation_config", "{}"))
+    model.generation_config = generation_config
     return model
 
 

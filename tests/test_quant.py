@@ -346,3 +346,9 @@ def test_text_to_image_decoding_never_reads_the_vision_encoder(tiny_model_dir, p
     inputs = ar.build_ar_inputs(processor, "a cat", 256, 256)
     result = ar.generate_prior_tokens(model, inputs, [torch.Generator().manual_seed(0)], fast=fast)
     assert result.target_ids.shape == (1, 64) and result.target_ids.max() < 16384
+
+
+def test_an_export_with_a_broken_generation_config_is_refused(exported, tmp_path):
+    out = rewrite(exported, tmp_path / "gen.ar_int8.safetensors", lambda t, m: m.update(generation_config="{"))
+    with pytest.raises(ModelFilesError, match="generation config in the metadata of .* is not valid"):
+        loading.load_ar_model(out)
