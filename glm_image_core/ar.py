@@ -206,7 +206,7 @@ def encode_reference_images(model, inputs: ARInputs) -> list[torch.Tensor]:
     """
     if not inputs.reference_grids:
         return []
-    device = model.device
+    device = next(model.model.visual.parameters()).device  # the vision encoder may live apart from the decoder
     source_grids = inputs.image_grid_thw[: len(inputs.reference_grids)].to(device)
     features = model.get_image_features(inputs.pixel_values.to(device), image_grid_thw=source_grids).pooler_output
     ids = model.get_image_tokens(features)  # [sum h_i*w_i]
@@ -299,6 +299,7 @@ def generate_prior_tokens(
     callback_every: int = 16,
     compile_decoder: bool = False,
     cuda_graph: bool | None = None,
+    reference_ids: Sequence[torch.Tensor] | None = None,
 ) -> ARResult:
     """Sample ``len(generators)`` token grids for one prompt, decoded together as a batch.
 
@@ -322,6 +323,9 @@ def generate_prior_tokens(
     ``torch.compile`` fuse the fast decoder's small kernels (faster per token; the first call compiles for a while).
     cuda_graph: None = the fast decoder replays each token as a CUDA graph on CUDA; False = never (a host's switch,
     e.g. ComfyUI's --disable-cuda-graphs).
+    reference_ids: the references' VQ ids from ``encode_reference_images``, when the caller ran the vision encoder
+    in a stage of its own (None: encoded here). Only the text decoder and the lm_head need to be on the device for
+    text-to-image, or when ``reference_ids`` are given.
     """
     from transformers import DynamicCache, StaticCache
 
@@ -345,9 +349,11 @@ def generate_prior_tokens(
     geometry = inputs.geometry
     total = geometry.num_grid_tokens
     n = len(generators)
-    device = model.device
+    device = decoder_device(model)
 
-    reference_ids = encode_reference_images(model, inputs)
+    if reference_ids is None:
+        reference_ids = encode_reference_images(model, inputs)
+    reference_ids = [ids.to(device) for ids in reference_ids]
     input_ids = inputs.input_ids.to(device)
     if reference_ids:  # the placeholders become the references' VQ ids, as in GlmImageModel.forward
         image_mask = input_ids == model.config.image_token_id
@@ -384,9 +390,15 @@ def generate_prior_tokens(
     return _result(tokens, geometry, inputs, reference_ids)
 
 
+def decoder_device(model) -> torch.device:
+    """Where the text decoder runs (the lm_head's device; ``model.device`` is the vision encoder's, which stays on
+    the CPU for text-to-image)."""
+    return model.lm_head.weight.device
+
+
 def use_fast_decoder(model, fast: bool | None) -> bool:
     """Whether ``generate_prior_tokens`` decodes with ``fast_ar`` (see its ``fast`` argument)."""
-    if fast is False or (fast is None and model.device.type != "cuda"):
+    if fast is False or (fast is None and decoder_device(model).type != "cuda"):
         return False
     reason = fast_ar.unsupported_reason(model)
     if reason is not None and fast:

@@ -13,7 +13,8 @@ token. Elsewhere (CPU) the same step runs eagerly, which is how the tests check 
 
 Numerics follow transformers' GLM-Image text model layer by layer: the same weights (read, never copied, except the
 k and v projections, fused into one [512, 4096] matrix per layer, ~170 MB), the same dtype casts in RMSNorm and RoPE.
-The prefill attends with SDPA like transformers; decode steps attend over a float32 K/V cache (keys and values are
+8-bit AR weights (``quant``) are read as stored: the int8 projections with their per-row scales, never a dequantised
+copy of a layer (``linear``). The prefill attends with SDPA like transformers; decode steps attend over a float32 K/V cache (keys and values are
 stored exactly, bf16 -> fp32 is lossless) with float32 scores and probabilities, the precision SDPA's kernels keep
 internally. The cache costs 40 x 2 x 2 x 128 x 4 bytes = 80 KB per token and sample (~400 MB at 2048x2048).
 """
@@ -29,6 +30,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from . import quant
 
 CACHE_BLOCK = 1024  # the K/V cache length is a multiple of this (and of ATTENTION_CHUNK): few shapes to compile
 ATTENTION_CHUNK = 64  # decode attention splits the keys into chunks of this many for the probs @ V product
@@ -88,6 +91,18 @@ class LayerWeights(NamedTuple):
     gate_up_weight: torch.Tensor
     down_weight: torch.Tensor
     post_mlp_norm: torch.Tensor
+    # 8-bit AR (glm_image_core.quant): the projections above are int8 and these their float32 per-row scales
+    q_scale: torch.Tensor | None = None
+    kv_scale: torch.Tensor | None = None
+    o_scale: torch.Tensor | None = None
+    gate_up_scale: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None):
+    """``F.linear``, or ``quant.int8_linear`` for an int8 weight with its per-row ``scale`` (read in place: no
+    dequantised copy of the layer; on CUDA decode steps a fused kernel)."""
+    return F.linear(x, weight, bias) if scale is None else quant.int8_linear(x, weight, scale, bias)
 
 
 class Dims(NamedTuple):
@@ -145,12 +160,12 @@ def layer_forward(x: torch.Tensor, w: LayerWeights, rope, attend, dims: Dims) ->
     and values."""
     n, t, _ = x.shape
     h = rms_norm(x, w.input_norm, dims.eps)
-    q = F.linear(h, w.q_weight, w.q_bias).view(n, t, dims.heads, dims.head_dim)
-    k, v = F.linear(h, w.kv_weight, w.kv_bias).view(n, t, 2 * dims.kv_heads, dims.head_dim).chunk(2, dim=2)
+    q = linear(h, w.q_weight, w.q_scale, w.q_bias).view(n, t, dims.heads, dims.head_dim)
+    k, v = linear(h, w.kv_weight, w.kv_scale, w.kv_bias).view(n, t, 2 * dims.kv_heads, dims.head_dim).chunk(2, dim=2)
     a = attend(apply_rope(q, *rope), apply_rope(k, *rope), v)
-    x = x + rms_norm(F.linear(a, w.o_weight), w.post_attn_norm, dims.eps)
-    gate, up = F.linear(rms_norm(x, w.mlp_norm, dims.eps), w.gate_up_weight).chunk(2, dim=-1)
-    return x + rms_norm(F.linear(up * F.silu(gate), w.down_weight), w.post_mlp_norm, dims.eps)
+    x = x + rms_norm(linear(a, w.o_weight, w.o_scale), w.post_attn_norm, dims.eps)
+    gate, up = linear(rms_norm(x, w.mlp_norm, dims.eps), w.gate_up_weight, w.gate_up_scale).chunk(2, dim=-1)
+    return x + rms_norm(linear(up * F.silu(gate), w.down_weight, w.down_scale), w.post_mlp_norm, dims.eps)
 
 
 def decode_layer(
@@ -194,6 +209,34 @@ def attend_cache(
     return out.reshape(n, heads * d).to(q.dtype)
 
 
+def layer_weights(layer) -> LayerWeights:
+    """The weights of one transformers GlmImageTextDecoderLayer, bf16/fp32 or int8 (``quant.Int8Linear``)."""
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def scale(*modules):
+        scales = [getattr(m, "weight_scale", None) for m in modules]
+        return None if scales[0] is None else torch.cat(scales) if len(scales) > 1 else scales[0]
+
+    return LayerWeights(
+        input_norm=layer.input_layernorm.weight,
+        q_weight=attn.q_proj.weight,
+        q_bias=attn.q_proj.bias,
+        kv_weight=torch.cat([attn.k_proj.weight, attn.v_proj.weight]),
+        kv_bias=torch.cat([attn.k_proj.bias, attn.v_proj.bias]),
+        o_weight=attn.o_proj.weight,
+        post_attn_norm=layer.post_self_attn_layernorm.weight,
+        mlp_norm=layer.post_attention_layernorm.weight,
+        gate_up_weight=mlp.gate_up_proj.weight,
+        down_weight=mlp.down_proj.weight,
+        post_mlp_norm=layer.post_mlp_layernorm.weight,
+        q_scale=scale(attn.q_proj),
+        kv_scale=scale(attn.k_proj, attn.v_proj),
+        o_scale=scale(attn.o_proj),
+        gate_up_scale=scale(mlp.gate_up_proj),
+        down_scale=scale(mlp.down_proj),
+    )
+
+
 class FastDecoder:
     """The text decoder of one ``GlmImageForConditionalGeneration`` with a static float32 K/V cache for ``batch``
     sequences of at most ``max_length`` tokens (prompt + decoded). Holds views of the model's weights; build one per
@@ -208,25 +251,11 @@ class FastDecoder:
         )
         self.mrope_section = list(config.rope_parameters.get("mrope_section", [8, 12, 12]))
         self.inv_freq = lm.rotary_emb.inv_freq
-        self.embed = lm.embed_tokens.weight
+        self.embed_tokens = lm.embed_tokens  # the prompt's lookup (it may hold only the VQ-code rows on the device)
+        self.embed = lm.embed_tokens.weight  # decode steps feed back VQ codes: rows 0..16383
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.final_norm = lm.norm.weight
-        self.layers = [
-            LayerWeights(
-                input_norm=layer.input_layernorm.weight,
-                q_weight=layer.self_attn.q_proj.weight,
-                q_bias=layer.self_attn.q_proj.bias,
-                kv_weight=torch.cat([layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight]),
-                kv_bias=torch.cat([layer.self_attn.k_proj.bias, layer.self_attn.v_proj.bias]),
-                o_weight=layer.self_attn.o_proj.weight,
-                post_attn_norm=layer.post_self_attn_layernorm.weight,
-                mlp_norm=layer.post_attention_layernorm.weight,
-                gate_up_weight=layer.mlp.gate_up_proj.weight,
-                down_weight=layer.mlp.down_proj.weight,
-                post_mlp_norm=layer.post_mlp_layernorm.weight,
-            )
-            for layer in lm.layers
-        ]
+        self.layers = [layer_weights(layer) for layer in lm.layers]
         self.lm_head = model.lm_head.weight
         self.batch = batch
         self.max_length = math.ceil(max_length / CACHE_BLOCK) * CACHE_BLOCK
@@ -264,7 +293,7 @@ class FastDecoder:
         t = input_ids.shape[1]
         rope = (*self.rope(position_ids), self.rotate_index)
         groups = self.dims.heads // self.dims.kv_heads
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed_tokens(input_ids)
         for i, weights in enumerate(self.layers):
 
             def attend(q, k, v, i=i):

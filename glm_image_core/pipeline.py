@@ -3,9 +3,10 @@
 Each stage is a function of its own so callers (the CLI, tests, the ComfyUI nodes) can run, replace or cache them
 one by one; `generate` strings them together.
 
-Memory: the AR model (~19 GB in bf16) and the DiT (~13 GB) need not share the GPU. With ``offload`` the models stay
-on the CPU and each stage borrows the GPU for its own models only (AR; glyph encoder; DiT + VAE), so the peak is the
-largest stage, not the sum.
+Memory: the AR model (~19 GB in bf16, ~11 GB with int8 decoder weights) and the DiT (~13 GB) need not share the
+GPU. With ``offload`` the models stay on the CPU and each stage borrows the GPU for its own models only (the AR's
+vision encoder, for edits; the AR's text decoder with the code rows of its embedding; the glyph encoder; DiT + VAE),
+so the peak is the largest stage, not the sum (``memory`` lists the parts).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import ar, glyph, loading
+from . import ar, glyph, loading, memory
 from .dit import GlmImageTransformer2DModel, ReferenceKV
 from .sampling import DitCondition, denoise
 from .schedule import glm_schedule
@@ -44,20 +45,28 @@ def load_models(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     offload: bool | None = None,
+    ar_quantization: str | None = None,
+    ar_path: str | Path | None = None,
 ) -> GlmImageModels:
     """Every component from the published GLM-Image folder. The VAE runs in float32 when dtype is float16.
 
-    offload: keep the models on the CPU and move each stage's models to ``device`` only for that stage (AR, then
-    glyph encoder, then DiT + VAE). None (default): on a CUDA device whose free memory cannot hold all the weights
-    at once (plus a margin for activations); never on the CPU.
+    offload: keep the models on the CPU and move each stage's models to ``device`` only for that stage (AR vision
+    encoder for edits, AR decoder, glyph encoder, DiT + VAE). None (default): on a CUDA device whose free memory
+    cannot hold all the weights at once (plus a margin for activations); never on the CPU.
+    ar_quantization: "int8" for 8-bit decoder weights (``loading.load_ar_model``); ar_path: the AR from this
+    folder or exported 8-bit file instead of ``folder``. The AR's embedding is always trimmed to its code rows on
+    the device (``loading.trim_embedding``).
     """
     device = torch.device(device)
     if offload is None:
-        offload = device.type == "cuda" and not _fits_at_once(folder, dtype, device)
+        offload = device.type == "cuda" and not _fits_at_once(folder, dtype, device, ar_quantization == "int8")
     load_device = "cpu" if offload else device
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    ar_model = loading.load_ar_model(
+        folder if ar_path is None else ar_path, dtype=dtype, device=load_device, quantization=ar_quantization, trim=True
+    )
     return GlmImageModels(
-        ar_model=loading.load_ar_model(folder, dtype=dtype, device=load_device),
+        ar_model=ar_model,
         processor=loading.load_ar_processor(folder),
         glyph_encoder=loading.load_glyph_encoder(folder, dtype=dtype, device=load_device),
         glyph_tokenizer=loading.load_glyph_tokenizer(folder),
@@ -71,10 +80,12 @@ def load_models(
 ACTIVATION_MARGIN = 6 * 2**30  # bytes kept free for activations, caches and the CUDA context (2048x2048, CFG)
 
 
-def _fits_at_once(folder: str | Path, dtype: torch.dtype, device: torch.device) -> bool:
+def _fits_at_once(folder: str | Path, dtype: torch.dtype, device: torch.device, ar_int8: bool = False) -> bool:
     """Whether all weights (their file sizes, scaled to ``dtype``; the files are bf16 except the fp32 glyph encoder,
-    which is counted as if bf16 too) and a margin fit the device's free memory."""
-    size = sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
+    which is counted as if bf16 too; an int8 AR as about half its files) and a margin fit the device's free memory."""
+    files = list(Path(folder).rglob("*.safetensors"))
+    ar_files = [f for f in files if f.parent.name == loading.AR_MODEL.subfolder]
+    size = sum(f.stat().st_size for f in files) - (0.45 * sum(f.stat().st_size for f in ar_files) if ar_int8 else 0)
     needed = size * dtype.itemsize / 2 + ACTIVATION_MARGIN
     free, _ = torch.cuda.mem_get_info(device)
     return needed <= free
@@ -178,11 +189,15 @@ def generate(
     ``models.offload`` the AR, the glyph encoder and the DiT + VAE take turns on the GPU (see ``stage``)."""
     check_image_size(height, width)
     inputs = ar.build_ar_inputs(models.processor, prompt, height, width, list(references))
-    with stage(models, models.ar_model):
-        ar_generator = torch.Generator(models.ar_model.device).manual_seed(seed)
+    reference_ids = []
+    if references:  # the vision encoder's turn, only for edits
+        with stage(models, *memory.ar_vision_modules(models.ar_model)):
+            reference_ids = [ids.cpu() for ids in ar.encode_reference_images(models.ar_model, inputs)]
+    with stage(models, *memory.ar_decode_modules(models.ar_model)):
+        ar_generator = torch.Generator(ar.decoder_device(models.ar_model)).manual_seed(seed)
         tokens = ar.generate_prior_tokens(
             models.ar_model, inputs, [ar_generator], temperature=temperature, top_p=top_p, top_k=top_k,
-            callback=on_token,
+            callback=on_token, reference_ids=reference_ids,
         )  # fmt: skip
     with stage(models, models.glyph_encoder):
         cond, uncond = glyph_conditions(models, prompt if glyph_texts is None else glyph_texts, tokens.prior_token_ids)

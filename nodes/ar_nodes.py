@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..glm_image_core import ar, loading, preview
+from ..glm_image_core import ar, loading, memory, preview
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
 from ..glm_image_core.sizes import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, check_image_size
@@ -24,6 +24,7 @@ from .dit_nodes import validate_size
 from .types import ARModel, GlmARModel, GlmTokens, ManagedHFModel, Reference, VisualTokens
 
 MAX_REFERENCE_INPUTS = 4
+AR_WEIGHTS = {"full": None, "int8": "int8"}  # the loader's weights options -> load_ar_model(quantization=...)
 
 
 def devices() -> list[str]:
@@ -54,21 +55,37 @@ class ARModelLoader(io.ComfyNode):
                     "device", options=devices(),
                     tooltip="Where the AR runs: 'default' is ComfyUI's GPU; pick another GPU to keep the DiT's free.",
                 ),
+                io.Combo.Input(
+                    "weights", options=[*AR_WEIGHTS, *paths.AR_INT8.options()],
+                    tooltip="full: every weight in dtype (~19 GB in bf16). int8: the decoder's linear layers in 8 "
+                    "bits, quantised while loading (~9 GB on the GPU for decoding). Or an exported "
+                    "*.ar_int8.safetensors file under models/glm_image (python -m glm_image_core export-ar-int8).",
+                ),
             ],
             outputs=[GlmARModel.Output(display_name="ar_model", tooltip="The AR model and its processor, for Generate Visual Tokens.")],
         )  # fmt: skip
 
     @classmethod
-    def validate_inputs(cls, model_folder=None):
-        return paths.validate(paths.AR_MODEL, model_folder)
+    def validate_inputs(cls, model_folder=None, weights=None):
+        folder_check = paths.validate(paths.AR_MODEL, model_folder)
+        if folder_check is not True or weights in AR_WEIGHTS:
+            return folder_check
+        return paths.validate(paths.AR_INT8, weights)
 
     @classmethod
-    def execute(cls, model_folder, dtype, device) -> io.NodeOutput:
+    def execute(cls, model_folder, dtype, device, weights) -> io.NodeOutput:
         folder = paths.resolve(paths.AR_MODEL, model_folder)
         load_device = mm.get_torch_device() if device == "default" else torch.device(device)
-        model = loading.load_ar_model(folder, dtype=pick_dtype(dtype, load_device), device="cpu")
-        managed = ManagedHFModel.wrap(model, load_device, mm.unet_offload_device())
-        return io.NodeOutput(ARModel(managed, loading.load_ar_processor(folder)))
+        source, quantization = (
+            (folder, AR_WEIGHTS[weights]) if weights in AR_WEIGHTS else (paths.resolve(paths.AR_INT8, weights), None)
+        )
+        model = loading.load_ar_model(
+            source, dtype=pick_dtype(dtype, load_device), device="cpu", quantization=quantization, trim=True
+        )
+        offload = mm.unet_offload_device()
+        decoder = ManagedHFModel.wrap(model, load_device, offload, parts=memory.ar_decode_modules(model))
+        vision = ManagedHFModel.wrap(model, load_device, offload, parts=memory.ar_vision_modules(model))
+        return io.NodeOutput(ARModel(decoder, loading.load_ar_processor(folder), vision))
 
 
 def image_batch_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -133,9 +150,15 @@ class GenerateTokens(io.ComfyNode):
         check_image_size(height, width)
         images = [im for i in range(1, MAX_REFERENCE_INPUTS + 1) if refs.get(f"reference_{i}") is not None
                   for im in image_batch_to_pil(refs[f"reference_{i}"])]  # fmt: skip
-        model = ar_model.model.loaded()
         inputs = ar.build_ar_inputs(ar_model.processor, prompt, height, width, images)
-        device = model.device
+        reference_ids = None
+        if images:  # the vision encoder's turn; ComfyUI may evict it again for the decoder
+            reference_ids = [ids.cpu() for ids in ar.encode_reference_images(ar_model.vision.loaded(), inputs)]
+        working = memory.ar_model_working_bytes(
+            ar_model.model.model, batch_size, inputs.input_ids.shape[1], inputs.geometry.num_grid_tokens
+        )
+        model = ar_model.model.loaded(working)  # the decoder's turn: ComfyUI evicts what does not fit beside it
+        device = ar.decoder_device(model)
         generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(batch_size)]
         progress = comfy.utils.ProgressBar(inputs.geometry.num_grid_tokens)
         if ar_model.preview_palette is None:  # once per loaded model
@@ -151,6 +174,7 @@ class GenerateTokens(io.ComfyNode):
         result = ar.generate_prior_tokens(
             model, inputs, generators, temperature=temperature, top_p=top_p, top_k=top_k or None, callback=on_token,
             cuda_graph=False if getattr(comfy.cli_args.args, "disable_cuda_graphs", False) else None,
+            reference_ids=reference_ids,
         )  # fmt: skip
         references = [
             Reference(pixels=(image_to_tensor(image, gh * 16, gw * 16) / 2 + 0.5).permute(0, 2, 3, 1), prior_token_ids=ids[None].cpu())

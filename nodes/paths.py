@@ -116,22 +116,26 @@ class TokenFiles:
 
 @dataclass(frozen=True)
 class FolderFiles:
-    """The .safetensors files of one ComfyUI model folder (e.g. "loras"), checked when they are read."""
+    """The files of one ComfyUI model folder (e.g. "loras") whose names end in `suffix`; with a component, checked
+    like a loader's files when the prompt is queued, else only when they are read."""
 
     folder: str
+    suffix: str = ".safetensors"
+    component: loading.Component | None = None
 
     def options(self) -> list[str]:
-        return [f for f in folder_paths.get_filename_list(self.folder) if f.endswith(".safetensors")]
+        return sorted(f for f in folder_paths.get_filename_list(self.folder) if f.endswith(self.suffix))
 
     def locations(self, choice: str) -> tuple[list[str], list[str]]:
         roots = folder_paths.get_folder_paths(self.folder)
         return roots, [os.path.join(root, choice) for root in roots]
 
     def describe(self) -> str:
-        return f".safetensors files in {self.folder}"
+        return f"*{self.suffix} files in {self.folder}"
 
     def check(self, path: str) -> None:
-        pass
+        if self.component is not None:
+            loading.check_files(path, self.component)
 
 
 DIT = ModelFiles(loading.TRANSFORMER, "diffusion_models")
@@ -140,6 +144,7 @@ GLYPH_ENCODER = ModelFiles(loading.TEXT_ENCODER, "text_encoders")
 AR_MODEL = ModelFiles(loading.AR_MODEL)  # a folder only: transformers loads it with its processor
 TOKENS = TokenFiles()
 LORAS = FolderFiles("loras")
+AR_INT8 = FolderFiles(GLM_IMAGE_FOLDER, loading.AR_INT8_SUFFIX, loading.AR_MODEL)  # export-ar-int8's files
 
 
 def is_inside(path: str, folder: str) -> bool:

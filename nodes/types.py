@@ -15,33 +15,53 @@ GlmTokens = io.Custom("GLM_TOKENS")
 
 
 class HFModelHolder(torch.nn.Module):
-    """A transformers model inside a plain module: ModelPatcher writes `.device`, a read-only property on HF models."""
+    """A transformers model inside a plain module: ModelPatcher writes `.device`, a read-only property on HF models.
 
-    def __init__(self, model: torch.nn.Module):
+    With ``parts`` only those sub-modules are in the holder (what the patcher moves and counts); the model itself is
+    then kept outside the module tree."""
+
+    def __init__(self, model: torch.nn.Module, parts: list[torch.nn.Module] | None = None):
         super().__init__()
-        self.model = model
+        if parts is None:
+            self.model = model
+        else:
+            self.parts = torch.nn.ModuleList(parts)
 
 
 @dataclass
 class ManagedHFModel:
-    """A transformers model under ComfyUI's model management (evicted/offloaded when others need the memory)."""
+    """A transformers model (or some of its parts) under ComfyUI's model management: evicted/offloaded when others
+    need the memory."""
 
     patcher: comfy.model_patcher.ModelPatcher
+    model: torch.nn.Module  # the whole transformers model
 
     @classmethod
-    def wrap(cls, model: torch.nn.Module, load_device: torch.device, offload_device: torch.device) -> ManagedHFModel:
-        return cls(comfy.model_patcher.ModelPatcher(HFModelHolder(model), load_device, offload_device))
+    def wrap(
+        cls,
+        model: torch.nn.Module,
+        load_device: torch.device,
+        offload_device: torch.device,
+        parts: list[torch.nn.Module] | None = None,
+    ) -> ManagedHFModel:
+        holder = HFModelHolder(model, parts)
+        return cls(comfy.model_patcher.ModelPatcher(holder, load_device, offload_device), model)
 
-    def loaded(self) -> torch.nn.Module:
-        """The model on its load device. HF layers cannot be partially offloaded, hence a full load."""
-        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
-        return self.patcher.model.model
+    def loaded(self, memory_required: int = 0) -> torch.nn.Module:
+        """The model with its managed parts on the load device; ``memory_required``: bytes its run needs beside the
+        weights (ComfyUI frees that much too). HF layers cannot be partially offloaded, hence a full load."""
+        comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
+        return self.model
 
 
 @dataclass
 class ARModel:
-    model: ManagedHFModel  # GlmImageForConditionalGeneration
+    """The AR model as two managed parts that take turns on the device: the text decoder (every run) and the vision
+    encoder + VQ (only for reference images)."""
+
+    model: ManagedHFModel  # GlmImageForConditionalGeneration: its text decoder and lm_head
     processor: object  # GlmImageProcessor
+    vision: ManagedHFModel | None = None  # the same model: its ViT and VQ model
     preview_palette: torch.Tensor | None = None  # [16384, 3] uint8 live-preview colours, set on first use
 
 

@@ -54,3 +54,52 @@ def test_every_part_ran_and_timed_ours_and_the_reference(tiny_run):
         assert by_name[name]["reference"] > 0 and by_name[name]["ratio"] > 0, name
     if with_comfyui:
         assert by_name["DiT forward 512x512, batch 1, ComfyUI fp8_e4m3fn_fast"]["ours"] > 0
+
+
+# --- memory: the computed table and the capped runs ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def memory_table(tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory") / "memory.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/memory_table.py", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout, json.loads(out.read_text())
+
+
+def test_the_computed_memory_table_keeps_every_stage_of_the_small_card_recipes_under_their_caps(memory_table):
+    stdout, result = memory_table
+    assert stdout.startswith("Computed (not measured)")
+    for card, cap_gib in (("12 GB", 11), ("16 GB", 15)):
+        for task in ("t2i", "edit"):
+            stages = result["stages"][card][task]
+            assert {"AR decode", "glyph", "DiT", "VAE decode"} <= set(stages)
+            assert ("AR vision" in stages) == (task == "edit")
+            for name, stage in stages.items():
+                assert 0 < stage["peak"] <= cap_gib * 2**30, (card, task, name, stage["peak"] / 2**30)
+
+
+def test_the_computed_int8_ar_decoder_is_about_half_the_bf16_one(memory_table):
+    components = memory_table[1]["components"]
+    bf16 = components["AR decoder, bf16 (code rows of the embedding)"]
+    int8 = components["AR decoder, int8 projections"]
+    assert 0.5 < int8 / bf16 < 0.55  # int8 projections + float32 scales; embedding rows, lm_head, norms in bf16
+
+
+def test_bench_caps_runs_its_graphs_on_the_cpu_with_the_tiny_models(tmp_path):
+    """The capped recipes' code path (the int8 export, the graph, the stage clock) on the CPU; no cap applies."""
+    if not (comfy_host.COMFYUI_PATH / "comfy" / "model_management.py").is_file():
+        pytest.skip("needs ComfyUI (COMFYUI_PATH)")
+    out = tmp_path / "rows.json"
+    command = [sys.executable, "benchmarks/bench_caps.py", "--comfyui", str(comfy_host.COMFYUI_PATH), "--tiny",
+               "--recipes", "11", "--tasks", "t2i", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {row["name"]: row for row in json.loads(out.read_text())}
+    assert not [name for name, row in rows.items() if "FAILED" in row["note"]], rows
+    prefix = "11 GiB cap, AR int8 + DiT fp8: text-to-image"
+    for stage in ("AR tokens", "glyph encode", "DiT sampling", "VAE decode", "whole graph"):
+        assert any(name.startswith(prefix) and stage in name and row["ours"] > 0 for name, row in rows.items()), stage

@@ -1,5 +1,6 @@
 """`python -m glm_image_core generate`: the smoke run a newcomer starts with, and its error path."""
 
+import torch
 from PIL import Image
 
 from glm_image_core.__main__ import main
@@ -16,3 +17,18 @@ def test_bad_size_is_a_clear_error_not_a_traceback(tiny_model_dir, tmp_path, cap
     args = ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--width", "500", "--height", "512"]
     assert main([*args, "-o", str(tmp_path / "x.png")]) == 2
     assert "width 500 is not a multiple of 32" in capsys.readouterr().err
+
+
+def test_export_ar_int8_writes_a_file_the_loader_reads(tiny_model_dir, tmp_path):
+    from glm_image_core.loading import load_ar_model
+
+    out = tmp_path / "GLM-Image.ar_int8.safetensors"
+    assert main(["export-ar-int8", "--model", str(tiny_model_dir), "-o", str(out)]) == 0
+    model = load_ar_model(out)
+    assert model.model.language_model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+
+
+def test_export_ar_int8_of_a_folder_without_the_ar_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "x.ar_int8.safetensors"
+    assert main(["export-ar-int8", "--model", str(tiny_model_dir / "vae"), "-o", str(out)]) == 2
+    assert "not of the AR model" in capsys.readouterr().err and not out.exists()

@@ -38,7 +38,9 @@ def random_tokens() -> "types.VisualTokens":
 
 
 def test_generate_tokens_loads_the_ar_model_through_model_management(glm):
-    ar_model = glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu")[0]
+    ar_model = glm["GLMImageARModelLoader"].execute(
+        model_folder="GLM-Image", dtype="fp32", device="cpu", weights="full"
+    )[0]
     assert not is_managed(ar_model.model.patcher)
 
     with torch.inference_mode():
@@ -82,7 +84,9 @@ def test_the_sampler_loads_the_dit_through_model_management(glm):
 
 
 def test_comfyui_can_evict_the_ar_model_and_the_next_run_loads_it_again(glm):
-    ar_model = glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu")[0]
+    ar_model = glm["GLMImageARModelLoader"].execute(
+        model_folder="GLM-Image", dtype="fp32", device="cpu", weights="full"
+    )[0]
     kwargs = dict(ar_model=ar_model, prompt="a cat", width=SIZE, height=SIZE, seed=0, temperature=0.9, top_p=0.75)
     with torch.inference_mode():
         first = glm["GLMImageGenerateTokens"].execute(top_k=0, batch_size=1, **kwargs)[0]

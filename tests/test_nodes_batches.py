@@ -60,9 +60,11 @@ def vae(glm):
 
 @pytest.fixture(scope="module")
 def ar_model(glm):
-    loaded = glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu")[0]
+    loaded = glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu", weights="full")[
+        0
+    ]
     with torch.no_grad():
-        loaded.model.patcher.model.model.lm_head.weight.mul_(PEAKED_SCALE)  # this module's own instance
+        loaded.model.model.lm_head.weight.mul_(PEAKED_SCALE)  # this module's own instance
     return loaded
 
 

@@ -85,7 +85,7 @@ def comfy_edit(tiny_model_dir, tmp_path_factory):
 def edit_graph(reference_files: list[str], key: str) -> dict:
     """The edit workflow in API format, fp32 on the CPU; KSampler's noise seed equals the AR seed (as in `generate`)."""
     graph = {
-        "1": {"class_type": "GLMImageARModelLoader", "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu"}},
+        "1": {"class_type": "GLMImageARModelLoader", "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu", "weights": "full"}},
         "2": {"class_type": "GLMImageGenerateTokens", "inputs": {
             "ar_model": ["1", 0], "prompt": PROMPT, "width": WIDTH, "height": HEIGHT, "seed": SEED,
             "temperature": 0.9, "top_p": 0.75, "top_k": 0, "batch_size": 1}},

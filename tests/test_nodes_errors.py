@@ -102,7 +102,7 @@ def sized_node_prompt(node_id: str, width, height=SIZE) -> dict:
     inputs = {"width": width, "height": height}
     prompt = {"9": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
     if node_id == "GLMImageGenerateTokens":
-        prompt["0"] = {"class_type": "GLMImageARModelLoader", "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu"}}  # fmt: skip
+        prompt["0"] = {"class_type": "GLMImageARModelLoader", "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu", "weights": "full"}}  # fmt: skip
         inputs.update(ar_model=["0", 0], prompt="a cat", seed=0, temperature=0.9, top_p=0.75, top_k=0, batch_size=1)
     elif node_id == "GLMImageEmptyLatent":
         inputs.update(batch_size=1)

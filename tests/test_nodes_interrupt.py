@@ -41,7 +41,7 @@ def glm(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ar_model(glm):
-    return glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu")[0]
+    return glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu", weights="full")[0]
 
 
 def generate_tokens(glm, ar_model):
@@ -89,7 +89,7 @@ def test_interrupting_the_ar_raises_comfyuis_interrupt_and_the_next_run_is_unaff
 
 def tokens_prompt() -> dict:
     return {
-        "1": {"class_type": "GLMImageARModelLoader", "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu"}},
+        "1": {"class_type": "GLMImageARModelLoader", "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu", "weights": "full"}},
         "2": {"class_type": "GLMImageGenerateTokens", "inputs": {
             "ar_model": ["1", 0], "prompt": PROMPT, "width": SIZE, "height": SIZE, "seed": SEED, "temperature": 0.9,
             "top_p": 0.75, "top_k": 0, "batch_size": 1}},

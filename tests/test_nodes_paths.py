@@ -38,7 +38,7 @@ LOADERS = {  # node id -> (its file input, its other inputs)
     "GLMImageDiTLoader": ("dit", {"weight_dtype": "default"}),
     "GLMImageVAELoader": ("vae", {}),
     "GLMImageGlyphEncoderLoader": ("encoder", {"dtype": "fp32"}),
-    "GLMImageARModelLoader": ("model_folder", {"dtype": "fp32", "device": "cpu"}),
+    "GLMImageARModelLoader": ("model_folder", {"dtype": "fp32", "device": "cpu", "weights": "full"}),
     "GLMImageLoadTokens": ("tokens_file", {}),
 }
 SHARD = "transformer/diffusion_pytorch_model-00002-of-00003.safetensors"

@@ -3,10 +3,11 @@
 import dataclasses
 
 import numpy as np
+import PIL.Image
 import torch
 
-from glm_image_core import ar
-from glm_image_core.pipeline import generate, initial_noise
+from glm_image_core import ar, memory
+from glm_image_core.pipeline import generate, initial_noise, load_models
 
 HEIGHT, WIDTH, STEPS, SEED = 512, 768, 3, 7
 PROMPT = 'A shop sign that reads "OPEN" and \u201cDaily\u201d, with 「你好」 below'
@@ -28,25 +29,64 @@ def test_text_to_image_equals_glm_image_pipeline(core_models, reference_pipeline
     assert ours.std() > 1  # a real picture, not a constant
 
 
-def test_offloaded_stages_hold_either_the_ar_or_the_dit_and_give_the_same_image(core_models):
-    """With offload, each stage works on copies of its own models only; the CPU weights are never replaced."""
+def lending_probe(models):
+    """lent(part) -> whether that part's weights are device copies right now (stage() swaps in copies; on the CPU
+    the copies are new storage). Parts: the AR's decoder (lm_head), the AR's vision encoder, the DiT, the glyph
+    encoder."""
+    probes = {
+        "ar decoder": models.ar_model.lm_head.weight,
+        "ar vision": next(models.ar_model.model.visual.parameters()),
+        "dit": next(models.dit.parameters()),
+        "glyph": next(models.glyph_encoder.parameters()),
+    }
+    storage = {name: p.data_ptr() for name, p in probes.items()}
+    return lambda name: probes[name].data_ptr() != storage[name]
+
+
+def test_offloaded_stages_hold_either_the_ar_decoder_or_the_dit_and_give_the_same_image(core_models):
+    """With offload, each stage works on copies of its own models only; the CPU weights are never replaced. Text to
+    image never moves the AR's vision encoder."""
     staged = dataclasses.replace(core_models, offload=True, device=torch.device("cpu"))
-    originals = {name: next(getattr(core_models, name).parameters()) for name in ("ar_model", "dit", "glyph_encoder")}
-    original_storage = {name: p.data_ptr() for name, p in originals.items()}
-
-    def lent(name):
-        return originals[name].data_ptr() != original_storage[name]
-
+    lent = lending_probe(core_models)
+    parts = ("ar decoder", "ar vision", "dit", "glyph")
     seen = set()
-
-    def on_token(step, total, ids):
-        seen.add(("ar", lent("ar_model"), lent("dit"), lent("glyph_encoder")))
-
-    def on_step(step, total, latent):
-        seen.add(("dit", lent("ar_model"), lent("dit"), lent("glyph_encoder")))
-
-    image = generate(staged, PROMPT, 512, 512, steps=2, seed=SEED, on_token=on_token, on_step=on_step)
-    assert seen == {("ar", True, False, False), ("dit", False, True, False)}
-    assert not any(lent(name) for name in originals)
+    image = generate(
+        staged, PROMPT, 512, 512, steps=2, seed=SEED,
+        on_token=lambda *_: seen.add(("ar", *(p for p in parts if lent(p)))),
+        on_step=lambda *_: seen.add(("dit", *(p for p in parts if lent(p)))),
+    )  # fmt: skip
+    assert seen == {("ar", "ar decoder"), ("dit", "dit")}
+    assert not any(lent(p) for p in parts)
     resident = np.asarray(generate(core_models, PROMPT, 512, 512, steps=2, seed=SEED), dtype=np.float32)
     assert np.abs(np.asarray(image, dtype=np.float32) - resident).max() <= 1  # copies may round differently on CPU
+
+
+def test_an_offloaded_edit_runs_the_vision_encoder_in_a_turn_of_its_own(core_models, monkeypatch):
+    staged = dataclasses.replace(core_models, offload=True, device=torch.device("cpu"))
+    lent = lending_probe(core_models)
+    parts = ("ar decoder", "ar vision", "dit", "glyph")
+    seen = []
+    encode = ar.encode_reference_images
+
+    def watched_encode(model, inputs):
+        seen.append(("vision", *(p for p in parts if lent(p))))
+        return encode(model, inputs)
+
+    monkeypatch.setattr(ar, "encode_reference_images", watched_encode)
+    reference = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    generate(
+        staged, "make it 'blue'", 512, 512, steps=1, seed=SEED, references=[reference],
+        on_token=lambda *_: seen.append(("ar", *(p for p in parts if lent(p)))),
+    )  # fmt: skip
+    assert seen[0] == ("vision", "ar vision")
+    assert set(seen[1:]) == {("ar", "ar decoder")}
+
+
+def test_the_pipeline_runs_with_an_8bit_ar_and_trims_the_decoders_embedding(tiny_model_dir):
+    models = load_models(tiny_model_dir, dtype=torch.float32, ar_quantization="int8")
+    parts = memory.ar_bytes_by_component(models.ar_model)
+    assert parts["decoder embedding"] == 16384 * 64 * 4  # the code rows only; the table stays in CPU memory
+    assert parts["embedding table kept in CPU memory"] == 168064 * 64 * 4
+    assert models.ar_model.lm_head.weight.dtype == torch.float32
+    image = generate(dataclasses.replace(models, offload=True), PROMPT, 512, 512, steps=2, seed=SEED)
+    assert np.asarray(image, dtype=np.float32).std() > 1

@@ -1,0 +1,223 @@
+"""Computed peak device memory per stage of a 1024x1024 text-to-image and of a 1024x1024 edit with one 1024x1024
+reference, for the recipes of the README's memory table. No GPU and no download: weights are counted on models
+built on the meta device from the published configs (``GLM_IMAGE_CONFIGS``, see common.py), activations from the
+shapes with the formulas below. Prints the markdown table (``--json`` also writes the numbers).
+
+    python benchmarks/memory_table.py [--json memory.json]
+
+What a stage holds on the device (ComfyUI evicts the other stages' models when they do not fit beside it):
+- AR vision (edits): the ViT + VQ weights, and the ViT's activations on the reference's 64x64 patches.
+- AR decode: the text decoder (int8 projections or bf16), the 16384 code rows of the embedding, the lm_head, the
+  float32 K/V cache and the prefill's activations (``glm_image_core.memory.ar_working_bytes``).
+- glyph: the glyph encoder in bf16 (activations: a few MB).
+- DiT: the DiT's weights (fp8: every Linear weight 1 byte, the rest bf16; bf16: as published, or what fits under the
+  cap with ComfyUI's partial loading) and one block's activations for cond + uncond in one batch of 2 x (4096
+  image + 256 glyph tokens), plus for edits the reference K/V of all 30 layers (4096 tokens, bf16), plus with fp8
+  the bf16 copy of the largest weight that ComfyUI's manual cast makes per call.
+- VAE decode: VAE weights, and the largest live set of the decoder: the 512-channel upsampler at 1024x1024 (input,
+  output and the next GroupNorm's output, 3 x 512 x 1024 x 1024 x 2 bytes).
+Every stage adds ``CONTEXT`` for the CUDA context and the allocator's slack (an assumption, not computed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from common import CONFIGS, GLYPH_ENCODER_CONFIG
+
+from glm_image_core import memory, quant
+
+GiB = 2**30
+CONTEXT = int(0.75 * GiB)  # CUDA context (~0.3-0.5 GiB) + caching-allocator slack: assumed
+HEIGHT = WIDTH = 1024
+PROMPT_TOKENS = 128  # a long prompt with GLM-4's tokenizer (the chat template adds ~10)
+GLYPH_TOKENS = 256  # quoted text, ByT5 bytes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    cap_gib: float
+    ar_int8: bool
+    dit_fp8: bool
+    options: str
+    all_resident: bool = False  # every model stays on the device: each stage also holds the others' weights
+
+
+RECIPES = [
+    Recipe("12 GB", 11, True, True, "AR weights int8, DiT weight_dtype fp8_e4m3fn"),
+    Recipe("16 GB", 15, True, False, "AR weights int8, DiT bf16 (ComfyUI loads what fits, streams the rest)"),
+    Recipe("24 GB", 22, False, False, "AR weights full (bf16), DiT bf16; stages take turns"),
+    Recipe("48 GB+", 46, False, False, "everything bf16, every model resident (no reloads)", all_resident=True),
+]
+
+
+def read_config(name: str) -> dict:
+    for path in (CONFIGS / name.replace("__", "/"), CONFIGS / name):
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise SystemExit(f"{name} not found under {CONFIGS} (set GLM_IMAGE_CONFIGS)")
+
+
+def ar_meta_model(int8: bool):
+    """GlmImageForConditionalGeneration at full size on the meta device, bf16, embedding trimmed to its code rows."""
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
+
+    config = read_config("vision_language_encoder__config.RECONSTRUCTED.json")
+    with torch.device("meta"):
+        model = GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config)).to(torch.bfloat16)
+        if int8:
+            quant.replace_decoder_linears(model)
+        lm = model.model.language_model
+        lm.embed_tokens.weight = torch.nn.Parameter(lm.embed_tokens.weight[:16384], requires_grad=False)
+    return model
+
+
+def dit_meta_model():
+    from glm_image_core.dit import GlmImageTransformer2DModel
+    from glm_image_core.loading import _constructor_kwargs
+
+    config = read_config("transformer__config.json")
+    kwargs = {k: v for k, v in _constructor_kwargs(GlmImageTransformer2DModel, config).items()}
+    return GlmImageTransformer2DModel(**kwargs, dtype=torch.bfloat16, device="meta"), config
+
+
+def vae_meta_model():
+    from glm_image_core.loading import _constructor_kwargs
+    from glm_image_core.vae import AutoencoderKL
+
+    config = read_config("vae__config.json")
+    return AutoencoderKL(**_constructor_kwargs(AutoencoderKL, config), dtype=torch.bfloat16, device="meta")
+
+
+def glyph_bytes() -> int:
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config.from_dict(GLYPH_ENCODER_CONFIG)).to(torch.bfloat16)
+    return memory.module_bytes(model)
+
+
+def dit_fp8_bytes(dit) -> int:
+    """Linear weights in 1 byte, everything else in bf16 (ComfyUI's fp8_e4m3fn weight dtype for this model)."""
+    linear = [m.weight for m in dit.modules() if isinstance(m, torch.nn.Linear)]
+    return memory.module_bytes(dit) - memory.tensor_bytes(linear) // 2
+
+
+def stage_table() -> dict:
+    """{recipe: {"t2i"|"edit": {stage: {"weights": B, "activations": B, "peak": B}}}} and the components' bytes."""
+    dit, dit_config = dit_meta_model()
+    heads, head_dim = dit_config["num_attention_heads"], dit_config["attention_head_dim"]
+    dim, layers = heads * head_dim, dit_config["num_layers"]
+    largest_linear = max(m.weight.numel() for m in dit.modules() if isinstance(m, torch.nn.Linear))
+    ff = 4 * dim  # the blocks' FeedForward width (glm_image_core.dit)
+    image_tokens = (HEIGHT // 16) * (WIDTH // 16)
+    tokens = 2 * (image_tokens + GLYPH_TOKENS)  # cond + uncond in one batch
+    dit_block = tokens * (6 * dim + 2 * ff) * 2  # residual, norm, q, k, v, attention out; the MLP's two widths
+    reference_kv = layers * 2 * image_tokens * dim * 2
+    vae = vae_meta_model()
+    vae_activations = 3 * 512 * HEIGHT * WIDTH * 2
+    glyph = glyph_bytes()
+
+    ar_full, ar_int8 = ar_meta_model(False), ar_meta_model(True)
+    vision = memory.module_bytes(*memory.ar_vision_modules(ar_full))
+    vit = ar_full.config.vision_config
+    patches = (HEIGHT // vit.patch_size) * (WIDTH // vit.patch_size)
+    vision_activations = patches * (4 * vit.hidden_size + 2 * vit.intermediate_size) * 2
+    grid = (HEIGHT // 32) * (WIDTH // 32)
+    components = {
+        "AR decoder, bf16 (code rows of the embedding)": memory.ar_decode_bytes(ar_full),
+        "AR decoder, int8 projections": memory.ar_decode_bytes(ar_int8),
+        "AR vision encoder + VQ": vision,
+        "DiT bf16": memory.module_bytes(dit),
+        "DiT fp8": dit_fp8_bytes(dit),
+        "glyph encoder bf16": glyph,
+        "VAE bf16": memory.module_bytes(vae),
+    }
+
+    table = {}
+    for recipe in RECIPES:
+        cap = int(recipe.cap_gib * GiB)
+        ar_model = ar_int8 if recipe.ar_int8 else ar_full
+        ar_weights = memory.ar_decode_bytes(ar_model)
+        per_task = {}
+        for task, prompt, new, refs in (("t2i", PROMPT_TOKENS, 256 + grid, 0), ("edit", PROMPT_TOKENS + grid, grid, 1)):
+            working = memory.ar_model_working_bytes(ar_model, 1, prompt, new)
+            dit_activations = dit_block + refs * reference_kv + (largest_linear * 2 if recipe.dit_fp8 else 0)
+            dit_weights = dit_fp8_bytes(dit) if recipe.dit_fp8 else memory.module_bytes(dit)
+            partial = dit_weights + dit_activations + CONTEXT > cap
+            if partial:  # ComfyUI's partial load: what fits beside the activations, the rest streamed per call
+                dit_weights = cap - dit_activations - CONTEXT
+            stages = {
+                "AR decode": (ar_weights, working),
+                "glyph": (glyph, 16 * 2**20),
+                "DiT": (dit_weights, dit_activations),
+                "VAE decode": (memory.module_bytes(vae), vae_activations),
+            }
+            if refs:
+                stages = {"AR vision": (vision, vision_activations), **stages}
+            all_weights = sum(w for w, _ in stages.values())
+            per_task[task] = {
+                name: {
+                    "weights": all_weights if recipe.all_resident else w,
+                    "activations": a,
+                    "peak": (all_weights if recipe.all_resident else w) + a + CONTEXT,
+                    "partial": name == "DiT" and partial,
+                }
+                for name, (w, a) in stages.items()
+            }
+        table[recipe.name] = per_task
+    return {"components": components, "stages": table}
+
+
+def markdown(result: dict) -> str:
+    def gib(b):
+        return f"{b / GiB:.1f}"
+
+    lines = [
+        f"Computed (not measured) from the published configs' shapes, {WIDTH}x{HEIGHT}, bf16 activations, "
+        f"+{gib(CONTEXT)} GiB assumed per stage for the CUDA context and allocator slack. Each cell: the stage's "
+        "peak in GiB (the weights resident during it, w).",
+        "",
+        "| Card | Cap | Options | Task | AR vision | AR decode | Glyph | DiT | VAE decode | Largest |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for recipe in RECIPES:
+        for task, stages in result["stages"][recipe.name].items():
+            cells = []
+            for name in ("AR vision", "AR decode", "glyph", "DiT", "VAE decode"):
+                s = stages.get(name)
+                if s is None:
+                    cells.append("-")
+                    continue
+                note = " (partial load)" if s["partial"] else ""
+                cells.append(f"{gib(s['peak'])} ({gib(s['weights'])} w){note}")
+            largest = max(s["peak"] for s in stages.values())
+            task_name = "text-to-image" if task == "t2i" else "edit, 1 reference"
+            lines.append(
+                f"| {recipe.name} | {recipe.cap_gib:g} GiB | {recipe.options} | {task_name} | {' | '.join(cells)} | "
+                f"{gib(largest)} GiB |"
+            )
+    lines += ["", "| Component | GiB |", "| --- | --- |"]
+    lines += [f"| {name} | {gib(b)} |" for name, b in result["components"].items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the numbers (bytes) here")
+    args = parser.parse_args(argv)
+    result = stage_table()
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""8-bit AR weights: int8 weight-only quantisation of the text decoder's linear layers.
+
+Format: each of the 40 decoder layers' q/k/v/o, gate_up and down projections keeps its key (``...q_proj.weight``)
+as int8 [out, in], plus ``...q_proj.weight_scale`` float32 [out]: one symmetric scale per output channel,
+``scale = max|w_row| / 127``, ``w ~= int8 * scale``. Everything else (embedding, lm_head, norms, biases, the vision
+encoder and the VQ codebook) stays in the model dtype: the lm_head decides every sample, so its logits stay exact.
+
+Why int8 with per-channel scales rather than fp8 (measured on the tiny model, see tests/test_quant.py and the
+README): int8's 255 evenly spaced levels per row give ~4x less weight error than fp8 e4m3's 3 mantissa bits with
+the same per-channel scales, and int8 storage reads back on any GPU (fp8 matmuls need Ada/Hopper; most 12-16 GB
+cards are Ampere or older). Both are 1 byte per weight, so memory and bandwidth are the same.
+
+A layer computes ``linear(x, int8.to(x.dtype)) * scale + bias``: the integers are exact in bf16 (|q| <= 127), and
+the scale is applied to the output, so the weight is never rounded twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZED_PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_up_proj",
+    "mlp.down_proj",
+)
+DECODER_LAYERS_PREFIX = "model.language_model.layers."
+INT8_MAX = 127
+QUANTIZE_CHUNK = 2**20  # weights quantised at a time: a few float32 scratch tensors of 4 MB, whatever the layer
+FUSED_MAX_ROWS = 16  # on CUDA, inputs of at most this many rows (decode: one per sample) take the fused kernel
+
+
+def is_quantized_weight(key: str) -> bool:
+    """Whether ``key`` (a GlmImageForConditionalGeneration state-dict key) is a weight that int8 mode quantises."""
+    if not (key.startswith(DECODER_LAYERS_PREFIX) and key.endswith(".weight")):
+        return False
+    return key[: -len(".weight")].split(".", 4)[-1] in QUANTIZED_PROJECTIONS
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: weight [out, in] -> (int8 [out, in], float32 scale [out]).
+
+    Rows are quantised about ``QUANTIZE_CHUNK`` weights at a time in float32, so the scratch memory stays small and
+    independent of the layer's size. An all-zero row gets scale 1 (and zeros)."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    step = max(1, QUANTIZE_CHUNK // weight.shape[1])
+    for start in range(0, weight.shape[0], step):
+        rows = weight[start : start + step].to(torch.float32, copy=True)  # scratch: the weight is not changed
+        row_scale = rows.abs().amax(dim=1).div_(INT8_MAX)
+        row_scale = torch.where(row_scale > 0, row_scale, torch.ones_like(row_scale))
+        q[start : start + step] = rows.div_(row_scale[:, None]).round_().clamp_(-INT8_MAX, INT8_MAX)
+        scale[start : start + step] = row_scale
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight an int8 layer stands for, [out, in] in ``dtype`` (for tests and measurements)."""
+    return (q.float() * scale[:, None]).to(dtype)
+
+
+def _fused_int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, in] (M small) times int8 q [out, in]^T: written as a broadcast product and a sum over ``in``, which
+    torch.compile turns into one reduction kernel that reads each int8 weight once (no bf16 copy of the matrix)."""
+    return (x[:, None, :] * q.to(x.dtype)).sum(dim=-1, dtype=torch.float32).mul_(scale).to(x.dtype)
+
+
+class _FusedKernel:
+    """``_fused_int8_linear`` under torch.compile, built on first use; a failed compilation (no Triton) is logged
+    once and the eager path serves from then on. UNVERIFIED on a GPU so far: see the README's Memory section."""
+
+    def __init__(self):
+        self.compiled = None
+        self.failed = False
+
+    def __call__(self, x, q, scale):
+        if self.failed:
+            return None
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(_fused_int8_linear, dynamic=True, fullgraph=True)
+            return self.compiled(x, q, scale)
+        except Exception as e:  # torch.compile raises many types (BackendCompilerFailed, Unsupported, ...)
+            logging.warning("GLM-Image AR: the fused int8 matmul did not compile (%s); dequantising per matrix.", e)
+            self.failed = True
+            return None
+
+
+FUSED_KERNEL = _FusedKernel()
+
+
+def int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, fused: bool = True
+) -> torch.Tensor:
+    """``F.linear`` with an int8 weight q [out, in] and per-row scale [out]: x [..., in] -> [..., out] in x.dtype.
+
+    Eager (CPU, and CUDA inputs with many rows such as a prefill): the int8 matrix is cast to x.dtype (exact) for one
+    matmul, one matrix at a time, and the scale multiplies the output. On CUDA with at most ``FUSED_MAX_ROWS`` rows
+    (a decode step) and ``fused``: the compiled kernel of ``_fused_int8_linear``."""
+    rows = x.numel() // x.shape[-1]
+    if fused and x.is_cuda and rows <= FUSED_MAX_ROWS:
+        flat = x.reshape(rows, x.shape[-1])
+        # inside a compiled caller (fast_ar's compiled decode layer) the reduction is traced inline
+        out = _fused_int8_linear(flat, q, scale) if torch.compiler.is_compiling() else FUSED_KERNEL(flat, q, scale)
+        if out is not None:
+            out = out.view(*x.shape[:-1], q.shape[0])
+            return out if bias is None else out + bias
+    out = F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    return out if bias is None else out + bias
+
+
+class Int8Linear(nn.Module):
+    """A drop-in for ``nn.Linear`` with an int8 weight and float32 per-output-channel scales (``weight_scale``).
+
+    The weight keeps its name, so the state dict reads like the bf16 one plus one scale vector per layer. Both are
+    frozen parameters (not buffers) so that everything that moves or counts a model's parameters sees them."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device), False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device), False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def replace_decoder_linears(model: nn.Module) -> list[str]:
+    """Swap the decoder's quantisable ``nn.Linear`` s of a (meta-device) GlmImageForConditionalGeneration for
+    ``Int8Linear`` s of the same shapes; returns their module names."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and is_quantized_weight(name + ".weight"):
+            parent_name, child = name.rsplit(".", 1)
+            parent = model.get_submodule(parent_name)
+            dtype = module.bias.dtype if module.bias is not None else None
+            setattr(
+                parent,
+                child,
+                Int8Linear(
+                    module.in_features, module.out_features, module.bias is not None, dtype, module.weight.device
+                ),
+            )
+            replaced.append(name)
+    return replaced
+
+
+@torch.no_grad()
+def quantize_model_(model: nn.Module) -> list[str]:
+    """Quantise the decoder projections of an already loaded GlmImageForConditionalGeneration in place (on its
+    device); each full-precision matrix is released once its int8 copy exists. Returns the modules' names."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and is_quantized_weight(name + ".weight"):
+            parent_name, child = name.rsplit(".", 1)
+            layer = Int8Linear(module.in_features, module.out_features, False, device="meta")
+            q, scale = quantize_int8(module.weight)
+            layer.weight, layer.weight_scale = nn.Parameter(q, False), nn.Parameter(scale, False)
+            layer.bias = module.bias
+            setattr(model.get_submodule(parent_name), child, layer)
+            replaced.append(name)
+    return replaced
