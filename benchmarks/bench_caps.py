@@ -98,9 +98,9 @@ def import_comfyui(comfyui: Path, cpu: bool, reserve_gib: float) -> None:
 
     args.cpu = cpu
     args.reserve_vram = reserve_gib
-    from comfy_host import _torchvision_stub, load_pack
+    from comfy_host import _package_stubs, load_pack
 
-    with _torchvision_stub():
+    with _package_stubs():
         import importlib
 
         importlib.import_module("utils.extra_config")

@@ -136,8 +136,11 @@ def loader_prompt(node_id: str, value: str) -> dict:
 
 
 def validation_errors(run, node="1") -> list[str]:
+    """The node's distinct validation messages. ComfyUI lists a validate_inputs message under every input the
+    validator names ("model_folder - ...", "weights - ..." for the AR loader, whose two file inputs share one)."""
     assert not run.success and run.error is not None, "the prompt should have failed validation"
-    return [e["details"] for e in run.node_errors[node]["errors"]]
+    messages = [e["details"].split(" - ", 1)[-1] for e in run.node_errors[node]["errors"]]
+    return list(dict.fromkeys(messages))
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +199,28 @@ def test_a_node_run_without_validation_refuses_the_value_too(layout, watch, node
     value = traversal(TRAVERSALS[node_id][2], layout / "outside")
     with pytest.raises(InvalidInputError, match="is not one of the choices for"):
         comfy_host.load_pack()[node_id].execute(**{name: value}, **others)
+    assert watch.opened() == []
+
+
+LATER_FILE_INPUTS = {  # file inputs beside a loader's main one: (node, its other inputs, the input)
+    "weights": ("GLMImageARModelLoader", {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu"}),
+    "lora_name": ("GLMImageLoraLoader", {"model": ["2", 0], "strength_model": 1.0}),
+}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="OpenWatch uses inotify")
+@pytest.mark.parametrize("name", LATER_FILE_INPUTS)
+@pytest.mark.parametrize("template", ["../outside/x.safetensors", "{up}/x.safetensors", "{abs}/x.safetensors"])
+def test_the_ar_weights_file_and_the_lora_file_go_through_the_same_check(layout, watch, name, template):
+    node_id, others = LATER_FILE_INPUTS[name]
+    value = traversal(template, layout / "outside")
+    prompt = {
+        "1": {"class_type": node_id, "inputs": {name: value, **others}},
+        "2": {"class_type": "GLMImageDiTLoader", "inputs": {"dit": "GLM-Image", "weight_dtype": "default"}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+    }
+    errors = validation_errors(comfy_host.run_prompt(prompt))
+    assert len(errors) == 1 and f"{value!r} is not one of the choices for" in errors[0], errors
     assert watch.opened() == []
 
 
