@@ -331,7 +331,7 @@ _VAE_CONFIG = {
     "_class_name": "AutoencoderKL",
     "_diffusers_version": "0.37.0.dev0",
     "act_fn": "silu",
-    "block_out_channels": [32, 32, 64, 64],  # [128, 512, 1024, 1024]; multiples of 32: ComfyUI builds 32 groups first
+    "block_out_channels": [32, 32, 64, 64],  # [128, 512, 1024, 1024]
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "force_upcast": True,
     "in_channels": 3,
