@@ -60,12 +60,17 @@ class LoraLoader(io.ComfyNode):
             description="A LoRA for the GLM-Image DiT, in diffusers/PEFT key names (transformer.*.lora_A/lora_B, as "
             "diffusers-based trainers write them) or ComfyUI's (which the stock LoraLoaderModelOnly also reads).",
             inputs=[
-                io.Model.Input("model"),
-                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras")),
-                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
+                io.Model.Input("model", tooltip="The GLM-Image DiT (from Load GLM-Image DiT or another LoRA)."),
+                io.Combo.Input(
+                    "lora_name", options=folder_paths.get_filename_list("loras"), tooltip="A LoRA file in models/loras."
+                ),
+                io.Float.Input(
+                    "strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
+                    tooltip="How strongly the LoRA changes the DiT; 0 returns the model unchanged.",
+                ),
             ],
-            outputs=[io.Model.Output()],
-        )
+            outputs=[io.Model.Output(tooltip="The DiT with the LoRA applied.")],
+        )  # fmt: skip
 
     @classmethod
     def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
