@@ -76,5 +76,10 @@ class LoraLoader(io.ComfyNode):
     def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
         if strength_model == 0:
             return io.NodeOutput(model)
-        lora = comfy.utils.load_torch_file(folder_paths.get_full_path_or_raise("loras", lora_name), safe_load=True)
+        path = folder_paths.get_full_path("loras", lora_name)
+        if path is None:
+            raise InvalidInputError(
+                f"LoRA {lora_name!r} is not in models/loras (removed or renamed?); refresh (press R)."
+            )
+        lora = comfy.utils.load_torch_file(path, safe_load=True)
         return io.NodeOutput(apply_lora(model, lora, strength_model, lora_name))
