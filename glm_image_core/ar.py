@@ -1,4 +1,4 @@
-"""The AR stage (reference §2 steps 1-3): prompt -> visual token grid -> prior token ids for the DiT.
+"""The AR stage (docs/how-it-works.md, steps 1-3): prompt -> visual token grid -> prior token ids for the DiT.
 
 The model and processor are transformers' ``GlmImageForConditionalGeneration`` and ``GlmImageProcessor``; the
 prompt is built exactly as diffusers' ``GlmImagePipeline.generate_prior_tokens`` builds it. The decode loop is our

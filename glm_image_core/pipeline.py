@@ -1,4 +1,4 @@
-"""The whole GLM-Image pipeline, reference §2 in code: AR tokens -> glyph embeddings -> DiT sampling -> VAE decode.
+"""The GLM-Image pipeline in code (docs/how-it-works.md): AR tokens -> glyph embeddings -> DiT sampling -> VAE decode.
 
 Each stage is a function of its own so callers (the CLI, tests, the ComfyUI nodes) can run, replace or cache them
 one by one; `generate` strings them together.

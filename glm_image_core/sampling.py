@@ -1,4 +1,4 @@
-"""DiT denoising with classifier-free guidance, as the reference pipeline's loop (reference §2 steps 5-6)."""
+"""DiT denoising with classifier-free guidance, as the reference pipeline's loop (docs/how-it-works.md, steps 5-6)."""
 
 from __future__ import annotations
 

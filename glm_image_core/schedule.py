@@ -1,4 +1,4 @@
-"""GLM-Image's flow-matching schedule (reference §2 step 5).
+"""GLM-Image's flow-matching schedule (docs/how-it-works.md, The algorithm, step 5).
 
 The DiT is conditioned on the UNSHIFTED integer timestep minus one, while the Euler steps move between the SHIFTED
 sigmas. `mu` grows with the number of 16-pixel patches, so larger images spend longer at high noise.

@@ -1,6 +1,6 @@
 """A tiny, randomly initialised GLM-Image folder laid out exactly like the published download.
 
-``write_tiny_model(root)`` writes every component the real loaders read (reference §1): the same sub-folders, file
+``write_tiny_model(root)`` writes every component the real loaders read (docs/): the same sub-folders, file
 names, shard layout and config keys as ``zai-org/GLM-Image``, with only the sizes shrunk (hidden sizes, layers,
 heads, intermediate sizes, VAE channels). Every token id and vocabulary size is kept as published, so prompts,
 grids and special tokens behave like the real model's; only the weights are random. The folder is ~30 MB and

@@ -1,6 +1,6 @@
 """The GLM-Image DiT as a real ComfyUI MODEL: model config, BaseModel, model sampling and the conds it understands.
 
-How a GLM-Image conditioning reaches the DiT (see comfyui-notes §2-3):
+How a GLM-Image conditioning reaches the DiT (see docs/how-it-works.md, How the pack plugs into ComfyUI):
 - the CONDITIONING tensor is the glyph embedding; its dict carries `glm_prior_token_ids` (long [1 or B, N]),
   `glm_empty_glyph` (the glyph encoding of "", the unconditional text) and, for editing, `glm_references`;
 - `extra_conds` runs once per sampling run. The branch comes from `prompt_type`, not from the wiring: the negative
