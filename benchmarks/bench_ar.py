@@ -16,6 +16,8 @@ import time
 import torch
 from common import PROMPT, Row, Setup, build_ar_model, failed_row, peak_gib, reset_peak, synchronize, wall
 
+from glm_image_core.defaults import TEMPERATURE, TOP_P
+
 NON_GRID_IDS = list(range(16384, 16512))  # what our decoder can never sample; suppressed for the reference too
 
 
@@ -114,7 +116,7 @@ def measure_reference(model, inputs, setup: Setup, new_tokens: int) -> dict:
     def generate(n):
         torch.manual_seed(0)
         return model.generate(
-            **kwargs, max_new_tokens=n, do_sample=True, temperature=0.9, top_p=0.75, top_k=None,
+            **kwargs, max_new_tokens=n, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=None,
             suppress_tokens=NON_GRID_IDS,
         )  # fmt: skip
 

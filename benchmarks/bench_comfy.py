@@ -22,6 +22,8 @@ import torch
 from bench_dit import dit_inputs
 from common import REPO, GiB, Row, Setup, build_dit, failed_row, free_device_memory, peak_gib, reset_peak, time_call
 
+from glm_image_core.defaults import DEFAULT_SIDE
+
 PACK = "glm_image_bench_pack"  # this repo as a package, so nodes/model.py's relative imports resolve
 
 
@@ -52,7 +54,7 @@ def run(setup: Setup) -> list[Row]:
         mm, model_nodes = import_comfy(setup.comfyui, cpu=setup.device.type == "cpu")
     except Exception as e:
         return [failed_row("DiT via ComfyUI (import)", e)]
-    size = 512 if setup.tiny else 1024
+    size = 512 if setup.tiny else DEFAULT_SIDE
     config = setup.config("transformer")
     ours, _ = build_dit(setup, with_reference=False)
     text_dim = ours.glyph_projector.net[0].proj.in_features

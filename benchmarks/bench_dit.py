@@ -15,6 +15,8 @@ import argparse
 import torch
 from common import PROMPT, Row, Setup, build_dit, build_vae, failed_row, free_device_memory, time_call
 
+from glm_image_core.defaults import DEFAULT_SIDE, LATENT_CHANNELS, PATCH_STRIDE, VAE_SCALE
+
 
 def dit_inputs(setup: Setup, size: int, text_dim: int):
     """latent [1, 16, s/8, s/8], cond/uncond glyphs (the prompt's quoted text and ""), prior ids, timestep."""
@@ -26,16 +28,17 @@ def dit_inputs(setup: Setup, size: int, text_dim: int):
     tokenizer = ByT5Tokenizer()
     cond_len = int(glyph.tokenize_glyph_texts(glyph.glyph_texts_for(PROMPT), tokenizer)[1].sum())  # 14
     uncond_len = int(glyph.tokenize_glyph_texts(glyph.glyph_texts_for(""), tokenizer)[1].sum())  # 1
-    latent = torch.randn(1, 16, size // 8, size // 8, generator=g, device=setup.device, dtype=setup.dtype)
+    latent_shape = (1, LATENT_CHANNELS, size // VAE_SCALE, size // VAE_SCALE)
+    latent = torch.randn(latent_shape, generator=g, device=setup.device, dtype=setup.dtype)
     cond = torch.randn(1, cond_len, text_dim, generator=g, device=setup.device, dtype=setup.dtype)
     uncond = torch.randn(1, uncond_len, text_dim, generator=g, device=setup.device, dtype=setup.dtype)
-    prior = torch.randint(0, 16384, (1, (size // 16) ** 2), generator=g, device=setup.device)
+    prior = torch.randint(0, 16384, (1, (size // PATCH_STRIDE) ** 2), generator=g, device=setup.device)
     timestep = torch.full((1,), 499.0, device=setup.device)
     return latent, cond, uncond, prior, timestep
 
 
 def run(setup: Setup) -> list[Row]:
-    size = 512 if setup.tiny else 1024
+    size = 512 if setup.tiny else DEFAULT_SIDE
     rows = run_dit(setup, size)
     free_device_memory(setup.device)
     rows.append(run_vae(setup, 256 if setup.tiny else size))  # tiny: a CPU decodes 512x512 in seconds
@@ -99,7 +102,8 @@ def run_vae(setup: Setup, size: int) -> Row:
     try:
         ours, reference = build_vae(setup)
         g = torch.Generator(setup.device).manual_seed(1)
-        latent = torch.randn(1, 16, size // 8, size // 8, generator=g, device=setup.device, dtype=setup.dtype)
+        latent_shape = (1, LATENT_CHANNELS, size // VAE_SCALE, size // VAE_SCALE)
+        latent = torch.randn(latent_shape, generator=g, device=setup.device, dtype=setup.dtype)
         repeats = 1 if setup.tiny else setup.repeats
         with torch.inference_mode():
             mine = time_call(lambda: ours.decode(latent), setup.device, repeats)

@@ -34,11 +34,13 @@ from common import (
     wall,
 )
 
+from glm_image_core.defaults import DEFAULT_SIDE, GUIDANCE, STEPS
+
 E2E_GOAL_S = 15.0
 
 
 def size_and_steps(setup: Setup) -> tuple[int, int]:
-    return (512, 2) if setup.tiny else (1024, 50)
+    return (512, 2) if setup.tiny else (DEFAULT_SIDE, STEPS)
 
 
 def build_models(setup: Setup, offload: bool, with_reference: bool):
@@ -73,14 +75,14 @@ def run(setup: Setup, with_reference: bool = False) -> list[Row]:
     from glm_image_core.pipeline import generate
 
     size, steps = size_and_steps(setup)
-    name = f"Text-to-image {size}x{size}, {steps} steps, CFG 1.5, models resident"
+    name = f"Text-to-image {size}x{size}, {steps} steps, CFG {GUIDANCE}, models resident"
     rows: list[Row] = []
     try:
         models, (dit_reference, vae_reference) = build_models(setup, offload=False, with_reference=with_reference)
         if not setup.tiny:  # start-up costs (cuBLAS, first graph capture) stay out of the number
             generate(models, PROMPT, 512, 512, steps=2, seed=1)
         reset_peak(setup.device)
-        seconds, _ = wall(lambda: generate(models, PROMPT, size, size, steps=steps, guidance=1.5), setup.device)
+        seconds, _ = wall(lambda: generate(models, PROMPT, size, size, steps=steps, guidance=GUIDANCE), setup.device)
         peak = peak_gib(setup.device)
         reference_s = reference_peak = None
         if with_reference and dit_reference is not None:
@@ -134,7 +136,8 @@ def run_staged(setup: Setup, cap_gib: float) -> list[Row]:
         models, _ = build_models(setup, offload=True, with_reference=False)
         reset_peak(setup.device)
         seconds, _ = wall(
-            lambda: generate(models, PROMPT, size, size, steps=steps, guidance=1.5, on_token=on_token), setup.device
+            lambda: generate(models, PROMPT, size, size, steps=steps, guidance=GUIDANCE, on_token=on_token),
+            setup.device,
         )
         peaks["dit"] = peak_gib(setup.device)
     except torch.OutOfMemoryError as e:

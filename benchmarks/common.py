@@ -162,7 +162,11 @@ def build_ar_model(setup: Setup):
     inv_freq, _ = rotary.compute_default_rope_parameters(rotary.config, setup.device)
     rotary.inv_freq = inv_freq.float()
     rotary.original_inv_freq = inv_freq.float().clone()
-    model.generation_config.update(do_sample=True, temperature=0.9, top_p=0.75, top_k=16512, eos_token_id=16385)
+    from glm_image_core.defaults import TEMPERATURE, TOP_P
+
+    model.generation_config.update(
+        do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=16512, eos_token_id=16385
+    )
     return model
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .defaults import AR_GRID_STRIDE, DEFAULT_SIDE, GUIDANCE, MAX_SIDE, MIN_SIDE, STEPS
 from .errors import GlmImageError
 from .loading import AR_INT8_SUFFIX
 from .sizes import check_image_size
@@ -33,10 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--model", type=Path, help="the GLM-Image folder as downloaded (zai-org/GLM-Image)")
     source.add_argument("--tiny", action="store_true", help="build and use a tiny random model (smoke run)")
     gen.add_argument("--prompt", required=True, help="text; quoted spans (\"...\", '...', “...”, 「...」) are rendered")
-    gen.add_argument("--width", type=int, default=1024, help="multiple of 32, 512..2048")
-    gen.add_argument("--height", type=int, default=1024, help="multiple of 32, 512..2048")
-    gen.add_argument("--steps", type=int, default=50)
-    gen.add_argument("--cfg", type=float, default=1.5, help="guidance scale; 1 disables CFG")
+    side = f"multiple of {AR_GRID_STRIDE}, {MIN_SIDE}..{MAX_SIDE}"
+    gen.add_argument("--width", type=int, default=DEFAULT_SIDE, help=side)
+    gen.add_argument("--height", type=int, default=DEFAULT_SIDE, help=side)
+    gen.add_argument("--steps", type=int, default=STEPS)
+    gen.add_argument("--cfg", type=float, default=GUIDANCE, help="guidance scale; 1 disables CFG")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--image", type=Path, action="append", default=[], help="reference image (repeatable)")
     gen.add_argument("--temperature", type=float, default=None, help="AR sampling (default: generation_config)")

@@ -1,4 +1,4 @@
-"""The AR stage (reference §2 steps 1-3): prompt -> visual token grid -> prior token ids for the DiT.
+"""The AR stage (docs/how-it-works.md, steps 1-3): prompt -> visual token grid -> prior token ids for the DiT.
 
 The model and processor are transformers' ``GlmImageForConditionalGeneration`` and ``GlmImageProcessor``; the
 prompt is built exactly as diffusers' ``GlmImagePipeline.generate_prior_tokens`` builds it. The decode loop is our
@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import torch
 
 from . import fast_ar
+from .defaults import AR_GRID_STRIDE
 from .errors import InvalidInputError
 
 IMAGE_START_ID = 16384  # `<|dit_token_16384|>`: opens every image, and ends the prompt (the model's bos)
 IMAGE_END_ID = 16385  # `<|dit_token_16385|>`: closes a reference image; the model's eos
 NUM_VQ_CODES = 16384  # legal grid tokens are 0..16383 (the VQ codebook; the DiT's prior embedding has as many rows)
-GRID_STRIDE = 32  # pixels per AR grid token
+GRID_STRIDE = AR_GRID_STRIDE  # pixels per AR grid token
 CONTROL_STRINGS = ("<|dit_token_", "<|image|>", "<sop>", "<eop>")  # would change the prompt's structure
 
 ProgressCallback = Callable[[int, int, torch.Tensor], None]

@@ -1,4 +1,4 @@
-"""Glyph text encoding (reference §2 step 4): quoted spans of the prompt -> Glyph-ByT5 (T5 encoder) embeddings.
+"""Glyph text encoding (docs/how-it-works.md, step 4): quoted spans of the prompt -> Glyph-ByT5 (T5 encoder) embeddings.
 
 Reproduces diffusers' ``GlmImagePipeline.get_glyph_texts`` and ``_get_glyph_embeds`` exactly, odd parts included,
 so the DiT sees the same text stream it was trained with. The one deliberate difference is the batch form:

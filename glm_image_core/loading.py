@@ -1,4 +1,4 @@
-"""Load GLM-Image's components from the published folder layout (reference §1) or from single .safetensors files.
+"""Load GLM-Image's components from the published folder layout (docs/) or from single .safetensors files.
 
 Every check runs on the safetensors headers before a weight is read: missing or truncated shards, an index that
 lists keys its shard lacks, a file of another component, a config of another model, weights whose shapes do not

@@ -1,4 +1,4 @@
-"""The whole GLM-Image pipeline, reference §2 in code: AR tokens -> glyph embeddings -> DiT sampling -> VAE decode.
+"""The GLM-Image pipeline in code (docs/how-it-works.md): AR tokens -> glyph embeddings -> DiT sampling -> VAE decode.
 
 Each stage is a function of its own so callers (the CLI, tests, the ComfyUI nodes) can run, replace or cache them
 one by one; `generate` strings them together.
@@ -21,10 +21,11 @@ import torch
 from PIL import Image
 
 from . import ar, glyph, loading, memory
+from .defaults import DEFAULT_SIDE, GUIDANCE, LATENT_CHANNELS, PATCH_STRIDE, STEPS, VAE_SCALE
 from .dit import GlmImageTransformer2DModel, ReferenceKV
 from .sampling import DitCondition, denoise
 from .schedule import glm_schedule
-from .sizes import LATENT_CHANNELS, VAE_SCALE, check_image_size
+from .sizes import check_image_size
 from .vae import AutoencoderKL
 
 
@@ -141,7 +142,7 @@ def encode_references(
     parts = []
     device = next(dit.parameters()).device
     for image, ids, (gh, gw) in zip(images, tokens.reference_prior_ids, tokens.reference_grid_sizes):
-        size = (gh * 16, gw * 16)
+        size = (gh * PATCH_STRIDE, gw * PATCH_STRIDE)
         pixels = image_to_tensor(image, *size).to(device, vae.dtype or torch.float32)
         latent = vae.normalize(vae.encode(pixels).float()).to(dit.dtype or torch.float32)
         parts.append(dit.encode_reference(latent, ids[None].to(device), size))
@@ -172,10 +173,10 @@ def initial_noise(batch: int, height: int, width: int, seed: int) -> torch.Tenso
 def generate(
     models: GlmImageModels,
     prompt: str,
-    height: int = 1024,
-    width: int = 1024,
-    steps: int = 50,
-    guidance: float = 1.5,
+    height: int = DEFAULT_SIDE,
+    width: int = DEFAULT_SIDE,
+    steps: int = STEPS,
+    guidance: float = GUIDANCE,
     seed: int = 0,
     references: Sequence[Image.Image] = (),
     glyph_texts: Sequence[str] | None = None,

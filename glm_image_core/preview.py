@@ -1,12 +1,12 @@
 """A live picture of the AR decode: each sampled token painted as a colour, the grid filling in as it is decoded.
 
-The AR samples VQ codebook ids (0..16383), one per 32x32 pixels: text-to-image decodes a ~16x16 preview grid
-first, then the target grid (reference §2 step 2). A token has no colour of its own, but its codebook vector does
+The AR samples VQ codebook ids (0..16383), one per 32x32 pixels: text-to-image decodes a ~16x16 preview grid first,
+then the target grid (docs/how-it-works.md, step 2). A token has no colour of its own, but its codebook vector does
 carry the image content the DiT will paint from, so the codebook's three principal components, scaled to 0..255,
-serve as RGB (``codebook_palette``: computed once per loaded model). ``grid_image`` paints the tokens decoded so
-far into the grid being decoded (cells not decoded yet are grey); ``LivePreview`` is the throttled per-token hook
-that builds such an image a few times a second and copies only the tokens that are new since its last image off
-the model's device.
+serve as RGB (``codebook_palette``: computed once per loaded model). ``grid_image`` paints the tokens decoded so far
+into the grid being decoded (cells not decoded yet are grey); ``LivePreview`` is the throttled per-token hook that
+builds such an image a few times a second and copies only the tokens that are new since its last image off the
+model's device.
 """
 
 from __future__ import annotations

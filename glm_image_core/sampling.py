@@ -1,4 +1,4 @@
-"""DiT denoising with classifier-free guidance, as the reference pipeline's loop (reference §2 steps 5-6)."""
+"""DiT denoising with classifier-free guidance, as the reference pipeline's loop (docs/how-it-works.md, steps 5-6)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .defaults import VAE_SCALE
 from .dit import GlmImageTransformer2DModel, ReferenceKV
 from .glyph import pad_glyphs
 
@@ -101,7 +102,7 @@ def denoise(
     """
     latent = noise.float()
     b, _, h, w = latent.shape
-    image_size = (h * 8, w * 8)
+    image_size = (h * VAE_SCALE, w * VAE_SCALE)
     steps = len(timesteps)
     cfg = uncond is not None and guidance > 1
     pair = None

@@ -1,4 +1,4 @@
-"""GLM-Image's flow-matching schedule (reference §2 step 5).
+"""GLM-Image's flow-matching schedule (docs/how-it-works.md, The algorithm, step 5).
 
 The DiT is conditioned on the UNSHIFTED integer timestep minus one, while the Euler steps move between the SHIFTED
 sigmas. `mu` grows with the number of 16-pixel patches, so larger images spend longer at high noise.
@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .defaults import PATCH_STRIDE
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -17,7 +19,7 @@ def compute_mu(
     height: int, width: int, base_seq_len: int = 256, base_shift: float = 0.25, max_shift: float = 0.75
 ) -> float:
     """The resolution-dependent shift: 1024x1024 -> 3.25, 512x512 -> 1.75 (defaults from scheduler_config.json)."""
-    seq_len = (height // 16) * (width // 16)
+    seq_len = (height // PATCH_STRIDE) * (width // PATCH_STRIDE)
     return math.sqrt(seq_len / base_seq_len) * max_shift + base_shift
 
 

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
+from .defaults import AR_GRID_STRIDE, MAX_SIDE, MIN_SIDE, VAE_SCALE
 from .errors import InvalidInputError
-
-SIZE_MULTIPLE = 32  # the AR grid has one token per 32x32 pixels
-MIN_SIDE = 512
-MAX_SIDE = 2048
-VAE_SCALE = 8  # pixels per latent cell
-LATENT_CHANNELS = 16
 
 
 def check_image_size(height: int, width: int) -> None:
     """Raise InvalidInputError unless both sides are multiples of 32 within 512..2048 pixels."""
     for name, side in (("height", height), ("width", width)):
-        if side % SIZE_MULTIPLE:
-            lower = side // SIZE_MULTIPLE * SIZE_MULTIPLE
+        if side % AR_GRID_STRIDE:
+            lower = side // AR_GRID_STRIDE * AR_GRID_STRIDE
             raise InvalidInputError(
-                f"{name} {side} is not a multiple of {SIZE_MULTIPLE}; GLM-Image needs multiples of {SIZE_MULTIPLE} "
-                f"(try {lower} or {lower + SIZE_MULTIPLE})."
+                f"{name} {side} is not a multiple of {AR_GRID_STRIDE}; GLM-Image needs multiples of {AR_GRID_STRIDE} "
+                f"(try {lower} or {lower + AR_GRID_STRIDE})."
             )
         if not MIN_SIDE <= side <= MAX_SIDE:
             raise InvalidInputError(f"{name} {side} is outside GLM-Image's range {MIN_SIDE}..{MAX_SIDE} pixels.")

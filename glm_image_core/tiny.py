@@ -1,12 +1,12 @@
 """A tiny, randomly initialised GLM-Image folder laid out exactly like the published download.
 
-``write_tiny_model(root)`` writes every component the real loaders read (reference §1): the same sub-folders, file
+``write_tiny_model(root)`` writes every component the real loaders read (docs/): the same sub-folders, file
 names, shard layout and config keys as ``zai-org/GLM-Image``, with only the sizes shrunk (hidden sizes, layers,
 heads, intermediate sizes, VAE channels). Every token id and vocabulary size is kept as published, so prompts,
 grids and special tokens behave like the real model's; only the weights are random. The folder is ~30 MB and
 builds in a few seconds on a laptop CPU.
 
-The published files are embedded below verbatim (``_VERBATIM``); the shrunk configs keep the published key order
+The published files are copied from ``published/`` (``_VERBATIM``); the shrunk configs keep the published key order
 with the published value in a comment where a size changed.
 """
 
@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
@@ -46,186 +48,19 @@ GLM_SPECIAL_TOKENS = (
     "<|video|>",
 )
 
-# Files copied unchanged from the published repository (processor/*: the disty0-sdnq re-upload, which is what
-# transformers 5 saves; generation_config.json: the int4-autoround re-upload, the only complete copy available).
+# Files written unchanged: the tiny folder's path -> the published copy in published/ (processor/*: the
+# disty0-sdnq re-upload, which is what transformers 5 saves; generation_config.json: the int4-autoround re-upload,
+# the only complete copy available).
 _VERBATIM = {
-    "model_index.json": """{
-  "_class_name": "GlmImagePipeline",
-  "_diffusers_version": "0.37.0.dev0",
-  "_name_or_path": "zai-org/GLM-Image-Decoder",
-  "text_encoder": [
-    "transformers",
-    "T5EncoderModel"
-  ],
-  "vision_language_encoder": [
-    "transformers",
-    "GlmImageForConditionalGeneration"
-  ],
-  "scheduler": [
-    "diffusers",
-    "FlowMatchEulerDiscreteScheduler"
-  ],
-  "tokenizer": [
-    "transformers",
-    "ByT5Tokenizer"
-  ],
-  "processor":[
-    "transformers",
-    "GlmImageProcessor"
-  ],
-  "transformer": [
-    "diffusers",
-    "GlmImageTransformer2DModel"
-  ],
-  "vae": [
-    "diffusers",
-    "AutoencoderKL"
-  ]
-}
-""",
-    "scheduler/scheduler_config.json": """{
-  "_class_name": "FlowMatchEulerDiscreteScheduler",
-  "_diffusers_version": "0.37.0.dev0",
-  "base_image_seq_len": 256,
-  "base_shift": 0.25,
-  "invert_sigmas": false,
-  "max_image_seq_len": 4096,
-  "max_shift": 0.75,
-  "num_train_timesteps": 1000,
-  "shift": 1.0,
-  "shift_terminal": null,
-  "stochastic_sampling": false,
-  "time_shift_type": "linear",
-  "use_beta_sigmas": false,
-  "use_dynamic_shifting": true,
-  "use_exponential_sigmas": false,
-  "use_karras_sigmas": false
-}
-""",
-    "processor/chat_template.jinja": """{%- for m in messages -%}
-{%- if m.content is string -%}
-{{ m.content }}
-{%- else -%}
-{%- for item in m.content -%}
-{%- if item.type == 'image' or item.get('image') is not none -%}
-<|dit_token_16384|><|image|><|dit_token_16385|>
-{%- elif item.type == 'text' -%}
-{{ item.text }}
-{%- endif -%}
-{%- endfor -%}
-{%- endif -%}
-{%- endfor -%}
-""",
-    "processor/preprocessor_config.json": """{
-    "min_pixels": 262144,
-    "max_pixels": 4194304,
-    "do_rescale": true,
-    "do_normalize": true,
-    "do_resize": true,
-    "patch_size": 16,
-    "temporal_patch_size": 1,
-    "merge_size": 1,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-    "image_processor_type": "GlmImageImageProcessor",
-    "processor_class": "GlmImageProcessor",
-    "resample": 3,
-    "rescale_factor": 0.00392156862745098
-}
-""",
-    "processor/processor_config.json": """{
-  "image_processor": {
-    "do_convert_rgb": true,
-    "do_normalize": true,
-    "do_rescale": true,
-    "do_resize": true,
-    "image_mean": [
-      0.5,
-      0.5,
-      0.5
-    ],
-    "image_processor_type": "GlmImageImageProcessor",
-    "image_std": [
-      0.5,
-      0.5,
-      0.5
-    ],
-    "max_pixels": 4194304,
-    "merge_size": 1,
-    "min_pixels": 262144,
-    "patch_size": 16,
-    "resample": 3,
-    "rescale_factor": 0.00392156862745098,
-    "size": {
-      "longest_edge": 4194304,
-      "shortest_edge": 262144
-    },
-    "temporal_patch_size": 1
-  },
-  "processor_class": "GlmImageProcessor"
-}
-""",
-    "processor/tokenizer_config.json": """{
-  "backend": "tokenizers",
-  "bos_token": "<|dit_token_16384|>",
-  "clean_up_tokenization_spaces": false,
-  "do_lower_case": false,
-  "eos_token": "<|dit_token_16385|>",
-  "extra_special_tokens": [
-    "<|endoftext|>",
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "<sop>",
-    "<eop>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-    "<|begin_of_image|>",
-    "<|end_of_image|>",
-    "<|begin_of_video|>",
-    "<|end_of_video|>",
-    "<|image|>",
-    "<|video|>"
-  ],
-  "grid_bos_token": "<sop>",
-  "grid_eos_token": "<eop>",
-  "image_token": "<|image|>",
-  "is_local": true,
-  "model_input_names": [
-    "input_ids",
-    "attention_mask"
-  ],
-  "model_max_length": 65536,
-  "model_specific_special_tokens": {
-    "grid_bos_token": "<sop>",
-    "grid_eos_token": "<eop>",
-    "image_token": "<|image|>"
-  },
-  "pad_token": "<|dit_token_16385|>",
-  "padding_side": "left",
-  "processor_class": "GlmImageProcessor",
-  "remove_space": false,
-  "tokenizer_class": "TokenizersBackend"
-}
-""",
-    "vision_language_encoder/generation_config.json": """{
-  "_from_model_config": true,
-  "do_sample": true,
-  "eos_token_id": 16385,
-  "pad_token_id": 167855,
-  "temperature": 0.9,
-  "top_k": 16512,
-  "top_p": 0.75,
-  "transformers_version": "5.3.0"
-}
-""",
+    "model_index.json": "model_index.json",
+    "scheduler/scheduler_config.json": "scheduler__scheduler_config.json",
+    "processor/chat_template.jinja": "processor__chat_template.jinja",
+    "processor/preprocessor_config.json": "processor__preprocessor_config.json",
+    "processor/processor_config.json": "variant-disty0-sdnq__processor__processor_config.json",
+    "processor/tokenizer_config.json": "variant-disty0-sdnq__processor__tokenizer_config.json",
+    "vision_language_encoder/generation_config.json": "variant-intel-int4-autoround__vision_language_encoder__generation_config.json",
 }
 
-# vision_language_encoder/config.json, published key order; sizes shrunk (published value in the comment).
-# The text decoder keeps head_dim * partial_rotary_factor / 2 == sum(mrope_section): 32 * 0.5 / 2 == 2 + 3 + 3
-# (published: 128 * 0.5 / 2 == 8 + 12 + 12), so the 3-axis MRoPE splits the rotary frequencies the same way.
 _VLE_CONFIG = {
     "architectures": ["GlmImageForConditionalGeneration"],
     "image_start_token_id": 16384,
@@ -331,7 +166,7 @@ _VAE_CONFIG = {
     "_class_name": "AutoencoderKL",
     "_diffusers_version": "0.37.0.dev0",
     "act_fn": "silu",
-    "block_out_channels": [32, 32, 64, 64],  # [128, 512, 1024, 1024]; multiples of 32: ComfyUI builds 32 groups first
+    "block_out_channels": [32, 32, 64, 64],  # [128, 512, 1024, 1024]
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "force_upcast": True,
     "in_channels": 3,
@@ -360,8 +195,9 @@ def write_tiny_model(root: Path, seed: int = 0) -> Path:
     """
     root = Path(root)
     generator = torch.Generator().manual_seed(seed)
-    for relative, text in _VERBATIM.items():
-        _write_text(root / relative, text)
+    for relative, published in _VERBATIM.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PUBLISHED_CONFIGS / published, root / relative)
     _write_processor_tokenizer(root / "processor")
     _write_vision_language_encoder(root / "vision_language_encoder", generator)
     _write_text_encoder(root / "text_encoder", generator)
@@ -400,29 +236,12 @@ def _randomize_(module: nn.Module, generator: torch.Generator) -> None:
 
 
 def _save_sharded(state_dict: dict[str, torch.Tensor], folder: Path, weights_name: str, max_shard_mb: float) -> None:
-    """Save ``state_dict`` as ``{stem}-0000i-of-0000n.safetensors`` shards plus ``{weights_name}.index.json``.
-
-    Same layout as transformers' and diffusers' ``save_pretrained(max_shard_size=...)``: shards filled in
-    state-dict order, a tensor never split, the index listing every key (sorted) and the total byte size.
-    """
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for key, tensor in state_dict.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + nbytes > max_shard_mb * 2**20:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][key] = tensor.contiguous()
-        shard_bytes += nbytes
+    """Save ``state_dict`` as ``{stem}-0000i-of-0000n.safetensors`` shards plus ``{weights_name}.index.json``, with
+    huggingface_hub's sharding (what transformers' and diffusers' ``save_pretrained`` use)."""
     stem = weights_name.removesuffix(".safetensors")
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        filename = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / filename, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, filename))
-    total_size = sum(t.numel() * t.element_size() for t in state_dict.values())
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    _write_json(folder / f"{weights_name}.index.json", index)
+    save_torch_state_dict(
+        state_dict, folder, filename_pattern=stem + "{suffix}.safetensors", max_shard_size=int(max_shard_mb * 2**20)
+    )
 
 
 def _write_processor_tokenizer(folder: Path) -> None:
@@ -458,7 +277,7 @@ def _write_vision_language_encoder(folder: Path, generator: torch.Generator) -> 
     model = GlmImageForConditionalGeneration(config)
     _randomize_(model, generator)
     state_dict = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    _save_sharded(state_dict, folder, "model.safetensors", max_shard_mb=8)  # 3 shards
+    _save_sharded(state_dict, folder, "model.safetensors", max_shard_mb=4)  # 3 shards
 
 
 def _write_text_encoder(folder: Path, generator: torch.Generator) -> None:
@@ -486,7 +305,7 @@ def _write_transformer(folder: Path, generator: torch.Generator) -> None:
     model = GlmImageTransformer2DModel(**_constructor_kwargs(_TRANSFORMER_CONFIG))
     _randomize_(model, generator)
     state_dict = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    _save_sharded(state_dict, folder, "diffusion_pytorch_model.safetensors", max_shard_mb=1)  # 3 shards
+    _save_sharded(state_dict, folder, "diffusion_pytorch_model.safetensors", max_shard_mb=0.25)  # 3 shards
 
 
 def _write_vae(folder: Path, generator: torch.Generator) -> None:

@@ -23,6 +23,9 @@ PUBLISHED_LATENTS_STD = (
 )  # fmt: skip
 
 
+DOWN, UP = ["DownEncoderBlock2D"], ["UpDecoderBlock2D"]  # the only block types of the published config
+
+
 class ResnetBlock2D(nn.Module):
     def __init__(self, in_channels, out_channels, groups, dtype=None, device=None, operations=nn):
         super().__init__()
@@ -152,9 +155,25 @@ class AutoencoderKL(nn.Module):
         **unused_config,
     ):
         super().__init__()
-        if act_fn != "silu" or mid_block_add_attention or use_quant_conv or use_post_quant_conv:
+        levels = len(block_out_channels)
+        refused = {  # config key -> (found, what this module builds)
+            "act_fn": (act_fn, "silu"),
+            "mid_block_add_attention": (mid_block_add_attention, False),
+            "use_quant_conv": (use_quant_conv, False),
+            "use_post_quant_conv": (use_post_quant_conv, False),
+            "down_block_types": (list(unused_config.get("down_block_types", DOWN * levels)), DOWN * levels),
+            "up_block_types": (list(unused_config.get("up_block_types", UP * levels)), UP * levels),
+        }
+        for key, (found, expected) in refused.items():
+            if found != expected:
+                raise InvalidInputError(
+                    f"This VAE config is not GLM-Image's: {key} is {found!r}, expected {expected!r}."
+                )
+        bad = [c for c in block_out_channels if c % norm_num_groups]
+        if bad:
             raise InvalidInputError(
-                "This VAE config is not GLM-Image's (expected act_fn silu, no mid-block attention, no quant convs)."
+                f"This VAE config is not GLM-Image's: block_out_channels {list(block_out_channels)} must be multiples "
+                f"of norm_num_groups={norm_num_groups}; {bad} are not."
             )
         if dtype == torch.float16:
             raise InvalidInputError(

@@ -16,11 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..glm_image_core import ar, loading, memory, preview
+from ..glm_image_core.defaults import PATCH_STRIDE, TEMPERATURE, TOP_P
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
-from ..glm_image_core.sizes import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, check_image_size
+from ..glm_image_core.sizes import check_image_size
 from . import paths
-from .dit_nodes import validate_size
+from .common import SIZE_WIDGET, pick_dtype, validate_size
 from .types import ARModel, GlmARModel, GlmTokens, ManagedHFModel, Reference, VisualTokens
 
 MAX_REFERENCE_INPUTS = 4
@@ -29,12 +30,6 @@ AR_WEIGHTS = {"full": None, "int8": "int8"}  # the loader's weights options -> l
 
 def devices() -> list[str]:
     return ["default", "cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-
-
-def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
-    if choice == "auto":
-        return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
 
 
 class ARModelLoader(io.ComfyNode):
@@ -97,7 +92,7 @@ def image_batch_to_pil(images: torch.Tensor) -> list[Image.Image]:
 class GenerateTokens(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        size = dict(default=1024, min=MIN_SIDE, max=MAX_SIDE, step=SIZE_MULTIPLE)
+        size = SIZE_WIDGET
         references = [
             io.Image.Input(
                 f"reference_{i}", optional=True,
@@ -124,8 +119,8 @@ class GenerateTokens(io.ComfyNode):
                     "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                     tooltip="Seed of the AR sampling (a private generator; sample i uses seed + i).",
                 ),
-                io.Float.Input("temperature", default=0.9, min=0.01, max=2.0, step=0.01, tooltip="AR sampling temperature."),
-                io.Float.Input("top_p", default=0.75, min=0.01, max=1.0, step=0.01, tooltip="Nucleus sampling mass."),
+                io.Float.Input("temperature", default=TEMPERATURE, min=0.01, max=2.0, step=0.01, tooltip="AR sampling temperature."),
+                io.Float.Input("top_p", default=TOP_P, min=0.01, max=1.0, step=0.01, tooltip="Nucleus sampling mass."),
                 io.Int.Input("top_k", default=0, min=0, max=16384, tooltip="Top-k filter; 0 = off."),
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Token grids to sample from this prompt."),
                 *references,
@@ -177,7 +172,7 @@ class GenerateTokens(io.ComfyNode):
             reference_ids=reference_ids,
         )  # fmt: skip
         references = [
-            Reference(pixels=(image_to_tensor(image, gh * 16, gw * 16) / 2 + 0.5).permute(0, 2, 3, 1), prior_token_ids=ids[None].cpu())
+            Reference(pixels=(image_to_tensor(image, gh * PATCH_STRIDE, gw * PATCH_STRIDE) / 2 + 0.5).permute(0, 2, 3, 1), prior_token_ids=ids[None].cpu())
             for image, ids, (gh, gw) in zip(images, result.reference_prior_ids, result.reference_grid_sizes)
         ]  # fmt: skip
         tokens = VisualTokens(
@@ -218,7 +213,7 @@ def tokens_from_file(path: str) -> VisualTokens:
         info["prompt"], info["seed"], references,
     )  # fmt: skip
     check_image_size(tokens.height, tokens.width)
-    if tokens.prior_token_ids.shape[1] != (tokens.height // 16) * (tokens.width // 16):
+    if tokens.prior_token_ids.shape[1] != (tokens.height // PATCH_STRIDE) * (tokens.width // PATCH_STRIDE):
         raise InvalidInputError(
             f"{os.path.basename(path)} is damaged: its grid does not match {tokens.width}x{tokens.height}."
         )

@@ -7,45 +7,12 @@ import torch
 from comfy_api.latest import io
 
 from ..glm_image_core import loading
+from ..glm_image_core.defaults import LATENT_CHANNELS, STEPS, VAE_SCALE
 from ..glm_image_core.schedule import glm_schedule
-from ..glm_image_core.sizes import LATENT_CHANNELS, MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, VAE_SCALE, check_image_size
 from . import paths
+from .common import size_inputs, size_of, tokens_size_input, validate_size
 from .model import WEIGHT_DTYPES, load_dit_patcher, model_sampling_for_size
 from .types import GlmTokens
-
-
-def size_inputs(tooltip: str):
-    size = dict(default=1024, min=MIN_SIDE, max=MAX_SIDE, step=SIZE_MULTIPLE)
-    return [io.Int.Input("width", tooltip=tooltip, **size), io.Int.Input("height", tooltip=tooltip, **size)]
-
-
-def tokens_size_input():
-    return GlmTokens.Input(
-        "tokens", optional=True, tooltip="Take width/height from these tokens (overrides the widgets)."
-    )
-
-
-def size_of(width: int, height: int, tokens=None) -> tuple[int, int]:
-    """The size a node works at: the tokens' when connected, else its widgets' (checked here: linked widget values
-    are only known when the node runs)."""
-    if tokens is not None:
-        width, height = tokens.width, tokens.height
-    check_image_size(height, width)
-    return width, height
-
-
-def validate_size(width, height):
-    """For validate_inputs: linked (not yet known) sizes pass here and are checked in execute.
-
-    A node's validate_inputs must name only width and height (no **kwargs): ComfyUI skips its own min/max and combo
-    checks for every input the validator accepts."""
-    if width is None or height is None:
-        return True
-    try:
-        check_image_size(height, width)
-    except ValueError as e:
-        return str(e)
-    return True
 
 
 class DiTLoader(io.ComfyNode):
@@ -118,7 +85,7 @@ class EmptyLatent(io.ComfyNode):
             category="GLM-Image",
             description="A 16-channel empty latent; with tokens connected, their size and grid count win.",
             inputs=[
-                *size_inputs("Multiple of 32, 512..2048."),
+                *size_inputs(),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Ignored when tokens hold several grids."),
                 GlmTokens.Input("tokens", optional=True, tooltip="Take width/height (and batch) from these tokens."),
             ],
@@ -148,7 +115,9 @@ class Scheduler(io.ComfyNode):
             description="The reference pipeline's exact sigmas (integer timestep grid, resolution shift) for any step "
             "count, for SamplerCustomAdvanced. KSampler's 'simple' equals it when 1000 is divisible by the steps.",
             inputs=[
-                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Denoising steps (the reference uses 50)."),
+                io.Int.Input(
+                    "steps", default=STEPS, min=1, max=1000, tooltip=f"Denoising steps (the reference uses {STEPS})."
+                ),
                 *size_inputs("The image size being sampled."),
                 tokens_size_input(),
             ],

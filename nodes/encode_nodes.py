@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..glm_image_core import glyph, loading
 from ..glm_image_core.errors import InvalidInputError
 from . import paths
-from .ar_nodes import pick_dtype
+from .common import pick_dtype
 from .types import GlmGlyphEncoder, GlmTokens, GlyphEncoder, ManagedHFModel, VisualTokens
 
 FROM_PROMPT, OVERRIDE = "from prompt quotes", "override"

@@ -2,7 +2,7 @@
 
 The sampler works on normalised latents; the VAE does not normalise. ComfyUI applies `process_in` to the input latent
 before sampling and `process_out` to the result, so KSampler's LATENT output is raw VAE space and the stock
-VAEDecode / VAEEncode nodes need no knowledge of the statistics (comfyui-notes §2.6).
+VAEDecode / VAEEncode nodes need no knowledge of the statistics.
 """
 
 import torch

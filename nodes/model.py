@@ -1,6 +1,6 @@
 """The GLM-Image DiT as a real ComfyUI MODEL: model config, BaseModel, model sampling and the conds it understands.
 
-How a GLM-Image conditioning reaches the DiT (see comfyui-notes §2-3):
+How a GLM-Image conditioning reaches the DiT (see docs/how-it-works.md, How the pack plugs into ComfyUI):
 - the CONDITIONING tensor is the glyph embedding; its dict carries `glm_prior_token_ids` (long [1 or B, N]),
   `glm_empty_glyph` (the glyph encoding of "", the unconditional text) and, for editing, `glm_references`;
 - `extra_conds` runs once per sampling run. The branch comes from `prompt_type`, not from the wiring: the negative
@@ -26,6 +26,7 @@ import comfy.utils
 import torch
 from comfy.ldm.modules.attention import optimized_attention_masked
 
+from ..glm_image_core.defaults import DEFAULT_SIDE, VAE_SCALE
 from ..glm_image_core.dit import GlmImageTransformer2DModel, ReferenceKV, attention_layout, text_groups_for_lengths
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.glyph import pad_glyphs
@@ -105,7 +106,7 @@ class ComfyGlmImageDiT(GlmImageTransformer2DModel):
         """x: [B, 16, h, w]; timestep: [B]; glyph: GlyphCond.concat's [embeds [B, T, C], mask [B, T], text groups]."""
         embeds, mask, *layout = glyph
         b, _, h, w = x.shape
-        target = torch.tensor([[h * 8, w * 8]], dtype=torch.float32, device=x.device).expand(b, 2)
+        target = torch.tensor([[h * VAE_SCALE, w * VAE_SCALE]], dtype=torch.float32, device=x.device).expand(b, 2)
         img, txt, temb, rope = self.embed(
             x, embeds, prior_token_id, prior_token_drop, timestep, target, torch.zeros_like(target)
         )
@@ -253,7 +254,7 @@ class GlmImageModel(comfy.model_base.BaseModel):
         SD3, Flux, ... feed the DiT the shifted time) or GLM's sampling with the shift of another image size (a model
         straight from the loader is set for 1024x1024). The sigmas are already made from the model's sampling when
         this runs, so it cannot be corrected here."""
-        width, height = noise.shape[3] * 8, noise.shape[2] * 8
+        width, height = noise.shape[3] * VAE_SCALE, noise.shape[2] * VAE_SCALE
         sampling, fix = self.model_sampling, f"'ModelSampling GLM-Image' set to {width}x{height} (or given the tokens)"
         if not isinstance(sampling, GlmImageModelSampling):
             raise InvalidInputError(
@@ -275,11 +276,11 @@ def check_prior_matches_latent(prior: torch.Tensor, noise: torch.Tensor, image_s
     (from GLM-Image Encode). The token count alone cannot tell 512x768 from 768x512."""
     batch, _, h, w = noise.shape
     expected = (h // 2) * (w // 2)
-    wrong_size = image_size is not None and tuple(image_size) != (h * 8, w * 8)
+    wrong_size = image_size is not None and tuple(image_size) != (h * VAE_SCALE, w * VAE_SCALE)
     if prior.shape[1] != expected or h % 4 or w % 4 or wrong_size:
         made_for = f"{image_size[1]}x{image_size[0]}" if image_size is not None else f"{prior.shape[1]} prior tokens"
         raise InvalidInputError(
-            f"The visual tokens are for a different image size ({made_for}) than this {w * 8}x{h * 8} latent: the "
+            f"The visual tokens are for a different image size ({made_for}) than this {w * VAE_SCALE}x{h * VAE_SCALE} latent: the "
             "width/height of 'Generate visual tokens' and of the latent must be equal (connect the tokens to "
             "'Empty GLM-Image Latent')."
         )
@@ -302,7 +303,7 @@ def check_whole_image_area(area, noise: torch.Tensor) -> None:
 class GlmImageConfig(comfy.supported_models_base.BASE):
     unet_config = {}
     unet_extra_config = {}  # the base class would add num_heads/num_head_channels kwargs
-    sampling_settings = {"shift": compute_mu(1024, 1024), "multiplier": 1000}
+    sampling_settings = {"shift": compute_mu(DEFAULT_SIDE, DEFAULT_SIDE), "multiplier": 1000}
     latent_format = GlmImageLatentFormat
     supported_inference_dtypes = [torch.bfloat16, torch.float32]
     memory_usage_factor = 2.0

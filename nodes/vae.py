@@ -1,109 +1,65 @@
 """The GLM-Image VAE as a stock `comfy.sd.VAE`, so VAEDecode / VAEEncode and their tiled variants work unchanged.
 
-The published VAE is diffusers' `AutoencoderKL` with block_out [128, 512, 1024, 1024], 3 resnets per encoder block,
-no mid-block attention and no quant convs. ComfyUI's own VAE detection cannot load it (it hard-codes ch_mult
-[1, 2, 4, 4], 2 resnets per block and a mid attention), so this module follows comfyui-notes §5.4 option 1:
-rename the diffusers keys to ComfyUI's LDM names here, build the VAE through the `config=` path, then swap the
-modules GLM-Image does not have for `nn.Identity` and fix the attributes the config path leaves at SD defaults.
+ComfyUI's VAE object runs the core `glm_image_core.vae.AutoencoderKL` (published key names, built from ComfyUI's
+`operations`): `GlmImageVAE` is a `comfy.sd.VAE` built through its `config=` path, with the one class that path
+instantiates bound to our module for the duration of the constructor. Everything else the constructor does (dtype
+choice, weight loading, the model patcher, dynamic VRAM where the host has it) is ComfyUI's own code, on any version.
 
 The VAE does not normalise latents: `GlmImageLatentFormat` does that on the model side (see latent_format.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import re
 from collections.abc import Mapping
 
-import comfy.ldm.models.autoencoder
 import comfy.model_management
+import comfy.ops
 import comfy.sd
 import torch
 from torch import nn
 
-from ..glm_image_core.errors import ModelFilesError
-
-# ComfyUI's Encoder/Decoder build every GroupNorm as `Normalize(channels)`, whose num_groups is fixed at 32.
-COMFY_GROUPNORM_GROUPS = 32
-
-# Modules the LDM AutoencoderKL always builds and GLM-Image does not have; they become nn.Identity.
-REPLACED_MODULES = ("encoder.mid.attn_1", "decoder.mid.attn_1", "quant_conv", "post_quant_conv")
+from ..glm_image_core.errors import InvalidInputError, ModelFilesError
+from ..glm_image_core.vae import AutoencoderKL
 
 # comfy.sd.VAE's memory estimates (bytes per latent pixel * 64 for decode, per image pixel for encode, times the dtype
-# size) are fitted to the SD VAE (ch 128, ch_mult [1, 2, 4, 4]). Peak activation memory of ComfyUI's Encoder/Decoder
-# measured on CPU, fp32, 512x512, GLM-Image geometry vs SD geometry: decode 1706 / 968 MB (x1.76: the decoder
-# upsamples 512 channels to full resolution where SD has 256), encode 521 / 521 MB (both peak at full resolution with
-# 128 channels). So decode scales by 1.8 and encode keeps ComfyUI's constant.
+# size) are fitted to the SD VAE (ch 128, ch_mult [1, 2, 4, 4]). Peak activation memory measured on CPU, fp32,
+# 512x512, GLM-Image geometry vs SD geometry: decode 1706 / 968 MB (x1.76: the decoder upsamples 512 channels to full
+# resolution where SD has 256), encode 521 / 521 MB (both peak at full resolution with 128 channels). So decode scales
+# by 1.8 and encode keeps ComfyUI's constant.
 DECODE_BYTES_PER_LATENT_PIXEL = int(1.8 * 2178) * 64
 ENCODE_BYTES_PER_PIXEL = 1767
 
 
-def geometry_from_config(config: Mapping) -> dict:
-    """The LDM `ddconfig` for a diffusers AutoencoderKL `config.json`, after checking that the config describes the
-    architecture this loader reproduces. Missing keys take diffusers' defaults, as diffusers itself would."""
-    block_out = list(config["block_out_channels"])
-    unsupported = {
-        "mid_block_add_attention": (config.get("mid_block_add_attention", True), False),
-        "use_quant_conv": (config.get("use_quant_conv", True), False),
-        "use_post_quant_conv": (config.get("use_post_quant_conv", True), False),
-        "act_fn": (config.get("act_fn", "silu"), "silu"),
-        "down_block_types": (list(config.get("down_block_types", [])), ["DownEncoderBlock2D"] * len(block_out)),
-        "up_block_types": (list(config.get("up_block_types", [])), ["UpDecoderBlock2D"] * len(block_out)),
-    }
-    for key, (found, expected) in unsupported.items():
-        if found != expected:
-            raise ModelFilesError(f"vae/config.json: {key} is {found!r}; the GLM-Image VAE loader expects {expected!r}")
-    ch = block_out[0]
-    if any(c % ch for c in block_out):
-        raise ModelFilesError(f"vae/config.json: block_out_channels {block_out} are not multiples of {ch}")
-    groups = config.get("norm_num_groups", 32)
-    bad = [c for c in block_out if c % COMFY_GROUPNORM_GROUPS or c % groups]
-    if bad:
-        raise ModelFilesError(
-            f"vae/config.json: block_out_channels {block_out} must all be multiples of {COMFY_GROUPNORM_GROUPS} "
-            f"(ComfyUI builds its VAE GroupNorms with {COMFY_GROUPNORM_GROUPS} groups before they are set to "
-            f"norm_num_groups={groups}); {bad} are not"
-        )
-    return {
-        "double_z": True,
-        "z_channels": config["latent_channels"],
-        "resolution": config.get("sample_size", 1024),
-        "in_channels": config.get("in_channels", 3),
-        "out_ch": config.get("out_channels", 3),
-        "ch": ch,
-        "ch_mult": [c // ch for c in block_out],
-        "num_res_blocks": config["layers_per_block"],
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
+class FirstStage(nn.Module):
+    """`VAE.first_stage_model`: the core VAE under `vae.`, with the `encode` / `decode` calls ComfyUI makes.
+
+    The prefix keeps the published key names away from comfy.sd.VAE's diffusers-format detection, which would
+    rename them to ComfyUI's LDM names."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def encode(self, pixels: torch.Tensor, **_) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] -> the posterior mode [B, C, H/8, W/8]."""
+        return self.vae.encode(pixels)
+
+    def decode(self, latent: torch.Tensor, **_) -> torch.Tensor:
+        """[B, C, h, w] raw VAE latent -> [B, 3, 8h, 8w] in about [-1, 1]."""
+        return self.vae.decode(latent)
 
 
-def _rename(key: str, num_levels: int) -> str:
-    """One diffusers AutoencoderKL key -> the LDM name. Unknown keys are returned unchanged (and then reported as
-    unexpected by the strict key check)."""
-
-    def up_level(i: str) -> int:  # diffusers numbers decoder blocks from the lowest resolution, LDM from the highest
-        return num_levels - 1 - int(i)
-
-    key = key.replace(".conv_shortcut.", ".nin_shortcut.").replace(".conv_norm_out.", ".norm_out.")
-    rules = (
-        (r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
-        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"encoder.down.{m[1]}.block.{m[2]}."),
-        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
-        (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"decoder.up.{up_level(m[1])}.block.{m[2]}."),
-        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{up_level(m[1])}.upsample."),
-    )
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
-
-
-def convert_diffusers_vae_state_dict(state_dict: Mapping[str, torch.Tensor], num_levels: int) -> dict:
-    """diffusers AutoencoderKL keys -> ComfyUI LDM keys, for any number of resnets per block (ComfyUI's own
-    converter stops at 2 encoder / 3 decoder resnets). Tensors are not copied."""
-    return {_rename(k, num_levels): v for k, v in state_dict.items()}
+@contextlib.contextmanager
+def _config_path_builds(module: nn.Module):
+    """comfy.sd.VAE(config=...) builds `comfy.sd.AutoencoderKL(**config["params"])`; return `module` instead."""
+    stock = comfy.sd.AutoencoderKL
+    comfy.sd.AutoencoderKL = lambda **_: module
+    try:
+        yield
+    finally:
+        comfy.sd.AutoencoderKL = stock
 
 
 def _working_dtype(device, dtype: torch.dtype | None) -> torch.dtype:
@@ -118,65 +74,65 @@ def _working_dtype(device, dtype: torch.dtype | None) -> torch.dtype:
     return dtype
 
 
+def _build(config: Mapping, dtype: torch.dtype) -> AutoencoderKL:
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        return AutoencoderKL(**kwargs, dtype=dtype, operations=comfy.ops.disable_weight_init).eval()
+    except InvalidInputError as e:
+        raise ModelFilesError(f"vae/config.json does not describe GLM-Image's VAE: {e}") from e
+
+
+def _check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    reshaped = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
+    if missing or unexpected or reshaped:
+        raise ModelFilesError(
+            "GLM-Image VAE weights do not match vae/config.json: "
+            f"missing {missing[:4]} ({len(missing)} in all), unexpected {unexpected[:4]} ({len(unexpected)} in all), "
+            f"wrong shape {reshaped[:4]} ({len(reshaped)} in all); check that the vae/ folder is complete and that "
+            "its config.json belongs to it"
+        )
+
+
+class GlmImageVAE(comfy.sd.VAE):
+    """A stock VAE object whose first stage is the core GLM-Image VAE; its geometry is set after the base
+    constructor, as the base's own branches set theirs."""
+
+    def __init__(self, model: AutoencoderKL, state_dict: Mapping[str, torch.Tensor], device, dtype: torch.dtype):
+        prefixed = {f"vae.{k}": v for k, v in state_dict.items()}  # no tensor is copied
+        with _config_path_builds(FirstStage(model)):
+            super().__init__(sd=prefixed, device=device, config={"params": {}}, dtype=dtype)
+        self.latent_channels = model.latent_channels
+        self.downscale_ratio = self.upscale_ratio = model.scale_factor
+        self.working_dtypes = [torch.bfloat16, torch.float32]
+        self.memory_used_decode = lambda shape, dtype: (
+            DECODE_BYTES_PER_LATENT_PIXEL * shape[2] * shape[3] * comfy.model_management.dtype_size(dtype)
+        )
+        self.memory_used_encode = lambda shape, dtype: (
+            ENCODE_BYTES_PER_PIXEL * shape[2] * shape[3] * comfy.model_management.dtype_size(dtype)
+        )
+
+    def get_sd(self):
+        """The published key names (what the GLM-Image VAE loader reads back)."""
+        return self.first_stage_model.vae.state_dict()
+
+
 def load_glm_image_vae(
     state_dict: Mapping[str, torch.Tensor],
     config: Mapping,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> comfy.sd.VAE:
-    """Build a `comfy.sd.VAE` for the GLM-Image VAE from its diffusers state dict and `vae/config.json` dict.
+    """A `comfy.sd.VAE` for the GLM-Image VAE from its state dict (published key names) and `vae/config.json` dict.
 
-    Raises ModelFilesError when the config describes another architecture or when any weight is missing or left
-    over (apart from the modules GLM-Image does not have, which never appear in its checkpoint).
+    Raises ModelFilesError when the config describes another architecture or when any weight is missing, left over
+    or of another shape.
     """
-    ddconfig = geometry_from_config(config)
-    z = ddconfig["z_channels"]
-    vae_config = {"params": {"embed_dim": z, "ddconfig": ddconfig}}
-    sd = convert_diffusers_vae_state_dict(state_dict, len(ddconfig["ch_mult"]))
-
-    # comfy.sd.VAE loads the weights itself and warns about every key it misses. Give it zero-size-in-memory
-    # placeholders for the modules that are replaced below, with their shapes read from a meta-device build of the
-    # same ComfyUI class, so a correct checkpoint loads without a misleading "Missing VAE keys" warning.
-    with torch.device("meta"):
-        skeleton = comfy.ldm.models.autoencoder.AutoencoderKL(**vae_config["params"])
-    expected = skeleton.state_dict()
-    placeholders = {
-        k: torch.zeros((), dtype=v.dtype).expand(v.shape)
-        for k, v in expected.items()
-        if k.startswith(tuple(m + "." for m in REPLACED_MODULES))
-    }
-    kept = set(expected) - set(placeholders)
-    missing, unexpected = sorted(kept - set(sd)), sorted(set(sd) - kept)
-    reshaped = sorted(k for k in kept & set(sd) if sd[k].shape != expected[k].shape)
-    if missing or unexpected or reshaped:
-        raise ModelFilesError(
-            "GLM-Image VAE weights do not match vae/config.json (keys in ComfyUI's naming): "
-            f"missing {missing[:4]} ({len(missing)} in all), unexpected {unexpected[:4]} ({len(unexpected)} in all), "
-            f"wrong shape {reshaped[:4]} ({len(reshaped)} in all); check that the vae/ folder is complete and that "
-            "its config.json belongs to it"
-        )
-
     if device is None:
         device = comfy.model_management.vae_device()
-    vae = comfy.sd.VAE(sd={**placeholders, **sd}, config=vae_config, device=device, dtype=_working_dtype(device, dtype))
-
-    model = vae.first_stage_model
-    for name in REPLACED_MODULES:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
-    groups = config.get("norm_num_groups", 32)
-    for module in model.modules():
-        if isinstance(module, nn.GroupNorm):
-            module.num_groups = groups
-
-    vae.latent_channels = z  # the config path leaves 4; tiled encode allocates this many channels
-    vae.downscale_ratio = vae.upscale_ratio = 2 ** (len(ddconfig["ch_mult"]) - 1)
-    vae.working_dtypes = [torch.bfloat16, torch.float32]
-    vae.memory_used_decode = lambda shape, dtype: (
-        DECODE_BYTES_PER_LATENT_PIXEL * shape[2] * shape[3] * comfy.model_management.dtype_size(dtype)
-    )
-    vae.memory_used_encode = lambda shape, dtype: (
-        ENCODE_BYTES_PER_PIXEL * shape[2] * shape[3] * comfy.model_management.dtype_size(dtype)
-    )
-    vae.patcher.size = 0  # recomputed from the module on next use, now without the replaced modules
-    return vae
+    dtype = _working_dtype(device, dtype)
+    model = _build(config, dtype)
+    _check_keys(model, state_dict)
+    return GlmImageVAE(model, state_dict, device, dtype)

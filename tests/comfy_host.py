@@ -211,7 +211,7 @@ class _NoServer:
 
 
 def run_prompt(prompt: dict, prompt_id: str | None = None) -> PromptRun:
-    """Validate and execute an API-format prompt in this process (comfyui-notes §6.3), with a fresh cache."""
+    """Validate and execute an API-format prompt in this process, through ComfyUI's own executor, with a fresh cache."""
     import execution
 
     prompt_id = prompt_id or str(uuid.uuid4())

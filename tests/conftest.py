@@ -1,7 +1,14 @@
-"""Shared fixtures: the tiny GLM-Image folder in the published layout, built once per test session."""
+"""Shared fixtures: the tiny GLM-Image folder in the published layout, built once per test session. Every test that
+is not marked `host` is marked `core` here (`pytest -m core`: the part that needs no ComfyUI)."""
 
 import pytest
 import torch
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("host") is None:
+            item.add_marker(pytest.mark.core)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -43,6 +43,7 @@ def missing_tools() -> str | None:
 pytestmark = [
     pytest.mark.skipif(missing_tools() is not None, reason=f"browser test: {missing_tools()}"),
     pytest.mark.host,
+    pytest.mark.server,
     pytest.mark.browser,
 ]
 

@@ -137,3 +137,10 @@ def test_keys_that_match_no_layer_are_named_in_a_warning(patcher, caplog):
         patched = lora_nodes.apply_lora(patcher, lora, 1.0)
     assert "transformer.no_such_layer.lora_A.weight" in caplog.text
     assert len(patched.patches) == len(linear_layers(patcher))
+
+
+def test_a_lora_removed_from_the_folder_is_named_in_a_core_error(patcher):
+    with pytest.raises(
+        InvalidInputError, match=r"'gone\.safetensors' is not one of the choices for \*\.safetensors files in loras"
+    ):
+        lora_nodes.LoraLoader.execute(patcher, "gone.safetensors", 1.0)

@@ -1,4 +1,4 @@
-"""The GLM-Image VAE built as a stock `comfy.sd.VAE` (nodes/vae.py) decodes and encodes exactly like diffusers'
+"""The GLM-Image VAE run by a stock `comfy.sd.VAE` (nodes/vae.py) decodes and encodes exactly like diffusers'
 AutoencoderKL, through ComfyUI's own VAEDecode / VAEEncode nodes and their tiled variants, in fp32 on the CPU."""
 
 import json
@@ -13,7 +13,7 @@ comfy_host.require_comfyui()
 pytestmark = pytest.mark.host
 
 import comfy.cli_args  # noqa: E402
-import comfy.ldm.models.autoencoder  # noqa: E402
+import comfy.sd  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 
 import nodes as comfy_nodes  # noqa: E402  ComfyUI's nodes.py
@@ -21,11 +21,12 @@ from glm_image_core import loading  # noqa: E402
 from glm_image_core.tiny import PUBLISHED_CONFIGS  # noqa: E402
 
 vae_module = comfy_host.import_pack_module("nodes.vae")
+core_vae = comfy_host.import_pack_module("glm_image_core.vae")
 latent_format = comfy_host.import_pack_module("nodes.latent_format")
 ModelFilesError = comfy_host.import_pack_module("glm_image_core.errors").ModelFilesError
 
 PUBLISHED_CONFIG = PUBLISHED_CONFIGS / "vae__config.json"
-TINY = {  # the published config, shrunk: 4 levels, 3 resnets per block, fewer GroupNorm groups than ComfyUI's 32
+TINY = {  # the published config, shrunk: 4 levels, 3 resnets per block, 8 GroupNorm groups instead of 32
     "block_out_channels": [32, 64, 64, 64],
     "norm_num_groups": 8,
     "layers_per_block": 3,
@@ -69,29 +70,14 @@ def report(what: str, value: float) -> None:
     print(f"{what} = {value:.3g}")
 
 
-def test_published_config_gives_the_ldm_geometry():
-    ddconfig = vae_module.geometry_from_config(published_config())
-    assert (ddconfig["ch"], ddconfig["ch_mult"], ddconfig["num_res_blocks"]) == (128, [1, 4, 8, 8], 3)
-    assert ddconfig["z_channels"] == 16
-
-
-def test_published_checkpoint_keys_map_onto_the_comfy_vae():
-    """Every tensor of a full-size checkpoint (diffusers' own key names and shapes, built on the meta device) has
-    exactly one place in ComfyUI's AutoencoderKL, including down_blocks.*.resnets.2 and up_blocks.*.resnets.3;
-    ComfyUI's leftover modules are only the ones nodes/vae.py replaces."""
-    config = published_config()
+def test_published_checkpoint_keys_are_the_module_keys():
+    """Every tensor of a full-size checkpoint (diffusers' own key names and shapes, built on the meta device) is a
+    tensor of the module ComfyUI's VAE object runs, under the same name and shape, and nothing else is."""
+    config = {k: v for k, v in published_config().items() if not k.startswith("_")}
     with torch.device("meta"):
-        diffusers_sd = AutoencoderKL(**{k: v for k, v in config.items() if not k.startswith("_")}).state_dict()
-        ddconfig = vae_module.geometry_from_config(config)
-        comfy_sd = comfy.ldm.models.autoencoder.AutoencoderKL(embed_dim=16, ddconfig=ddconfig).state_dict()
-    converted = vae_module.convert_diffusers_vae_state_dict(diffusers_sd, 4)
-    assert "encoder.down.3.block.2.conv2.weight" in converted and "decoder.up.0.block.3.conv2.weight" in converted
-    replaced = tuple(m + "." for m in vae_module.REPLACED_MODULES)
-    leftover = set(comfy_sd) - set(converted)
-    assert all(k.startswith(replaced) for k in leftover)
-    assert {p for p in replaced if any(k.startswith(p) for k in leftover)} == set(replaced)
-    assert set(converted) <= set(comfy_sd)
-    assert all(converted[k].shape == comfy_sd[k].shape for k in converted)
+        diffusers_sd = AutoencoderKL(**config).state_dict()
+    ours = core_vae.AutoencoderKL(**config, device="meta").state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in diffusers_sd.items()}
 
 
 def test_tiny_weights_load_into_a_stock_vae_without_leftovers(reference, comfy_vae, caplog):
@@ -101,16 +87,31 @@ def test_tiny_weights_load_into_a_stock_vae_without_leftovers(reference, comfy_v
         vae = vae_module.load_glm_image_vae(state_dict, config, dtype=torch.float32)
     assert not [r for r in caplog.records if "VAE keys" in r.getMessage()]
 
-    loaded = vae.first_stage_model.state_dict()
-    converted = vae_module.convert_diffusers_vae_state_dict(model.state_dict(), 4)
-    assert sorted(loaded) == sorted(converted)  # nothing missing, nothing unexpected
-    assert all(torch.equal(loaded[k], converted[k]) for k in loaded)
-    for name in vae_module.REPLACED_MODULES:
-        assert isinstance(vae.first_stage_model.get_submodule(name), torch.nn.Identity)
+    assert isinstance(vae, comfy.sd.VAE)
+    assert isinstance(vae.first_stage_model.vae, core_vae.AutoencoderKL)
+    loaded = vae.get_sd()
+    expected = model.state_dict()
+    assert sorted(loaded) == sorted(expected)  # nothing missing, nothing unexpected
+    assert all(torch.equal(loaded[k], expected[k]) for k in loaded)
     groups = {m.num_groups for m in vae.first_stage_model.modules() if isinstance(m, torch.nn.GroupNorm)}
-    assert groups == {8}  # ComfyUI built them with 32
+    assert groups == {8}
     assert (vae.latent_channels, vae.downscale_ratio, vae.upscale_ratio, vae.vae_dtype) == (16, 8, 8, torch.float32)
     assert vae.patcher.model_size() == sum(t.numel() * t.element_size() for t in loaded.values())
+
+
+def test_widths_that_are_not_multiples_of_32_load_and_decode_like_diffusers():
+    """Any block width the published config family allows (a multiple of norm_num_groups) loads."""
+    config = {**TINY, "block_out_channels": [24, 40, 40, 40], "norm_num_groups": 8}
+    torch.manual_seed(5)
+    model = AutoencoderKL(**config).eval()
+    vae = vae_module.load_glm_image_vae(model.state_dict(), config, dtype=torch.float32)
+    z = torch.randn(1, 16, 6, 10, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        (ours,) = comfy_nodes.VAEDecode().decode(vae, {"samples": z})
+        expected = ((model.decode(z).sample + 1) / 2).clamp(0, 1).movedim(1, -1)
+    diff = (ours - expected).abs().max().item()
+    report("decode, widths [24, 40, 40, 40]: max |diff|", diff)
+    assert diff <= 1e-5
 
 
 def test_decode_node_matches_diffusers(reference, comfy_vae):
@@ -180,7 +181,7 @@ def test_other_architectures_and_incomplete_weights_are_refused(reference):
         vae_module.load_glm_image_vae(model.state_dict(), {**TINY, "mid_block_add_attention": True})
     state_dict = dict(model.state_dict())
     del state_dict["decoder.up_blocks.1.resnets.3.conv1.weight"]
-    with pytest.raises(ModelFilesError, match=r"decoder\.up\.2\.block\.3\.conv1\.weight"):
+    with pytest.raises(ModelFilesError, match=r"decoder\.up_blocks\.1\.resnets\.3\.conv1\.weight"):
         vae_module.load_glm_image_vae(state_dict, dict(TINY))
 
 

@@ -397,6 +397,7 @@ def test_concatenating_encodes_adds_the_second_glyph_text_to_the_first(model, en
 # --- a real server --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_the_server_reports_bad_prompts_and_keeps_serving(tiny_model_dir, tmp_path):
     (tmp_path / "diffusion_models").mkdir()
     shutil.copy(

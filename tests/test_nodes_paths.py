@@ -319,6 +319,7 @@ def server(layout, tiny_model_dir):
         yield url
 
 
+@pytest.mark.server
 @pytest.mark.skipif(sys.platform != "linux", reason="OpenWatch uses inotify")
 def test_the_server_refuses_every_traversal_value_and_opens_no_file_outside_the_roots(layout, server):
     """On `main.py --cpu`: the climbing values (its input/ and output/ are its own, so only the values that climb
@@ -342,6 +343,7 @@ def test_the_server_refuses_every_traversal_value_and_opens_no_file_outside_the_
     assert not [r for r in refusals if CANARY in r or ("is not one of the choices" not in r and "leads to" not in r)]
 
 
+@pytest.mark.server
 def test_a_broken_dit_folder_is_reported_when_the_prompt_is_queued_not_after_the_ar(server):
     """The text-to-image example on the tiny model with a DiT folder that lacks a shard: ComfyUI answers the queue
     request with the error (nothing runs), in well under the AR's time."""

@@ -380,6 +380,7 @@ def server(tiny_model_dir):
         yield url
 
 
+@pytest.mark.server
 def test_server_lists_and_serves_the_example_workflows(server):
     templates = json.load(urllib.request.urlopen(f"{server}/workflow_templates"))
     assert sorted(templates[PACK_FOLDER]) == sorted(STEMS)
@@ -388,6 +389,7 @@ def test_server_lists_and_serves_the_example_workflows(server):
         assert served == load(EXAMPLES, stem)
 
 
+@pytest.mark.server
 def test_text_to_image_through_a_real_server(server):
     graph = small_prompt("text_to_image")
     history = comfy_host.server_run_prompt(server, graph)
