@@ -49,7 +49,7 @@ def write_full_size_folder(root: Path) -> None:
     from common import Setup, build_ar_model, build_dit, build_glyph_encoder, build_vae
 
     from glm_image_core import quant
-    from glm_image_core.loading import write_ar_int8_file
+    from glm_image_core.ar_loading import write_ar_int8_file
     from glm_image_core.tiny import write_tiny_model
 
     if (root / "GLM-Image" / "transformer" / "diffusion_pytorch_model.safetensors").is_file():

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .ar_loading import AR_INT8_SUFFIX
 from .defaults import AR_GRID_STRIDE, DEFAULT_SIDE, GUIDANCE, MAX_SIDE, MIN_SIDE, STEPS
 from .errors import GlmImageError
-from .loading import AR_INT8_SUFFIX
 from .sizes import check_image_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

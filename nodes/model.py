@@ -30,7 +30,7 @@ from ..glm_image_core.defaults import DEFAULT_SIDE, VAE_SCALE
 from ..glm_image_core.dit import GlmImageTransformer2DModel, ReferenceKV, attention_layout, text_groups_for_lengths
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.glyph import pad_glyphs
-from ..glm_image_core.loading import SCALED_FP8_MARKER
+from ..glm_image_core.scaled_fp8 import SCALED_FP8_MARKER
 from ..glm_image_core.schedule import compute_mu
 from .latent_format import GlmImageLatentFormat
 

@@ -13,15 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import glm_image_core.checkpoint
 import glm_image_core.loading
+from glm_image_core.components import infer_transformer_config, infer_vae_config
 from glm_image_core.errors import InvalidInputError, ModelFilesError
 from glm_image_core.loading import (
     COMPONENTS,
-    PUBLISHED_LATENTS_MEAN,
-    PUBLISHED_LATENTS_STD,
     check_files,
-    infer_transformer_config,
-    infer_vae_config,
     load_ar_model,
     load_ar_processor,
     load_glyph_encoder,
@@ -32,6 +30,7 @@ from glm_image_core.loading import (
     save_single_file,
 )
 from glm_image_core.tiny import PUBLISHED_CONFIGS
+from glm_image_core.vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
 LOADERS = {
     "transformer": load_transformer,
@@ -486,8 +485,9 @@ def test_check_files_reads_no_tensor_data(tiny_model_dir, monkeypatch, component
     def read_tensors(*args, **kwargs):
         raise AssertionError("check_files read tensor data")
 
-    monkeypatch.setattr(glm_image_core.loading, "load_tensors", read_tensors)
-    monkeypatch.setattr(glm_image_core.loading, "read_state_dict", read_tensors)
+    for module in (glm_image_core.checkpoint, glm_image_core.loading):  # where the name is looked up
+        monkeypatch.setattr(module, "load_tensors", read_tensors)
+        monkeypatch.setattr(module, "read_state_dict", read_tensors)
     check_files(tiny_model_dir, COMPONENT[component])
 
 

@@ -1,0 +1,82 @@
+"""Quantised weights: ComfyUI's scaled-fp8 single files are read and written; other quantisations are refused by
+name, with what they are."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import ModelFilesError
+
+if TYPE_CHECKING:
+    from .components import ComponentFiles
+
+# A scaled-fp8 file: the `scaled_fp8` marker tensor, each Linear weight in fp8 with a float32 `scale_weight` (the
+# weight is fp8 * scale) and possibly a `scale_input`; everything else as in the bf16 files.
+SCALED_FP8_MARKER = "scaled_fp8"
+SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+FP8_MAX = 448.0  # the largest float8_e4m3fn
+FOREIGN_QUANTISATIONS = {  # a key suffix -> the format it belongs to
+    ".comfy_quant": "ComfyUI mixed-precision (comfy_quant)",
+    ".weight_scale": "ComfyUI mixed-precision (comfy_quant)",
+    ".absmax": "bitsandbytes 4-bit",
+    ".SCB": "bitsandbytes 8-bit",
+    ".qweight": "GPTQ/AWQ",
+}
+
+
+def is_scaled_fp8_key(key: str, expected) -> bool:
+    """The marker, or the scale of a layer whose weight the model has."""
+    if key == SCALED_FP8_MARKER:
+        return True
+    return key.endswith(SCALE_SUFFIXES) and f"{key.rsplit('.', 1)[0]}.weight" in expected
+
+
+def check_quantisation(files: ComponentFiles) -> bool:
+    """True for a ComfyUI scaled-fp8 file, False for plain (bf16/fp32/fp8) weights; a ModelFilesError naming the
+    format for quantisations this loader cannot use."""
+    refuse = None
+    if "quantization_config" in files.config:
+        refuse = f"{files.config_source} describes a quantised re-upload ({files.config['quantization_config'].get('quant_method', '?')})"
+    elif "_quantization_metadata" in files.weights.metadata:
+        refuse = f"{files.weights.where} carries ComfyUI's per-layer quantisation metadata (_quantization_metadata)"
+    else:
+        for key in files.weights.shapes:
+            fmt = next((f for suffix, f in FOREIGN_QUANTISATIONS.items() if key.endswith(suffix)), None)
+            if fmt is not None:
+                refuse = f"{files.weights.where} holds {fmt} weights (e.g. {key})"
+                break
+    if refuse:
+        raise ModelFilesError(
+            f"{refuse}; this loader reads bf16/fp32/fp8 weights and ComfyUI scaled-fp8 files. Use the files of "
+            "zai-org/GLM-Image, or make a scaled-fp8 file from them with save_single_file(..., scaled_fp8=True)."
+        )
+    return SCALED_FP8_MARKER in files.weights.shapes
+
+
+def dequantise_scaled_fp8(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """A scaled-fp8 state dict as plain weights: each Linear weight = fp8 * scale_weight (in float32), then ``dtype``
+    (None: float32 for them, the others as stored)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if key == SCALED_FP8_MARKER or key.endswith(SCALE_SUFFIXES):
+            continue
+        scale = state_dict.get(f"{key.rsplit('.', 1)[0]}.scale_weight") if key.endswith(".weight") else None
+        if scale is not None:
+            tensor = tensor.float() * scale.float()
+        out[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return out
+
+
+def quantise_scaled_fp8(state_dict: dict[str, torch.Tensor], linear_layers) -> dict[str, torch.Tensor]:
+    """ComfyUI's scaled-fp8 layout: the weight of every layer in ``linear_layers`` (module names) in float8_e4m3fn
+    with one float32 ``scale_weight`` per layer (its largest magnitude / 448), the rest as given, plus the marker."""
+    out = dict(state_dict)
+    for name in linear_layers:
+        weight = state_dict[f"{name}.weight"].float()
+        scale = (weight.abs().max() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        out[f"{name}.weight"] = (weight / scale).to(torch.float8_e4m3fn)
+        out[f"{name}.scale_weight"] = scale.reshape(())
+    out[SCALED_FP8_MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
