@@ -80,19 +80,19 @@ def ar_meta_model(int8: bool):
 
 def dit_meta_model():
     from glm_image_core.dit import GlmImageTransformer2DModel
-    from glm_image_core.loading import _constructor_kwargs
+    from glm_image_core.loading import constructor_kwargs
 
     config = read_config("transformer__config.json")
-    kwargs = {k: v for k, v in _constructor_kwargs(GlmImageTransformer2DModel, config).items()}
+    kwargs = {k: v for k, v in constructor_kwargs(GlmImageTransformer2DModel, config).items()}
     return GlmImageTransformer2DModel(**kwargs, dtype=torch.bfloat16, device="meta"), config
 
 
 def vae_meta_model():
-    from glm_image_core.loading import _constructor_kwargs
+    from glm_image_core.loading import constructor_kwargs
     from glm_image_core.vae import AutoencoderKL
 
     config = read_config("vae__config.json")
-    return AutoencoderKL(**_constructor_kwargs(AutoencoderKL, config), dtype=torch.bfloat16, device="meta")
+    return AutoencoderKL(**constructor_kwargs(AutoencoderKL, config), dtype=torch.bfloat16, device="meta")
 
 
 def glyph_bytes() -> int:

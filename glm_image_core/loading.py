@@ -10,6 +10,11 @@ do. Only safetensors are read (pickled .bin/.pt files can run code when opened).
 ComfyUI users keep them (models/diffusion_models, models/vae, models/text_encoders). A single file carries its
 config in the safetensors metadata (``save_single_file`` writes it); without one, the config is inferred from the
 tensor shapes, with the published values for what shapes cannot tell.
+
+This module builds the DiT, the VAE and the glyph encoder and is the loaders' public face (``__all__``). The parts:
+``checkpoint`` (safetensors files and their headers), ``components`` (which component, its config, the weights
+check), ``scaled_fp8`` (ComfyUI's scaled-fp8 files; other quantisations refused) and ``ar_loading`` (the AR model,
+its 8-bit export and the processor).
 """
 
 from __future__ import annotations
@@ -79,7 +84,7 @@ __all__ = [  # the loaders' public face: nodes, tests and the CLI import these f
 # Building a model from checked weights
 
 
-def _constructor_kwargs(cls: type, config: dict) -> dict:
+def constructor_kwargs(cls: type, config: dict) -> dict:
     """The config keys that ``cls.__init__`` takes (diffusers bookkeeping keys such as ``_class_name`` dropped)."""
     accepted = inspect.signature(cls.__init__).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
@@ -95,10 +100,10 @@ def _assign_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         raise RuntimeError(f"{type(model).__name__} kept tensors on the meta device after loading: {left[:3]}")
 
 
-def _checked_meta_model(cls: type, kwargs: dict, component: Component, files: ComponentFiles, dtype, ops: dict):
+def _checked_meta_model(cls: type, kwargs: dict, component: Component, files: ComponentFiles, dtype):
     """``cls(**kwargs)`` on the meta device (no memory), after checking the files hold exactly its tensors."""
     try:
-        meta_model = cls(**kwargs, dtype=dtype, device="meta", **ops)
+        meta_model = cls(**kwargs, dtype=dtype, device="meta")
     except (InvalidInputError, TypeError, ValueError) as e:
         raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {component.label}: {e}") from e
     check_weights_match(component, {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}, files)
@@ -121,9 +126,9 @@ def read_checked_weights(
     else:
         raise ValueError(f"read_checked_weights reads the DiT or the VAE, not {component.label}")
     kwargs = {
-        k: v for k, v in _constructor_kwargs(cls, files.config).items() if k not in ("dtype", "device", "operations")
+        k: v for k, v in constructor_kwargs(cls, files.config).items() if k not in ("dtype", "device", "operations")
     }
-    _checked_meta_model(cls, kwargs, component, files, None, {})
+    _checked_meta_model(cls, kwargs, component, files, None)
     if check_quantisation(files):  # the fp8 weights and their scales go to the host as stored
         dtype = None
     return files.config, load_tensors(files.weights, dtype)
@@ -136,26 +141,16 @@ def _build_and_load(
     files: ComponentFiles,
     dtype: torch.dtype | None,
     device: torch.device | str,
-    operations,
 ) -> torch.nn.Module:
-    """Build ``cls(**kwargs)`` with the checkpoint's weights; shapes are checked on a meta-device copy first.
-
-    With plain torch layers the meta model receives the loaded tensors (no random init, no second copy); with
-    host ``operations`` (e.g. ComfyUI's ``comfy.ops``) the model is built on ``device`` and loaded by copying, so
-    the host's layer hooks see an ordinary ``load_state_dict``.
-    """
-    ops = {} if operations is None else {"operations": operations}
-    meta_model = _checked_meta_model(cls, kwargs, component, files, dtype, ops)
+    """Build ``cls(**kwargs)`` with the checkpoint's weights: shapes are checked on the meta-device model, which
+    then receives the loaded tensors (no random init, no second copy). Hosts that build the module with their own
+    layers take ``read_checked_weights`` instead."""
+    model = _checked_meta_model(cls, kwargs, component, files, dtype)
     if check_quantisation(files):
         state_dict = dequantise_scaled_fp8(load_tensors(files.weights, None, device), dtype)
     else:
         state_dict = load_tensors(files.weights, dtype, device)
-    if operations is None:
-        model = meta_model
-        _assign_weights(model, state_dict)
-    else:
-        model = cls(**kwargs, dtype=dtype, device=device, **ops)
-        model.load_state_dict(state_dict, strict=True)
+    _assign_weights(model, state_dict)
     return model.to(device).eval()
 
 
@@ -163,21 +158,16 @@ def _build_and_load(
 # DiT
 
 
-def load_transformer(
-    path: str | Path, dtype: torch.dtype | None = torch.bfloat16, device: torch.device | str = "cpu", operations=None
-):
-    """The DiT (``glm_image_core.dit.GlmImageTransformer2DModel``) from the root, ``transformer/`` or one file.
-
-    ``operations``: the namespace of layer classes the model is built from (None: ``torch.nn``).
-    """
+def load_transformer(path: str | Path, dtype: torch.dtype | None = torch.bfloat16, device: torch.device | str = "cpu"):
+    """The DiT (``glm_image_core.dit.GlmImageTransformer2DModel``) from the root, ``transformer/`` or one file."""
     from .dit import GlmImageTransformer2DModel
 
     files = open_component(path, TRANSFORMER, infer_transformer_config)
     check_quantisation(files)
-    kwargs = _constructor_kwargs(GlmImageTransformer2DModel, files.config)
+    kwargs = constructor_kwargs(GlmImageTransformer2DModel, files.config)
     for key in ("dtype", "device", "operations"):
         kwargs.pop(key, None)
-    return _build_and_load(GlmImageTransformer2DModel, kwargs, TRANSFORMER, files, dtype, device, operations)
+    return _build_and_load(GlmImageTransformer2DModel, kwargs, TRANSFORMER, files, dtype, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,8 +183,8 @@ def load_vae(path: str | Path, dtype: torch.dtype | None = torch.bfloat16, devic
     from .vae import AutoencoderKL
 
     files = open_component(path, VAE, infer_vae_config)
-    kwargs = _constructor_kwargs(AutoencoderKL, files.config)
-    return _build_and_load(AutoencoderKL, kwargs, VAE, files, dtype, device, None)
+    kwargs = constructor_kwargs(AutoencoderKL, files.config)
+    return _build_and_load(AutoencoderKL, kwargs, VAE, files, dtype, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,7 +292,7 @@ def save_single_file(component_path: str | Path, out_file: str | Path, scaled_fp
             raise InvalidInputError(f"scaled_fp8 export is for the DiT, not {component.label}.")
         from .dit import GlmImageTransformer2DModel
 
-        kwargs = _constructor_kwargs(GlmImageTransformer2DModel, config)
+        kwargs = constructor_kwargs(GlmImageTransformer2DModel, config)
         with torch.device("meta"):
             model = GlmImageTransformer2DModel(**kwargs)
         linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]

@@ -22,6 +22,7 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
+from .loading import constructor_kwargs
 from .vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
 # Token ids of GLM-Image (vision_language_encoder/config.json and processor/tokenizer.json).
@@ -302,7 +303,7 @@ def _write_transformer(folder: Path, generator: torch.Generator) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "config.json", _TRANSFORMER_CONFIG)
-    model = GlmImageTransformer2DModel(**_constructor_kwargs(_TRANSFORMER_CONFIG))
+    model = GlmImageTransformer2DModel(**constructor_kwargs(GlmImageTransformer2DModel, _TRANSFORMER_CONFIG))
     _randomize_(model, generator)
     state_dict = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     _save_sharded(state_dict, folder, "diffusion_pytorch_model.safetensors", max_shard_mb=0.25)  # 3 shards
@@ -313,12 +314,7 @@ def _write_vae(folder: Path, generator: torch.Generator) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "config.json", _VAE_CONFIG)
-    model = AutoencoderKL(**_constructor_kwargs(_VAE_CONFIG))
+    model = AutoencoderKL(**constructor_kwargs(AutoencoderKL, _VAE_CONFIG))
     _randomize_(model, generator)
     state_dict = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     save_file(state_dict, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
-
-
-def _constructor_kwargs(config: dict) -> dict:
-    """A diffusers config without its bookkeeping keys (``_class_name``, ``_diffusers_version``)."""
-    return {k: v for k, v in config.items() if not k.startswith("_")}
