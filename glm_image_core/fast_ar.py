@@ -21,7 +21,6 @@ internally. The cache costs 40 x 2 x 2 x 128 x 4 bytes = 80 KB per token and sam
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections import deque
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import quant
+from .cuda_graph import StepGraph
 
 CACHE_BLOCK = 1024  # the K/V cache length is a multiple of this (and of ATTENTION_CHUNK): few shapes to compile
 ATTENTION_CHUNK = 64  # decode attention splits the keys into chunks of this many for the probs @ V product
@@ -378,7 +378,7 @@ def decode(
     loop = _DecodeLoop(decoder, input_ids.shape[1], decode_position_ids, uniforms, pick, rows)
     loop.first(decoder.prefill(input_ids, position_ids, rows))
     on_cuda = decoder.device.type == "cuda"
-    runner = _GraphRunner(loop) if on_cuda and cuda_graph is not False else None
+    runner = StepGraph(loop.step, decoder.device) if on_cuda and cuda_graph is not False else None
     run = runner or loop.step
 
     pending: deque[tuple[int, torch.cuda.Event | None]] = deque()
@@ -412,58 +412,3 @@ def report(callback, pending: deque, done: int, total: int, tokens: torch.Tensor
             event.synchronize()  # also bounds how far the host runs ahead of the GPU
         if callback is not None:
             callback(step, total, tokens[:, :step])
-
-
-class _GraphRunner:
-    """Replays ``loop.step`` as one CUDA graph. The first two calls run it eagerly on a side stream (warm-up: cuBLAS
-    workspaces, lazy inits) as real decode steps; the third captures it, and it and every later call replay it. If
-    the capture fails, for any reason, the step keeps running eagerly (same results, slower). One graph per
-    generation, released at its end."""
-
-    WARMUP = 2
-
-    def __init__(self, loop: _DecodeLoop):
-        self.loop = loop
-        self.calls = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.eager = False
-        self.side = torch.cuda.Stream()
-
-    def __call__(self) -> None:
-        self.calls += 1
-        if self.graph is None and not self.eager and self.calls > self.WARMUP:
-            self.graph = self._capture()
-            self.eager = self.graph is None
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.eager:
-            self.loop.step()
-        else:
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
-                self.loop.step()
-            torch.cuda.current_stream().wait_stream(self.side)
-
-    def release(self) -> None:
-        if self.graph is not None:
-            self.graph.reset()
-            self.graph = None
-
-    def _capture(self) -> torch.cuda.CUDAGraph | None:
-        """Record one step (recording runs nothing: the state is unchanged until the first replay)."""
-        # Nothing in flight when capture starts, as ComfyUI does before its own graphs: allocator hooks (comfy-aimdo's
-        # dynamic VRAM) and other streams must not see work of this step half recorded.
-        torch.cuda.synchronize(self.loop.decoder.device)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.loop.step()
-        except Exception as e:  # depends on the CUDA setup and allocator; the eager step computes the same
-            _warn_once(f"GLM-Image AR: CUDA graph capture failed ({type(e).__name__}: {e}); decoding without a graph.")
-            return None
-        return graph
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    logging.warning(message)

@@ -4,7 +4,6 @@ import contextlib
 import copy
 import logging
 import os
-import types
 
 import numpy as np
 import PIL.Image
@@ -18,7 +17,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from glm_image_core import ar, fast_ar
+from glm_image_core import ar, cuda_graph, fast_ar
 from glm_image_core.errors import GenerationCancelled, InvalidInputError
 
 NON_GRID_IDS = list(range(16384, 16512))  # image start, EOS and the unused visual ids
@@ -574,12 +573,12 @@ def fake_cuda(monkeypatch):
     )
     monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
-    fast_ar._warn_once.cache_clear()
+    cuda_graph._warn_once.cache_clear()
     return state
 
 
 class CountingLoop:
-    decoder = types.SimpleNamespace(device=torch.device("cuda", 0))
+    device = torch.device("cuda", 0)
 
     def __init__(self):
         self.steps = 0
@@ -590,7 +589,7 @@ class CountingLoop:
 
 def test_graph_runner_captures_the_third_step_after_a_synchronize_and_releases_the_graph(fake_cuda):
     loop = CountingLoop()
-    runner = fast_ar._GraphRunner(loop)
+    runner = cuda_graph.StepGraph(loop.step, loop.device)
     for _ in range(5):
         runner()
     (graph,) = fake_cuda["graphs"]
@@ -604,7 +603,7 @@ def test_a_failed_capture_decodes_eagerly_and_warns_once_with_the_reason(fake_cu
     fake_cuda["capture_error"] = ValueError("operation not permitted when stream is capturing")
     for _ in range(2):  # two generations
         loop = CountingLoop()
-        runner = fast_ar._GraphRunner(loop)
+        runner = cuda_graph.StepGraph(loop.step, loop.device)
         with caplog.at_level(logging.WARNING):
             for _ in range(5):
                 runner()
