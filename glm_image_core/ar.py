@@ -34,7 +34,6 @@ from .errors import InvalidInputError
 IMAGE_START_ID = 16384  # `<|dit_token_16384|>`: opens every image, and ends the prompt (the model's bos)
 IMAGE_END_ID = 16385  # `<|dit_token_16385|>`: closes a reference image; the model's eos
 NUM_VQ_CODES = 16384  # legal grid tokens are 0..16383 (the VQ codebook; the DiT's prior embedding has as many rows)
-GRID_STRIDE = AR_GRID_STRIDE  # pixels per AR grid token
 CONTROL_STRINGS = ("<|dit_token_", "<|image|>", "<sop>", "<eop>")  # would change the prompt's structure
 
 ProgressCallback = Callable[[int, int, torch.Tensor], None]
@@ -72,17 +71,17 @@ def ar_geometry(height: int, width: int, image_to_image: bool = False) -> ARGeom
     Target grid ``(H/32, W/32)``; text-to-image preview grid ``(int(sqrt(H/W)*16), int(sqrt(W/H)*16))``
     (16x16 for a square, 13x19 for 512x768), computed like transformers from the token ratio.
     """
-    if height <= 0 or width <= 0 or height % GRID_STRIDE or width % GRID_STRIDE:
+    if height <= 0 or width <= 0 or height % AR_GRID_STRIDE or width % AR_GRID_STRIDE:
         raise InvalidInputError(
             f"GLM-Image needs a height and width that are positive multiples of 32; got {height}x{width}. "
             f"Round to e.g. {max(32, round(height / 32) * 32)}x{max(32, round(width / 32) * 32)}."
         )
-    grid_h, grid_w = height // GRID_STRIDE, width // GRID_STRIDE
+    grid_h, grid_w = height // AR_GRID_STRIDE, width // AR_GRID_STRIDE
     if image_to_image:
         return ARGeometry(height, width, grid_h, grid_w, 0, 0)
     ratio = grid_h / grid_w
-    preview_h = int(math.sqrt(ratio) * (GRID_STRIDE // 2))
-    preview_w = int(math.sqrt(1 / ratio) * (GRID_STRIDE // 2))
+    preview_h = int(math.sqrt(ratio) * (AR_GRID_STRIDE // 2))
+    preview_w = int(math.sqrt(1 / ratio) * (AR_GRID_STRIDE // 2))
     return ARGeometry(height, width, grid_h, grid_w, preview_h, preview_w)
 
 

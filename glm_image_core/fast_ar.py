@@ -1,6 +1,7 @@
 """Fast AR decoding: GLM-Image's text decoder as plain tensor code over transformers' own weights.
 
-transformers' per-token forward costs ~60 ms on an H200 where reading the decoder's weights takes ~4 ms: the time goes to Python, hundreds of small kernel launches and cache bookkeeping. Here one decode step is
+transformers' per-token forward costs ~60 ms on an H200 where reading the decoder's weights takes ~4 ms: the time
+goes to Python, hundreds of small kernel launches and cache bookkeeping. Here one decode step is
 
     embed -> 40 x [RMSNorm, q and kv projections, 3-axis partial RoPE, K/V into a preallocated cache, attention over
     the cache, o projection, RMSNorm, residual, RMSNorm, gated MLP, RMSNorm, residual] -> RMSNorm
@@ -14,9 +15,10 @@ token. Elsewhere (CPU) the same step runs eagerly, which is how the tests check 
 Numerics follow transformers' GLM-Image text model layer by layer: the same weights (read, never copied, except the
 k and v projections, fused into one [512, 4096] matrix per layer, ~170 MB), the same dtype casts in RMSNorm and RoPE.
 8-bit AR weights (``quant``) are read as stored: the int8 projections with their per-row scales, never a dequantised
-copy of a layer (``linear``). The prefill attends with SDPA like transformers; decode steps attend over a float32 K/V cache (keys and values are
-stored exactly, bf16 -> fp32 is lossless) with float32 scores and probabilities, the precision SDPA's kernels keep
-internally. The cache costs 40 x 2 x 2 x 128 x 4 bytes = 80 KB per token and sample (~400 MB at 2048x2048).
+copy of a layer (``linear``). The prefill attends with SDPA like transformers; decode steps attend over a float32 K/V
+cache (keys and values are stored exactly, bf16 -> fp32 is lossless) with float32 scores and probabilities, the
+precision SDPA's kernels keep internally. The cache costs 40 x 2 x 2 x 128 x 4 bytes = 80 KB per token and sample
+(~400 MB at 2048x2048).
 """
 
 from __future__ import annotations
@@ -367,8 +369,8 @@ def decode(
     (the position of the k-th new token when it is fed back), uniforms [N, total] on the model's device, one per
     token. ``pick(logits[:, :rows], uniforms[:, k])`` chooses token k. callback(step, total, tokens[:, :step]) runs
     every ``callback_every`` tokens and after the last (step = tokens so far); an exception raised in it stops the
-    generation. cuda_graph: None = on CUDA devices (False, e.g., for ComfyUI's --disable-cuda-graphs). compile: fuse each decode layer's small kernels with
-    ``torch.compile`` (see ``FastDecoder``).
+    generation. cuda_graph: None = on CUDA devices (False, e.g., for ComfyUI's --disable-cuda-graphs). compile: fuse
+    each decode layer's small kernels with ``torch.compile`` (see ``FastDecoder``).
 
     On CUDA the host queues up to two chunks of ``callback_every`` tokens and reports a chunk once the GPU has
     finished it, so the callback trails the GPU by at most one chunk and a cancel lands within two.

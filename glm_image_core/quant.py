@@ -135,38 +135,38 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
-def replace_decoder_linears(model: nn.Module) -> list[str]:
-    """Swap the decoder's quantisable ``nn.Linear`` s of a (meta-device) GlmImageForConditionalGeneration for
-    ``Int8Linear`` s of the same shapes; returns their module names."""
+def _swap_decoder_linears(model: nn.Module, make) -> list[str]:
+    """Replace each quantisable ``nn.Linear`` of the decoder by ``make(linear)``; returns the modules' names."""
     replaced = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and is_quantized_weight(name + ".weight"):
             parent_name, child = name.rsplit(".", 1)
-            parent = model.get_submodule(parent_name)
-            dtype = module.bias.dtype if module.bias is not None else None
-            setattr(
-                parent,
-                child,
-                Int8Linear(
-                    module.in_features, module.out_features, module.bias is not None, dtype, module.weight.device
-                ),
-            )
+            setattr(model.get_submodule(parent_name), child, make(module))
             replaced.append(name)
     return replaced
+
+
+def replace_decoder_linears(model: nn.Module) -> list[str]:
+    """Swap the decoder's quantisable ``nn.Linear`` s of a (meta-device) GlmImageForConditionalGeneration for empty
+    ``Int8Linear`` s of the same shapes; returns their module names."""
+
+    def empty_int8(linear: nn.Linear) -> Int8Linear:
+        dtype = None if linear.bias is None else linear.bias.dtype
+        return Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, linear.weight.device)
+
+    return _swap_decoder_linears(model, empty_int8)
 
 
 @torch.no_grad()
 def quantize_model_(model: nn.Module) -> list[str]:
     """Quantise the decoder projections of an already loaded GlmImageForConditionalGeneration in place (on its
     device); each full-precision matrix is released once its int8 copy exists. Returns the modules' names."""
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and is_quantized_weight(name + ".weight"):
-            parent_name, child = name.rsplit(".", 1)
-            layer = Int8Linear(module.in_features, module.out_features, False, device="meta")
-            q, scale = quantize_int8(module.weight)
-            layer.weight, layer.weight_scale = nn.Parameter(q, False), nn.Parameter(scale, False)
-            layer.bias = module.bias
-            setattr(model.get_submodule(parent_name), child, layer)
-            replaced.append(name)
-    return replaced
+
+    def quantized(linear: nn.Linear) -> Int8Linear:
+        layer = Int8Linear(linear.in_features, linear.out_features, False, device="meta")
+        q, scale = quantize_int8(linear.weight)
+        layer.weight, layer.weight_scale = nn.Parameter(q, False), nn.Parameter(scale, False)
+        layer.bias = linear.bias
+        return layer
+
+    return _swap_decoder_linears(model, quantized)

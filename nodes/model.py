@@ -250,10 +250,10 @@ class GlmImageModel(comfy.model_base.BaseModel):
         return ReferenceKV.concat(parts)
 
     def check_model_sampling(self, noise):
-        """Refuse what would silently give another image than GLM-Image's: a stock model sampling (ModelSamplingAuraFlow,
-        SD3, Flux, ... feed the DiT the shifted time) or GLM's sampling with the shift of another image size (a model
-        straight from the loader is set for 1024x1024). The sigmas are already made from the model's sampling when
-        this runs, so it cannot be corrected here."""
+        """Refuse what would silently give another image than GLM-Image's: a stock model sampling
+        (ModelSamplingAuraFlow, SD3, Flux, ... feed the DiT the shifted time) or GLM's sampling with the shift of
+        another image size (a model straight from the loader is set for 1024x1024). The sigmas are already made from
+        the model's sampling when this runs, so it cannot be corrected here."""
         width, height = noise.shape[3] * VAE_SCALE, noise.shape[2] * VAE_SCALE
         sampling, fix = self.model_sampling, f"'ModelSampling GLM-Image' set to {width}x{height} (or given the tokens)"
         if not isinstance(sampling, GlmImageModelSampling):
@@ -280,8 +280,8 @@ def check_prior_matches_latent(prior: torch.Tensor, noise: torch.Tensor, image_s
     if prior.shape[1] != expected or h % 4 or w % 4 or wrong_size:
         made_for = f"{image_size[1]}x{image_size[0]}" if image_size is not None else f"{prior.shape[1]} prior tokens"
         raise InvalidInputError(
-            f"The visual tokens are for a different image size ({made_for}) than this {w * VAE_SCALE}x{h * VAE_SCALE} latent: the "
-            "width/height of 'Generate visual tokens' and of the latent must be equal (connect the tokens to "
+            f"The visual tokens are for a different image size ({made_for}) than this {w * VAE_SCALE}x{h * VAE_SCALE} "
+            "latent: the width/height of 'Generate visual tokens' and of the latent must be equal (connect the tokens to "
             "'Empty GLM-Image Latent')."
         )
     if prior.shape[0] not in (1, batch):
