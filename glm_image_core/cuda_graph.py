@@ -20,26 +20,30 @@ class StepGraph:
     WARMUP = 2
 
     def __init__(self, step: Callable[[], None], device: torch.device):
-        self.step, self.device = step, device
+        self.step, self.device = step, torch.device(device)
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager = False
-        self.side = torch.cuda.Stream()
+        self.side = torch.cuda.Stream(device=self.device)  # on the model's GPU, which need not be the current one
 
     def __call__(self) -> None:
         self.calls += 1
-        if self.graph is None and not self.eager and self.calls > self.WARMUP:
-            self.graph = self._capture()
-            self.eager = self.graph is None
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.eager:
-            self.step()
-        else:
-            self.side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side):
+        # Graphs, capture streams and the current stream belong to the current device: make it the model's (cuda:1
+        # for an AR on a second GPU) for each step, whatever the host's current device is.
+        with torch.cuda.device(self.device):
+            if self.graph is None and not self.eager and self.calls > self.WARMUP:
+                self.graph = self._capture()
+                self.eager = self.graph is None
+            if self.graph is not None:
+                self.graph.replay()
+            elif self.eager:
                 self.step()
-            torch.cuda.current_stream().wait_stream(self.side)
+            else:
+                current = torch.cuda.current_stream(self.device)
+                self.side.wait_stream(current)
+                with torch.cuda.stream(self.side):
+                    self.step()
+                current.wait_stream(self.side)
 
     def release(self) -> None:
         if self.graph is not None:

@@ -379,35 +379,38 @@ def decode(
     decoder = FastDecoder(model, n, input_ids.shape[1] + total, compile=compile)
     loop = _DecodeLoop(decoder, input_ids.shape[1], decode_position_ids, uniforms, pick, rows)
     loop.first(decoder.prefill(input_ids, position_ids, rows))
-    on_cuda = decoder.device.type == "cuda"
-    runner = StepGraph(loop.step, decoder.device) if on_cuda and cuda_graph is not False else None
+    cuda_device = decoder.device if decoder.device.type == "cuda" else None
+    runner = StepGraph(loop.step, decoder.device) if cuda_device and cuda_graph is not False else None
     run = runner or loop.step
 
     pending: deque[tuple[int, torch.cuda.Event | None]] = deque()
     done = 1
     try:
-        report(callback, pending, done, total, loop.tokens, on_cuda, final=total == 1)
+        report(callback, pending, done, total, loop.tokens, cuda_device, final=total == 1)
         while done < total:
             chunk = min(callback_every - done % callback_every, total - done)  # keep reports on multiples of k
             for _ in range(chunk):
                 run()
             done += chunk
-            report(callback, pending, done, total, loop.tokens, on_cuda, final=done == total)
+            report(callback, pending, done, total, loop.tokens, cuda_device, final=done == total)
     finally:
         if runner is not None:
             runner.release()  # its memory pool goes back to the allocator now, not when Python collects it
     return loop.tokens
 
 
-def report(callback, pending: deque, done: int, total: int, tokens: torch.Tensor, on_cuda: bool, final: bool) -> None:
-    """Report ``done`` tokens. On CUDA the report waits in ``pending`` until the device has finished that work, and
-    at most one chunk stays queued beyond the one being computed (none after the ``final`` one)."""
+def report(
+    callback, pending: deque, done: int, total: int, tokens: torch.Tensor, cuda_device: torch.device | None, final: bool
+) -> None:
+    """Report ``done`` tokens. On CUDA (``cuda_device``: the model's GPU) the report waits in ``pending`` until the
+    device has finished that work, and at most one chunk stays queued beyond the one being computed (none after the
+    ``final`` one)."""
     event = None
-    if on_cuda:
+    if cuda_device is not None:
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(cuda_device))  # the model's stream, not the current device's
     pending.append((done, event))
-    keep = 1 if on_cuda and not final else 0
+    keep = 1 if cuda_device is not None and not final else 0
     while len(pending) > keep:
         step, event = pending.popleft()
         if event is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .defaults import PATCH_STRIDE
@@ -30,8 +31,10 @@ def shift_sigmas(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
 
 def glm_timesteps(steps: int) -> torch.Tensor:
     """The reference's integer grid int(linspace(1000, 1, steps+1)[:-1]) as float32: 1000, 980, ... for 50 steps."""
-    grid = torch.linspace(NUM_TRAIN_TIMESTEPS, 1.0, steps + 1, dtype=torch.float64)[:-1]
-    return grid.to(torch.int64).to(torch.float32)
+    # numpy's float64 on the host, as the reference computes it (its truncation decides each integer); no float64
+    # tensor is made, for devices without float64 (MPS)
+    grid = np.linspace(NUM_TRAIN_TIMESTEPS, 1.0, steps + 1)[:-1].astype(np.int64)
+    return torch.from_numpy(grid).to(torch.float32)
 
 
 def glm_schedule(steps: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

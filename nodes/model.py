@@ -40,9 +40,11 @@ class GlmImageModelSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comf
     the inverse of `sigma()` (stock FLOW feeds the shifted sigma * 1000, which drifts colours)."""
 
     def timestep(self, sigma):
-        s = sigma.double()
+        # float32, never float64: the sigmas are on the model's device already, and MPS has no float64
+        s = sigma.float()
         t = s / (self.shift - (self.shift - 1) * s) * self.multiplier
-        # float32 sigmas carry ~1e-4 of noise in t; the reference's grid is integers, so snap values that close
+        # float32 sigmas carry ~1e-4 of noise in t; the reference's grid is integers (exact in float32), so snap
+        # values that close
         nearest = t.round()
         return torch.where((t - nearest).abs() < 1e-3, nearest, t).to(sigma.dtype)
 

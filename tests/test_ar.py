@@ -535,8 +535,10 @@ def test_compiled_fast_decoder_samples_the_same_tokens(peaked_model, t2i_inputs)
 
 
 class FakeGraph:
-    def __init__(self):
+    def __init__(self, device):
+        self.device = device  # the current device when the graph was made
         self.replays, self.resets = 0, 0
+        self.captured_on = None
 
     def replay(self):
         self.replays += 1
@@ -546,41 +548,75 @@ class FakeGraph:
 
 
 class FakeStream:
+    def __init__(self, device):
+        self.device = device
+
     def wait_stream(self, other):
+        assert other.device == self.device, f"a stream of {self.device} waits on one of {other.device}"
+
+
+class FakeEvent:
+    def __init__(self):
+        self.device = None
+
+    def record(self, stream=None):
+        self.device = stream.device if stream is not None else None
+
+    def synchronize(self):
         pass
 
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """torch.cuda as the graph runner uses it; `capture_error` makes the capture fail with that exception."""
-    state = dict(synchronized=0, graphs=[], capture_error=None)
+    """torch.cuda as the graph runner and the progress reports use it, on a machine whose current device is cuda:0;
+    every stream, graph, capture and event records its device. `capture_error` makes the capture fail."""
+    state = dict(current=0, synchronized=[], graphs=[], streams=[], events=[], capture_error=None)
+
+    def device_of(device):
+        if device is None:
+            return state["current"]
+        return device if isinstance(device, int) else torch.device(device).index
+
+    @contextlib.contextmanager
+    def use_device(device):
+        before, state["current"] = state["current"], device_of(device)
+        yield
+        state["current"] = before
 
     @contextlib.contextmanager
     def graph(g, capture_error_mode=None):
         if state["capture_error"] is not None:
             raise state["capture_error"]
+        g.captured_on = state["current"]  # torch.cuda.graph's capture stream is made on the current device
         yield
 
+    def new_stream(device=None):
+        state["streams"].append(FakeStream(device_of(device)))
+        return state["streams"][-1]
+
     def new_graph():
-        state["graphs"].append(FakeGraph())
+        state["graphs"].append(FakeGraph(state["current"]))
         return state["graphs"][-1]
 
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
-    monkeypatch.setattr(
-        torch.cuda, "synchronize", lambda device=None: state.update(synchronized=state["synchronized"] + 1)
-    )
+    def new_event():
+        state["events"].append(FakeEvent())
+        return state["events"][-1]
+
+    monkeypatch.setattr(torch.cuda, "device", use_device)
+    monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: use_device(s.device))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(device_of(device)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: state["synchronized"].append(device_of(device)))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Event", new_event)
     cuda_graph._warn_once.cache_clear()
     return state
 
 
 class CountingLoop:
-    device = torch.device("cuda", 0)
-
-    def __init__(self):
+    def __init__(self, device: str = "cuda:0"):
+        self.device = torch.device(device)
         self.steps = 0
 
     def step(self):
@@ -594,9 +630,24 @@ def test_graph_runner_captures_the_third_step_after_a_synchronize_and_releases_t
         runner()
     (graph,) = fake_cuda["graphs"]
     assert loop.steps == 3  # two warm-up steps run, the third is recorded (the stand-in runs it once)
-    assert graph.replays == 3 and fake_cuda["synchronized"] == 1
+    assert graph.replays == 3 and fake_cuda["synchronized"] == [0]
     runner.release()
     assert graph.resets == 1 and runner.graph is None
+
+
+def test_an_ar_on_the_second_gpu_makes_its_streams_graph_and_events_there(fake_cuda):
+    """The host's current device stays cuda:0 (ComfyUI's, for the DiT); the AR lives on cuda:1."""
+    loop = CountingLoop("cuda:1")
+    runner = cuda_graph.StepGraph(loop.step, loop.device)
+    for _ in range(5):
+        runner()
+    pending = fast_ar.deque()
+    fast_ar.report(None, pending, 16, 32, torch.zeros(1, 32), loop.device, final=False)
+    (graph,) = fake_cuda["graphs"]
+    assert [stream.device for stream in fake_cuda["streams"]] == [1]  # the warm-up side stream
+    assert graph.device == 1 and graph.captured_on == 1 and fake_cuda["synchronized"] == [1]
+    assert [event.device for event in fake_cuda["events"]] == [1]
+    assert fake_cuda["current"] == 0  # left as it was
 
 
 def test_a_failed_capture_decodes_eagerly_and_warns_once_with_the_reason(fake_cuda, caplog):
