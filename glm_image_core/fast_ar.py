@@ -376,6 +376,7 @@ def decode(
     finished it, so the callback trails the GPU by at most one chunk and a cancel lands within two.
     """
     n, total = uniforms.shape
+    quant.FUSED_KERNEL.retry()  # a kernel error of an earlier generation (a capture, say) does not last
     decoder = FastDecoder(model, n, input_ids.shape[1] + total, compile=compile)
     loop = _DecodeLoop(decoder, input_ids.shape[1], decode_position_ids, uniforms, pick, rows)
     loop.first(decoder.prefill(input_ids, position_ids, rows))

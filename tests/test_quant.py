@@ -9,6 +9,7 @@ room for BLAS differences (Intel or AMD) without letting a broken scale (errors 
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import DynamicCache
@@ -352,3 +354,81 @@ def test_an_export_with_a_broken_generation_config_is_refused(exported, tmp_path
     out = rewrite(exported, tmp_path / "gen.ar_int8.safetensors", lambda t, m: m.update(generation_config="{"))
     with pytest.raises(ModelFilesError, match="generation config in the metadata of .* is not valid"):
         loading.load_ar_model(out)
+
+
+# --- the int8 matmul: the fused decode kernel's math and its failures, the eager path's float32 scale --------------
+
+
+def int8_case(rows: int, seed: int = 0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(96, 256, generator=g) * torch.rand(96, 1, generator=g)  # rows of different scales
+    q, scale = quant.quantize_int8(weight)
+    x = torch.randn(rows, 256, generator=g).to(dtype)
+    exact = x.float() @ quant.dequantize_int8(q, scale).T  # float32 product with the weight the layer stands for
+    return x, q, scale, exact
+
+
+@pytest.mark.parametrize("rows", [1, 4, quant.FUSED_MAX_ROWS])
+def test_the_fused_kernel_math_equals_the_dequantised_matmul_for_a_batch_of_rows(rows):
+    x, q, scale, exact = int8_case(rows, dtype=torch.float32)
+    out = quant._fused_int8_linear(x, q, scale)
+    assert out.dtype == torch.float32 and out.shape == (rows, 96)
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+
+
+def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((out.float() - exact).norm() / exact.norm()).item()
+
+
+def test_the_eager_int8_matmul_applies_the_scale_in_float32():
+    """bf16 in and out: the bf16 matmul output rounded once more after the float32 scale (measured ~1.4x the error of
+    rounding the exact product to bf16 once); with the scale rounded to bf16 first (what this replaced) ~1.7x."""
+    x, q, scale, exact = int8_case(64, seed=1)
+    ours = relative_error(quant.int8_linear(x, q, scale), exact)
+    one_rounding = relative_error(exact.to(torch.bfloat16), exact)
+    bf16_scale = relative_error(F.linear(x, q.to(x.dtype)) * scale.to(x.dtype), exact)
+    assert ours <= 1.55 * one_rounding, (ours, one_rounding)
+    assert ours < 0.92 * bf16_scale, (ours, bf16_scale)
+
+
+class FlakyCompile:
+    """torch.compile stand-in: the compiled function raises the queued errors, one per call, then computes."""
+
+    def __init__(self, *errors):
+        self.errors, self.calls = list(errors), 0
+
+    def __call__(self, fn, **kwargs):
+        def compiled(*args):
+            self.calls += 1
+            if self.errors:
+                raise self.errors.pop(0)
+            return fn(*args)
+
+        return compiled
+
+
+def test_an_out_of_memory_costs_one_call_and_keeps_the_kernel(monkeypatch):
+    monkeypatch.setattr(torch, "compile", FlakyCompile(torch.OutOfMemoryError("CUDA out of memory")))
+    kernel = quant.FusedInt8Kernel()
+    x, q, scale, exact = int8_case(2, dtype=torch.float32)
+    assert kernel(x, q, scale) is None  # this call: the caller's eager path
+    assert kernel.unavailable is None
+    torch.testing.assert_close(kernel(x, q, scale), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_error_is_logged_with_its_reason_and_retried_at_the_next_generation(monkeypatch, caplog):
+    monkeypatch.setattr(
+        torch, "compile", FlakyCompile(RuntimeError("operation not permitted when stream is capturing"))
+    )
+    quant._warn_once.cache_clear()
+    kernel = quant.FusedInt8Kernel()
+    x, q, scale, exact = int8_case(2, dtype=torch.float32)
+    with caplog.at_level(logging.WARNING):
+        assert kernel(x, q, scale) is None
+        assert kernel(x, q, scale) is None  # the rest of this generation: eager, without trying again
+    assert "RuntimeError: operation not permitted" in kernel.unavailable
+    assert [r.getMessage() for r in caplog.records if "fused int8" in r.getMessage()] == [
+        f"GLM-Image AR: the fused int8 matmul is not used ({kernel.unavailable}); dequantising per matrix."
+    ]
+    kernel.retry()  # what the next generation does first
+    torch.testing.assert_close(kernel(x, q, scale), exact, rtol=1e-5, atol=1e-5)
