@@ -32,10 +32,12 @@ def codebook_palette(codebook: torch.Tensor) -> torch.Tensor:
     The entries are L2-normalised first (the VQ quantizer compares normalised vectors), then projected onto their
     three principal components (eigenvectors of the covariance, largest variance first, each signed so that its
     largest-magnitude coefficient is positive: the same codebook always gives the same colours). Each component is
-    mapped linearly from its 1st..99th percentile to 0..255 and clamped. Runs where ``codebook`` lives (the full
-    model's 16384 x 2048 codebook: ~70 GFLOP, milliseconds on a GPU, seconds on a CPU).
+    mapped linearly from its 1st..99th percentile to 0..255 and clamped. Always on the CPU in float32, wherever the
+    codebook lives: the same colours on every device, and no eigen-solver on devices that lack one (MPS long did).
+    The full model's 16384 x 2048 codebook costs about a second on a few CPU cores, once per loaded model (its
+    owner caches it: ``ARModel.preview_palette`` in the nodes).
     """
-    vectors = torch.nn.functional.normalize(codebook.detach().float(), dim=-1)  # [K, D]
+    vectors = torch.nn.functional.normalize(codebook.detach().to("cpu", torch.float32), dim=-1)  # [K, D]
     vectors = vectors - vectors.mean(dim=0)
     _, eigenvectors = torch.linalg.eigh(vectors.T @ vectors)  # ascending eigenvalues; columns [D, D]
     components = eigenvectors[:, -3:].flip(-1)  # [D, 3], largest variance first

@@ -347,11 +347,12 @@ def load_dit_patcher(
 ) -> comfy.model_patcher.ModelPatcher:
     """The DiT under ComfyUI's model management, as UNETLoader would build it. `config`: the published
     transformer/config.json keys. `model_options` as comfy.sd.load_diffusion_model_state_dict takes them ("dtype",
-    "custom_operations", "fp8_optimizations"); they win over `weight_dtype`. A ComfyUI scaled-fp8 file (the
+    "custom_operations", "fp8_optimizations", "load_device", "offload_device"); they win over `weight_dtype`. A ComfyUI scaled-fp8 file (the
     `scaled_fp8` marker) loads with ComfyUI's scaled-fp8 layers."""
     model_options = model_options or {}
     mm = comfy.model_management
-    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    load_device = model_options.get("load_device", mm.get_torch_device())
+    offload_device = model_options.get("offload_device", mm.unet_offload_device())
     dtype, fp8_fast = WEIGHT_DTYPES[weight_dtype]
     dtype = model_options.get("dtype", dtype)
     model_config = GlmImageConfig({k: v for k, v in config.items() if not k.startswith("_")})
@@ -370,16 +371,25 @@ def load_dit_patcher(
     )
     model_config.optimizations["fp8"] = fp8_fast or model_options.get("fp8_optimizations", False)
     model_config.custom_operations = model_options.get("custom_operations", model_config.custom_operations)
-    model = model_config.get_model(state_dict, "", device=offload_device)
+    # As ComfyUI builds a native model: straight onto the GPU when it fits (never under dynamic VRAM), its patcher
+    # the running version's core class (ModelPatcherDynamic when comfy-aimdo is on), whose dynamic weights are the
+    # loaded tensors themselves (assign: no second copy in host RAM while loading).
+    initial_device = mm.unet_inital_load_device(comfy.utils.calculate_parameters(state_dict), dtype)
+    model = model_config.get_model(state_dict, "", device=initial_device)
+    patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
+    assign = patcher.is_dynamic() if hasattr(patcher, "is_dynamic") else False
     if quantisation is None and "custom_operations" not in model_options:  # quantised layers take fp8 + scales as is
         state_dict = cast_to_model_dtypes(model.diffusion_model, state_dict, dtype)
-    missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False)
+    missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False, assign=assign)
     missing = [k for k in missing if not k.endswith(OPTIONAL_SCALES)]  # absent scales are 1
     if missing or unexpected:
         raise InvalidInputError(
             f"GLM-Image DiT weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    if initial_device != offload_device and not mm.is_device_cpu(initial_device):
+        mm.load_models_gpu([patcher], force_full_load=True)  # ComfyUI's bookkeeping of a model loaded in place
+    return patcher
 
 
 SCALED_OPS, MIXED_OPS = "scaled_fp8", "mixed_ops"

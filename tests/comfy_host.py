@@ -76,9 +76,10 @@ def _import_comfyui() -> None:
 
 
 def _set_dynamic_vram() -> None:
-    """What main.py does when comfy-aimdo starts: aimdo's host side (safetensors files are memory-mapped through it)
-    and the switch by which comfy.ops layers are built empty and take the loaded tensors as they are. (Its device
-    half, CoreModelPatcher = ModelPatcherDynamic paging weights, needs a GPU.)"""
+    """What main.py does when comfy-aimdo starts: aimdo's host side (safetensors files are memory-mapped through it),
+    the switch by which comfy.ops layers are built empty and take the loaded tensors as they are, and
+    CoreModelPatcher = ModelPatcherDynamic (which pages weights on a GPU; for a CPU load device it builds the plain
+    ModelPatcher)."""
     if not DYNAMIC_VRAM:
         return
     import comfy.memory_management
@@ -89,6 +90,9 @@ def _set_dynamic_vram() -> None:
 
     if not comfy_aimdo.control.init():
         raise RuntimeError("GLM_IMAGE_DYNAMIC_VRAM=1, but comfy-aimdo did not initialise")
+    import comfy.model_patcher
+
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
     comfy.memory_management.aimdo_enabled = True
 
 
