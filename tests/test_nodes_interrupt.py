@@ -23,6 +23,7 @@ import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
 ar_nodes = comfy_host.import_pack_module("nodes.ar_nodes")
+read_tokens = comfy_host.import_pack_module("glm_image_core.tokens").read_tokens
 
 SIZE, SEED, INTERRUPT_AT = 512, 7, 40
 PROMPT = 'A poster that reads "STOP"'
@@ -110,7 +111,7 @@ def test_the_executor_reports_an_interrupted_ar_and_runs_the_next_prompt(glm, un
 
     assert run.success, run.execution_error()
     saved_as = run.outputs["3"]["text"][0].removeprefix("saved ")  # relative to the output folder
-    saved = ar_nodes.tokens_from_file(os.path.join(folder_paths.get_output_directory(), saved_as))
+    saved = read_tokens(os.path.join(folder_paths.get_output_directory(), saved_as))
     assert torch.equal(saved.prior_token_ids, uninterrupted.prior_token_ids)
 
 

@@ -29,7 +29,7 @@ import folder_paths  # noqa: E402
 
 from glm_image_core.loading import save_single_file  # noqa: E402
 
-ar_nodes = comfy_host.import_pack_module("nodes.ar_nodes")
+write_tokens = comfy_host.import_pack_module("glm_image_core.tokens").write_tokens
 paths = comfy_host.import_pack_module("nodes.paths")
 InvalidInputError = comfy_host.import_pack_module("glm_image_core.errors").InvalidInputError
 
@@ -156,7 +156,7 @@ def layout(tiny_model_dir, tmp_path_factory):
     previous = folder_paths.get_input_directory(), folder_paths.get_output_directory()
     folder_paths.set_input_directory(str(tmp / "input"))
     folder_paths.set_output_directory(str(tmp / "output"))
-    ar_nodes.tokens_to_file(random_tokens(), str(tmp / "output" / "glm_tokens" / "saved.glm_tokens"))
+    write_tokens(random_tokens(), str(tmp / "output" / "glm_tokens" / "saved.glm_tokens"))
     yield tmp
     folder_paths.set_input_directory(previous[0])
     folder_paths.set_output_directory(previous[1])
