@@ -21,6 +21,7 @@ from PIL import Image
 from .ar_loading import AR_INT8_SUFFIX
 from .defaults import AR_GRID_STRIDE, DEFAULT_SIDE, GUIDANCE, MAX_SIDE, MIN_SIDE, STEPS
 from .errors import GlmImageError
+from .files import written_to
 from .sizes import check_image_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
                 on_token=progress("AR tokens"), on_step=progress("DiT steps"),
             )  # fmt: skip
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        image.save(args.output)
+        with written_to(args.output) as partial:  # the format comes from the final name's suffix
+            image.save(partial, format=Image.registered_extensions().get(args.output.suffix.lower()))
         print(
             f"wrote {args.output} ({image.width}x{image.height}) in {time.perf_counter() - start:.1f} s",
             file=sys.stderr,

@@ -12,19 +12,20 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .checkpoint import REDOWNLOAD, display_name, scan_weights
 from .components import (
     AR_MODEL,
     ComponentFiles,
     check_config_class,
+    check_config_file_names,
     check_signature,
     check_weights_match,
     component_location,
     open_component,
 )
 from .errors import InvalidInputError, ModelFilesError
+from .files import save_safetensors
 
 AR_QUANTIZATIONS = (None, "int8")
 AR_INT8_FORMAT = "glm_image_ar_int8/1"  # the `glm_image_ar` metadata value of an exported 8-bit AR file
@@ -249,8 +250,7 @@ def write_ar_int8_file(tensors: dict[str, torch.Tensor], config: dict, generatio
     }
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.contiguous() for k, t in tensors.items()}, out_file, metadata=metadata)
-    return out_file
+    return save_safetensors({k: t.contiguous() for k, t in tensors.items()}, out_file, metadata=metadata)
 
 
 class CodeRowsEmbedding(torch.nn.Module):
@@ -312,6 +312,7 @@ def _processor_folder(folder: str | Path) -> Path:
             f"{location.name}/{missing[0]} is missing; the GLM-Image processor needs {', '.join(required)} and "
             f"preprocessor_config.json. Download the processor/ folder of zai-org/GLM-Image into {location}."
         )
+    check_config_file_names(location)
     return location
 
 

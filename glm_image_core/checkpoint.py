@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import ModelFilesError
+from .files import outside_name_reason
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REDOWNLOAD = "re-download it from zai-org/GLM-Image"  # ends most messages: what to do
@@ -64,13 +65,21 @@ def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]
 def _read_index(index_path: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise ModelFilesError(
             f"{display_name(index_path)} is not a valid shard index (expected JSON with a 'weight_map'): {e}. "
             f"Delete it and {REDOWNLOAD}."
         ) from e
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelFilesError(f"{display_name(index_path)} has an empty 'weight_map'; {REDOWNLOAD}.")
+    for key, name in weight_map.items():
+        reason = outside_name_reason(name)
+        if reason is not None:
+            raise ModelFilesError(
+                f"{display_name(index_path)} is refused: its entry {key!r} names a shard outside "
+                f"{index_path.parent.name}/ ({reason}). An index may name only files inside its own folder, by a "
+                f"plain relative name. The index was changed after download: delete it and {REDOWNLOAD}."
+            )
     return weight_map
 
 

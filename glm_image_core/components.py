@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .checkpoint import REDOWNLOAD, WeightFiles, display_name, scan_weights
 from .errors import ModelFilesError
+from .files import outside_name_reason
 from .scaled_fp8 import is_scaled_fp8_key
 from .vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
@@ -159,10 +160,54 @@ def read_config(folder: Path, component: Component) -> dict:
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ModelFilesError(f"{display_name(config_path)} is not valid JSON ({e}); {REDOWNLOAD}.") from e
     check_config_class(component, config, display_name(config_path))
     return config
+
+
+# The JSON files of a processor or tokenizer folder that transformers reads, and the keys in them whose values it
+# takes as file names (vocab_file, tokenizer_file, fast_tokenizer_files, ...).
+TOKENIZER_CONFIGS = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+FILE_NAME_KEYS = ("_file", "_files")
+
+
+def _named_files(data, key: str = ""):
+    """(key, value) of every entry of a JSON tree whose key ends in _file/_files (each name of a list separately)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _named_files(v, k)
+    elif isinstance(data, list):
+        for v in data:
+            yield from _named_files(v, key)
+    elif key.endswith(FILE_NAME_KEYS) and data is not None:
+        yield key, data
+
+
+def check_config_file_names(folder: Path) -> None:
+    """ModelFilesError unless every file name in ``folder``'s tokenizer/processor configs is a plain relative name
+    inside ``folder`` (transformers would open such a name as given)."""
+    for config_name in TOKENIZER_CONFIGS:
+        path = folder / config_name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise ModelFilesError(f"{display_name(path)} is not valid JSON ({e}); {REDOWNLOAD}.") from e
+        for key, name in _named_files(data):
+            reason = outside_name_reason(name)
+            if reason is not None:
+                raise ModelFilesError(
+                    f"{display_name(path)} is refused: its entry {key!r} names a file outside {folder.name}/ "
+                    f"({reason}). A config may name only files inside its own folder, by a plain relative name. "
+                    f"The file was changed after download: delete it and {REDOWNLOAD}."
+                )
 
 
 @dataclass

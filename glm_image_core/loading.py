@@ -24,7 +24,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .ar_loading import (
     AR_INT8_FORMAT,
@@ -44,6 +43,7 @@ from .components import (
     VAE,
     Component,
     ComponentFiles,
+    check_config_file_names,
     check_signature,
     check_weights_match,
     infer_text_encoder_config,
@@ -52,6 +52,7 @@ from .components import (
     open_component,
 )
 from .errors import InvalidInputError, ModelFilesError
+from .files import save_safetensors
 from .scaled_fp8 import SCALED_FP8_MARKER, check_quantisation, dequantise_scaled_fp8, quantise_scaled_fp8
 
 __all__ = [  # the loaders' public face: nodes, tests and the CLI import these from here
@@ -228,6 +229,7 @@ def load_glyph_tokenizer(path: str | Path | None = None):
     folder = path / "tokenizer" if (path / "tokenizer").is_dir() else path
     if path.is_file() or not (folder / "tokenizer_config.json").is_file():
         return ByT5Tokenizer()
+    check_config_file_names(folder)
     try:
         return ByT5Tokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises many types for unreadable tokenizer files
@@ -298,5 +300,4 @@ def save_single_file(component_path: str | Path, out_file: str | Path, scaled_fp
         linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         tensors = quantise_scaled_fp8(tensors, linear)
     tensors = {k: t.contiguous() for k, t in tensors.items()}
-    save_file(tensors, out_file, metadata={"format": "pt", "config": json.dumps(config)})
-    return out_file
+    return save_safetensors(tensors, out_file, metadata={"format": "pt", "config": json.dumps(config)})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import comfy.cli_args
@@ -12,14 +11,13 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..glm_image_core import ar, loading, memory, preview
 from ..glm_image_core.defaults import PATCH_STRIDE, TEMPERATURE, TOP_P
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
 from ..glm_image_core.sizes import check_image_size
+from ..glm_image_core.tokens import read_tokens, write_tokens
 from . import paths
 from .common import SIZE_WIDGET, pick_dtype, validate_size
 from .types import ARModel, GlmARModel, GlmTokens, ManagedHFModel, Reference, VisualTokens
@@ -183,43 +181,6 @@ class GenerateTokens(io.ComfyNode):
         return io.NodeOutput(tokens)
 
 
-def tokens_to_file(tokens: VisualTokens, path: str) -> None:
-    tensors = {
-        "prior_token_ids": tokens.prior_token_ids.contiguous(),
-        "target_ids": tokens.target_ids.contiguous(),
-        "preview_ids": tokens.preview_ids.contiguous(),
-    }
-    for i, ref in enumerate(tokens.references):
-        tensors[f"reference.{i}.pixels"] = ref.pixels.contiguous()
-        tensors[f"reference.{i}.prior_token_ids"] = ref.prior_token_ids.contiguous()
-    info = {"prompt": tokens.prompt, "height": tokens.height, "width": tokens.width, "seed": tokens.seed,
-            "references": len(tokens.references), "format": "glm_image_tokens/1"}  # fmt: skip
-    save_file(tensors, path, metadata={"glm_image_tokens": json.dumps(info)})
-
-
-def tokens_from_file(path: str) -> VisualTokens:
-    try:
-        with safe_open(path, framework="pt") as f:
-            info = json.loads((f.metadata() or {})["glm_image_tokens"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types; any failure means the same here
-        raise InvalidInputError(f"{os.path.basename(path)} is not a GLM-Image tokens file ({e}).") from e
-    references = [
-        Reference(tensors[f"reference.{i}.pixels"], tensors[f"reference.{i}.prior_token_ids"])
-        for i in range(info["references"])
-    ]
-    tokens = VisualTokens(
-        tensors["prior_token_ids"], tensors["target_ids"], tensors["preview_ids"], info["height"], info["width"],
-        info["prompt"], info["seed"], references,
-    )  # fmt: skip
-    check_image_size(tokens.height, tokens.width)
-    if tokens.prior_token_ids.shape[1] != (tokens.height // PATCH_STRIDE) * (tokens.width // PATCH_STRIDE):
-        raise InvalidInputError(
-            f"{os.path.basename(path)} is damaged: its grid does not match {tokens.width}x{tokens.height}."
-        )
-    return tokens
-
-
 class SaveTokens(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -255,7 +216,7 @@ class SaveTokens(io.ComfyNode):
         out_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
         file = f"{name}_{counter:05}_{paths.TOKENS_EXTENSION}"
-        tokens_to_file(tokens, os.path.join(folder, file))
+        write_tokens(tokens, os.path.join(folder, file))
         return io.NodeOutput(ui=ui.PreviewText(f"saved {os.path.join(subfolder, file)}"))
 
 
@@ -296,5 +257,5 @@ class LoadTokens(io.ComfyNode):
 
     @classmethod
     def execute(cls, tokens_file) -> io.NodeOutput:
-        tokens = tokens_from_file(paths.resolve(paths.TOKENS, tokens_file))
+        tokens = read_tokens(paths.resolve(paths.TOKENS, tokens_file))
         return io.NodeOutput(tokens, tokens.width, tokens.height)

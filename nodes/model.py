@@ -387,9 +387,24 @@ def load_dit_patcher(
         raise InvalidInputError(
             f"GLM-Image DiT weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_STATE, release_run_state)
     if initial_device != offload_device and not mm.is_device_cpu(initial_device):
         mm.load_models_gpu([patcher], force_full_load=True)  # ComfyUI's bookkeeping of a model loaded in place
     return patcher
+
+
+RUN_STATE = "glm_image_run_state"  # the key of release_run_state among the patcher's wrappers
+
+
+def release_run_state(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: when a sampling run stops with an error or an interrupt, drop the conds the guider made
+    for it (`extra_conds`' output: the reference K/V of an edit, up to 7.5 GiB, among them). CFGGuider.sample
+    deletes them only when the run completes, and SamplerCustomAdvanced's guider stays in the executor's cache."""
+    try:
+        return executor(*args, **kwargs)
+    except BaseException:
+        executor.class_obj.__dict__.pop("conds", None)
+        raise
 
 
 SCALED_OPS, MIXED_OPS = "scaled_fp8", "mixed_ops"

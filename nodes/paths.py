@@ -9,9 +9,12 @@
 A loader's choice is a folder name (no extension) or a file name (with its .safetensors extension).
 
 Every file-valued input resolves through `resolve`: the value must be one of the input's own current options, and
-its real path (symlinks followed) must lie inside one of the folders registered for it. ComfyUI does not check a
-V3 combo value against its options (0.3.64), and a prompt can be queued by anyone who reaches the server, so a
-value such as "../../etc/passwd [output]" must be refused here before any file is opened.
+the path it names must lie inside one of the folders registered for it. ComfyUI does not check a V3 combo value
+against its options (0.3.64), and a prompt can be queued by anyone who reaches the server, so a value such as
+"../../etc/passwd [output]" must be refused here before any file is opened. Symlinks that exist on disk inside the
+registered folders are followed, as ComfyUI follows them (a model folder linked from another disk is the machine
+owner's choice); names read from inside a model folder (shard indexes, tokenizer configs) are checked by the core
+(`glm_image_core.files.outside_name_reason`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import folder_paths
 
 from ..glm_image_core import loading
 from ..glm_image_core.errors import GlmImageError, InvalidInputError
+from ..glm_image_core.tokens import read_tokens
 
 GLM_IMAGE_FOLDER = "glm_image"
 TOKENS_EXTENSION = ".glm_tokens"  # a safetensors file with the grids and their prompt, size and seed
@@ -39,17 +43,61 @@ def register_model_folder() -> None:
     )
 
 
-def model_folders(component: str) -> list[str]:
-    """Names (relative to a glm_image root) of folders that hold `<component>/` (e.g. "transformer")."""
-    found = set()
-    for root in folder_paths.get_folder_paths(GLM_IMAGE_FOLDER):
-        if not os.path.isdir(root):
-            continue
-        for current, dirs, _ in os.walk(root, followlinks=True):
-            if os.path.isdir(os.path.join(current, component)):
-                found.add(os.path.relpath(current, root).replace(os.sep, "/"))
-                dirs.clear()  # a GLM-Image folder does not nest another
-    return sorted(found)
+class ModelFolderListing:
+    """The GLM-Image folders under the glm_image roots, by the component sub-folders they hold.
+
+    Listed whenever ComfyUI serves the node definitions, so the tree is walked again only when it changed: the
+    walk remembers the modification time of every folder it looked into (a folder added or removed anywhere changes
+    its parent's), as ComfyUI's own filename cache does. The walk follows symlinks, stops at a GLM-Image folder (one
+    does not nest another) and skips a link back into the folders it came through, so a symlink loop ends it."""
+
+    MAX_DEPTH = 8  # below a root; the Hugging Face cache layout (models--org--name/snapshots/<hash>/) needs 3
+
+    def __init__(self):
+        self._cache: tuple[tuple[str, ...], dict[str, int], dict[str, set[str]]] | None = None  # roots, mtimes, found
+
+    def folders(self, component: str) -> list[str]:
+        """Names (relative to a glm_image root, "/"-separated) of folders that hold `<component>/`."""
+        roots = tuple(folder_paths.get_folder_paths(GLM_IMAGE_FOLDER))
+        if self._cache is None or self._cache[0] != roots or not self._unchanged(self._cache[1]):
+            self._cache = (roots, *self._walk(roots))
+        return sorted(self._cache[2].get(component, ()))
+
+    @staticmethod
+    def _unchanged(mtimes: dict[str, int]) -> bool:
+        try:
+            return all(os.stat(folder).st_mtime_ns == mtime for folder, mtime in mtimes.items())
+        except OSError:  # removed since
+            return False
+
+    def _walk(self, roots) -> tuple[dict[str, int], dict[str, set[str]]]:
+        mtimes: dict[str, int] = {}
+        found: dict[str, set[str]] = {}
+        subfolders = {c.subfolder for c in loading.COMPONENTS}
+        for root in roots:
+            if not os.path.isdir(root):
+                continue
+            chains = {root: {os.path.realpath(root)}}  # folder -> the real paths of the folders it was reached through
+            for current, dirs, _ in os.walk(root, followlinks=True):
+                mtimes[current] = os.stat(current).st_mtime_ns
+                held = subfolders.intersection(dirs)
+                for component in held:
+                    found.setdefault(component, set()).add(os.path.relpath(current, root).replace(os.sep, "/"))
+                depth = 0 if current == root else os.path.relpath(current, root).count(os.sep) + 1
+                if held or depth >= self.MAX_DEPTH:
+                    dirs.clear()
+                    continue
+                kept = []
+                for name in dirs:
+                    path, real = os.path.join(current, name), os.path.realpath(os.path.join(current, name))
+                    if real not in chains[current]:
+                        chains[path] = chains[current] | {real}
+                        kept.append(name)
+                dirs[:] = kept
+        return mtimes, found
+
+
+MODEL_FOLDERS = ModelFolderListing()
 
 
 @dataclass(frozen=True)
@@ -64,12 +112,12 @@ class ModelFiles:
         files = []
         if self.file_folder is not None:
             files = [f for f in folder_paths.get_filename_list(self.file_folder) if f.endswith(".safetensors")]
-        return model_folders(self.component.subfolder) + files
+        return MODEL_FOLDERS.folders(self.component.subfolder) + files
 
-    def locations(self, choice: str) -> tuple[list[str], list[str]]:
-        """The folders registered for `choice`, and the paths it names in them in ComfyUI's search order."""
+    def locations(self, choice: str) -> list[tuple[str, str]]:
+        """(a folder registered for `choice`, the path it names there), in ComfyUI's search order."""
         roots = folder_paths.get_folder_paths(self.file_folder if self.is_file(choice) else GLM_IMAGE_FOLDER)
-        return roots, [os.path.join(root, choice) for root in roots]
+        return [(root, os.path.join(root, choice)) for root in roots]
 
     def is_file(self, choice: str) -> bool:
         return self.file_folder is not None and choice.endswith(".safetensors")
@@ -102,16 +150,16 @@ class TokenFiles:
                           for f in os.listdir(folder) if f.endswith(TOKENS_EXTENSION)]  # fmt: skip
         return sorted(found)
 
-    def locations(self, choice: str) -> tuple[list[str], list[str]]:
+    def locations(self, choice: str) -> list[tuple[str, str]]:
         annotation = " [output]" if choice.endswith(" [output]") else ""
         base, folder = self.folders()[annotation]
-        return [folder], [os.path.join(base, choice.removesuffix(annotation))]
+        return [(folder, os.path.join(base, choice.removesuffix(annotation)))]
 
     def describe(self) -> str:
         return f"visual token files (*{TOKENS_EXTENSION} in input/ and output/{TOKENS_OUTPUT_FOLDER}/)"
 
     def check(self, path: str) -> None:
-        pass  # read whole when the node runs; the file is small
+        read_tokens(path)  # every rule of the file, before a prompt that loads it is queued (small files: cheap)
 
 
 @dataclass(frozen=True)
@@ -126,9 +174,8 @@ class FolderFiles:
     def options(self) -> list[str]:
         return sorted(f for f in folder_paths.get_filename_list(self.folder) if f.endswith(self.suffix))
 
-    def locations(self, choice: str) -> tuple[list[str], list[str]]:
-        roots = folder_paths.get_folder_paths(self.folder)
-        return roots, [os.path.join(root, choice) for root in roots]
+    def locations(self, choice: str) -> list[tuple[str, str]]:
+        return [(root, os.path.join(root, choice)) for root in folder_paths.get_folder_paths(self.folder)]
 
     def describe(self) -> str:
         return f"*{self.suffix} files in {self.folder}"
@@ -156,25 +203,20 @@ def is_inside(path: str, folder: str) -> bool:
 
 
 def resolve(files: ModelFiles | TokenFiles | FolderFiles, choice: str) -> str:
-    """The real path of `choice`, one of `files.options()`, inside a folder registered for it; InvalidInputError
-    for anything else (another value, a path that climbs out, a symlink that points out)."""
+    """The path of `choice`, one of `files.options()`, in the first folder registered for it that has it;
+    InvalidInputError for anything else (another value, a path that climbs out). Symlinks on disk inside those
+    folders are followed, as ComfyUI does: they are the machine owner's choice, a prompt's value is not."""
     if not isinstance(choice, str) or choice not in files.options():
         raise InvalidInputError(
             f"{choice!r} is not one of the choices for {files.describe()}. Pick one from the list; if you have just "
             "added it, refresh the node definitions (press R in ComfyUI)."
         )
-    roots, candidates = files.locations(choice)
-    for path in candidates:
-        if not os.path.exists(path):
-            continue
-        real = os.path.realpath(path)
-        if not any(is_inside(real, os.path.realpath(root)) for root in roots):
-            raise InvalidInputError(
-                f"{choice!r} leads to {real}, outside the folders registered for it ({', '.join(roots)}): a symlink "
-                "points out of them. Files are read only from those folders: register the folder it points to (in "
-                "extra_model_paths.yaml) or move the files there."
-            )
-        return real
+    for root, path in files.locations(choice):
+        path = os.path.abspath(path)
+        if not is_inside(path, os.path.abspath(root)):  # a listed name never climbs; a value that does is refused
+            raise InvalidInputError(f"{choice!r} leads out of {root}; pick one from the list.")
+        if os.path.exists(path):
+            return path
     raise InvalidInputError(f"{choice!r} ({files.describe()}) was removed after the list was made; refresh (press R).")
 
 

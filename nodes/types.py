@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.model_patcher
 import torch
 from comfy_api.latest import io
+
+from ..glm_image_core.tokens import Reference, VisualTokens  # noqa: F401 (what GLM_TOKENS carries)
 
 GlmARModel = io.Custom("GLM_AR_MODEL")
 GlmGlyphEncoder = io.Custom("GLM_GLYPH_ENCODER")
@@ -69,25 +71,3 @@ class ARModel:
 class GlyphEncoder:
     model: ManagedHFModel  # T5EncoderModel (Glyph-ByT5)
     tokenizer: object  # ByT5Tokenizer
-
-
-@dataclass
-class Reference:
-    """One reference image of an edit: the pixels the VAE encodes and the AR's prior ids for it."""
-
-    pixels: torch.Tensor  # [1, H, W, 3] in 0..1 at the size its prior grid implies (H, W multiples of 32)
-    prior_token_ids: torch.Tensor  # long [1, (H/16)*(W/16)]
-
-
-@dataclass
-class VisualTokens:
-    """The AR output for one prompt: one or several sampled grids, and what made them."""
-
-    prior_token_ids: torch.Tensor  # long [N, (H/16)*(W/16)]: the target grid upsampled x2 (the DiT's input)
-    target_ids: torch.Tensor  # long [N, (H/32)*(W/32)]
-    preview_ids: torch.Tensor  # long [N, ph*pw] (text-to-image), [N, 0] for editing
-    height: int
-    width: int
-    prompt: str
-    seed: int
-    references: list[Reference] = field(default_factory=list)

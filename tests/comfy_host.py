@@ -276,7 +276,7 @@ def comfy_server(model_paths: dict[str, str | list[str]] | None = None, timeout:
             port = s.getsockname()[1]
         argv = ["--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
                 "--extra-model-paths-config", str(tmp / "extra_model_paths.yaml"), "--disable-api-nodes",
-                "--output-directory", str(tmp / "output"), "--temp-directory", str(tmp),
+                "--output-directory", str(tmp / "output"), "--input-directory", str(tmp / "input"), "--temp-directory", str(tmp),
                 "--user-directory", str(tmp / "user")]  # fmt: skip
         boot = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import comfy_host; comfy_host._serve(sys.argv[1:])"
         log = open(tmp / "server.log", "w+")
@@ -298,6 +298,22 @@ def comfy_server(model_paths: dict[str, str | list[str]] | None = None, timeout:
             proc.kill()
             proc.wait()
             log.close()
+
+
+def server_upload(url: str, name: str, data: bytes) -> dict:
+    """Upload a file into the server's input/ as the front end does (`POST /upload/image`, multipart); returns
+    ComfyUI's answer ({"name", "subfolder", "type"})."""
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    return json.load(urllib.request.urlopen(urllib.request.Request(f"{url}/upload/image", body, headers)))
 
 
 def server_run_prompt(url: str, prompt: dict, timeout: float = 300.0) -> dict:

@@ -21,7 +21,7 @@ import folder_paths  # noqa: E402
 
 import nodes  # noqa: E402  (ComfyUI's nodes.py)
 
-ar_nodes = comfy_host.import_pack_module("nodes.ar_nodes")
+write_tokens = comfy_host.import_pack_module("glm_image_core.tokens").write_tokens
 types = comfy_host.import_pack_module("nodes.types")
 InvalidInputError = comfy_host.import_pack_module("glm_image_core.errors").InvalidInputError
 
@@ -51,9 +51,9 @@ def files(tiny_model_dir, tmp_path_factory):
     diffusion_models.mkdir()
     shutil.copy(tiny_model_dir / "vae/diffusion_pytorch_model.safetensors", diffusion_models / "glm_vae.safetensors")
     inputs.mkdir()
-    ar_nodes.tokens_to_file(random_tokens(), str(inputs / "square.glm_tokens"))
-    ar_nodes.tokens_to_file(random_tokens(width=768), str(inputs / "wide.glm_tokens"))
-    ar_nodes.tokens_to_file(random_tokens(references=1), str(inputs / "edit.glm_tokens"))
+    write_tokens(random_tokens(), str(inputs / "square.glm_tokens"))
+    write_tokens(random_tokens(width=768), str(inputs / "wide.glm_tokens"))
+    write_tokens(random_tokens(references=1), str(inputs / "edit.glm_tokens"))
 
     wanted = {"glm_image": [str(tiny_model_dir.parent)], "diffusion_models": [str(diffusion_models)]}
     added = {kind: [p for p in paths if p not in folder_paths.get_folder_paths(kind)] for kind, paths in wanted.items()}

@@ -23,6 +23,7 @@ import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
 ar_nodes = comfy_host.import_pack_module("nodes.ar_nodes")
+read_tokens = comfy_host.import_pack_module("glm_image_core.tokens").read_tokens
 
 SIZE, SEED, INTERRUPT_AT = 512, 7, 40
 PROMPT = 'A poster that reads "STOP"'
@@ -110,7 +111,7 @@ def test_the_executor_reports_an_interrupted_ar_and_runs_the_next_prompt(glm, un
 
     assert run.success, run.execution_error()
     saved_as = run.outputs["3"]["text"][0].removeprefix("saved ")  # relative to the output folder
-    saved = ar_nodes.tokens_from_file(os.path.join(folder_paths.get_output_directory(), saved_as))
+    saved = read_tokens(os.path.join(folder_paths.get_output_directory(), saved_as))
     assert torch.equal(saved.prior_token_ids, uninterrupted.prior_token_ids)
 
 
@@ -124,3 +125,67 @@ def test_comfyuis_disable_cuda_graphs_switch_reaches_the_decoder(glm, ar_model, 
     monkeypatch.setattr(comfy.cli_args.args, "disable_cuda_graphs", disabled, raising=False)
     generate_tokens(glm, ar_model)
     assert seen[0]["cuda_graph"] is (False if disabled else None)
+
+
+# --- the DiT: per-run state is released when a run stops -----------------------------------------------------------
+
+
+def call_node(class_type: str, **inputs):
+    """A stock node's first output, whichever API it has (V1 on 0.3.64, V3 on 0.33)."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS[class_type]
+    if hasattr(cls, "FUNCTION"):
+        return getattr(cls(), cls.FUNCTION)(**inputs)[0]
+    return cls.execute(**inputs)[0]
+
+
+@contextlib.contextmanager
+def cancel_at_step(step: int):
+    """Press Cancel once the sampler reports `step`; the progress hook then raises, as main.py's hook does."""
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, node_id=None):
+        if value >= step:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+        mm.interrupt_current_processing(False)
+
+
+def test_an_interrupted_edit_run_releases_the_reference_kv_the_guider_still_holds_nothing(tiny_model_dir, monkeypatch):
+    """SamplerCustomAdvanced's guider (a CFGGuider node output, kept in the executor's cache between prompts) must
+    not keep the reference K/V of a run that was cancelled: ComfyUI deletes it only when sampling completes."""
+    import gc
+    import weakref
+
+    from tests import comfy_glm
+
+    model_nodes = comfy_host.import_pack_module("nodes.model")
+    made = []
+    encode = model_nodes.GlmImageModel.encode_references
+    monkeypatch.setattr(
+        model_nodes.GlmImageModel, "encode_references", lambda self, *a: made.append(encode(self, *a)) or made[-1]
+    )
+    patcher = comfy_glm.tiny_patcher(tiny_model_dir, SIZE, SIZE)
+    positive, negative = comfy_glm.conditionings(SIZE, SIZE, references=[comfy_glm.reference(SIZE, SIZE)])
+    guider = call_node("CFGGuider", model=patcher, positive=positive, negative=negative, cfg=1.5)
+    inputs = dict(
+        noise=call_node("RandomNoise", noise_seed=0), guider=guider, sampler=call_node("KSamplerSelect", sampler_name="euler"),
+        sigmas=call_node("BasicScheduler", model=patcher, scheduler="simple", steps=4, denoise=1.0),
+        latent_image={"samples": torch.zeros(1, 16, SIZE // 8, SIZE // 8)},
+    )  # fmt: skip
+
+    with cancel_at_step(1), pytest.raises(mm.InterruptProcessingException):
+        call_node("SamplerCustomAdvanced", **inputs)
+    kv = weakref.ref(made.pop())
+    gc.collect()
+
+    assert kv() is None, "the reference K/V of the cancelled run is still referenced"
+    assert getattr(guider, "conds", None) is None
+    assert call_node("SamplerCustomAdvanced", **inputs)["samples"].isfinite().all()  # the guider still samples

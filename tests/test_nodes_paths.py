@@ -1,5 +1,7 @@
-"""Every file a node reads is one of that input's own options and lies inside a folder registered for it (symlinks
-followed); anything else is refused when the prompt is queued, before a file outside those folders is opened.
+"""Every file a node reads is one of that input's own options and lies inside a folder registered for it; anything
+else is refused when the prompt is queued, before a file outside those folders is opened. Symlinks that exist on disk
+inside those folders are followed (the machine owner made them), and the names a downloaded index gives must stay
+inside its folder.
 Model files are checked at queue time too (shards present, headers readable), so a broken download is reported
 before the AR runs.
 
@@ -10,6 +12,7 @@ from Python or from native code (safetensors opens files in Rust).
 """
 
 import ctypes
+import json
 import os
 import shutil
 import struct
@@ -29,7 +32,7 @@ import folder_paths  # noqa: E402
 
 from glm_image_core.loading import save_single_file  # noqa: E402
 
-ar_nodes = comfy_host.import_pack_module("nodes.ar_nodes")
+write_tokens = comfy_host.import_pack_module("glm_image_core.tokens").write_tokens
 paths = comfy_host.import_pack_module("nodes.paths")
 InvalidInputError = comfy_host.import_pack_module("glm_image_core.errors").InvalidInputError
 
@@ -42,6 +45,7 @@ LOADERS = {  # node id -> (its file input, its other inputs)
     "GLMImageLoadTokens": ("tokens_file", {}),
 }
 SHARD = "transformer/diffusion_pytorch_model-00002-of-00003.safetensors"
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 class OpenWatch:
@@ -87,8 +91,14 @@ def write_layout(tmp: Path, tiny_model_dir: Path) -> None:
     (glm / "MissingShard" / SHARD).unlink()
     with open(glm / "TruncatedShard" / SHARD, "r+b") as f:
         f.truncate(100_000)
-    (glm / "Escape").symlink_to(outside / "qa" / "outside-model", target_is_directory=True)
+    (glm / "GLM-Image-linked").symlink_to(outside / "qa" / "outside-model", target_is_directory=True)
     (glm / "Elsewhere").symlink_to(tiny_model_dir, target_is_directory=True)  # into another registered root
+    (glm / "loop").symlink_to(glm, target_is_directory=True)  # a symlink loop: the listing must end
+    shutil.copytree(tiny_model_dir / "transformer", glm / "IndexEscape" / "transformer")
+    index = glm / "IndexEscape" / "transformer" / INDEX
+    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = {k: str(outside / "qa" / "outside-model" / "transformer" / v) for k, v in weight_map.items()}
+    index.write_text(json.dumps({"weight_map": weight_map}))
 
     (tmp / "diffusion_models").mkdir()
     (tmp / "diffusion_models" / "escape.safetensors").symlink_to(outside / "dit.safetensors")
@@ -156,7 +166,7 @@ def layout(tiny_model_dir, tmp_path_factory):
     previous = folder_paths.get_input_directory(), folder_paths.get_output_directory()
     folder_paths.set_input_directory(str(tmp / "input"))
     folder_paths.set_output_directory(str(tmp / "output"))
-    ar_nodes.tokens_to_file(random_tokens(), str(tmp / "output" / "glm_tokens" / "saved.glm_tokens"))
+    write_tokens(random_tokens(), str(tmp / "output" / "glm_tokens" / "saved.glm_tokens"))
     yield tmp
     folder_paths.set_input_directory(previous[0])
     folder_paths.set_output_directory(previous[1])
@@ -231,42 +241,86 @@ def test_the_error_for_an_unknown_choice_says_where_the_choices_come_from(layout
     assert "Pick one from the list" in error
 
 
-# --- symlinks -------------------------------------------------------------------------------------------------------
+# --- symlinks ---------------------------------------------------------------------------------------------------
+# A symlink that exists on disk inside a registered folder is the machine owner's choice (weights kept on another
+# disk, linked into models/) and is followed, as ComfyUI follows it; what a prompt names must still be an option.
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="OpenWatch uses inotify")
 @pytest.mark.parametrize(
     "node_id, value",
     [
-        ("GLMImageDiTLoader", "Escape"),
+        ("GLMImageDiTLoader", "GLM-Image-linked"),
         ("GLMImageDiTLoader", "escape.safetensors"),
-        ("GLMImageVAELoader", "Escape"),
-        ("GLMImageGlyphEncoderLoader", "Escape"),
-        ("GLMImageARModelLoader", "Escape"),
-        ("GLMImageLoadTokens", "escape.glm_tokens"),
+        ("GLMImageVAELoader", "GLM-Image-linked"),
+        ("GLMImageGlyphEncoderLoader", "GLM-Image-linked"),
+        ("GLMImageARModelLoader", "GLM-Image-linked"),
     ],
 )
-def test_a_listed_symlink_that_points_out_is_refused_and_opens_nothing(layout, watch, node_id, value):
-    assert value in FILES[LOADERS[node_id][0]].options()  # listed: the folder holds it
+def test_a_model_folder_or_file_linked_from_elsewhere_is_listed_and_loads(layout, node_id, value):
+    assert value in FILES[LOADERS[node_id][0]].options()
 
-    (error,) = validation_errors(comfy_host.run_prompt(loader_prompt(node_id, value)))
+    run = comfy_host.run_prompt(loader_prompt(node_id, value))
 
-    assert f"{value!r} leads to {layout / 'outside'}" in error and "register the folder it points to" in error
-    assert watch.opened() == []
+    assert run.success, run.node_errors or run.execution_error()
+
+
+def test_a_linked_token_file_is_followed_and_checked_like_any_other(layout):
+    (error,) = validation_errors(comfy_host.run_prompt(loader_prompt("GLMImageLoadTokens", "escape.glm_tokens")))
+    assert error.startswith("escape.glm_tokens is not a valid GLM-Image tokens file: it cannot be read")
 
 
 def test_a_symlink_into_another_registered_folder_is_followed(layout, tiny_model_dir):
-    assert paths.resolve(paths.DIT, "Elsewhere") == str(tiny_model_dir)
+    assert paths.resolve(paths.DIT, "Elsewhere") == str(layout / "glm_image" / "Elsewhere")
 
 
-def test_every_listed_choice_resolves_inside_its_folders_or_is_refused(layout):
-    outside = str(layout / "outside")
+def test_every_listed_choice_resolves_under_a_folder_registered_for_it(layout):
     for files in FILES.values():
         for choice in files.options():
-            try:
-                assert not paths.resolve(files, choice).startswith(outside), choice
-            except InvalidInputError as e:
-                assert "leads to" in str(e), e
+            resolved = paths.resolve(files, choice)
+            assert any(resolved.startswith(os.path.join(root, "")) for root, _ in files.locations(choice)), choice
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="OpenWatch uses inotify")
+def test_an_index_naming_a_shard_outside_its_folder_fails_validation_and_opens_nothing(layout, watch):
+    (error,) = validation_errors(comfy_host.run_prompt(loader_prompt("GLMImageDiTLoader", "IndexEscape")))
+
+    assert error.startswith(f"transformer/{INDEX} is refused: its entry ") and "is an absolute path" in error
+    assert watch.opened() == []
+
+
+# --- the model listing ----------------------------------------------------------------------------------------------
+
+
+def test_the_listing_ends_on_a_symlink_loop_and_lists_each_folder_once(layout):
+    listed = paths.DIT.options()
+    assert listed.count("MissingShard") == 1 and not any(name.startswith("loop/") for name in listed)
+
+
+@pytest.fixture
+def walks(monkeypatch):
+    """How many times the listing walked a tree since the fixture started."""
+    calls = []
+    real_walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda *a, **kw: calls.append(a[0]) or real_walk(*a, **kw))
+    return calls
+
+
+def test_a_second_listing_does_not_walk_the_model_folders_again(layout, walks):
+    first = paths.DIT.options()
+    walked = len(walks)
+    assert paths.DIT.options() == first and paths.VAE.options()
+    assert len(walks) == walked
+
+
+def test_a_folder_added_after_a_listing_appears_in_the_next(layout, walks):
+    paths.DIT.options()
+    added = layout / "glm_image" / "qa" / "Added"
+    shutil.copytree(layout / "glm_image" / "MissingShard" / "transformer", added / "transformer")
+    try:
+        assert "qa/Added" in paths.DIT.options()
+    finally:
+        shutil.rmtree(layout / "glm_image" / "qa")
+    assert "qa/Added" not in paths.DIT.options()
 
 
 @pytest.mark.parametrize("template", ["../outside/tokens", "{abs}/tokens", "{up}/tokens", "escape/tokens"])
@@ -323,11 +377,9 @@ def server(layout, tiny_model_dir):
 @pytest.mark.skipif(sys.platform != "linux", reason="OpenWatch uses inotify")
 def test_the_server_refuses_every_traversal_value_and_opens_no_file_outside_the_roots(layout, server):
     """On `main.py --cpu`: the climbing values (its input/ and output/ are its own, so only the values that climb
-    from anywhere or are absolute apply), and the listed symlinks that point out of glm_image and diffusion_models."""
+    from anywhere or are absolute apply)."""
     outside = layout / "outside"
     cases = [(node, traversal(t, outside)) for node, ts in TRAVERSALS.items() for t in ts if t.startswith(("{up}", "{abs}"))]  # fmt: skip
-    cases += [(node, "Escape") for node in LOADERS if node != "GLMImageLoadTokens"]
-    cases += [("GLMImageDiTLoader", "escape.safetensors")]
     watch = OpenWatch(outside)
     try:
         refusals = []
@@ -338,9 +390,9 @@ def test_the_server_refuses_every_traversal_value_and_opens_no_file_outside_the_
         opened = watch.opened()
     finally:
         watch.close()
-    assert len(cases) >= 15
+    assert len(cases) >= 12
     assert opened == []
-    assert not [r for r in refusals if CANARY in r or ("is not one of the choices" not in r and "leads to" not in r)]
+    assert not [r for r in refusals if CANARY in r or "is not one of the choices" not in r]
 
 
 @pytest.mark.server
