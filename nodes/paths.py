@@ -5,6 +5,7 @@
 - Single `.safetensors` files of the DiT, the glyph encoder and the VAE in the usual folders (`diffusion_models`,
   `text_encoders`, `vae`).
 - Visual token files: directly in input/, and in output/glm_tokens/ (where Save Visual Tokens writes).
+- AR LoRA adapters in `models/loras`: single `.safetensors` files and PEFT adapter folders (adapter_config.json).
 
 A loader's choice is a folder name (no extension) or a file name (with its .safetensors extension).
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import folder_paths
 
-from ..glm_image_core import loading
+from ..glm_image_core import ar_lora, loading
 from ..glm_image_core.errors import GlmImageError, InvalidInputError
 
 GLM_IMAGE_FOLDER = "glm_image"
@@ -138,12 +139,50 @@ class FolderFiles:
             loading.check_files(path, self.component)
 
 
+@dataclass(frozen=True)
+class AdapterFiles:
+    """AR LoRA adapters in one ComfyUI model folder: single .safetensors files, and PEFT adapter folders (with
+    adapter_config.json) named by their path relative to the folder. Checked when the prompt is queued."""
+
+    folder: str
+
+    def options(self) -> list[str]:
+        files = [f for f in folder_paths.get_filename_list(self.folder) if f.endswith(".safetensors")]
+        adapters = set()
+        for root in folder_paths.get_folder_paths(self.folder):
+            for current, _, names in os.walk(root, followlinks=True):
+                if ar_lora.ADAPTER_CONFIG in names and current != root:
+                    adapters.add(os.path.relpath(current, root).replace(os.sep, "/"))
+        return sorted(files) + sorted(adapters)
+
+    def locations(self, choice: str) -> tuple[list[str], list[str]]:
+        roots = folder_paths.get_folder_paths(self.folder)
+        return roots, [os.path.join(root, choice) for root in roots]
+
+    def describe(self) -> str:
+        return f"AR LoRA adapters (.safetensors files and PEFT adapter folders) in {self.folder}"
+
+    def check(self, path: str) -> None:
+        """An adapter folder's files must lie in the registered folders too (a symlink inside it may point out)."""
+        if os.path.isdir(path):
+            roots = [os.path.realpath(root) for root in folder_paths.get_folder_paths(self.folder)]
+            for name in (ar_lora.ADAPTER_CONFIG, ar_lora.ADAPTER_WEIGHTS):
+                real = os.path.realpath(os.path.join(path, name))
+                if os.path.exists(real) and not any(is_inside(real, root) for root in roots):
+                    raise InvalidInputError(
+                        f"{name} of the adapter {os.path.basename(path)} leads to {real}, outside the folders "
+                        f"registered for {self.folder}: files are read only from those folders."
+                    )
+        ar_lora.check_adapter(path)
+
+
 DIT = ModelFiles(loading.TRANSFORMER, "diffusion_models")
 VAE = ModelFiles(loading.VAE, "vae")
 GLYPH_ENCODER = ModelFiles(loading.TEXT_ENCODER, "text_encoders")
 AR_MODEL = ModelFiles(loading.AR_MODEL)  # a folder only: transformers loads it with its processor
 TOKENS = TokenFiles()
 LORAS = FolderFiles("loras")
+AR_LORAS = AdapterFiles("loras")
 AR_INT8 = FolderFiles(GLM_IMAGE_FOLDER, loading.AR_INT8_SUFFIX, loading.AR_MODEL)  # export-ar-int8's files
 
 
@@ -155,7 +194,7 @@ def is_inside(path: str, folder: str) -> bool:
         return False
 
 
-def resolve(files: ModelFiles | TokenFiles | FolderFiles, choice: str) -> str:
+def resolve(files: ModelFiles | TokenFiles | FolderFiles | AdapterFiles, choice: str) -> str:
     """The real path of `choice`, one of `files.options()`, inside a folder registered for it; InvalidInputError
     for anything else (another value, a path that climbs out, a symlink that points out)."""
     if not isinstance(choice, str) or choice not in files.options():
@@ -190,7 +229,7 @@ def check_output_prefix(prefix: str) -> None:
         )
 
 
-def validate(files: ModelFiles | TokenFiles | FolderFiles, choice: str | None) -> bool | str:
+def validate(files: ModelFiles | TokenFiles | FolderFiles | AdapterFiles, choice: str | None) -> bool | str:
     """For validate_inputs: True, or what is wrong with the choice (also what the files' cheap checks find, e.g. a
     missing or truncated shard). A linked value (None here) is resolved when the node runs."""
     if choice is None:
