@@ -259,9 +259,9 @@ def check_files(path: str | Path, component: Component) -> None:
     """Raise ModelFilesError unless ``path`` passes every check that reads no tensor data: the folder or file exists,
     the index's shards are all present, every safetensors header reads and covers its file, the weights are this
     component's and its config is of the right class (for the AR model given a GLM-Image root, also that the
-    processor's files are there), a quantised file is in a format the loaders read. It reads headers and configs only (milliseconds, also for the 9B AR), so a host can
-    run it when a job is queued; the loaders repeat it before reading the weights, and then check the tensor shapes
-    against the model the config builds."""
+    processor's files are there), a quantised file is in a format the loaders read. It reads headers and configs
+    only (milliseconds, also for the 9B AR), so a host can run it when a job is queued; the loaders repeat it before
+    reading the weights, and then check the tensor shapes against the model the config builds."""
     if component is AR_MODEL:
         check_ar_files(path)
         return
