@@ -50,7 +50,7 @@ class Recipe:
 
 
 RECIPES = [
-    Recipe("12 GB", 11, True, True, "AR weights int8, DiT weight_dtype fp8_e4m3fn"),
+    Recipe("12 GB", 11, True, True, "AR weights int8, DiT fp8 file with per-layer scales"),
     Recipe("16 GB", 15, True, False, "AR weights int8, DiT bf16 (ComfyUI loads what fits, streams the rest)"),
     Recipe("24 GB", 22, False, False, "AR weights full (bf16), DiT bf16; stages take turns"),
     Recipe("48 GB+", 46, False, False, "everything bf16, every model resident (no reloads)", all_resident=True),

@@ -3,6 +3,10 @@
 `python -m glm_image_core export-ar-int8 --model DIR -o GLM-Image.ar_int8.safetensors` writes the AR model with
 8-bit decoder weights as one file (about 11 GB instead of 20 GB), which the loaders read directly.
 
+`python -m glm_image_core export-dit --model DIR --quant float8_e4m3fn -o glm_image_dit_fp8.safetensors` writes the DiT
+as one file with 8-bit Linear weights (about 7 GB instead of 13 GB) in ComfyUI's per-layer format, or in the older
+scaled-fp8 format (`--quant scaled_fp8`) that ComfyUI 0.3.x also reads.
+
 `--tiny` builds a tiny random model in the published layout first, so the whole path can be smoke-tested right after
 install without the 36 GB download (the picture is noise-like: the weights are random).
 """
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import comfy_quant
 from .ar_loading import AR_INT8_SUFFIX
 from .defaults import AR_GRID_STRIDE, DEFAULT_SIDE, GUIDANCE, MAX_SIDE, MIN_SIDE, STEPS
 from .errors import GlmImageError
@@ -54,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     export.add_argument(
         "-o", "--output", type=Path, required=True, help=f"the file to write (name it *{AR_INT8_SUFFIX})"
     )
+    dit = commands.add_parser("export-dit", help="write the DiT with 8-bit Linear weights as one file")
+    dit.add_argument("--model", type=Path, required=True, help="the GLM-Image folder (or transformer/)")
+    dit.add_argument(
+        "--quant", choices=[*comfy_quant.WRITABLE, "scaled_fp8"], required=True, help="see README, Weight formats"
+    )
+    dit.add_argument("-o", "--output", type=Path, required=True, help="the .safetensors file to write")
     return parser.parse_args(argv)
 
 
@@ -73,6 +84,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "export-ar-int8":
         return export_ar_int8(args)
+    if args.command == "export-dit":
+        return export_dit(args)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if args.device == "cpu" else torch.bfloat16)
     try:
         check_image_size(args.height, args.width)  # before minutes of loading
@@ -112,6 +125,23 @@ def export_ar_int8(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         out = export_ar_int8(args.model, args.output)
+    except GlmImageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size = out.stat().st_size / 2**30
+    print(f"wrote {out} ({size:.2f} GiB) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def export_dit(args: argparse.Namespace) -> int:
+    from .components import TRANSFORMER, component_location
+    from .loading import save_single_file
+
+    start = time.perf_counter()
+    scaled_fp8 = args.quant == "scaled_fp8"
+    try:
+        folder = component_location(args.model, TRANSFORMER)
+        out = save_single_file(folder, args.output, scaled_fp8=scaled_fp8, quant=None if scaled_fp8 else args.quant)
     except GlmImageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

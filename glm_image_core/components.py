@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import REDOWNLOAD, WeightFiles, display_name, scan_weights
+from .comfy_quant import marked_layers
 from .errors import ModelFilesError
 from .files import outside_name_reason
-from .scaled_fp8 import is_scaled_fp8_key
+from .scaled_fp8 import is_quantisation_key
 from .vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
 
@@ -266,12 +267,18 @@ def check_weights_match(
     files: ComponentFiles,
     optional: frozenset[str] = frozenset(),
 ) -> None:
-    """Every tensor the model expects is in the files with its shape, and nothing else (but the scales of a scaled-fp8
-    file); else ModelFilesError."""
+    """Every tensor the model expects is in the files with its shape, and nothing else (but the scales and markers of
+    a quantised file); else ModelFilesError. A weight a `comfy_quant` marker quantises may be packed along its
+    inputs (4-bit formats), so only its rows are checked there; ComfyUI's layers check the rest."""
     found = files.weights.shapes
+    packed = {f"{layer}.weight" for layer in marked_layers(found, files.weights.metadata, files.weights.where)}
     missing = [k for k in expected if k not in found and k not in optional]
-    unexpected = [k for k in found if k not in expected and not is_scaled_fp8_key(k, expected)]
-    mismatched = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    unexpected = [k for k in found if k not in expected and not is_quantisation_key(k, expected)]
+
+    def compared(key: str, shape) -> tuple[int, ...]:
+        return tuple(shape)[:1] if key in packed else tuple(shape)
+
+    mismatched = [k for k in expected if k in found and compared(k, found[k]) != compared(k, expected[k])]
     if not (missing or unexpected or mismatched):
         return
     details = []

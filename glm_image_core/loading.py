@@ -13,8 +13,8 @@ tensor shapes, with the published values for what shapes cannot tell.
 
 This module builds the DiT, the VAE and the glyph encoder and is the loaders' public face (``__all__``). The parts:
 ``checkpoint`` (safetensors files and their headers), ``components`` (which component, its config, the weights
-check), ``scaled_fp8`` (ComfyUI's scaled-fp8 files; other quantisations refused) and ``ar_loading`` (the AR model,
-its 8-bit export and the processor).
+check), ``scaled_fp8`` and ``comfy_quant`` (ComfyUI's quantised files; other quantisations refused) and
+``ar_loading`` (the AR model, its 8-bit export and the processor).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import comfy_quant
 from .ar_loading import (
     AR_INT8_FORMAT,
     AR_INT8_SUFFIX,
@@ -53,7 +54,13 @@ from .components import (
 )
 from .errors import InvalidInputError, ModelFilesError
 from .files import save_safetensors
-from .scaled_fp8 import SCALED_FP8_MARKER, check_quantisation, dequantise_scaled_fp8, quantise_scaled_fp8
+from .scaled_fp8 import (
+    COMFY_QUANT,
+    SCALED_FP8_MARKER,
+    check_quantisation,
+    dequantise_scaled_fp8,
+    quantise_scaled_fp8,
+)
 
 __all__ = [  # the loaders' public face: nodes, tests and the CLI import these from here
     "AR_INT8_FORMAT",
@@ -129,10 +136,14 @@ def read_checked_weights(
     kwargs = {
         k: v for k, v in constructor_kwargs(cls, files.config).items() if k not in ("dtype", "device", "operations")
     }
+    quantisation = check_quantisation(files)
     _checked_meta_model(cls, kwargs, component, files, None)
-    if check_quantisation(files):  # the fp8 weights and their scales go to the host as stored
-        dtype = None
-    return files.config, load_tensors(files.weights, dtype)
+    if quantisation is None:
+        return files.config, load_tensors(files.weights, dtype)
+    state_dict = load_tensors(files.weights)  # quantised weights and their scales go to the host as stored
+    if quantisation == COMFY_QUANT:  # a file-level block becomes per-layer markers, as ComfyUI's loader makes it
+        state_dict = comfy_quant.with_file_markers(state_dict, files.weights.metadata, files.weights.where)
+    return files.config, state_dict
 
 
 def _build_and_load(
@@ -147,8 +158,14 @@ def _build_and_load(
     then receives the loaded tensors (no random init, no second copy). Hosts that build the module with their own
     layers take ``read_checked_weights`` instead."""
     model = _checked_meta_model(cls, kwargs, component, files, dtype)
-    if check_quantisation(files):
+    quantisation = check_quantisation(files)
+    if quantisation == SCALED_FP8_MARKER:
         state_dict = dequantise_scaled_fp8(load_tensors(files.weights, None, device), dtype)
+    elif quantisation == COMFY_QUANT:
+        state_dict = comfy_quant.with_file_markers(
+            load_tensors(files.weights, None, device), files.weights.metadata, files.weights.where
+        )
+        state_dict = comfy_quant.dequantise(state_dict, dtype, files.weights.where)
     else:
         state_dict = load_tensors(files.weights, dtype, device)
     _assign_weights(model, state_dict)
@@ -244,9 +261,9 @@ def check_files(path: str | Path, component: Component) -> None:
     """Raise ModelFilesError unless ``path`` passes every check that reads no tensor data: the folder or file exists,
     the index's shards are all present, every safetensors header reads and covers its file, the weights are this
     component's and its config is of the right class (for the AR model given a GLM-Image root, also that the
-    processor's files are there). It reads headers and configs only (milliseconds, also for the 9B AR), so a host can
-    run it when a job is queued; the loaders repeat it before reading the weights, and then check the tensor shapes
-    against the model the config builds."""
+    processor's files are there), a quantised file is in a format the loaders read. It reads headers and configs
+    only (milliseconds, also for the 9B AR), so a host can run it when a job is queued; the loaders repeat it before
+    reading the weights, and then check the tensor shapes against the model the config builds."""
     if component is AR_MODEL:
         check_ar_files(path)
         return
@@ -255,21 +272,30 @@ def check_files(path: str | Path, component: Component) -> None:
         VAE: infer_vae_config,
         TEXT_ENCODER: infer_text_encoder_config,
     }[component]
-    open_component(path, component, infer_config)
+    check_quantisation(open_component(path, component, infer_config))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Single-file export
 
 
-def save_single_file(component_path: str | Path, out_file: str | Path, scaled_fp8: bool = False) -> Path:
+def save_single_file(
+    component_path: str | Path, out_file: str | Path, scaled_fp8: bool = False, quant: str | None = None
+) -> Path:
     """Merge a component folder (``transformer/``, ``vae/`` or ``text_encoder/``) into one .safetensors file.
 
     The folder's config.json goes into the file's metadata (``config``), so the loaders rebuild exactly the same
     model from the file alone. Tensors are written as stored (no cast). Needs the component's size in memory.
-    ``scaled_fp8`` (the DiT only): every Linear weight in fp8 with a per-layer scale, ComfyUI's scaled-fp8 format
-    (about half the size of bf16; ComfyUI's DiT loader and ``load_transformer`` read it).
+    For the DiT, every Linear weight can be stored in 8 bits with one scale per layer (about half the size of bf16):
+    ``quant="int8_tensorwise"`` or ``"float8_e4m3fn"`` in ComfyUI's per-layer format (`comfy_quant` markers; ComfyUI
+    0.33+ and ``load_transformer`` read it), or ``scaled_fp8=True`` in the older scaled-fp8 format that ComfyUI 0.3.x
+    also reads (its weights equal ``quant="float8_e4m3fn"``'s).
     """
+    if quant is not None and (scaled_fp8 or quant not in comfy_quant.WRITABLE):
+        raise InvalidInputError(
+            f"quant={quant!r}{' with scaled_fp8=True' if scaled_fp8 else ''}: give one of "
+            f"{', '.join(comfy_quant.WRITABLE)}, or scaled_fp8=True alone."
+        )
     folder = Path(component_path)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -289,15 +315,15 @@ def save_single_file(component_path: str | Path, out_file: str | Path, scaled_fp
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tensors = load_tensors(weights)
-    if scaled_fp8:
+    if scaled_fp8 or quant is not None:
         if component is not TRANSFORMER:
-            raise InvalidInputError(f"scaled_fp8 export is for the DiT, not {component.label}.")
+            raise InvalidInputError(f"Quantised export is for the DiT, not {component.label}.")
         from .dit import GlmImageTransformer2DModel
 
         kwargs = constructor_kwargs(GlmImageTransformer2DModel, config)
         with torch.device("meta"):
             model = GlmImageTransformer2DModel(**kwargs)
         linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        tensors = quantise_scaled_fp8(tensors, linear)
+        tensors = quantise_scaled_fp8(tensors, linear) if scaled_fp8 else comfy_quant.quantise(tensors, linear, quant)
     tensors = {k: t.contiguous() for k, t in tensors.items()}
     return save_safetensors(tensors, out_file, metadata={"format": "pt", "config": json.dumps(config)})

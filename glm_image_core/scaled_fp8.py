@@ -1,5 +1,6 @@
-"""Quantised weights: ComfyUI's scaled-fp8 single files are read and written; other quantisations are refused by
-name, with what they are."""
+"""Quantised weights: ComfyUI's scaled-fp8 single files (the format ComfyUI 0.3.x reads) are read and written,
+ComfyUI's per-layer files (`comfy_quant`) go to ``comfy_quant``; other quantisations are refused by name, with what
+they are."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import comfy_quant
 from .errors import ModelFilesError
 
 if TYPE_CHECKING:
@@ -17,30 +19,31 @@ if TYPE_CHECKING:
 SCALED_FP8_MARKER = "scaled_fp8"
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 FP8_MAX = 448.0  # the largest float8_e4m3fn
+COMFY_QUANT = "comfy_quant"  # check_quantisation's name for ComfyUI's per-layer files
 FOREIGN_QUANTISATIONS = {  # a key suffix -> the format it belongs to
-    ".comfy_quant": "ComfyUI mixed-precision (comfy_quant)",
-    ".weight_scale": "ComfyUI mixed-precision (comfy_quant)",
     ".absmax": "bitsandbytes 4-bit",
     ".SCB": "bitsandbytes 8-bit",
     ".qweight": "GPTQ/AWQ",
 }
 
 
-def is_scaled_fp8_key(key: str, expected) -> bool:
-    """The marker, or the scale of a layer whose weight the model has."""
+def is_quantisation_key(key: str, expected) -> bool:
+    """The scaled-fp8 marker, or a scale or marker of a layer whose weight the model has (either format)."""
     if key == SCALED_FP8_MARKER:
         return True
-    return key.endswith(SCALE_SUFFIXES) and f"{key.rsplit('.', 1)[0]}.weight" in expected
+    if key.endswith(SCALE_SUFFIXES) and f"{key.rsplit('.', 1)[0]}.weight" in expected:
+        return True
+    return comfy_quant.is_quantisation_key(key, expected)
 
 
-def check_quantisation(files: ComponentFiles) -> bool:
-    """True for a ComfyUI scaled-fp8 file, False for plain (bf16/fp32/fp8) weights; a ModelFilesError naming the
-    format for quantisations this loader cannot use."""
+def check_quantisation(files: ComponentFiles) -> str | None:
+    """SCALED_FP8_MARKER for a ComfyUI scaled-fp8 file, COMFY_QUANT for a per-layer one, None for plain
+    (bf16/fp32/fp8) weights; a ModelFilesError naming the format for quantisations this loader cannot use."""
     refuse = None
     if "quantization_config" in files.config:
         refuse = f"{files.config_source} describes a quantised re-upload ({files.config['quantization_config'].get('quant_method', '?')})"
-    elif "_quantization_metadata" in files.weights.metadata:
-        refuse = f"{files.weights.where} carries ComfyUI's per-layer quantisation metadata (_quantization_metadata)"
+    elif comfy_quant.marked_layers(files.weights.shapes, files.weights.metadata, files.weights.where):
+        return COMFY_QUANT
     else:
         for key in files.weights.shapes:
             fmt = next((f for suffix, f in FOREIGN_QUANTISATIONS.items() if key.endswith(suffix)), None)
@@ -49,10 +52,11 @@ def check_quantisation(files: ComponentFiles) -> bool:
                 break
     if refuse:
         raise ModelFilesError(
-            f"{refuse}; this loader reads bf16/fp32/fp8 weights and ComfyUI scaled-fp8 files. Use the files of "
-            "zai-org/GLM-Image, or make a scaled-fp8 file from them with save_single_file(..., scaled_fp8=True)."
+            f"{refuse}; this loader reads bf16/fp32/fp8 weights and ComfyUI's quantised files (scaled-fp8, "
+            "comfy_quant). Use the files of zai-org/GLM-Image, or make a quantised file from them with "
+            "save_single_file(..., quant='int8_tensorwise')."
         )
-    return SCALED_FP8_MARKER in files.weights.shapes
+    return SCALED_FP8_MARKER if SCALED_FP8_MARKER in files.weights.shapes else None
 
 
 def dequantise_scaled_fp8(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ NODES: list[type[io.ComfyNode]] = [
     dit_nodes.Scheduler,
     cache_nodes.EasyCache,
     lora_nodes.LoraLoader,
+    lora_nodes.ARLoraLoader,
     vae_nodes.VAELoader,
 ]
 

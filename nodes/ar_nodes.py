@@ -12,7 +12,7 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..glm_image_core import ar, loading, memory, preview
+from ..glm_image_core import ar, ar_lora, loading, memory, preview
 from ..glm_image_core.defaults import PATCH_STRIDE, TEMPERATURE, TOP_P
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
@@ -164,11 +164,12 @@ class GenerateTokens(io.ComfyNode):
             shown = None if image is None else ("JPEG", image, preview.PREVIEW_MAX_SIDE)
             progress.update_absolute(step, total, preview=shown)
 
-        result = ar.generate_prior_tokens(
-            model, inputs, generators, temperature=temperature, top_p=top_p, top_k=top_k or None, callback=on_token,
-            cuda_graph=False if getattr(comfy.cli_args.args, "disable_cuda_graphs", False) else None,
-            reference_ids=reference_ids,
-        )  # fmt: skip
+        with ar_lora.merged(model, ar_model.loras, backup_device=mm.unet_offload_device()):  # AR LoRAs, for this run
+            result = ar.generate_prior_tokens(
+                model, inputs, generators, temperature=temperature, top_p=top_p, top_k=top_k or None,
+                callback=on_token, reference_ids=reference_ids,
+                cuda_graph=False if getattr(comfy.cli_args.args, "disable_cuda_graphs", False) else None,
+            )  # fmt: skip
         references = [
             Reference(pixels=(image_to_tensor(image, gh * PATCH_STRIDE, gw * PATCH_STRIDE) / 2 + 0.5).permute(0, 2, 3, 1), prior_token_ids=ids[None].cpu())
             for image, ids, (gh, gw) in zip(images, result.reference_prior_ids, result.reference_grid_sizes)

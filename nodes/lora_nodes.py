@@ -1,4 +1,5 @@
-"""Load GLM-Image LoRA: LoRAs in diffusers/PEFT key names (and ComfyUI's) on the GLM-Image MODEL.
+"""Load GLM-Image LoRA: LoRAs in diffusers/PEFT key names (and ComfyUI's) on the GLM-Image MODEL. Load GLM-Image AR
+LoRA: PEFT adapters for the AR model (glm_image_core.ar_lora), merged into its decoder for each run.
 
 ComfyUI's key map (comfy.lora.model_lora_keys_unet) knows diffusers LoRA names only for the model classes it lists,
 with no hook for a custom model, so the stock LoraLoaderModelOnly reads ComfyUI/kohya LoRAs (`diffusion_model.*`,
@@ -8,6 +9,7 @@ map plus ours, and ComfyUI's own LoRA machinery (comfy.lora.load_lora, ModelPatc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import comfy.lora
@@ -15,9 +17,11 @@ import comfy.lora_convert
 import comfy.utils
 from comfy_api.latest import io
 
+from ..glm_image_core import ar_lora
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.lora import diffusers_lora_names, unmatched_lora_keys
 from . import paths
+from .types import GlmARModel
 
 
 def glm_lora_key_map(model) -> dict[str, str]:
@@ -84,3 +88,43 @@ class LoraLoader(io.ComfyNode):
             return io.NodeOutput(model)
         lora = comfy.utils.load_torch_file(path, safe_load=True)
         return io.NodeOutput(apply_lora(model, lora, strength_model, lora_name))
+
+
+class ARLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="GLMImageARLoraLoader",
+            display_name="Load GLM-Image AR LoRA",
+            category="GLM-Image",
+            description="A PEFT LoRA adapter for the AR model (GLM-Image's fine-tuning path): its updates of the "
+            "decoder's projections are merged in for each Generate Visual Tokens run, with full or int8 weights.",
+            inputs=[
+                GlmARModel.Input("ar_model", tooltip="From Load GLM-Image AR Model (or after other AR LoRAs)."),
+                io.Combo.Input(
+                    "lora_name", options=paths.AR_LORAS.options(),
+                    tooltip="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or a .safetensors "
+                    "file in models/loras.",
+                ),
+                io.Float.Input(
+                    "strength", default=1.0, min=-100.0, max=100.0, step=0.01,
+                    tooltip="Scales the adapter's update of every weight; 0 leaves the AR model as it is.",
+                ),
+            ],
+            outputs=[GlmARModel.Output(display_name="ar_model", tooltip="The AR model with the adapter (the input stays unchanged).")],
+        )  # fmt: skip
+
+    @classmethod
+    def validate_inputs(cls, lora_name=None):
+        return paths.validate(paths.AR_LORAS, lora_name)
+
+    @classmethod
+    def execute(cls, ar_model, lora_name, strength) -> io.NodeOutput:
+        path = paths.resolve(paths.AR_LORAS, lora_name)
+        paths.AR_LORAS.check(path)
+        if strength == 0:
+            return io.NodeOutput(ar_model)
+        layers = ar_lora.read_adapter(path)
+        ar_lora.check_fits(ar_model.model.model, layers, lora_name)
+        lora = ar_lora.ArLora(layers, strength, lora_name)
+        return io.NodeOutput(dataclasses.replace(ar_model, loras=(*ar_model.loras, lora)))

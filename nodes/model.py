@@ -26,6 +26,7 @@ import comfy.utils
 import torch
 from comfy.ldm.modules.attention import optimized_attention_masked
 
+from ..glm_image_core.comfy_quant import MARKER_SUFFIX as COMFY_QUANT_MARKER
 from ..glm_image_core.defaults import DEFAULT_SIDE, VAE_SCALE
 from ..glm_image_core.dit import GlmImageTransformer2DModel, ReferenceKV, attention_layout, text_groups_for_lengths
 from ..glm_image_core.errors import InvalidInputError
@@ -409,20 +410,40 @@ def release_run_state(executor, *args, **kwargs):
 
 SCALED_OPS, MIXED_OPS = "scaled_fp8", "mixed_ops"
 OPTIONAL_SCALES = (".scale_weight", ".scale_input")
+MIXED_OPS_VERSION = "0.33"  # the ComfyUI with mixed-precision layers (comfy/quant_ops.py) the pack is tested with
 
 
 def use_quantisation(model_config, state_dict: dict, model_options: dict) -> tuple[dict, str | None]:
-    """Set up ComfyUI's layers for a scaled-fp8 file (`scaled_fp8` marker, per-Linear `scale_weight`), as
-    comfy.sd.load_diffusion_model_state_dict does: ComfyUI 0.3.x builds scaled-fp8 Linear layers from the marker;
-    newer ComfyUI (comfy.utils.convert_old_quants) turns the file into per-layer quantisation configs for its
-    mixed-precision layers. Returns the state dict to load and which of the two applies (None: not quantised).
-    Custom operations (a GGUF-style loader) get the state dict as it is."""
-    if SCALED_FP8_MARKER not in state_dict or "custom_operations" in model_options:
+    """Set up ComfyUI's layers for a quantised file, as comfy.sd.load_diffusion_model_state_dict does. ComfyUI with
+    mixed-precision layers (comfy.utils.convert_old_quants) turns a scaled-fp8 file (`scaled_fp8` marker,
+    per-Linear `scale_weight`) into per-layer `comfy_quant` configs and runs those, in every format it knows; ComfyUI
+    0.3.x builds scaled-fp8 Linear layers from the marker and cannot read per-layer files. Returns the state dict to
+    load and which of the two applies (None: not quantised). Custom operations (a GGUF-style loader) get the state
+    dict as it is."""
+    if "custom_operations" in model_options:
         return state_dict, None
     if hasattr(comfy.utils, "convert_old_quants"):
         state_dict, _ = comfy.utils.convert_old_quants(state_dict, "", metadata={})
         model_config.quant_config = comfy.utils.detect_layer_quantization(state_dict, "")
-        return state_dict, MIXED_OPS
+        return state_dict, MIXED_OPS if model_config.quant_config else None
+    layer = next((k.removesuffix(COMFY_QUANT_MARKER) for k in state_dict if k.endswith(COMFY_QUANT_MARKER)), None)
+    if layer is not None:
+        raise InvalidInputError(
+            f"This DiT file is in ComfyUI's per-layer quantised format (comfy_quant markers, e.g. on {layer}), which "
+            f"needs ComfyUI's mixed-precision layers: this ComfyUI ({comfyui_version()}) has none. Update ComfyUI to "
+            f"{MIXED_OPS_VERSION} or newer, or load the bf16 weights or a scaled-fp8 file "
+            "(save_single_file(..., scaled_fp8=True)), which this ComfyUI reads."
+        )
+    if SCALED_FP8_MARKER not in state_dict:
+        return state_dict, None
     marker = state_dict.pop(SCALED_FP8_MARKER)
     model_config.scaled_fp8 = torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype
     return state_dict, SCALED_OPS
+
+
+def comfyui_version() -> str:
+    try:
+        from comfyui_version import __version__
+    except ImportError:  # a checkout without the generated file
+        return "version unknown"
+    return __version__

@@ -5,6 +5,7 @@
 - Single `.safetensors` files of the DiT, the glyph encoder and the VAE in the usual folders (`diffusion_models`,
   `text_encoders`, `vae`).
 - Visual token files: directly in input/, and in output/glm_tokens/ (where Save Visual Tokens writes).
+- AR LoRA adapters in `models/loras`: single `.safetensors` files and PEFT adapter folders (adapter_config.json).
 
 A loader's choice is a folder name (no extension) or a file name (with its .safetensors extension).
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import folder_paths
 
-from ..glm_image_core import loading
+from ..glm_image_core import ar_lora, loading
 from ..glm_image_core.errors import GlmImageError, InvalidInputError
 from ..glm_image_core.tokens import read_tokens
 
@@ -185,12 +186,46 @@ class FolderFiles:
             loading.check_files(path, self.component)
 
 
+@dataclass(frozen=True)
+class AdapterFiles:
+    """AR LoRA adapters in one ComfyUI model folder: single .safetensors files, and PEFT adapter folders (with
+    adapter_config.json) named by their path relative to the folder. Checked when the prompt is queued."""
+
+    folder: str
+
+    def options(self) -> list[str]:
+        files = [f for f in folder_paths.get_filename_list(self.folder) if f.endswith(".safetensors")]
+        adapters = set()
+        for root in folder_paths.get_folder_paths(self.folder):
+            seen = set()  # real paths walked: a symlink loop ends the walk
+            for current, dirs, names in os.walk(root, followlinks=True):
+                real = os.path.realpath(current)
+                if real in seen:
+                    dirs.clear()
+                    continue
+                seen.add(real)
+                if ar_lora.ADAPTER_CONFIG in names and current != root:
+                    adapters.add(os.path.relpath(current, root).replace(os.sep, "/"))
+        return sorted(files) + sorted(adapters)
+
+    def locations(self, choice: str) -> tuple[list[str], list[str]]:
+        roots = folder_paths.get_folder_paths(self.folder)
+        return roots, [os.path.join(root, choice) for root in roots]
+
+    def describe(self) -> str:
+        return f"AR LoRA adapters (.safetensors files and PEFT adapter folders) in {self.folder}"
+
+    def check(self, path: str) -> None:
+        ar_lora.check_adapter(path)
+
+
 DIT = ModelFiles(loading.TRANSFORMER, "diffusion_models")
 VAE = ModelFiles(loading.VAE, "vae")
 GLYPH_ENCODER = ModelFiles(loading.TEXT_ENCODER, "text_encoders")
 AR_MODEL = ModelFiles(loading.AR_MODEL)  # a folder only: transformers loads it with its processor
 TOKENS = TokenFiles()
 LORAS = FolderFiles("loras")
+AR_LORAS = AdapterFiles("loras")
 AR_INT8 = FolderFiles(GLM_IMAGE_FOLDER, loading.AR_INT8_SUFFIX, loading.AR_MODEL)  # export-ar-int8's files
 
 
@@ -202,7 +237,7 @@ def is_inside(path: str, folder: str) -> bool:
         return False
 
 
-def resolve(files: ModelFiles | TokenFiles | FolderFiles, choice: str) -> str:
+def resolve(files: ModelFiles | TokenFiles | FolderFiles | AdapterFiles, choice: str) -> str:
     """The path of `choice`, one of `files.options()`, in the first folder registered for it that has it;
     InvalidInputError for anything else (another value, a path that climbs out). Symlinks on disk inside those
     folders are followed, as ComfyUI does: they are the machine owner's choice, a prompt's value is not."""
@@ -232,7 +267,7 @@ def check_output_prefix(prefix: str) -> None:
         )
 
 
-def validate(files: ModelFiles | TokenFiles | FolderFiles, choice: str | None) -> bool | str:
+def validate(files: ModelFiles | TokenFiles | FolderFiles | AdapterFiles, choice: str | None) -> bool | str:
     """For validate_inputs: True, or what is wrong with the choice (also what the files' cheap checks find, e.g. a
     missing or truncated shard). A linked value (None here) is resolved when the node runs."""
     if choice is None:

@@ -2,6 +2,7 @@
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from glm_image_core.__main__ import main
 
@@ -32,3 +33,13 @@ def test_export_ar_int8_of_a_folder_without_the_ar_is_a_clear_error(tiny_model_d
     out = tmp_path / "x.ar_int8.safetensors"
     assert main(["export-ar-int8", "--model", str(tiny_model_dir / "vae"), "-o", str(out)]) == 2
     assert "not of the AR model" in capsys.readouterr().err and not out.exists()
+
+
+def test_export_dit_writes_a_per_layer_file_the_loader_reads(tiny_model_dir, tmp_path):
+    from glm_image_core.loading import load_transformer
+
+    out = tmp_path / "dit_int8.safetensors"
+    assert main(["export-dit", "--model", str(tiny_model_dir), "--quant", "int8_tensorwise", "-o", str(out)]) == 0
+    with safe_open(out, "pt") as f:
+        assert f.get_tensor("proj_out.weight").dtype == torch.int8 and "proj_out.comfy_quant" in f.keys()
+    assert load_transformer(out).proj_out.weight.dtype == torch.bfloat16

@@ -1,8 +1,13 @@
 """Weight formats through ComfyUI's seam: the DiT loader takes model_options as comfy.sd.load_diffusion_model_state_dict
-does (dtype, custom_operations, fp8_optimizations) and loads ComfyUI scaled-fp8 files with ComfyUI's own layers."""
+does (dtype, custom_operations, fp8_optimizations) and loads ComfyUI's quantised files with ComfyUI's own layers:
+scaled fp8 on every version, per-layer (`comfy_quant`) files on ComfyUI with mixed-precision layers (0.33), made
+here by ComfyUI's own quantisation code, and refused with the version needed on older ComfyUI."""
+
+import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests import comfy_host
@@ -13,8 +18,9 @@ pytestmark = pytest.mark.host
 import comfy.model_management  # noqa: E402
 import comfy.ops  # noqa: E402
 
+from glm_image_core import comfy_quant  # noqa: E402
 from glm_image_core.loading import load_transformer, read_state_dict, save_single_file  # noqa: E402
-from tests.comfy_glm import model_nodes  # noqa: E402
+from tests.comfy_glm import model_nodes, sample, tiny_patcher  # noqa: E402
 from tests.test_scaled_fp8 import MAX_OUTPUT_ERROR, dit_inputs, relative_error  # noqa: E402
 
 loading = comfy_host.import_pack_module("glm_image_core.loading")  # the pack's copy, as the DiT loader node uses it
@@ -82,8 +88,136 @@ def test_model_options_dtype_and_fp8_optimizations_are_used(tiny_model_dir, floa
 
 
 def test_the_loader_refuses_a_quantisation_it_cannot_use(tiny_model_dir, tmp_path):
-    state = read_state_dict(tiny_model_dir / "transformer")
+    state = read_state_dict(tiny_model_dir / "transformer") | {"proj_out.SCB": torch.zeros(4)}
     config = (tiny_model_dir / "transformer" / "config.json").read_text()
-    save_file(state, tmp_path / "q.safetensors", metadata={"config": config, "_quantization_metadata": "{}"})
-    with pytest.raises(loading.ModelFilesError, match="_quantization_metadata"):
+    save_file(state, tmp_path / "q.safetensors", metadata={"config": config})
+    with pytest.raises(loading.ModelFilesError, match="bitsandbytes 8-bit"):
         loading.read_checked_weights(tmp_path / "q.safetensors", loading.TRANSFORMER)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ComfyUI's per-layer quantised files (comfy_quant)
+
+MIXED_OPS = hasattr(comfy.ops, "mixed_precision_ops")
+needs_mixed_ops = pytest.mark.skipif(not MIXED_OPS, reason="this ComfyUI has no mixed-precision layers")
+
+# format: (the keyword arguments of its ComfyUI layout's quantize, the largest relative L2 between the DiT's output
+# on ComfyUI's layers and on the dequantised weights in float32). Measured on this CPU host: fp8, mxfp8 and nvfp4 run
+# on the dequantised weight (no fp8/fp4 matmul here), so only the cast differs (<1e-6; nvfp4 0.2%: its dequantised
+# weight is bf16 in the reference, float32 in ComfyUI); the int8 formats also round activations to int8 per row
+# (0.4-0.7%); ConvRot W4A4 rounds them to 4 bits (7.1%).
+COMFY_FORMATS = {
+    "float8_e4m3fn": ({}, 1e-4),
+    "float8_e5m2": ({}, 1e-4),
+    "mxfp8": ({}, 1e-4),
+    "nvfp4": ({}, 0.005),
+    "int8_tensorwise": ({}, 0.02),
+    "int8_tensorwise+convrot": ({"per_channel": True, "convrot": True, "convrot_groupsize": 16}, 0.02),
+    "asym_w4a8_int8": ({"convrot_groupsize": 16}, 0.02),
+    "convrot_w4a4": ({"convrot_groupsize": 64}, 0.12),
+}
+
+
+def comfy_made_file(folder, path, fmt: str, **quantize_kwargs) -> dict:
+    """A per-layer quantised DiT file made by ComfyUI's own code: each Linear of the transformer blocks (as ComfyUI's
+    quantised DiTs keep embedders and output layers in high precision) becomes a QuantizedTensor through its format's
+    ComfyUI layout, and ComfyUI's mixed-precision Linear writes it (weight, scales, comfy_quant marker) in its
+    state_dict. Layers the layout cannot hold (ConvRot needs whole groups of inputs) stay as stored. Returns the
+    dequantised state dict (ComfyUI's QuantizedTensor.dequantize), the reference."""
+    from comfy.quant_ops import QUANT_ALGOS, QuantizedTensor
+
+    state = read_state_dict(folder)
+    reference = dict(state)
+    ops = comfy.ops.mixed_precision_ops({}, torch.float32)
+    layers = [k.removesuffix(".weight") for k, v in state.items() if k.startswith("transformer_blocks") and v.ndim == 2]
+    for layer in layers:
+        try:
+            weight = QuantizedTensor.from_float(
+                state[f"{layer}.weight"], QUANT_ALGOS[fmt]["comfy_tensor_layout"], **quantize_kwargs
+            )
+        except ValueError:  # a shape this layout cannot hold
+            continue
+        linear = ops.Linear(*reversed(weight.shape), bias=False)
+        linear.weight, linear.quant_format = torch.nn.Parameter(weight, requires_grad=False), fmt
+        del state[f"{layer}.weight"]
+        state.update(linear.state_dict(prefix=f"{layer}."))
+        reference[f"{layer}.weight"] = weight.dequantize()
+    config = (folder / "config.json").read_text()
+    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata={"config": config})
+    return reference
+
+
+def float32_velocity_of(state_dict, folder):
+    model = load_transformer(folder, dtype=torch.float32)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
+    with torch.no_grad():
+        return model(*dit_inputs())
+
+
+@needs_mixed_ops
+@pytest.mark.parametrize("name", list(COMFY_FORMATS))
+def test_a_comfyui_made_file_runs_on_comfyuis_quantised_layers(tiny_model_dir, tmp_path, name):
+    from comfy.quant_ops import QUANT_ALGOS, QuantizedTensor
+
+    fmt = name.split("+")[0]
+    if fmt not in QUANT_ALGOS:
+        pytest.skip(f"this ComfyUI's comfy-kitchen has no {fmt}")
+    kwargs, tolerance = COMFY_FORMATS[name]
+    folder = tiny_model_dir / "transformer"
+    reference = comfy_made_file(folder, tmp_path / f"{fmt}.safetensors", fmt, **kwargs)
+    patcher = load(tmp_path / f"{fmt}.safetensors", model_options={"dtype": torch.float32})
+    assert isinstance(patcher.model.diffusion_model.transformer_blocks[0].attn1.to_q.weight, QuantizedTensor)
+    assert relative_error(velocity(patcher), float32_velocity_of(reference, folder)) <= tolerance
+
+
+@needs_mixed_ops
+def test_a_file_level_quantisation_block_loads_as_the_markers_do(tiny_model_dir, tmp_path):
+    comfy_made_file(tiny_model_dir / "transformer", tmp_path / "markers.safetensors", "int8_tensorwise")
+    with safe_open(tmp_path / "markers.safetensors", "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    layers = {
+        k.removesuffix(".comfy_quant"): json.loads(bytes(tensors.pop(k).tolist()))
+        for k in list(tensors)
+        if k.endswith(".comfy_quant")
+    }
+    block = metadata | {"_quantization_metadata": json.dumps({"layers": layers})}
+    save_file(tensors, tmp_path / "block.safetensors", metadata=block)
+    options = {"dtype": torch.float32}
+    expected = velocity(load(tmp_path / "markers.safetensors", model_options=options))
+    assert torch.equal(velocity(load(tmp_path / "block.safetensors", model_options=options)), expected)
+
+
+@needs_mixed_ops
+@pytest.mark.parametrize("fmt", comfy_quant.WRITABLE)
+def test_our_files_are_what_comfyuis_own_layers_read(tiny_model_dir, tmp_path, fmt):
+    """Every quantised layer of a save_single_file(quant=...) file, loaded by ComfyUI's mixed-precision Linear,
+    dequantises (ComfyUI's code) to exactly what our loader reads; ComfyUI's detection finds the file quantised."""
+    path = save_single_file(tiny_model_dir / "transformer", tmp_path / f"{fmt}.safetensors", quant=fmt)
+    state = read_state_dict(path)
+    assert comfy.utils.detect_layer_quantization(state, "") == {"mixed_ops": True}
+    ours = load_transformer(path, dtype=torch.float32)
+    ops = comfy.ops.mixed_precision_ops({}, torch.float32)
+    for layer in comfy_quant.layer_configs(state):
+        linear = ops.Linear(*reversed(state[f"{layer}.weight"].shape))
+        linear.load_state_dict({k.removeprefix(f"{layer}."): v for k, v in state.items() if k.startswith(f"{layer}.")})
+        assert linear.quant_format == fmt
+        assert torch.equal(linear.weight.dequantize().float(), ours.get_submodule(layer).weight)
+
+
+@needs_mixed_ops
+@pytest.mark.parametrize("fmt", comfy_quant.WRITABLE)
+def test_our_files_sample_through_the_loader_close_to_the_float_model(tiny_model_dir, tmp_path, fmt):
+    path = save_single_file(tiny_model_dir / "transformer", tmp_path / f"{fmt}.safetensors", quant=fmt)
+    patcher = load(path)
+    patcher.add_object_patch("model_sampling", model_nodes.model_sampling_for_size(256, 256))
+    expected = sample(tiny_patcher(tiny_model_dir, 256, 256), 256, 256)
+    got = sample(patcher, 256, 256)
+    assert 0 < relative_error(got, expected) <= MAX_OUTPUT_ERROR
+
+
+@pytest.mark.skipif(MIXED_OPS, reason="this ComfyUI has mixed-precision layers")
+def test_a_per_layer_file_is_refused_naming_the_comfyui_version_needed(tiny_model_dir, tmp_path):
+    path = save_single_file(tiny_model_dir / "transformer", tmp_path / "int8.safetensors", quant="int8_tensorwise")
+    version = ".".join(map(str, comfy_host.comfyui_version()))
+    with pytest.raises(loading.InvalidInputError, match=rf"per-layer quantised.*\({version}\).*0\.33 or newer"):
+        load(path)

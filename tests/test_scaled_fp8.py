@@ -1,5 +1,6 @@
 """ComfyUI's scaled-fp8 single files: save_single_file writes one, load_transformer reads it back within fp8
-tolerance, and quantisations the loaders cannot use are refused by name."""
+tolerance, and quantisations the loaders cannot use are refused by name (ComfyUI's per-layer files:
+test_comfy_quant.py)."""
 
 import json
 
@@ -69,7 +70,7 @@ def test_load_transformer_reads_the_scaled_file_within_fp8_tolerance(tiny_model_
 @pytest.mark.parametrize(
     "extra,named",
     [
-        ({"proj_out.comfy_quant": torch.zeros(4, dtype=torch.uint8)}, "ComfyUI mixed-precision"),
+        ({"proj_out.qweight": torch.zeros(4, dtype=torch.int32)}, "GPTQ/AWQ"),
         ({"proj_out.weight.absmax": torch.zeros(4)}, "bitsandbytes 4-bit"),
         ({"proj_out.SCB": torch.zeros(4)}, "bitsandbytes 8-bit"),
     ],
@@ -78,5 +79,5 @@ def test_quantisations_it_cannot_use_are_refused_by_name(tiny_model_dir, tmp_pat
     state = read_state_dict(tiny_model_dir / "transformer") | extra
     config = (tiny_model_dir / "transformer" / "config.json").read_text()
     save_file(state, tmp_path / "quantised.safetensors", metadata={"config": config})
-    with pytest.raises(ModelFilesError, match=f"holds {named}.* weights .*proj_out.*scaled-fp8"):
+    with pytest.raises(ModelFilesError, match=f"holds {named} weights .*proj_out.*scaled-fp8, comfy_quant"):
         load_transformer(tmp_path / "quantised.safetensors")

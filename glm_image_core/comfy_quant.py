@@ -1,0 +1,118 @@
+"""ComfyUI's per-layer quantised files, the format of its mixed-precision layers (comfy/quant_ops.py, ComfyUI 0.33).
+
+A quantised Linear stores `<layer>.weight` in its format's storage type, its scales (`<layer>.weight_scale`, ...) and
+`<layer>.comfy_quant`: uint8 bytes of a JSON object such as {"format": "int8_tensorwise"}. A file may instead name its
+quantised layers once, in its metadata: `_quantization_metadata` = {"layers": {<layer>: {"format": ...}}}. Layers
+without either are plain weights.
+
+Here: which layers a file marks, the file-level block turned into per-layer markers (what
+comfy.utils.convert_old_quants does, so hosts see one form), the writer for float8_e4m3fn and int8_tensorwise, and
+the dequantisation of the formats whose weight is one stored number per element times a scale, for the host-free
+loaders. ComfyUI's own layers run every format (nodes/model.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import torch
+
+from .errors import ModelFilesError
+
+MARKER_SUFFIX = ".comfy_quant"
+FILE_METADATA_KEY = "_quantization_metadata"
+# What a quantised layer may store beside its weight (comfy/ops.py, _load_quantized_module).
+PARAMETER_SUFFIXES = (
+    ".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale",
+    ".weight_s_rel", ".weight_s_channel", ".weight_codebook",
+)  # fmt: skip
+# Formats whose weight is storage * weight_scale (one scale per tensor or per output row).
+ELEMENTWISE = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2, "int8_tensorwise": torch.int8}
+WRITABLE = ("float8_e4m3fn", "int8_tensorwise")  # what save_single_file(..., quant=...) writes
+LARGEST = {"float8_e4m3fn": 448.0, "int8_tensorwise": 127.0}
+
+
+def file_layers(metadata: dict[str, str], where: str) -> dict[str, dict]:
+    """The layers a file's `_quantization_metadata` block quantises ({} without one)."""
+    if FILE_METADATA_KEY not in metadata:
+        return {}
+    try:
+        layers = json.loads(metadata[FILE_METADATA_KEY])["layers"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelFilesError(
+            f"{where}: its {FILE_METADATA_KEY} is not ComfyUI's per-layer quantisation block (JSON with 'layers'): "
+            f"{e!r}. Re-export the file with the tool that made it."
+        ) from e
+    return layers if isinstance(layers, dict) else {}
+
+
+def marked_layers(keys: Iterable[str], metadata: dict[str, str], where: str) -> set[str]:
+    """The layers a file quantises: a `.comfy_quant` marker tensor each, or listed in its metadata."""
+    marked = {key[: -len(MARKER_SUFFIX)] for key in keys if key.endswith(MARKER_SUFFIX)}
+    return marked | set(file_layers(metadata, where))
+
+
+def is_quantisation_key(key: str, expected) -> bool:
+    """A marker or a scale of a layer whose weight the model has."""
+    suffix = next((s for s in (MARKER_SUFFIX, *PARAMETER_SUFFIXES) if key.endswith(s)), None)
+    return suffix is not None and f"{key[: -len(suffix)]}.weight" in expected
+
+
+def marker(config: dict) -> torch.Tensor:
+    """A layer's `.comfy_quant` tensor: its config as JSON bytes, as ComfyUI writes it."""
+    return torch.tensor(list(json.dumps(config).encode("utf-8")), dtype=torch.uint8)
+
+
+def with_file_markers(state_dict: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> dict:
+    """The state dict with a `.comfy_quant` marker for each layer the file's metadata block names."""
+    layers = file_layers(metadata, where)
+    return state_dict | {f"{layer}{MARKER_SUFFIX}": marker(config) for layer, config in layers.items()}
+
+
+def layer_configs(state_dict: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """{layer: its decoded config} for each marker tensor."""
+    return {
+        key[: -len(MARKER_SUFFIX)]: json.loads(bytes(tensor.tolist()).decode("utf-8"))
+        for key, tensor in state_dict.items()
+        if key.endswith(MARKER_SUFFIX)
+    }
+
+
+def dequantise(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None, where: str) -> dict:
+    """Plain weights from a marked state dict: weight = storage * weight_scale in float32, then ``dtype`` (None:
+    float32 for them, the rest as stored). Formats that pack or rotate their weights are refused: ComfyUI's layers
+    run them."""
+    configs = layer_configs(state_dict)
+    out = {k: v for k, v in state_dict.items() if not k.endswith(MARKER_SUFFIX)}
+    for layer, config in configs.items():
+        fmt = config.get("format")
+        if fmt not in ELEMENTWISE or config.get("convrot") or config.get("params", {}).get("convrot"):
+            raise ModelFilesError(
+                f"{where} quantises {layer} as {fmt}{' with ConvRot' if fmt in ELEMENTWISE else ''}; this loader "
+                f"dequantises {', '.join(ELEMENTWISE)} (without ConvRot). Load the file in ComfyUI 0.33 or newer "
+                "(Load GLM-Image DiT runs it with ComfyUI's own layers), or use the bf16 weights."
+            )
+        weight = out[f"{layer}.weight"].float() * out.pop(f"{layer}.weight_scale").float()
+        out.pop(f"{layer}.input_scale", None)  # activation quantisation: not part of the weight
+        out[f"{layer}.weight"] = weight
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in out.items()}
+
+
+def quantise(state_dict: dict[str, torch.Tensor], layers: Iterable[str], fmt: str) -> dict:
+    """ComfyUI's per-layer format: the weight of each of ``layers`` (module names) stored as ``fmt`` with one float32
+    `weight_scale` per layer (its largest magnitude / the format's largest value; int8 rounds to nearest) and its
+    marker; the rest as given."""
+    if fmt not in WRITABLE:
+        raise ValueError(f"quant={fmt!r}: the writer makes {' or '.join(WRITABLE)}")
+    out = dict(state_dict)
+    for layer in layers:
+        weight = state_dict[f"{layer}.weight"].float()
+        scale = (weight.abs().max() / LARGEST[fmt]).clamp(min=torch.finfo(torch.float32).tiny)
+        scaled = weight / scale
+        if fmt == "int8_tensorwise":
+            scaled = scaled.round().clamp(-LARGEST[fmt], LARGEST[fmt])
+        out[f"{layer}.weight"] = scaled.to(ELEMENTWISE[fmt])
+        out[f"{layer}.weight_scale"] = scale.reshape(())
+        out[f"{layer}{MARKER_SUFFIX}"] = marker({"format": fmt})
+    return out
