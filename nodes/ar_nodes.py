@@ -78,7 +78,9 @@ class ARModelLoader(io.ComfyNode):
         offload = mm.unet_offload_device()
         decoder = ManagedHFModel.wrap(model, load_device, offload, parts=memory.ar_decode_modules(model))
         vision = ManagedHFModel.wrap(model, load_device, offload, parts=memory.ar_vision_modules(model))
-        return io.NodeOutput(ARModel(decoder, loading.load_ar_processor(folder), vision))
+        # the live preview's colours, from the VQ codebook while it is on the CPU (~1 s on a desktop CPU, once per load)
+        palette = preview.model_palette(model)
+        return io.NodeOutput(ARModel(decoder, loading.load_ar_processor(folder), palette, vision))
 
 
 def image_batch_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -154,8 +156,6 @@ class GenerateTokens(io.ComfyNode):
         device = ar.decoder_device(model)
         generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(batch_size)]
         progress = comfy.utils.ProgressBar(inputs.geometry.num_grid_tokens)
-        if ar_model.preview_palette is None:  # once per loaded model
-            ar_model.preview_palette = preview.model_palette(model)
         live = preview.LivePreview(inputs.geometry, ar_model.preview_palette)
 
         def on_token(step, total, tokens):

@@ -63,8 +63,8 @@ class ARModel:
 
     model: ManagedHFModel  # GlmImageForConditionalGeneration: its text decoder and lm_head
     processor: object  # GlmImageProcessor
+    preview_palette: torch.Tensor  # [16384, 3] uint8 live-preview colours (preview.model_palette), made at load
     vision: ManagedHFModel | None = None  # the same model: its ViT and VQ model
-    preview_palette: torch.Tensor | None = None  # [16384, 3] uint8 live-preview colours, set on first use
     loras: tuple = ()  # glm_image_core.ar_lora.ArLora each, merged into the decoder for each run (Load AR LoRA)
 
 
