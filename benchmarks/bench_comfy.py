@@ -1,9 +1,9 @@
-"""The DiT as ComfyUI runs it: our ComfyUI MODEL (nodes/model.py) under ComfyUI's model management, with
+"""The DiT as ComfyUI runs it: our ComfyUI MODEL (nodes/model.py, built by nodes/dit_loading.py) under ComfyUI's model management, with
 ``comfy.ops`` layers in bf16 and in fp8 (``fp8_e4m3fn_fast``: fp8 weights, ``torch._scaled_mm`` where the GPU has it).
 
     python benchmarks/bench_comfy.py --comfyui /path/to/ComfyUI [--tiny] [--json rows.json]
 
-Needs a ComfyUI checkout (not installed: only its ``comfy`` package is imported, with this repo's nodes/model.py).
+Needs a ComfyUI checkout (not installed: only its ``comfy`` package is imported, with this repo's nodes/).
 Run it in its own process: importing ComfyUI changes global torch settings, and on CUDA the process is capped
 (``set_per_process_memory_fraction``) at the memory goal of each weight dtype: 22 GiB for bf16, 14 GiB for fp8.
 """
@@ -24,11 +24,11 @@ from common import REPO, GiB, Row, Setup, build_dit, failed_row, free_device_mem
 
 from glm_image_core.defaults import DEFAULT_SIDE
 
-PACK = "glm_image_bench_pack"  # this repo as a package, so nodes/model.py's relative imports resolve
+PACK = "glm_image_bench_pack"  # this repo as a package, so the nodes' relative imports resolve
 
 
 def import_comfy(comfyui: Path, cpu: bool):
-    """ComfyUI's model management and our nodes/model.py, without the rest of ComfyUI (no server, no node packs)."""
+    """ComfyUI's model management and our nodes/ (the MODEL and its loader), without the rest of ComfyUI (no server, no node packs)."""
     sys.path.insert(0, str(comfyui))
     sys.path.insert(0, str(REPO / "tests"))
     from comfy.cli_args import args
@@ -43,15 +43,15 @@ def import_comfy(comfyui: Path, cpu: bool):
     with _package_stubs():
         import comfy.model_management
 
-        model_nodes = importlib.import_module(f"{PACK}.nodes.model")
-    return comfy.model_management, model_nodes
+        dit_loading = importlib.import_module(f"{PACK}.nodes.dit_loading")
+    return comfy.model_management, dit_loading
 
 
 def run(setup: Setup) -> list[Row]:
     if setup.comfyui is None or not (setup.comfyui / "comfy" / "model_management.py").is_file():
         return [Row("DiT via ComfyUI", "", note=f"skipped: no ComfyUI at {setup.comfyui}")]
     try:
-        mm, model_nodes = import_comfy(setup.comfyui, cpu=setup.device.type == "cpu")
+        mm, dit_loading = import_comfy(setup.comfyui, cpu=setup.device.type == "cpu")
     except Exception as e:
         return [failed_row("DiT via ComfyUI (import)", e)]
     size = 512 if setup.tiny else DEFAULT_SIDE
@@ -69,7 +69,7 @@ def run(setup: Setup) -> list[Row]:
             total = torch.cuda.get_device_properties(setup.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), setup.device)
         try:
-            rows.extend(measure(setup, mm, model_nodes, state_dict, config, weight_dtype, label, goal, size, text_dim))
+            rows.extend(measure(setup, mm, dit_loading, state_dict, config, weight_dtype, label, goal, size, text_dim))
         except torch.OutOfMemoryError as e:
             rows.append(Row(f"DiT via ComfyUI {label}", "", note=f"out of memory under {cap_gib:g} GiB: {e}"[:160]))
         except Exception as e:
@@ -79,11 +79,11 @@ def run(setup: Setup) -> list[Row]:
     return rows
 
 
-def measure(setup, mm, model_nodes, state_dict, config, weight_dtype, label, goal, size, text_dim) -> list[Row]:
+def measure(setup, mm, dit_loading, state_dict, config, weight_dtype, label, goal, size, text_dim) -> list[Row]:
     """Load the DiT as the DiT loader node does (``weight_dtype``), full-load it on the GPU, time batch 1 and 2."""
     from glm_image_core.sampling import pad_glyphs
 
-    patcher = model_nodes.load_dit_patcher(state_dict, config, weight_dtype)
+    patcher = dit_loading.load_dit_patcher(state_dict, config, weight_dtype)
     mm.load_models_gpu([patcher], force_full_load=True)
     model = patcher.model
     dtype = model.manual_cast_dtype or model.get_dtype()

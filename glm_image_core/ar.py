@@ -20,6 +20,7 @@ VQ-code logits, then picks the token by inverse CDF from one uniform draw per to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fast_ar
+from . import fast_ar, memory
 from .defaults import AR_GRID_STRIDE
 from .errors import InvalidInputError
 
@@ -192,6 +193,37 @@ def _grid_positions(position: int, h: int, w: int) -> torch.Tensor:
     rows = torch.arange(h).repeat_interleave(w)
     cols = torch.arange(w).repeat(h)
     return torch.stack([torch.zeros_like(rows), rows, cols]) + position
+
+
+# A host's way to give a stage of the AR the device: a context manager factory that has those modules resident for
+# the length of the `with` (the core pipeline's offload, ComfyUI's model management). The decoder's takes the bytes
+# the decode needs beside its weights.
+VisionStage = Callable[[], contextlib.AbstractContextManager]
+DecoderStage = Callable[[int], contextlib.AbstractContextManager]
+
+
+def generate_staged(
+    model,
+    inputs: ARInputs,
+    seeds: Sequence[int],
+    vision_stage: VisionStage,
+    decoder_stage: DecoderStage,
+    **sampling,
+) -> ARResult:
+    """The AR's turns on the device as every host runs them: the vision encoder encodes the reference images (edits
+    only), then the text decoder samples one token grid per seed (sample i from ``torch.Generator(device)
+    .manual_seed(seeds[i])``). ``sampling``: the keyword arguments of ``generate_prior_tokens``."""
+    reference_ids = None
+    if inputs.reference_grids:
+        with vision_stage():
+            reference_ids = [ids.cpu() for ids in encode_reference_images(model, inputs)]
+    working = memory.ar_model_working_bytes(
+        model, len(seeds), inputs.input_ids.shape[1], inputs.geometry.num_grid_tokens
+    )  # fmt: skip
+    with decoder_stage(working):
+        device = decoder_device(model)
+        generators = [torch.Generator(device).manual_seed(seed % 2**64) for seed in seeds]
+        return generate_prior_tokens(model, inputs, generators, reference_ids=reference_ids, **sampling)
 
 
 @torch.inference_mode()

@@ -8,7 +8,7 @@ without either are plain weights.
 Here: which layers a file marks, the file-level block turned into per-layer markers (what
 comfy.utils.convert_old_quants does, so hosts see one form), the writer for float8_e4m3fn and int8_tensorwise, and
 the dequantisation of the formats whose weight is one stored number per element times a scale, for the host-free
-loaders. ComfyUI's own layers run every format (nodes/model.py).
+loaders. ComfyUI's own layers run every format (nodes/dit_loading.py).
 """
 
 from __future__ import annotations

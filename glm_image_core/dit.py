@@ -28,6 +28,11 @@ AttentionFn = Callable[..., torch.Tensor]
 
 # A run of batch rows whose glyph text is right-padded to the same number of real tokens: (first row, end row, n).
 TextGroups = list[tuple[int, int, int]]
+# A host's hook around each block: run_block(index, block_fn, x, text) -> (x, text) (see run_blocks).
+BlockRunner = Callable[
+    [int, Callable[..., tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor],
+    tuple[torch.Tensor, torch.Tensor],
+]
 
 
 def sdpa_attention(
@@ -147,9 +152,19 @@ class GlmImageTransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dim, 4 * dim, gelu_tanh, dtype=dtype, device=device, operations=operations)
 
     def forward(
-        self, x, text, temb, rope, key_mask, attention: AttentionFn, reference=None, write_kv=None, text_groups=None,
-        attention_options=None,
-    ):  # fmt: skip
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor,
+        *,
+        temb: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention: AttentionFn,
+        key_mask: torch.Tensor | None = None,
+        reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+        write_kv: list | None = None,
+        text_groups: TextGroups | None = None,
+        attention_options: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, N, dim] image tokens; text: [B, T, dim]; temb: [B, time_embed_dim].
         reference: this layer's reference (k, v) to attend to; write_kv: a list to append this layer's (k, v) to.
         key_mask: bool [B, (L_ref +) N + T] or None. text_groups: (first row, end row, real text tokens) runs that
@@ -364,12 +379,42 @@ class GlmImageTransformer2DModel(nn.Module):
             hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep, target_size, crop_coords
         )
         key_mask, text_groups = attention_layout(encoder_attention_mask, x.shape[1], text.shape[1], text_groups)
+        x, _ = self.run_blocks(
+            x, text, temb=temb, rope=rope, attention=attention or self.attention, key_mask=key_mask,
+            text_groups=text_groups, reference_kv=reference_kv, collect_kv=collect_kv,
+        )  # fmt: skip
+        return self.unembed(x, temb, height, width)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor,
+        *,
+        temb: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention: AttentionFn,
+        key_mask: torch.Tensor | None = None,
+        text_groups: TextGroups | None = None,
+        reference_kv: ReferenceKV | None = None,
+        collect_kv: list | None = None,
+        run_block: BlockRunner | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one loop over the blocks, with each layer's reference K/V: x [B, N, dim], text [B, T, dim] in and out.
+
+        run_block: a host's hook around each block (ComfyUI: block replacements, post-block patches, per-block
+        options), called as ``run_block(i, block_fn, x, text) -> (x, text)``; ``block_fn(x, text,
+        attention_options=None)`` runs block i with everything else of this call."""
         for i, block in enumerate(self.transformer_blocks):
             reference = None if reference_kv is None else reference_kv.layers[i]
-            x, text = block(
-                x, text, temb, rope, key_mask, attention or self.attention, reference, collect_kv, text_groups
-            )
-        return self.unembed(x, temb, height, width)
+
+            def block_fn(x, text, attention_options=None, block=block, reference=reference):
+                return block(
+                    x, text, temb=temb, rope=rope, attention=attention, key_mask=key_mask, reference=reference,
+                    write_kv=collect_kv, text_groups=text_groups, attention_options=attention_options,
+                )  # fmt: skip
+
+            x, text = block_fn(x, text) if run_block is None else run_block(i, block_fn, x, text)
+        return x, text
 
     def embed(self, hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep, target_size,
               crop_coords):  # fmt: skip
@@ -407,9 +452,7 @@ class GlmImageTransformer2DModel(nn.Module):
         [B, (h/p)(w/p)]."""
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         b = latent.shape[0]
-        # Called unbound so that a host subclass with its own forward() signature still runs this model's forward.
-        GlmImageTransformer2DModel.forward(
-            self,
+        x, text, temb, rope = self.embed(
             latent,
             latent.new_zeros(b, 0, self.glyph_projector.net[0].proj.in_features),
             prior_token_id,
@@ -417,6 +460,6 @@ class GlmImageTransformer2DModel(nn.Module):
             latent.new_zeros(b, dtype=torch.float32),
             torch.tensor([image_size], dtype=torch.float32, device=latent.device).expand(b, 2),
             latent.new_zeros(b, 2, dtype=torch.float32),
-            collect_kv=kv,
         )
+        self.run_blocks(x, text, temb=temb, rope=rope, attention=self.attention, collect_kv=kv)
         return ReferenceKV(kv)

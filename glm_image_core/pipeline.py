@@ -190,16 +190,12 @@ def generate(
     ``models.offload`` the AR, the glyph encoder and the DiT + VAE take turns on the GPU (see ``stage``)."""
     check_image_size(height, width)
     inputs = ar.build_ar_inputs(models.processor, prompt, height, width, list(references))
-    reference_ids = []
-    if references:  # the vision encoder's turn, only for edits
-        with stage(models, *memory.ar_vision_modules(models.ar_model)):
-            reference_ids = [ids.cpu() for ids in ar.encode_reference_images(models.ar_model, inputs)]
-    with stage(models, *memory.ar_decode_modules(models.ar_model)):
-        ar_generator = torch.Generator(ar.decoder_device(models.ar_model)).manual_seed(seed)
-        tokens = ar.generate_prior_tokens(
-            models.ar_model, inputs, [ar_generator], temperature=temperature, top_p=top_p, top_k=top_k,
-            callback=on_token, reference_ids=reference_ids,
-        )  # fmt: skip
+    tokens = ar.generate_staged(
+        models.ar_model, inputs, [seed],
+        vision_stage=lambda: stage(models, *memory.ar_vision_modules(models.ar_model)),
+        decoder_stage=lambda working: stage(models, *memory.ar_decode_modules(models.ar_model)),
+        temperature=temperature, top_p=top_p, top_k=top_k, callback=on_token,
+    )  # fmt: skip
     with stage(models, models.glyph_encoder):
         cond, uncond = glyph_conditions(models, prompt if glyph_texts is None else glyph_texts, tokens.prior_token_ids)
     with stage(models, models.dit, models.vae):

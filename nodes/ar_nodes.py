@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import comfy.cli_args
@@ -146,15 +147,6 @@ class GenerateTokens(io.ComfyNode):
         images = [im for i in range(1, MAX_REFERENCE_INPUTS + 1) if refs.get(f"reference_{i}") is not None
                   for im in image_batch_to_pil(refs[f"reference_{i}"])]  # fmt: skip
         inputs = ar.build_ar_inputs(ar_model.processor, prompt, height, width, images)
-        reference_ids = None
-        if images:  # the vision encoder's turn; ComfyUI may evict it again for the decoder
-            reference_ids = [ids.cpu() for ids in ar.encode_reference_images(ar_model.vision.loaded(), inputs)]
-        working = memory.ar_model_working_bytes(
-            ar_model.model.model, batch_size, inputs.input_ids.shape[1], inputs.geometry.num_grid_tokens
-        )
-        model = ar_model.model.loaded(working)  # the decoder's turn: ComfyUI evicts what does not fit beside it
-        device = ar.decoder_device(model)
-        generators = [torch.Generator(device).manual_seed((seed + i) % 2**64) for i in range(batch_size)]
         progress = comfy.utils.ProgressBar(inputs.geometry.num_grid_tokens)
         live = preview.LivePreview(inputs.geometry, ar_model.preview_palette)
 
@@ -164,12 +156,19 @@ class GenerateTokens(io.ComfyNode):
             shown = None if image is None else ("JPEG", image, preview.PREVIEW_MAX_SIDE)
             progress.update_absolute(step, total, preview=shown)
 
-        with ar_lora.merged(model, ar_model.loras, backup_device=mm.unet_offload_device()):  # AR LoRAs, for this run
-            result = ar.generate_prior_tokens(
-                model, inputs, generators, temperature=temperature, top_p=top_p, top_k=top_k or None,
-                callback=on_token, reference_ids=reference_ids,
-                cuda_graph=False if getattr(comfy.cli_args.args, "disable_cuda_graphs", False) else None,
-            )  # fmt: skip
+        @contextlib.contextmanager
+        def decoder_stage(working_bytes):  # ComfyUI evicts what does not fit beside the decoder and its working memory
+            model = ar_model.decoder.loaded(working_bytes)
+            with ar_lora.merged(model, ar_model.loras, backup_device=mm.unet_offload_device()):  # for this run
+                yield
+
+        result = ar.generate_staged(
+            ar_model.decoder.hf_model, inputs, [seed + i for i in range(batch_size)],
+            vision_stage=lambda: contextlib.nullcontext(ar_model.vision.loaded()),
+            decoder_stage=decoder_stage,
+            temperature=temperature, top_p=top_p, top_k=top_k or None, callback=on_token,
+            cuda_graph=False if getattr(comfy.cli_args.args, "disable_cuda_graphs", False) else None,
+        )  # fmt: skip
         references = [
             Reference(pixels=(image_to_tensor(image, gh * PATCH_STRIDE, gw * PATCH_STRIDE) / 2 + 0.5).permute(0, 2, 3, 1), prior_token_ids=ids[None].cpu())
             for image, ids, (gh, gw) in zip(images, result.reference_prior_ids, result.reference_grid_sizes)

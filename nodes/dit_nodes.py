@@ -11,7 +11,8 @@ from ..glm_image_core.defaults import LATENT_CHANNELS, STEPS, VAE_SCALE
 from ..glm_image_core.schedule import glm_schedule
 from . import paths
 from .common import size_inputs, size_of, tokens_size_input, validate_size
-from .model import WEIGHT_DTYPES, load_dit_patcher, model_sampling_for_size
+from .dit_loading import WEIGHT_DTYPES, load_dit_patcher
+from .model_sampling import model_sampling_for_size
 from .types import GlmTokens
 
 

@@ -125,6 +125,6 @@ class ARLoraLoader(io.ComfyNode):
         if strength == 0:
             return io.NodeOutput(ar_model)
         layers = ar_lora.read_adapter(path)
-        ar_lora.check_fits(ar_model.model.model, layers, lora_name)
+        ar_lora.check_fits(ar_model.decoder.hf_model, layers, lora_name)
         lora = ar_lora.ArLora(layers, strength, lora_name)
         return io.NodeOutput(dataclasses.replace(ar_model, loras=(*ar_model.loras, lora)))

@@ -36,7 +36,7 @@ class ManagedHFModel:
     need the memory."""
 
     patcher: comfy.model_patcher.ModelPatcher
-    model: torch.nn.Module  # the whole transformers model
+    hf_model: torch.nn.Module  # the whole transformers model
 
     @classmethod
     def wrap(
@@ -53,7 +53,7 @@ class ManagedHFModel:
         """The model with its managed parts on the load device; ``memory_required``: bytes its run needs beside the
         weights (ComfyUI frees that much too). HF layers cannot be partially offloaded, hence a full load."""
         comfy.model_management.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
-        return self.model
+        return self.hf_model
 
 
 @dataclass
@@ -61,7 +61,7 @@ class ARModel:
     """The AR model as two managed parts that take turns on the device: the text decoder (every run) and the vision
     encoder + VQ (only for reference images)."""
 
-    model: ManagedHFModel  # GlmImageForConditionalGeneration: its text decoder and lm_head
+    decoder: ManagedHFModel  # GlmImageForConditionalGeneration: its text decoder and lm_head
     processor: object  # GlmImageProcessor
     preview_palette: torch.Tensor  # [16384, 3] uint8 live-preview colours (preview.model_palette), made at load
     vision: ManagedHFModel | None = None  # the same model: its ViT and VQ model

@@ -11,15 +11,16 @@ import torch
 from glm_image_core.loading import read_state_dict
 from tests import comfy_host
 
-model_nodes = comfy_host.import_pack_module("nodes.model")
+dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
+model_sampling = comfy_host.import_pack_module("nodes.model_sampling")
 
 
 def tiny_patcher(tiny_model_dir, width: int, height: int, weight_dtype: str = "default", model_options=None):
     """The tiny DiT through the pack's loader, with the model sampling of this image size."""
     folder = tiny_model_dir / "transformer"
     config = json.loads((folder / "config.json").read_text())
-    patcher = model_nodes.load_dit_patcher(read_state_dict(folder), config, weight_dtype, model_options=model_options)
-    patcher.add_object_patch("model_sampling", model_nodes.model_sampling_for_size(width, height))
+    patcher = dit_loading.load_dit_patcher(read_state_dict(folder), config, weight_dtype, model_options=model_options)
+    patcher.add_object_patch("model_sampling", model_sampling.model_sampling_for_size(width, height))
     return patcher
 
 

@@ -61,7 +61,7 @@ def adapter(peaked, loras):
 def ar_model(glm, weights="full"):
     loaded = glm["GLMImageARModelLoader"].execute(model_folder="GLM-Image", dtype="fp32", device="cpu", weights=weights)
     with torch.no_grad():
-        loaded[0].model.model.lm_head.weight.mul_(PEAKED_SCALE)  # this module's own instance
+        loaded[0].decoder.hf_model.lm_head.weight.mul_(PEAKED_SCALE)  # this module's own instance
     return loaded[0]
 
 
@@ -77,7 +77,7 @@ def test_the_node_samples_what_peft_samples_and_leaves_the_loaded_model_as_it_wa
     glm, adapter, peaked, loras, tiny_model_dir
 ):
     base = ar_model(glm)
-    before = {name: param.detach().clone() for name, param in base.model.model.named_parameters()}
+    before = {name: param.detach().clone() for name, param in base.decoder.hf_model.named_parameters()}
     assert glm["GLMImageARLoraLoader"].validate_inputs(lora_name=adapter) is True
     adapted = glm["GLMImageARLoraLoader"].execute(ar_model=base, lora_name=adapter, strength=1.0)[0]
 
@@ -91,7 +91,7 @@ def test_the_node_samples_what_peft_samples_and_leaves_the_loaded_model_as_it_wa
     assert torch.equal(got, expected)
 
     assert base.loras == () and adapted.model is base.model
-    after = dict(base.model.model.named_parameters())
+    after = dict(base.decoder.hf_model.named_parameters())
     assert all(torch.equal(after[name], value) for name, value in before.items())
     assert not torch.equal(tokens(glm, base), expected)
 
@@ -103,7 +103,7 @@ def test_strength_zero_returns_the_input(glm, adapter):
 
 def test_int8_weights_take_the_adapter_and_get_their_own_back(glm, adapter):
     base = ar_model(glm, weights="int8")
-    q_proj = base.model.model.model.language_model.layers[0].self_attn.q_proj
+    q_proj = base.decoder.hf_model.model.language_model.layers[0].self_attn.q_proj
     weight, scale = q_proj.weight.clone(), q_proj.weight_scale.clone()
     adapted = glm["GLMImageARLoraLoader"].execute(ar_model=base, lora_name=adapter, strength=1.0)[0]
     assert not torch.equal(tokens(glm, adapted), tokens(glm, base))

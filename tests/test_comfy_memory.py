@@ -59,6 +59,6 @@ def test_the_estimate_grows_with_the_glyph_length(patcher):
 
 def test_the_reference_cond_reports_its_tokens_to_cond_batching(patcher):
     ref = reference(SIZE, 2 * SIZE, seed=3)
-    model_nodes = comfy_host.import_pack_module("nodes.model")
-    cond = model_nodes.ReferenceKVCond(patcher.model.encode_references([ref], torch.device("cpu")))
+    conds = comfy_host.import_pack_module("nodes.conds")
+    cond = conds.ReferenceKVCond(patcher.model.encode_references([ref], torch.device("cpu")))
     assert cond.size() == [1, (SIZE // 16) * (2 * SIZE // 16)]

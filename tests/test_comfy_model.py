@@ -18,7 +18,8 @@ from glm_image_core.loading import load_transformer, read_state_dict  # noqa: E4
 from glm_image_core.sampling import DitCondition, denoise  # noqa: E402
 from glm_image_core.schedule import glm_schedule  # noqa: E402
 
-model_nodes = comfy_host.import_pack_module("nodes.model")
+dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
+model_sampling = comfy_host.import_pack_module("nodes.model_sampling")
 HEIGHT, WIDTH = 512, 768
 
 
@@ -26,9 +27,9 @@ HEIGHT, WIDTH = 512, 768
 def models(tiny_model_dir):
     folder = tiny_model_dir / "transformer"
     config = json.loads((folder / "config.json").read_text())
-    patcher = model_nodes.load_dit_patcher(read_state_dict(folder), config)
+    patcher = dit_loading.load_dit_patcher(read_state_dict(folder), config)
     patcher = patcher.clone()
-    patcher.add_object_patch("model_sampling", model_nodes.model_sampling_for_size(WIDTH, HEIGHT))
+    patcher.add_object_patch("model_sampling", model_sampling.model_sampling_for_size(WIDTH, HEIGHT))
     return patcher, load_transformer(folder, dtype=torch.float32)
 
 
@@ -63,7 +64,7 @@ def test_fp8_weights_run_and_stay_near_the_float32_model(tiny_model_dir):
     fp8 (no fp8 masked_fill). Weights rounded to 3 mantissa bits: close to the float32 model, not equal."""
     folder = tiny_model_dir / "transformer"
     config = json.loads((folder / "config.json").read_text())
-    patcher = model_nodes.load_dit_patcher(read_state_dict(folder), config, "fp8_e4m3fn")
+    patcher = dit_loading.load_dit_patcher(read_state_dict(folder), config, "fp8_e4m3fn")
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     model = patcher.model
     glyph, empty, prior, _, _ = make_conds()
@@ -93,7 +94,7 @@ def test_the_weights_are_held_in_the_chosen_dtype(tiny_model_dir, weight_dtype, 
     folder = tiny_model_dir / "transformer"
     config = json.loads((folder / "config.json").read_text())
     state_dict = read_state_dict(folder)
-    patcher = model_nodes.load_dit_patcher(state_dict, config, weight_dtype)
+    patcher = dit_loading.load_dit_patcher(state_dict, config, weight_dtype)
     params = list(patcher.model.diffusion_model.parameters())
     assert {p.dtype for p in params} == {stored}
     assert sum(p.nbytes for p in params) == sum(t.numel() for t in state_dict.values()) * stored.itemsize

@@ -20,7 +20,7 @@ import comfy.model_patcher  # noqa: E402
 from glm_image_core.loading import read_state_dict  # noqa: E402
 from glm_image_core.tiny import PUBLISHED_CONFIGS  # noqa: E402
 
-model_nodes = comfy_host.import_pack_module("nodes.model")
+dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
 DYNAMIC = comfy_host.DYNAMIC_VRAM
 A_GPU = torch.device("cuda", 0)  # a load device that is not the CPU; nothing is moved there before sampling
 
@@ -28,7 +28,7 @@ A_GPU = torch.device("cuda", 0)  # a load device that is not the CPU; nothing is
 def load(tiny_model_dir, **model_options):
     folder = tiny_model_dir / "transformer"
     config = json.loads((folder / "config.json").read_text())
-    return model_nodes.load_dit_patcher(read_state_dict(folder), config, model_options=model_options)
+    return dit_loading.load_dit_patcher(read_state_dict(folder), config, model_options=model_options)
 
 
 def test_the_patcher_is_comfyuis_core_patcher(tiny_model_dir):
@@ -52,7 +52,7 @@ def test_a_dynamic_core_patcher_is_used_and_holds_the_loaded_tensors(tiny_model_
     state_dict = read_state_dict(folder, dtype=torch.float32)
     loaded = {key: tensor.data_ptr() for key, tensor in state_dict.items()}
     config = json.loads((folder / "config.json").read_text())
-    patcher = model_nodes.load_dit_patcher(state_dict, config, model_options={"dtype": torch.float32})
+    patcher = dit_loading.load_dit_patcher(state_dict, config, model_options={"dtype": torch.float32})
     assert type(patcher) is DynamicPatcher
     params = patcher.model.diffusion_model.state_dict()
     assert all(params[key].data_ptr() == pointer for key, pointer in loaded.items())  # assigned, not copied
@@ -69,7 +69,7 @@ from safetensors.torch import save_file
 from glm_image_core.dit import GlmImageTransformer2DModel
 from glm_image_core.loading import read_state_dict
 from tests.test_comfy_patcher import DynamicPatcher
-model_nodes = comfy_host.import_pack_module("nodes.model")
+dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
 if {dynamic}:
     comfy.model_patcher.CoreModelPatcher = DynamicPatcher
 
@@ -91,7 +91,7 @@ def watch():
         peak[0] = max(peak[0], rss())
         time.sleep(0.002)
 threading.Thread(target=watch, daemon=True).start()
-patcher = model_nodes.load_dit_patcher(read_state_dict({file!r}), config, model_options={{"dtype": torch.float32}})
+patcher = dit_loading.load_dit_patcher(read_state_dict({file!r}), config, model_options={{"dtype": torch.float32}})
 done.append(1)
 print(json.dumps({{"ratio": (peak[0] - base) / size, "bytes": size}}))
 """

@@ -20,7 +20,7 @@ import comfy.ops  # noqa: E402
 
 from glm_image_core import comfy_quant  # noqa: E402
 from glm_image_core.loading import load_transformer, read_state_dict, save_single_file  # noqa: E402
-from tests.comfy_glm import model_nodes, sample, tiny_patcher  # noqa: E402
+from tests.comfy_glm import dit_loading, model_sampling, sample, tiny_patcher  # noqa: E402
 from tests.test_scaled_fp8 import MAX_OUTPUT_ERROR, dit_inputs, relative_error  # noqa: E402
 
 loading = comfy_host.import_pack_module("glm_image_core.loading")  # the pack's copy, as the DiT loader node uses it
@@ -33,7 +33,7 @@ def float32_dit(tiny_model_dir):
 
 def load(path, weight_dtype="default", model_options=None):
     config, state_dict = loading.read_checked_weights(path, loading.TRANSFORMER)
-    patcher = model_nodes.load_dit_patcher(state_dict, config, weight_dtype, model_options=model_options)
+    patcher = dit_loading.load_dit_patcher(state_dict, config, weight_dtype, model_options=model_options)
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     return patcher
 
@@ -209,7 +209,7 @@ def test_our_files_are_what_comfyuis_own_layers_read(tiny_model_dir, tmp_path, f
 def test_our_files_sample_through_the_loader_close_to_the_float_model(tiny_model_dir, tmp_path, fmt):
     path = save_single_file(tiny_model_dir / "transformer", tmp_path / f"{fmt}.safetensors", quant=fmt)
     patcher = load(path)
-    patcher.add_object_patch("model_sampling", model_nodes.model_sampling_for_size(256, 256))
+    patcher.add_object_patch("model_sampling", model_sampling.model_sampling_for_size(256, 256))
     expected = sample(tiny_patcher(tiny_model_dir, 256, 256), 256, 256)
     got = sample(patcher, 256, 256)
     assert 0 < relative_error(got, expected) <= MAX_OUTPUT_ERROR

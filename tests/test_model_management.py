@@ -41,7 +41,7 @@ def test_generate_tokens_loads_the_ar_model_through_model_management(glm):
     ar_model = glm["GLMImageARModelLoader"].execute(
         model_folder="GLM-Image", dtype="fp32", device="cpu", weights="full"
     )[0]
-    assert not is_managed(ar_model.model.patcher)
+    assert not is_managed(ar_model.decoder.patcher)
 
     with torch.inference_mode():
         glm["GLMImageGenerateTokens"].execute(
@@ -49,7 +49,7 @@ def test_generate_tokens_loads_the_ar_model_through_model_management(glm):
             batch_size=1,
         )  # fmt: skip
 
-    assert is_managed(ar_model.model.patcher)
+    assert is_managed(ar_model.decoder.patcher)
 
 
 def test_encode_loads_the_glyph_encoder_through_model_management(glm):
@@ -92,9 +92,9 @@ def test_comfyui_can_evict_the_ar_model_and_the_next_run_loads_it_again(glm):
         first = glm["GLMImageGenerateTokens"].execute(top_k=0, batch_size=1, **kwargs)[0]
 
     mm.free_memory(1e30, mm.get_torch_device())  # what loading a model that needs all the memory does
-    assert not is_managed(ar_model.model.patcher)
+    assert not is_managed(ar_model.decoder.patcher)
 
     with torch.inference_mode():
         again = glm["GLMImageGenerateTokens"].execute(top_k=0, batch_size=1, **kwargs)[0]
-    assert is_managed(ar_model.model.patcher)
+    assert is_managed(ar_model.decoder.patcher)
     assert torch.equal(first.prior_token_ids, again.prior_token_ids)

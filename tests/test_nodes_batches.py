@@ -19,7 +19,7 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import folder_paths  # noqa: E402
 
-model_nodes = comfy_host.import_pack_module("nodes.model")
+conds = comfy_host.import_pack_module("nodes.conds")
 types = comfy_host.import_pack_module("nodes.types")
 
 SIZE, STEPS, GUIDANCE = 512, 3, 1.5
@@ -64,7 +64,7 @@ def ar_model(glm):
         0
     ]
     with torch.no_grad():
-        loaded.model.model.lm_head.weight.mul_(PEAKED_SCALE)  # this module's own instance
+        loaded.decoder.hf_model.lm_head.weight.mul_(PEAKED_SCALE)  # this module's own instance
     return loaded
 
 
@@ -117,7 +117,7 @@ def assert_each_sample_equals_its_single_run(batch_out, single_outs):
 
 def test_glyph_conds_of_lengths_3_and_7_concat_by_zero_padding_with_a_mask():
     short, long = torch.randn(1, 3, 8), torch.randn(1, 7, 8)
-    a, b = model_nodes.GlyphCond(short), model_nodes.GlyphCond(long)
+    a, b = conds.GlyphCond(short), conds.GlyphCond(long)
     assert a.can_concat(b)
 
     embeds, mask, text_groups = a.concat([b])

@@ -118,10 +118,10 @@ def test_comfyui_counts_the_ar_decoder_as_what_decoding_keeps_on_the_device(pack
 
     loader = nodes.NODE_CLASS_MAPPINGS["GLMImageARModelLoader"]
     ar_model = loader.execute(model_folder="GLM-Image", dtype="fp32", device="cpu", weights="int8")[0]
-    model = ar_model.model.model
+    model = ar_model.decoder.hf_model
     rotary = model.model.language_model.rotary_emb  # RoPE tables: moved with the model, not in its state dict
     rope_bytes = memory.tensor_bytes(rotary.buffers())
-    assert ar_model.model.patcher.model_size() + rope_bytes == memory.ar_decode_bytes(model)
+    assert ar_model.decoder.patcher.model_size() + rope_bytes == memory.ar_decode_bytes(model)
     parts = memory.ar_bytes_by_component(model)
     assert memory.ar_decode_bytes(model) == sum(list(parts.values())[:4])
     assert ar_model.vision.patcher.model_size() == parts["vision encoder + VQ (edits only)"]
