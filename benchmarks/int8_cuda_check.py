@@ -14,7 +14,7 @@ import sys
 import torch
 from common import Row, failed_row
 
-from glm_image_core import quant
+from glm_image_core import int8_kernel, quant
 
 SHAPES = {"q/o": (4096, 4096), "k+v": (512, 4096), "gate_up": (27392, 4096), "down": (4096, 13696)}
 
@@ -78,9 +78,9 @@ def main(argv=None) -> int:
                 rows.append(failed_row(f"int8 decode matmul {name}, {batch} row(s)", e))
     for row in rows:
         print(row)
-    if quant.FUSED_KERNEL.unavailable:
+    if int8_kernel.FUSED_KERNEL.unavailable:
         print(
-            f"the fused kernel was not used ({quant.FUSED_KERNEL.unavailable}): rows measured the eager fallback",
+            f"the fused kernel was not used ({int8_kernel.FUSED_KERNEL.unavailable}): rows measured the eager fallback",
             file=sys.stderr,
         )
     if args.json:

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import quant
+from . import int8_kernel, quant
 from .cuda_graph import StepGraph
 
 CACHE_BLOCK = 1024  # the K/V cache length is a multiple of this (and of ATTENTION_CHUNK): few shapes to compile
@@ -376,7 +376,7 @@ def decode(
     finished it, so the callback trails the GPU by at most one chunk and a cancel lands within two.
     """
     n, total = uniforms.shape
-    quant.FUSED_KERNEL.retry()  # a kernel error of an earlier generation (a capture, say) does not last
+    int8_kernel.FUSED_KERNEL.retry()  # a kernel error of an earlier generation (a capture, say) does not last
     decoder = FastDecoder(model, n, input_ids.shape[1] + total, compile=compile)
     loop = _DecodeLoop(decoder, input_ids.shape[1], decode_position_ids, uniforms, pick, rows)
     loop.first(decoder.prefill(input_ids, position_ids, rows))

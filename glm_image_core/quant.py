@@ -11,17 +11,17 @@ the same per-channel scales, and int8 storage reads back on any GPU (fp8 matmuls
 cards are Ampere or older). Both are 1 byte per weight, so memory and bandwidth are the same.
 
 A layer computes ``linear(x, int8.to(x.dtype)) * scale + bias``: the integers are exact in bf16 (|q| <= 127), and
-the float32 scale is applied to the output in float32, so the weight is never rounded twice.
+the float32 scale is applied to the output in float32, so the weight is never rounded twice. Decode steps on CUDA
+take the compiled kernel of ``int8_kernel`` instead.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .int8_kernel import FUSED_KERNEL, FUSED_MAX_ROWS, fused_int8_linear
 
 QUANTIZED_PROJECTIONS = (
     "self_attn.q_proj",
@@ -34,7 +34,6 @@ QUANTIZED_PROJECTIONS = (
 DECODER_LAYERS_PREFIX = "model.language_model.layers."
 INT8_MAX = 127
 QUANTIZE_CHUNK = 2**20  # weights quantised at a time: a few float32 scratch tensors of 4 MB, whatever the layer
-FUSED_MAX_ROWS = 16  # on CUDA, inputs of at most this many rows (decode: one per sample) take the fused kernel
 
 
 def is_quantized_weight(key: str) -> bool:
@@ -66,51 +65,6 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (q.float() * scale[:, None]).to(dtype)
 
 
-def _fused_int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, in] (M small) times int8 q [out, in]^T, in float32 with the float32 scale: written as a broadcast
-    product and a sum over ``in``, which torch.compile turns into one reduction kernel that reads each int8 weight once
-    (no bf16 copy of the matrix). Eager, it is the same math with an [M, out, in] intermediate (tests)."""
-    return (x.float()[:, None, :] * q).sum(dim=-1).mul_(scale).to(x.dtype)
-
-
-class FusedInt8Kernel:
-    """``_fused_int8_linear`` under torch.compile, built on first use. A failure costs one call, not the process:
-    out of memory, that call runs eagerly and the kernel is kept; any other error (no Triton, a compile or capture
-    error) is logged with its reason (``unavailable``) and the eager path serves until the next generation
-    (``retry``), which tries the kernel again."""
-
-    def __init__(self):
-        self.compiled = None
-        self.unavailable: str | None = None  # why the kernel is not used in this generation
-
-    def retry(self) -> None:
-        self.unavailable = None
-
-    def __call__(self, x, q, scale) -> torch.Tensor | None:
-        if self.unavailable is not None:
-            return None
-        try:
-            if self.compiled is None:
-                self.compiled = torch.compile(_fused_int8_linear, dynamic=True, fullgraph=True)
-            return self.compiled(x, q, scale)
-        except torch.OutOfMemoryError:
-            return None
-        except Exception as e:  # torch.compile raises many types (BackendCompilerFailed, Unsupported, ...)
-            self.unavailable = f"{type(e).__name__}: {e}"
-            _warn_once(
-                f"GLM-Image AR: the fused int8 matmul is not used ({self.unavailable}); dequantising per matrix."
-            )
-            return None
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    logging.warning(message)
-
-
-FUSED_KERNEL = FusedInt8Kernel()
-
-
 def int8_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, fused: bool = True
 ) -> torch.Tensor:
@@ -119,12 +73,12 @@ def int8_linear(
     Eager (CPU, and CUDA inputs with many rows such as a prefill): the int8 matrix is cast to x.dtype (exact) for one
     matmul, one matrix at a time, and the float32 scale multiplies the output in float32 (the scale is never rounded
     to x.dtype). On CUDA with at most ``FUSED_MAX_ROWS`` rows (a decode step) and ``fused``: the compiled kernel of
-    ``_fused_int8_linear``."""
+    ``int8_kernel.fused_int8_linear``."""
     rows = x.numel() // x.shape[-1]
     if fused and x.is_cuda and rows <= FUSED_MAX_ROWS:
         flat = x.reshape(rows, x.shape[-1])
         # inside a compiled caller (fast_ar's compiled decode layer) the reduction is traced inline
-        out = _fused_int8_linear(flat, q, scale) if torch.compiler.is_compiling() else FUSED_KERNEL(flat, q, scale)
+        out = fused_int8_linear(flat, q, scale) if torch.compiler.is_compiling() else FUSED_KERNEL(flat, q, scale)
         if out is not None:
             out = out.view(*x.shape[:-1], q.shape[0])
             return out if bias is None else out + bias

@@ -4,15 +4,22 @@ they are."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from . import comfy_quant
+from .checkpoint import WeightFiles
 from .errors import ModelFilesError
 
-if TYPE_CHECKING:
-    from .components import ComponentFiles
+
+class ComponentFiles(Protocol):
+    """What the quantisation check reads of a component's files (``components.ComponentFiles``)."""
+
+    config: dict
+    config_source: str
+    weights: WeightFiles
+
 
 # A scaled-fp8 file: the `scaled_fp8` marker tensor, each Linear weight in fp8 with a float32 `scale_weight` (the
 # weight is fp8 * scale) and possibly a `scale_input`; everything else as in the bf16 files.

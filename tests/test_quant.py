@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
-from glm_image_core import ar, fast_ar, loading, quant
+from glm_image_core import ar, fast_ar, int8_kernel, loading, quant
 from glm_image_core.errors import ModelFilesError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,10 +368,10 @@ def int8_case(rows: int, seed: int = 0, dtype=torch.bfloat16):
     return x, q, scale, exact
 
 
-@pytest.mark.parametrize("rows", [1, 4, quant.FUSED_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 4, int8_kernel.FUSED_MAX_ROWS])
 def test_the_fused_kernel_math_equals_the_dequantised_matmul_for_a_batch_of_rows(rows):
     x, q, scale, exact = int8_case(rows, dtype=torch.float32)
-    out = quant._fused_int8_linear(x, q, scale)
+    out = int8_kernel.fused_int8_linear(x, q, scale)
     assert out.dtype == torch.float32 and out.shape == (rows, 96)
     torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
 
@@ -409,7 +409,7 @@ class FlakyCompile:
 
 def test_an_out_of_memory_costs_one_call_and_keeps_the_kernel(monkeypatch):
     monkeypatch.setattr(torch, "compile", FlakyCompile(torch.OutOfMemoryError("CUDA out of memory")))
-    kernel = quant.FusedInt8Kernel()
+    kernel = int8_kernel.FusedInt8Kernel()
     x, q, scale, exact = int8_case(2, dtype=torch.float32)
     assert kernel(x, q, scale) is None  # this call: the caller's eager path
     assert kernel.unavailable is None
@@ -420,8 +420,8 @@ def test_a_kernel_error_is_logged_with_its_reason_and_retried_at_the_next_genera
     monkeypatch.setattr(
         torch, "compile", FlakyCompile(RuntimeError("operation not permitted when stream is capturing"))
     )
-    quant._warn_once.cache_clear()
-    kernel = quant.FusedInt8Kernel()
+    int8_kernel._warn_once.cache_clear()
+    kernel = int8_kernel.FusedInt8Kernel()
     x, q, scale, exact = int8_case(2, dtype=torch.float32)
     with caplog.at_level(logging.WARNING):
         assert kernel(x, q, scale) is None
