@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import folder_paths
 
@@ -42,6 +43,21 @@ def register_model_folder() -> None:
         [default] + [p for p in paths if p != default],
         {".safetensors"},
     )
+
+
+class FileChoices(Protocol):
+    """A loader's file input: the choices it lists, where a choice lives, and the cheap checks made when the prompt
+    is queued (ModelFiles, TokenFiles, FolderFiles, AdapterFiles)."""
+
+    def options(self) -> list[str]: ...
+
+    def locations(self, choice: str) -> list[tuple[str, str]]:
+        """(a folder registered for `choice`, the path it names there), in search order."""
+        ...
+
+    def describe(self) -> str: ...
+
+    def check(self, path: str) -> None: ...
 
 
 class ModelFolderListing:
@@ -208,9 +224,8 @@ class AdapterFiles:
                     adapters.add(os.path.relpath(current, root).replace(os.sep, "/"))
         return sorted(files) + sorted(adapters)
 
-    def locations(self, choice: str) -> tuple[list[str], list[str]]:
-        roots = folder_paths.get_folder_paths(self.folder)
-        return roots, [os.path.join(root, choice) for root in roots]
+    def locations(self, choice: str) -> list[tuple[str, str]]:
+        return [(root, os.path.join(root, choice)) for root in folder_paths.get_folder_paths(self.folder)]
 
     def describe(self) -> str:
         return f"AR LoRA adapters (.safetensors files and PEFT adapter folders) in {self.folder}"
@@ -237,7 +252,7 @@ def is_inside(path: str, folder: str) -> bool:
         return False
 
 
-def resolve(files: ModelFiles | TokenFiles | FolderFiles | AdapterFiles, choice: str) -> str:
+def resolve(files: FileChoices, choice: str) -> str:
     """The path of `choice`, one of `files.options()`, in the first folder registered for it that has it;
     InvalidInputError for anything else (another value, a path that climbs out). Symlinks on disk inside those
     folders are followed, as ComfyUI does: they are the machine owner's choice, a prompt's value is not."""
@@ -267,7 +282,7 @@ def check_output_prefix(prefix: str) -> None:
         )
 
 
-def validate(files: ModelFiles | TokenFiles | FolderFiles | AdapterFiles, choice: str | None) -> bool | str:
+def validate(files: FileChoices, choice: str | None) -> bool | str:
     """For validate_inputs: True, or what is wrong with the choice (also what the files' cheap checks find, e.g. a
     missing or truncated shard). A linked value (None here) is resolved when the node runs."""
     if choice is None:
