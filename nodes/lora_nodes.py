@@ -18,6 +18,7 @@ from comfy_api.latest import io
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.lora import diffusers_lora_names, unmatched_lora_keys
 from . import paths
+from .common import schema
 
 
 def glm_lora_key_map(model) -> dict[str, str]:
@@ -53,10 +54,11 @@ def apply_lora(patcher, lora: dict, strength: float, source: str = "this LoRA"):
 class LoraLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageLoraLoader",
             display_name="Load GLM-Image LoRA",
             category="GLM-Image",
+            search_aliases=["lora"],
             description="A LoRA for the GLM-Image DiT, in diffusers/PEFT key names (transformer.*.lora_A/lora_B, as "
             "diffusers-based trainers write them) or ComfyUI's (which the stock LoraLoaderModelOnly also reads).",
             inputs=[
