@@ -187,6 +187,31 @@ function addPanel(node) {
   return info;
 }
 
+/**
+ * A draw hook for the token node: when the AR preview arrives, the front end gives it a share of the node's height,
+ * taken from the prompt box (down to two lines); grow the node so that the prompt keeps the height it had without
+ * the preview. A few steps per preview at most, so a node the user resizes afterwards stays as they made it.
+ */
+function keepPromptHeight(node) {
+  const prompt = widget(node, "prompt");
+  let kept = null; // the prompt's height (graph units) while the node shows no preview
+  let steps = 0;
+  return () => {
+    const height = prompt?.computedHeight;
+    if (typeof height !== "number") return; // Vue nodes: laid out by CSS, the node grows by itself
+    if (!node.imgs?.length) {
+      kept = height;
+      steps = 0;
+      return;
+    }
+    const deficit = kept === null ? 0 : kept - height;
+    if (deficit < 2 || steps >= 3) return;
+    steps += 1;
+    node.setSize([node.size[0], node.size[1] + 2 * deficit]); // the prompt and the preview share what is added
+    node.setDirtyCanvas(true, true);
+  };
+}
+
 /** Call `then` after every change of widget `name` (chained after the widget's own callback). */
 function onChange(node, name, then) {
   const w = widget(node, name);
@@ -237,10 +262,12 @@ app.registerExtension({
       update(); // references connected: image-to-image count; tokens linked: the Encode node's spans
       return result;
     };
+    const keepPrompt = type === TOKENS_NODE ? keepPromptHeight(node) : () => {};
     const draw = node.onDrawForeground;
     node.onDrawForeground = function (...args) {
       const result = draw?.apply(this, args);
       info.refresh(); // cheap when nothing changed; catches values set by other extensions or links
+      keepPrompt();
       return result;
     };
     requestAnimationFrame(() => info.refresh());

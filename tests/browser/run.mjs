@@ -101,11 +101,12 @@ async function openTemplate() {
     await dialog.getByText(opts.pack, { exact: true }).click();
     await dialog.getByText(opts.template, { exact: true }).first().waitFor();
     // The cards' pictures: requested by name (1.58 shows them from blob: URLs), drawn once loaded.
-    const loaded = await page.waitForFunction(() => {
+    const templates = (await (await page.request.get(`${opts.url}/workflow_templates`)).json())[opts.pack];
+    const loaded = await page.waitForFunction((count) => {
       const images = [...document.querySelectorAll("[role=dialog] img")];
-      if (!images.length || images.some((img) => !img.complete)) return null;
-      return images.filter((img) => img.naturalWidth > 0).length;
-    }, null, { timeout: 15_000 }).then((h) => h.jsonValue());
+      const drawn = images.filter((img) => img.complete && img.naturalWidth > 0).length;
+      return drawn >= count && images.every((img) => img.complete) ? drawn : null;
+    }, templates.length, { timeout: 15_000 }).then((h) => h.jsonValue());
     cards = { requested: { ...pictures }, loaded };
     await dialog.getByText(opts.template, { exact: true }).first().click();
     await page.waitForFunction((type) => window.app.graph.nodes.some((n) => n.comfyClass === type), TOKENS, {
