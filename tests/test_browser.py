@@ -155,9 +155,15 @@ def test_prompt_box_keeps_its_height_beside_the_ar_preview(seen):
     assert height["afterRun"] >= 0.95 * height["before"], height
 
 
+def vue_pass(seen) -> dict:
+    if "vue" not in seen:  # run.mjs VUE_NODES_SINCE
+        pytest.skip(f"front end {seen['frontEnd']}: its Vue nodes (an early experiment) show no extension DOM widgets")
+    return seen["vue"]
+
+
 @pytest.mark.parametrize("phase", ["en", "zh", "vue"])
 def test_template_cards_show_the_pack_pictures(seen, phase):
-    cards = seen["cards"] if phase == "en" else seen[phase]["cards"]
+    cards = seen["cards"] if phase == "en" else (vue_pass(seen) if phase == "vue" else seen[phase])["cards"]
     stems = [p.stem for p in TEMPLATE.parent.glob("*.json")]
     assert cards["requested"] == {f"{stem}.jpg": 200 for stem in stems}
     assert cards["loaded"] >= len(stems)  # drawn, not broken images
@@ -185,7 +191,7 @@ def test_chinese_ui_shows_the_panel_in_chinese(seen):
 
 
 def test_vue_nodes_show_the_panel_and_follow_typing(seen):
-    vue = seen["vue"]
+    vue = vue_pass(seen)
     assert vue["isVue"], "the front end did not draw Vue nodes"
     assert vue["initial"]["spans"] == seen["initial"]["spans"]
     assert vue["initial"]["tokenCount"] == seen["initial"]["tokenCount"]
