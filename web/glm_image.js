@@ -50,8 +50,10 @@ async function loadStrings() {
   }
 }
 
-/** The user's language as the front end chose it (the Comfy.Locale setting), when the pack has it; else English. */
+/** The user's language as the front end chose it (the Comfy.Locale setting), when the pack has it; else English
+ * (null until the strings have come: part of the panel's facts, so it renders again once they are there). */
 function language() {
+  if (!strings.en) return null;
   const setting = "Comfy.Locale";
   const locale = app.extensionManager?.setting?.get?.(setting) ?? app.ui?.settings?.getSettingValue?.(setting);
   return strings[locale] ? locale : "en";
