@@ -20,7 +20,7 @@ from ..glm_image_core.pipeline import image_to_tensor
 from ..glm_image_core.sizes import check_image_size
 from ..glm_image_core.tokens import read_tokens, write_tokens
 from . import paths
-from .common import SIZE_WIDGET, pick_dtype, validate_size
+from .common import SIZE_WIDGET, pick_dtype, schema, validate_size
 from .types import ARModel, GlmARModel, GlmTokens, ManagedHFModel, Reference, VisualTokens
 
 MAX_REFERENCE_INPUTS = 4
@@ -34,10 +34,11 @@ def devices() -> list[str]:
 class ARModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageARModelLoader",
             display_name="Load GLM-Image AR Model",
             category="GLM-Image",
+            search_aliases=["ar model", "autoregressive", "自回归模型"],
             description="The 9B autoregressive model that writes the visual token grid, with its processor.",
             inputs=[
                 io.Combo.Input(
@@ -101,10 +102,11 @@ class GenerateTokens(io.ComfyNode):
             )
             for i in range(1, MAX_REFERENCE_INPUTS + 1)
         ]  # fmt: skip
-        return io.Schema(
+        return schema(
             node_id="GLMImageGenerateTokens",
             display_name="GLM-Image Generate Visual Tokens",
             category="GLM-Image",
+            search_aliases=["ar tokens", "visual tokens", "text to image", "视觉 token", "文生图"],
             description="Runs the AR model: the prompt (and reference images) become the grid of visual tokens the "
             "DiT paints from. Re-runs only when its own inputs change.",
             inputs=[
@@ -184,10 +186,11 @@ class GenerateTokens(io.ComfyNode):
 class SaveTokens(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageSaveTokens",
             display_name="GLM-Image Save Visual Tokens",
             category="GLM-Image",
+            search_aliases=["save tokens", "保存 token"],
             description=f"Writes the token grids (with prompt, size and seed) to output/glm_tokens/*{paths.TOKENS_EXTENSION}.",
             inputs=[
                 GlmTokens.Input("tokens", tooltip="From Generate Visual Tokens."),
@@ -223,10 +226,11 @@ class SaveTokens(io.ComfyNode):
 class LoadTokens(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageLoadTokens",
             display_name="GLM-Image Load Visual Tokens",
             category="GLM-Image",
+            search_aliases=["load tokens", "加载 token"],
             description="Reads token grids written by 'GLM-Image Save Visual Tokens' (no AR run needed).",
             inputs=[
                 io.Combo.Input(

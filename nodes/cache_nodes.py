@@ -12,6 +12,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 from comfy_extras import nodes_easycache
 
+from .common import schema
+
 
 class RowwiseEasyCacheHolder(nodes_easycache.EasyCacheHolder):
     """EasyCacheHolder whose skipped steps add each cond's cached difference to that cond's rows only."""
@@ -36,10 +38,11 @@ class EasyCache(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         stock = nodes_easycache.EasyCacheNode.define_schema()
-        return io.Schema(
+        return schema(
             node_id="GLMImageEasyCache",
             display_name="EasyCache (GLM-Image)",
             category="GLM-Image",
+            search_aliases=["easycache", "cache", "缓存", "加速"],
             description="Skips DiT steps whose output is predictable from the previous ones (the stock EasyCache, with "
             "cond and uncond cached apart when they share a batch). The reference images' pass is never cached.",
             inputs=stock.inputs,

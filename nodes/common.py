@@ -1,5 +1,5 @@
-"""What several node modules share: the size widgets and their check, the dtype choice. Node modules import these
-from here, never from each other."""
+"""What several node modules share: the schema with the pack's search aliases, the size widgets and their check, the
+dtype choice. Node modules import these from here, never from each other."""
 
 from __future__ import annotations
 
@@ -11,6 +11,18 @@ from ..glm_image_core.defaults import AR_GRID_STRIDE, DEFAULT_SIDE, MAX_SIDE, MI
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.sizes import check_image_size
 from .types import GlmTokens
+
+# Names a user may type in the node search to find any GLM-Image node (Zhipu AI / Z.ai made GLM-Image).
+PACK_SEARCH_ALIASES = ["glm", "glm-image", "glm image", "zhipu", "z.ai", "智谱"]
+
+
+def schema(*, search_aliases: list[str], **fields) -> io.Schema:
+    """io.Schema with the pack's and the node's search aliases, where this ComfyUI's schema has the field (0.33 has,
+    0.3.64 has not: its Schema refuses unknown fields)."""
+    if "search_aliases" in getattr(io.Schema, "__dataclass_fields__", {}):
+        fields["search_aliases"] = [*PACK_SEARCH_ALIASES, *search_aliases]
+    return io.Schema(**fields)
+
 
 SIZE_WIDGET = dict(default=DEFAULT_SIDE, min=MIN_SIDE, max=MAX_SIDE, step=AR_GRID_STRIDE)  # an io.Int width/height
 SIZE_RULE = f"Multiple of {AR_GRID_STRIDE}, {MIN_SIDE}..{MAX_SIDE}."

@@ -10,7 +10,7 @@ from ..glm_image_core import loading
 from ..glm_image_core.defaults import LATENT_CHANNELS, STEPS, VAE_SCALE
 from ..glm_image_core.schedule import glm_schedule
 from . import paths
-from .common import size_inputs, size_of, tokens_size_input, validate_size
+from .common import schema, size_inputs, size_of, tokens_size_input, validate_size
 from .dit_loading import WEIGHT_DTYPES, load_dit_patcher
 from .model_sampling import model_sampling_for_size
 from .types import GlmTokens
@@ -19,10 +19,11 @@ from .types import GlmTokens
 class DiTLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageDiTLoader",
             display_name="Load GLM-Image DiT",
             category="GLM-Image",
+            search_aliases=["dit", "diffusion model", "unet", "扩散模型"],
             description="The 7B diffusion transformer as a ComfyUI MODEL for the stock KSampler / "
             "SamplerCustomAdvanced (use euler + simple for the reference schedule).",
             inputs=[
@@ -51,10 +52,11 @@ class DiTLoader(io.ComfyNode):
 class ModelSampling(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageModelSampling",
             display_name="ModelSampling GLM-Image",
             category="GLM-Image",
+            search_aliases=["shift", "model sampling", "采样算法"],
             description="Sets the resolution-dependent shift (1024x1024: 3.25, 512x512: 1.75). Use this, not the "
             "stock ModelSampling nodes: they would feed the DiT the shifted time.",
             inputs=[
@@ -80,10 +82,11 @@ class ModelSampling(io.ComfyNode):
 class EmptyLatent(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageEmptyLatent",
             display_name="Empty GLM-Image Latent",
             category="GLM-Image",
+            search_aliases=["empty latent", "空 Latent"],
             description="A 16-channel empty latent; with tokens connected, their size and grid count win.",
             inputs=[
                 *size_inputs(),
@@ -109,10 +112,11 @@ class EmptyLatent(io.ComfyNode):
 class Scheduler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageScheduler",
             display_name="GLM-Image Scheduler",
             category="GLM-Image",
+            search_aliases=["sigmas", "scheduler", "调度器"],
             description="The reference pipeline's exact sigmas (integer timestep grid, resolution shift) for any step "
             "count, for SamplerCustomAdvanced. KSampler's 'simple' equals it when 1000 is divisible by the steps.",
             inputs=[

@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..glm_image_core import glyph, loading
 from ..glm_image_core.errors import InvalidInputError
 from . import paths
-from .common import pick_dtype
+from .common import pick_dtype, schema
 from .types import GlmGlyphEncoder, GlmTokens, GlyphEncoder, ManagedHFModel, VisualTokens
 
 FROM_PROMPT, OVERRIDE = "from prompt quotes", "override"
@@ -19,10 +19,11 @@ FROM_PROMPT, OVERRIDE = "from prompt quotes", "override"
 class GlyphEncoderLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageGlyphEncoderLoader",
             display_name="Load GLM-Image Glyph Encoder",
             category="GLM-Image",
+            search_aliases=["glyph", "byt5", "text rendering", "字形", "文字渲染"],
             description="The Glyph-ByT5 text encoder that tells the DiT which characters to render.",
             inputs=[
                 io.Combo.Input(
@@ -64,10 +65,11 @@ def glyph_spans(prompt: str, mode: str, override: str) -> list[str]:
 class Encode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageEncode",
             display_name="GLM-Image Encode",
             category="GLM-Image",
+            search_aliases=["glyph", "conditioning", "text rendering", "字形", "条件"],
             description="Makes the DiT's positive and negative conditioning from the visual tokens and the glyph "
             "text. The negative is always GLM's unconditional branch (no glyphs, no tokens, no references), also "
             "when a ConditioningZeroOut of the positive is wired instead.",

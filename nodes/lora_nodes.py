@@ -21,6 +21,7 @@ from ..glm_image_core import ar_lora
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.lora import diffusers_lora_names, unmatched_lora_keys
 from . import paths
+from .common import schema
 from .types import GlmARModel
 
 
@@ -57,10 +58,11 @@ def apply_lora(patcher, lora: dict, strength: float, source: str = "this LoRA"):
 class LoraLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageLoraLoader",
             display_name="Load GLM-Image LoRA",
             category="GLM-Image",
+            search_aliases=["lora"],
             description="A LoRA for the GLM-Image DiT, in diffusers/PEFT key names (transformer.*.lora_A/lora_B, as "
             "diffusers-based trainers write them) or ComfyUI's (which the stock LoraLoaderModelOnly also reads).",
             inputs=[
@@ -93,7 +95,8 @@ class LoraLoader(io.ComfyNode):
 class ARLoraLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
+            search_aliases=["ar lora", "peft", "fine-tune", "AR 微调"],
             node_id="GLMImageARLoraLoader",
             display_name="Load GLM-Image AR LoRA",
             category="GLM-Image",

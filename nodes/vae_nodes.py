@@ -6,16 +6,18 @@ from comfy_api.latest import io
 
 from ..glm_image_core import loading
 from . import paths
+from .common import schema
 from .vae import load_glm_image_vae
 
 
 class VAELoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="GLMImageVAELoader",
             display_name="Load GLM-Image VAE",
             category="GLM-Image",
+            search_aliases=["vae"],
             description="The 16-channel GLM-Image VAE (the stock VAELoader cannot build its geometry). Runs in bf16 "
             "or fp32, never fp16 (it overflows).",
             inputs=[

@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -259,9 +260,12 @@ def _serve(argv: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def comfy_server(model_paths: dict[str, str | list[str]] | None = None, timeout: float = 120.0):
+def comfy_server(
+    model_paths: dict[str, str | list[str]] | None = None, timeout: float = 120.0, extra_argv: Sequence[str] = ()
+):
     """Start `main.py --cpu` on a free localhost port with this repo as its only custom node pack and
-    `model_paths` ({"vae": "/dir", "glm_image": [...]}) as extra model folders; yield the base URL; kill it after."""
+    `model_paths` ({"vae": "/dir", "glm_image": [...]}) as extra model folders, plus `extra_argv` (e.g.
+    ["--front-end-root", dir]); yield the base URL; kill it after."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "custom_nodes").mkdir()
@@ -277,7 +281,7 @@ def comfy_server(model_paths: dict[str, str | list[str]] | None = None, timeout:
         argv = ["--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
                 "--extra-model-paths-config", str(tmp / "extra_model_paths.yaml"), "--disable-api-nodes",
                 "--output-directory", str(tmp / "output"), "--input-directory", str(tmp / "input"), "--temp-directory", str(tmp),
-                "--user-directory", str(tmp / "user")]  # fmt: skip
+                "--user-directory", str(tmp / "user"), *extra_argv]  # fmt: skip
         boot = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import comfy_host; comfy_host._serve(sys.argv[1:])"
         log = open(tmp / "server.log", "w+")
         proc = subprocess.Popen([sys.executable, "-c", boot, *argv], stdout=log, stderr=subprocess.STDOUT)

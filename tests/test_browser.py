@@ -1,8 +1,15 @@
 """The pack in ComfyUI's real front end: a `main.py --cpu` server with the tiny models, headless Chromium driven by
-tests/browser/run.mjs. Opens the text-rendering template from the template browser, checks the GLM-Image panel
-(glyph spans, unmatched quotes, AR token count, live updates, size arrows stepping by 32), runs the workflow and
-checks the live AR preview on the token node and the output image on the canvas. Screenshots land in
-tests/browser/artifacts/; with GLM_IMAGE_UPDATE_DOCS_IMAGES=1 they are also copied to docs/images/ for the README.
+tests/browser/run.mjs. Opens the text-rendering template from the template browser (the cards show the pack's
+pictures), checks the GLM-Image panel (glyph spans, unmatched quotes, AR token count, live updates, size arrows
+stepping by 32), runs the workflow and checks the live AR preview on the token node, the prompt box beside it and the
+output image on the canvas; then the same template with the UI in Chinese and with Vue nodes ("Nodes 2.0").
+Screenshots land in tests/browser/artifacts/; with GLM_IMAGE_UPDATE_DOCS_IMAGES=1 they are also copied to
+docs/images/ for the README.
+
+The front end is the one installed with ComfyUI (comfyui-frontend-package), or the one whose `static` folder
+GLM_IMAGE_FRONT_END_ROOT names (served with `main.py --front-end-root`), e.g. a newer release from PyPI:
+  pip download --no-deps comfyui-frontend-package==1.58.1 -d /tmp/fe && python -m zipfile -e /tmp/fe/*.whl /tmp/fe
+  GLM_IMAGE_FRONT_END_ROOT=/tmp/fe/comfyui_frontend_package/static pytest tests/test_browser.py
 
 Needs Node.js, `npm ci` in tests/browser (playwright-core, no browser download) and Chromium (/usr/bin/chromium or
 $CHROMIUM); skipped with the reason when one is missing. Takes 2-5 minutes on a small CPU machine.
@@ -17,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from glm_image_core import ar, glyph, preview
-from tests import comfy_host
+from tests import comfy_host, locales
 
 REPO = Path(__file__).resolve().parents[1]
 BROWSER = REPO / "tests" / "browser"
@@ -25,6 +32,7 @@ ARTIFACTS = BROWSER / "artifacts"
 DOCS_IMAGES = REPO / "docs" / "images"
 TEMPLATE = REPO / "example_workflows" / "text_rendering.json"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+FRONT_END_ROOT = os.environ.get("GLM_IMAGE_FRONT_END_ROOT")
 STEPS = 4  # sampler steps for the run (the template's 50 take minutes on the CPU with nothing more to show)
 
 
@@ -53,7 +61,8 @@ def seen(tiny_model_dir):
     """Run the driver once against a fresh server; what it saw, as JSON."""
     comfy_host.require_comfyui()
     ARTIFACTS.mkdir(exist_ok=True)
-    with comfy_host.comfy_server({"glm_image": str(tiny_model_dir.parent)}, timeout=300) as url:
+    argv = ["--front-end-root", FRONT_END_ROOT] if FRONT_END_ROOT else []
+    with comfy_host.comfy_server({"glm_image": str(tiny_model_dir.parent)}, timeout=300, extra_argv=argv) as url:
         done = subprocess.run(
             ["node", "run.mjs", "--url", url, "--out", str(ARTIFACTS), "--steps", str(STEPS), "--timeout", "900"],
             cwd=BROWSER,
@@ -139,3 +148,51 @@ def test_workflow_runs_and_its_image_shows_on_the_canvas(seen):
 
 def test_no_errors_from_the_extension(seen):
     assert seen["pageErrors"] == []
+
+
+def test_prompt_box_keeps_its_height_beside_the_ar_preview(seen):
+    height = seen["promptHeight"]
+    assert height["afterRun"] >= 0.95 * height["before"], height
+
+
+def vue_pass(seen) -> dict:
+    if "vue" not in seen:  # run.mjs VUE_NODES_SINCE
+        pytest.skip(f"front end {seen['frontEnd']}: its Vue nodes (an early experiment) show no extension DOM widgets")
+    return seen["vue"]
+
+
+@pytest.mark.parametrize("phase", ["en", "zh", "vue"])
+def test_template_cards_show_the_pack_pictures(seen, phase):
+    cards = seen["cards"] if phase == "en" else (vue_pass(seen) if phase == "vue" else seen[phase])["cards"]
+    stems = [p.stem for p in TEMPLATE.parent.glob("*.json")]
+    assert cards["requested"] == {f"{stem}.jpg": 200 for stem in stems}
+    assert cards["loaded"] >= len(stems)  # drawn, not broken images
+
+
+def test_template_browser_logs_no_errors(seen):
+    assert seen["failedRequests"] == []
+    assert [e for e in seen["consoleErrors"] if "workflow_templates" in f"{e['text']} {e['url']}"] == []
+
+
+def test_chinese_ui_shows_the_nodes_in_chinese(seen):
+    zh = locales.read("zh", "nodeDefs.json")
+    titles = seen["zh"]["titles"]
+    assert titles and titles == {node_id: zh[node_id]["display_name"] for node_id in titles}
+    categories = locales.read("zh", "main.json")["nodeCategories"]
+    assert seen["zh"]["categories"] == [categories["GLM-Image"]]
+
+
+def test_chinese_ui_shows_the_panel_in_chinese(seen):
+    strings = locales.read("zh", "main.json")["glmImage"]["panel"]
+    panel = seen["zh"]["initial"]
+    assert strings["arTokens"] in panel["text"] and strings["glyphs"].split("{")[0] in panel["text"]
+    assert panel["tokenCount"] == seen["initial"]["tokenCount"] and panel["spans"] == seen["initial"]["spans"]
+    assert strings["glyphsFromPrompt"].split("{")[0] in seen["zh"]["encode"]["text"]
+
+
+def test_vue_nodes_show_the_panel_and_follow_typing(seen):
+    vue = vue_pass(seen)
+    assert vue["isVue"], "the front end did not draw Vue nodes"
+    assert vue["initial"]["spans"] == seen["initial"]["spans"]
+    assert vue["initial"]["tokenCount"] == seen["initial"]["tokenCount"]
+    assert vue["afterTyping"]["spans"] == glyph.extract_glyph_texts(vue["afterTyping"]["prompt"])

@@ -3,6 +3,7 @@ twins in `tests/workflows/` agree node for node, link for link and value for val
 on the tiny model (in-process, and text-to-image also through a real `main.py --cpu` server); saved visual tokens
 reproduce the image without the AR; and the pack imports cleanly in ComfyUI's own startup check."""
 
+import io
 import json
 import re
 import subprocess
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import comfy_host
+from tests import comfy_host, locales
 
 comfy_host.require_comfyui()
 pytestmark = pytest.mark.host
@@ -387,6 +388,38 @@ def test_server_lists_and_serves_the_example_workflows(server):
     for stem in STEMS:
         served = json.load(urllib.request.urlopen(f"{server}/api/workflow_templates/{PACK_FOLDER}/{stem}.json"))
         assert served == load(EXAMPLES, stem)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("stem", STEMS)
+def test_server_serves_the_template_thumbnail_the_template_browser_asks_for(server, stem):
+    with urllib.request.urlopen(f"{server}/api/workflow_templates/{PACK_FOLDER}/{stem}.jpg") as response:
+        assert response.headers["Content-Type"] == "image/jpeg"
+        body = response.read()
+    assert len(body) < 60_000  # a card picture, not a download
+    thumbnail = Image.open(io.BytesIO(body))
+    assert thumbnail.format == "JPEG" and thumbnail.size[0] == thumbnail.size[1] >= 256  # square cards
+
+
+@pytest.mark.server
+def test_server_serves_the_pack_translations_at_i18n(server):
+    served = json.load(urllib.request.urlopen(f"{server}/i18n"))
+    for lang in ("en", "zh"):
+        assert (
+            served[lang]["nodeDefs"]["GLMImageGenerateTokens"]
+            == locales.read(lang, "nodeDefs.json")["GLMImageGenerateTokens"]
+        )
+        assert served[lang]["glmImage"] == locales.read(lang, "main.json")["glmImage"]  # the panel's strings
+
+
+@pytest.mark.server
+def test_server_sends_the_search_aliases(server):
+    from comfy_api.latest import io as comfy_io
+
+    if "search_aliases" not in getattr(comfy_io.Schema, "__dataclass_fields__", {}):
+        pytest.skip(f"ComfyUI {comfy_host.comfyui_version()} has no search aliases in its V3 schema")
+    info = json.load(urllib.request.urlopen(f"{server}/object_info/GLMImageGenerateTokens"))
+    assert {"glm", "智谱", "ar tokens"} <= set(info["GLMImageGenerateTokens"]["search_aliases"])
 
 
 @pytest.mark.server

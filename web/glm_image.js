@@ -1,10 +1,12 @@
-// GLM-Image front-end extension (ComfyUI frontend 1.27 API): a read-only panel at the bottom of the token node that
-// shows which quoted spans of the prompt will be rendered as glyphs (in encoding order), quotes no span uses, and
-// the AR token count the width/height imply, live as they change; the Encode node shows the spans it will encode.
-// The rules themselves live in glm_image_logic.js (tested against the Python code).
+// GLM-Image front-end extension (ComfyUI frontend 1.27 to 1.58 API): a read-only panel at the bottom of the token node
+// that shows which quoted spans of the prompt will be rendered as glyphs (in encoding order), quotes no span uses,
+// and the AR token count the width/height imply, live as they change; the Encode node shows the spans it will encode.
+// The rules themselves live in glm_image_logic.js (tested against the Python code). The panel's words come from the
+// pack's locales/<lang>/main.json (key glmImage), which ComfyUI serves at /i18n with the node translations.
 //
 // The panel is the node's LAST widget and is never serialised: the saved workflow's widgets_values stay exactly the
 // backend's widgets, position for position, so workflows load the same with or without this extension.
+import { api } from "../../scripts/api.js";
 import { app } from "../../scripts/app.js";
 import {
   SIZE_MULTIPLE,
@@ -36,6 +38,34 @@ const STYLE = `
 .glm-image-info .glm-warn { color: #ffb84d; }
 `;
 
+/** The pack's strings by language ({en: {panel, size}, zh: ...}), from /i18n; filled in setup. */
+const strings = {};
+
+async function loadStrings() {
+  try {
+    const all = await (await api.fetchApi("/i18n")).json();
+    for (const [lang, messages] of Object.entries(all)) if (messages.glmImage) strings[lang] = messages.glmImage;
+  } catch (e) {
+    console.warn("GLM-Image: no translations from /i18n, the panel shows its keys", e);
+  }
+}
+
+/** The user's language as the front end chose it (the Comfy.Locale setting), when the pack has it; else English
+ * (null until the strings have come: part of the panel's facts, so it renders again once they are there). */
+function language() {
+  if (!strings.en) return null;
+  const setting = "Comfy.Locale";
+  const locale = app.extensionManager?.setting?.get?.(setting) ?? app.ui?.settings?.getSettingValue?.(setting);
+  return strings[locale] ? locale : "en";
+}
+
+/** The text of `key` ("panel.arTokens") in `lang` (English where missing), its {placeholders} filled from `values`. */
+function tr(lang, key, values = {}) {
+  const find = (messages) => key.split(".").reduce((tree, part) => tree?.[part], messages);
+  const text = find(strings[lang]) ?? find(strings.en) ?? key;
+  return text.replace(/\{(\w+)\}/g, (whole, name) => (name in values ? String(values[name]) : whole));
+}
+
 function widget(node, name) {
   return node.widgets?.find((w) => w.name === name);
 }
@@ -54,8 +84,9 @@ function line(parent, label, className) {
   return row;
 }
 
-function hasReferences(node) {
-  return (node.inputs ?? []).some((input) => input.name?.startsWith("reference_") && input.link != null);
+/** Whether any input whose name passes `test` has a link. */
+function linked(node, test) {
+  return (node.inputs ?? []).some((input, slot) => test(input.name ?? "") && node.isInputConnected(slot));
 }
 
 /** The prompt of the token node feeding an Encode node's `tokens` input, when it is linked directly. */
@@ -65,58 +96,64 @@ function linkedPrompt(node) {
   return source?.comfyClass === TOKENS_NODE ? widget(source, "prompt")?.value : undefined;
 }
 
-function showSpans(panel, label, spans) {
-  const row = line(panel, `${label} (${spans.length}):`);
-  if (!spans.length) row.append(element("span", "glm-span glm-empty", "none: nothing rendered as text"));
+function warn(panel, text) {
+  line(panel, null, "glm-warn").textContent = `\u26a0 ${text}`;
+}
+
+function showSpans(panel, t, label, spans) {
+  const row = line(panel, t(label, { count: spans.length }));
+  if (!spans.length) row.append(element("span", "glm-span glm-empty", t("panel.noSpans")));
   for (const span of spans) {
-    row.append(span ? element("span", "glm-span", span) : element("span", "glm-span glm-empty", "empty"));
+    row.append(span ? element("span", "glm-span", span) : element("span", "glm-span glm-empty", t("panel.emptySpan")));
   }
 }
 
 /** Everything the panel shows depends on (its JSON is the key that tells whether to render again). */
 function facts(node) {
+  const lang = language();
   if (node.comfyClass === TOKENS_NODE) {
     const prompt = String(widget(node, "prompt")?.value ?? "");
     const height = widget(node, "height")?.value;
     const width = widget(node, "width")?.value;
-    const sizeLinked = (node.inputs ?? []).some((i) => (i.name === "width" || i.name === "height") && i.link != null);
-    return { kind: "tokens", prompt, height, width, sizeLinked, references: hasReferences(node) };
+    const sizeLinked = linked(node, (name) => name === "width" || name === "height");
+    const references = linked(node, (name) => name.startsWith("reference_"));
+    return { lang, kind: "tokens", prompt, height, width, sizeLinked, references };
   }
   const mode = widget(node, "glyph_text")?.value;
-  if (mode === OVERRIDE) return { kind: "override", override: String(widget(node, "override")?.value ?? "") };
-  return { kind: "prompt", prompt: linkedPrompt(node) };
+  if (mode === OVERRIDE) return { lang, kind: "override", override: String(widget(node, "override")?.value ?? "") };
+  return { lang, kind: "prompt", prompt: linkedPrompt(node) };
 }
 
 function render(panel, f) {
+  const t = (key, values) => tr(f.lang, key, values);
   panel.replaceChildren();
   if (f.kind === "tokens") {
-    showSpans(panel, "Glyphs", extractGlyphTexts(f.prompt));
+    showSpans(panel, t, "panel.glyphs", extractGlyphTexts(f.prompt));
     for (const { open, close, count } of unmatchedQuotes(f.prompt)) {
-      const quote = open === close ? open : `${open}\u2009${close}`;
-      line(panel, null, "glm-warn").textContent = `\u26a0 ${count} unmatched ${quote}: not a glyph span`;
+      warn(panel, t("panel.unmatchedQuotes", { count, quote: open === close ? open : `${open}\u2009${close}` }));
     }
     if (f.sizeLinked) {
-      line(panel, "AR tokens:").append("set by the linked width/height when the workflow runs");
+      line(panel, t("panel.arTokens")).append(t("panel.sizeLinked"));
       return;
     }
     const problem = sizeProblem(f.height, f.width);
     const geometry = arGeometry(f.height, f.width, f.references);
-    if (problem) line(panel, null, "glm-warn").textContent = `\u26a0 ${problem}`;
+    if (problem) warn(panel, t(`size.${problem.rule}`, { ...problem, side: t(`size.${problem.side}`) }));
     if (geometry) {
       const { previewH, previewW, gridH, gridW, numNewTokens } = geometry;
-      const parts = f.references ? [] : [`${previewH}\u00d7${previewW} preview`];
-      parts.push(`${gridH}\u00d7${gridW} grid`, "end");
-      const row = line(panel, "AR tokens:");
+      const parts = f.references ? [] : [t("panel.previewGrid", { h: previewH, w: previewW })];
+      parts.push(t("panel.targetGrid", { h: gridH, w: gridW }), t("panel.endToken"));
+      const row = line(panel, t("panel.arTokens"));
       row.append(element("b", "glm-token-count", String(numNewTokens)), ` (${parts.join(" + ")})`);
     }
   } else if (f.kind === "override") {
     const spans = overrideGlyphTexts(f.override);
-    showSpans(panel, "Glyphs from the override", spans);
-    if (!spans.length) line(panel, null, "glm-warn").textContent = "\u26a0 the override is empty: the node will refuse";
+    showSpans(panel, t, "panel.glyphsFromOverride", spans);
+    if (!spans.length) warn(panel, t("panel.overrideEmpty"));
   } else if (f.prompt !== undefined) {
-    showSpans(panel, "Glyphs from the prompt", extractGlyphTexts(f.prompt));
+    showSpans(panel, t, "panel.glyphsFromPrompt", extractGlyphTexts(f.prompt));
   } else {
-    line(panel, "Glyphs:").append("the quoted spans of the tokens' prompt");
+    line(panel, t("panel.glyphsOfLinkedPrompt")).append(t("panel.linkedPromptHint"));
   }
 }
 
@@ -152,6 +189,31 @@ function addPanel(node) {
   return info;
 }
 
+/**
+ * A draw hook for the token node: when the AR preview arrives, the front end gives it a share of the node's height,
+ * taken from the prompt box (down to two lines); grow the node so that the prompt keeps the height it had without
+ * the preview. A few steps per preview at most, so a node the user resizes afterwards stays as they made it.
+ */
+function keepPromptHeight(node) {
+  const prompt = widget(node, "prompt");
+  let kept = null; // the prompt's height (graph units) while the node shows no preview
+  let steps = 0;
+  return () => {
+    const height = prompt?.computedHeight;
+    if (typeof height !== "number") return; // Vue nodes: laid out by CSS, the node grows by itself
+    if (!node.imgs?.length) {
+      kept = height;
+      steps = 0;
+      return;
+    }
+    const deficit = kept === null ? 0 : kept - height;
+    if (deficit < 2 || steps >= 3) return;
+    steps += 1;
+    node.setSize([node.size[0], node.size[1] + 2 * deficit]); // the prompt and the preview share what is added
+    node.setDirtyCanvas(true, true);
+  };
+}
+
 /** Call `then` after every change of widget `name` (chained after the widget's own callback). */
 function onChange(node, name, then) {
   const w = widget(node, name);
@@ -172,6 +234,7 @@ app.registerExtension({
   name: "GLMImage.PromptInfo",
   async setup() {
     document.head.append(element("style", null, STYLE));
+    await loadStrings();
   },
   async nodeCreated(node) {
     const type = node.comfyClass;
@@ -201,10 +264,12 @@ app.registerExtension({
       update(); // references connected: image-to-image count; tokens linked: the Encode node's spans
       return result;
     };
+    const keepPrompt = type === TOKENS_NODE ? keepPromptHeight(node) : () => {};
     const draw = node.onDrawForeground;
     node.onDrawForeground = function (...args) {
       const result = draw?.apply(this, args);
       info.refresh(); // cheap when nothing changed; catches values set by other extensions or links
+      keepPrompt();
       return result;
     };
     requestAnimationFrame(() => info.refresh());

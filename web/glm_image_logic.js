@@ -43,15 +43,19 @@ export function overrideGlyphTexts(override) {
   return String(override).split(PY_LINE_BREAK).filter((line) => PY_NOT_SPACE.test(line));
 }
 
-/** Why GLM-Image refuses this size (check_image_size), or null when it is fine. */
+/**
+ * Why GLM-Image refuses this size (check_image_size), or null when it is fine: { rule, side, value, ... } with rule
+ * "whole" (not an integer), "multiple" (+ multiple, lower, upper: the nearest valid sides) or "range" (+ min, max).
+ * The panel words it in the user's language (locales/<lang>/main.json, glmImage.size.<rule>).
+ */
 export function sizeProblem(height, width) {
-  for (const [name, side] of [["height", height], ["width", width]]) {
-    if (!Number.isInteger(side)) return `${name} ${side} is not a whole number`;
-    if (side % SIZE_MULTIPLE) {
-      const lower = Math.floor(side / SIZE_MULTIPLE) * SIZE_MULTIPLE;
-      return `${name} ${side} is not a multiple of ${SIZE_MULTIPLE} (try ${lower} or ${lower + SIZE_MULTIPLE})`;
+  for (const [side, value] of [["height", height], ["width", width]]) {
+    if (!Number.isInteger(value)) return { rule: "whole", side, value };
+    if (value % SIZE_MULTIPLE) {
+      const lower = Math.floor(value / SIZE_MULTIPLE) * SIZE_MULTIPLE;
+      return { rule: "multiple", side, value, multiple: SIZE_MULTIPLE, lower, upper: lower + SIZE_MULTIPLE };
     }
-    if (side < MIN_SIDE || side > MAX_SIDE) return `${name} ${side} is outside ${MIN_SIDE}..${MAX_SIDE}`;
+    if (value < MIN_SIDE || value > MAX_SIDE) return { rule: "range", side, value, min: MIN_SIDE, max: MAX_SIDE };
   }
   return null;
 }

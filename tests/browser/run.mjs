@@ -1,8 +1,10 @@
 // Drives ComfyUI's front end in headless Chromium for tests/test_browser.py:
 //   node run.mjs --url http://127.0.0.1:PORT --out DIR [--template text_rendering] [--steps N]
-// opens the pack's template from Workflow templates, reads the GLM-Image panel, edits prompt and size through the
-// page, queues the workflow, watches the AR preview arrive on the token node and the image on the canvas, and saves
-// screenshots in DIR. Prints one JSON object (what it saw) as the last line of stdout; the Python test asserts.
+// opens the pack's template from Workflow templates (its card pictures must load), reads the GLM-Image panel, edits
+// prompt and size through the page, queues the workflow, watches the AR preview arrive on the token node and the
+// image on the canvas, and saves screenshots in DIR. Then reloads the page twice and opens the template again: with
+// the UI in Chinese (Comfy.Locale = zh: node titles and panel), and with Vue nodes ("Nodes 2.0": the panel and
+// typing). Prints one JSON object (what it saw) as the last line of stdout; the Python test asserts.
 // Needs only playwright-core (no browser download): Chromium comes from the system (/usr/bin/chromium or $CHROMIUM).
 import fs from "node:fs";
 import os from "node:os";
@@ -21,6 +23,7 @@ const { values: opts } = parseArgs({
   },
 });
 const TOKENS = "GLMImageGenerateTokens";
+const VUE_NODES_SINCE = 28; // front end 1.x from which the Vue-node pass runs
 const seen = { steps: [] };
 const log = (step, data = {}) => {
   seen.steps.push({ step, ...data });
@@ -51,19 +54,30 @@ const context = await chromium.launchPersistentContext(profile, {
 const page = context.pages()[0] ?? (await context.newPage());
 page.setDefaultTimeout(60_000);
 const pageErrors = []; // errors raised in this pack's scripts (the front end logs some of its own)
+const consoleErrors = []; // every console error, with the phase it came in (the template browser's are checked)
+const failedRequests = []; // responses >= 400 for the pack's templates, their pictures and the translations
+const pictures = {}; // the pack's template pictures the page asked for: {name: HTTP status}
+let phase = "start";
 const ours = `/extensions/${opts.pack}/`;
 page.on("pageerror", (e) => {
   if ((e.stack ?? "").includes(ours)) pageErrors.push(e.stack);
 });
 page.on("console", (m) => {
-  if (m.type() === "error" && (m.location()?.url ?? "").includes(ours)) pageErrors.push(m.text());
+  if (m.type() !== "error") return;
+  if ((m.location()?.url ?? "").includes(ours)) pageErrors.push(m.text());
+  consoleErrors.push({ phase, text: m.text(), url: m.location()?.url ?? null });
+});
+page.on("response", (r) => {
+  const picture = r.url().match(new RegExp(`/workflow_templates/${opts.pack}/([^/?]+\\.jpg)`));
+  if (picture) pictures[decodeURIComponent(picture[1])] = r.status();
+  if (r.status() >= 400 && /\/workflow_templates\/|\/i18n/.test(r.url())) failedRequests.push([r.status(), r.url()]);
 });
 
-try {
-  // A fresh server has no settings: tutorial done, so no template dialog opens by itself mid-test; no minimap over
-  // the screenshot.
+/** Load the front end with these settings (a fresh server has none: tutorial done, so no template dialog opens by
+ * itself mid-test; no minimap over the screenshot). */
+async function loadFrontEnd(settings) {
   await page.request.post(`${opts.url}/api/settings`, {
-    data: { "Comfy.TutorialCompleted": true, "Comfy.Minimap.Visible": false },
+    data: { "Comfy.TutorialCompleted": true, "Comfy.Minimap.Visible": false, ...settings },
   });
   await page.goto(opts.url);
   await page.waitForFunction(
@@ -71,15 +85,31 @@ try {
     null,
     { timeout: 120_000 },
   );
-  log("front end loaded", { version: await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null) });
+  seen.frontEnd = await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ ?? null);
+  log("front end loaded", { version: seen.frontEnd });
+}
 
-  // --- the template, through the template browser: Browse Templates -> <pack> -> <template> ---------------------
-  // Opened by its command, which the menu entry runs: the menu itself moved between front ends 1.27 and 1.49.
+/** The template, through the template browser: Browse Templates -> <pack> -> <template>; returns the node ids and
+ * what the pack's cards showed. Opened by its command, which the menu entry runs: the menu moved between 1.27 and
+ * 1.49. The pack's button shows its folder name, whatever the language. */
+async function openTemplate() {
+  let cards = null;
+  for (const name of Object.keys(pictures)) delete pictures[name];
   await retry("open template", async () => {
     await page.keyboard.press("Escape");
+    await page.evaluate(() => window.app.graph.clear());
     await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
     const dialog = page.getByRole("dialog").filter({ hasText: opts.pack });
     await dialog.getByText(opts.pack, { exact: true }).click();
+    await dialog.getByText(opts.template, { exact: true }).first().waitFor();
+    // The cards' pictures: requested by name (1.58 shows them from blob: URLs), drawn once loaded.
+    const templates = (await (await page.request.get(`${opts.url}/workflow_templates`)).json())[opts.pack];
+    const loaded = await page.waitForFunction((count) => {
+      const images = [...document.querySelectorAll("[role=dialog] img")];
+      const drawn = images.filter((img) => img.complete && img.naturalWidth > 0).length;
+      return drawn >= count && images.every((img) => img.complete) ? drawn : null;
+    }, templates.length, { timeout: 15_000 }).then((h) => h.jsonValue());
+    cards = { requested: { ...pictures }, loaded };
     await dialog.getByText(opts.template, { exact: true }).first().click();
     await page.waitForFunction((type) => window.app.graph.nodes.some((n) => n.comfyClass === type), TOKENS, {
       timeout: 15_000,
@@ -91,7 +121,23 @@ try {
     const id = (t) => nodes.find((n) => n.comfyClass === t)?.id ?? null;
     return { tokens: id(type), encode: id("GLMImageEncode"), sampler: id("KSampler"), save: id("SaveImage") };
   }, TOKENS);
-  log("template loaded", ids);
+  log("template loaded", { ids, cards });
+  return { ids, cards };
+}
+
+/** The text box of a node's multiline widget: the DOM widget's element, or the Vue node's textarea (Nodes 2.0). */
+const textBox = (nodeId, name) =>
+  page.evaluateHandle(({ nodeId, name }) => {
+    const vueNode = document.querySelector(`[data-node-id="${nodeId}"]`);
+    if (vueNode) return vueNode.querySelector("textarea");
+    return window.app.graph.getNodeById(nodeId).widgets.find((w) => w.name === name).element;
+  }, { nodeId, name });
+
+try {
+  phase = "en";
+  await loadFrontEnd({ "Comfy.Locale": "en", "Comfy.VueNodes.Enabled": false });
+  const { ids, cards } = await openTemplate();
+  seen.cards = cards;
 
   const panel = (id) =>
     page.evaluate((nodeId) => {
@@ -136,10 +182,9 @@ try {
   // At full scale: zoomed out, front end 1.49 draws nodes without their widgets (the prompt textarea is hidden).
   await centerOn(ids.tokens);
   await page.waitForTimeout(300);
-  const textarea = await page.evaluateHandle(
-    (nodeId) => window.app.graph.getNodeById(nodeId).widgets.find((w) => w.name === "prompt").inputEl,
-    ids.tokens,
-  );
+  const textarea = await textBox(ids.tokens, "prompt");
+  const promptHeight = () => textarea.evaluate((el) => el.getBoundingClientRect().height / window.app.canvas.ds.scale);
+  seen.promptHeight = { before: await promptHeight() };
   const original = seen.initial.prompt;
   await textarea.click();
   await page.keyboard.press("Control+End");
@@ -206,18 +251,18 @@ try {
     image.connect(0, app.graph.getNodeById(nodeId), "reference_1");
     window.__glmReference = image;
   }, ids.tokens);
-  seen.withReference = await waitPanel(ids.tokens, (p) => !p.text.includes("preview"), "panel with a reference");
+  const initialCount = seen.initial.tokenCount;
+  seen.withReference = await waitPanel(ids.tokens, (p) => p.tokenCount !== initialCount, "panel with a reference");
   await page.evaluate(() => window.app.graph.remove(window.__glmReference));
-  seen.referenceRemoved = await waitPanel(ids.tokens, (p) => p.text.includes("preview"), "panel without reference");
+  seen.referenceRemoved = await waitPanel(ids.tokens, (p) => p.tokenCount === initialCount, "panel without reference");
 
   // the Encode node with glyph_text = override: its lines are the spans
-  const overrideBox = await page.evaluateHandle((nodeId) => {
-    const node = window.app.graph.getNodeById(nodeId);
-    const mode = node.widgets.find((w) => w.name === "glyph_text");
+  await page.evaluate((nodeId) => {
+    const mode = window.app.graph.getNodeById(nodeId).widgets.find((w) => w.name === "glyph_text");
     mode.value = "override";
     mode.callback?.(mode.value); // what the combo menu calls
-    return node.widgets.find((w) => w.name === "override").inputEl;
   }, ids.encode);
+  const overrideBox = await textBox(ids.encode, "override");
   seen.overrideEmpty = await waitPanel(ids.encode, (p) => p.warnings.length > 0, "override empty");
   await overrideBox.click();
   await page.keyboard.type("OPEN LATE\n\n  \nSince 1898");
@@ -316,6 +361,52 @@ try {
   }));
   await page.screenshot({ path: path.join(opts.out, `${opts.template}.png`) });
   seen.screenshot = path.join(opts.out, `${opts.template}.png`);
+  await centerOn(ids.tokens);
+  await page.waitForTimeout(300);
+  seen.promptHeight.afterRun = await promptHeight(); // the AR preview shares the node with the prompt box
+  await page.screenshot({ path: path.join(opts.out, "after_run_tokens_node.png"), clip: tokenBox });
+
+  /** The template again with Vue nodes ("Nodes 2.0"): the panel shows inside the Vue node and follows typing. */
+  async function vueNodesPass() {
+    phase = "vue";
+    await loadFrontEnd({ "Comfy.Locale": "en", "Comfy.VueNodes.Enabled": true });
+    const vue = await openTemplate();
+    seen.vue = { cards: vue.cards };
+    seen.vue.isVue = await page.evaluate((id) => !!document.querySelector(`[data-node-id="${id}"]`), vue.ids.tokens);
+    seen.vue.initial = await waitPanel(vue.ids.tokens, (p) => p.visible && p.tokenCount, "panel in a Vue node");
+    await centerOn(vue.ids.tokens);
+    await page.waitForTimeout(500);
+    const vueBox = await textBox(vue.ids.tokens, "prompt");
+    await vueBox.click();
+    await page.keyboard.press("Control+End");
+    await page.keyboard.type(" and a note 'NEW'");
+    seen.vue.afterTyping = await waitPanel(vue.ids.tokens, (p) => p.spans.includes("NEW"), "Vue panel after typing");
+    await page.screenshot({ path: path.join(opts.out, "vue_tokens_node.png") });
+  }
+
+  // --- the same template with the UI in Chinese: node titles, category, panel -------------------------------------
+  phase = "zh";
+  await loadFrontEnd({ "Comfy.Locale": "zh" });
+  const zh = await openTemplate();
+  seen.zh = { cards: zh.cards };
+  seen.zh.titles = await page.evaluate(() => {
+    const ours = window.app.graph.nodes.filter((n) => n.comfyClass?.startsWith("GLMImage"));
+    return Object.fromEntries(ours.map((n) => [n.comfyClass, n.title]));
+  });
+  seen.zh.categories = await page.evaluate(() => {
+    const ours = Object.values(window.LiteGraph.registered_node_types).filter((t) => t.comfyClass?.startsWith("GLM"));
+    return [...new Set(ours.map((t) => t.category))];
+  });
+  seen.zh.initial = await waitPanel(zh.ids.tokens, (p) => p.visible && p.tokenCount, "panel in Chinese");
+  seen.zh.encode = await panel(zh.ids.encode);
+  await centerOn(zh.ids.tokens);
+  await page.waitForTimeout(300);
+  await page.screenshot({ path: path.join(opts.out, "zh_tokens_node.png") });
+
+  // --- Vue nodes ("Nodes 2.0"): the panel inside the Vue node, live while typing -----------------------------------
+  // Not before 1.28: 1.27's Vue nodes were an early experiment that does not show extensions' DOM widgets.
+  const [major, minor] = String(seen.frontEnd).split(".").map(Number);
+  if (major > 1 || minor >= VUE_NODES_SINCE) await vueNodesPass();
   seen.ok = true;
 } catch (e) {
   seen.ok = false;
@@ -323,6 +414,8 @@ try {
   await page.screenshot({ path: path.join(opts.out, "failure.png") }).catch(() => {});
 } finally {
   seen.pageErrors = pageErrors;
+  seen.consoleErrors = consoleErrors;
+  seen.failedRequests = failedRequests;
   await context.close();
   fs.rmSync(profile, { recursive: true, force: true });
 }
