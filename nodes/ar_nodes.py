@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..glm_image_core import ar, loading, memory, preview
+from ..glm_image_core import ar, dependencies, loading, memory, preview
 from ..glm_image_core.defaults import PATCH_STRIDE, TEMPERATURE, TOP_P
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
@@ -62,6 +62,9 @@ class ARModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_folder=None, weights=None):
+        problem = dependencies.transformers_problem()  # at queue time, before any other graph node runs
+        if problem is not None:
+            return problem
         folder_check = paths.validate(paths.AR_MODEL, model_folder)
         if folder_check is not True or weights in AR_WEIGHTS:
             return folder_check
