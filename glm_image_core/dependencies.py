@@ -1,8 +1,10 @@
-"""What the pack needs from its environment: transformers 5 for the AR model, checked without loading anything.
+"""What the pack needs from its environment: a recent transformers 5 for the AR model, checked without loading it.
 
-The AR model (GlmImageForConditionalGeneration) and its processor exist in transformers 5.0.0 and later. Other custom
-node packs often pin transformers 4, so an environment may hold it; then only the AR stage cannot work, and the user
-needs one message that says what was found, what is needed and the exact command for this Python.
+The AR model (GlmImageForConditionalGeneration) and its processor exist from transformers 5.0.0, but only 5.18.0 and
+later work as the pack uses them (measured: 5.0 builds other token grids for a size, 5.5 to 5.17 fail on reference
+images; 5.18.0 passes the AR, pipeline and loading tests). Other custom node packs often pin transformers 4, so an environment may hold
+it; then only the AR stage cannot work, and the user needs one message that says what was found, what is needed and
+the exact command for this Python.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import sys
 
 from .errors import InvalidInputError
 
-TRANSFORMERS_NEEDED = "5.0.0"  # the first release with GlmImage; requirements.txt and pyproject.toml say the same
+# The oldest release that works (see above; .ci/newest-deps tests the newest); requirements.txt and pyproject agree.
+TRANSFORMERS_NEEDED = "5.18.0"
 # What pip upgrades together with transformers 5 (its own requirements), named so the user is not surprised.
 TRANSFORMERS_BRINGS = ("huggingface_hub", "tokenizers", "safetensors")
 
@@ -41,23 +44,27 @@ def pip_command(requirement: str) -> str:
 
 
 def transformers_problem() -> str | None:
-    """None when transformers has GlmImage; else the message for the user: found and needed version, the command,
-    and what else the upgrade changes."""
-    if has_glm_image():
-        return None
+    """None when transformers has GlmImage and is TRANSFORMERS_NEEDED or later; else the message for the user: found
+    and needed version, the command, and what else the upgrade changes."""
     try:
         import transformers
 
-        found = f"transformers {transformers.__version__}"
+        found = transformers.__version__
     except ImportError:
-        found = "no transformers"
+        found = None
+    if found is not None and has_glm_image():
+        from packaging.version import Version  # a transformers requirement
+
+        if Version(found) >= Version(TRANSFORMERS_NEEDED):
+            return None
     brings = ", ".join(f"{name} (now {installed_version(name) or 'absent'})" for name in TRANSFORMERS_BRINGS)
     return (
         f"GLM-Image needs transformers {TRANSFORMERS_NEEDED} or newer for its AR model (GlmImage); this Python has "
-        f"{found}. The AR model (Load GLM-Image AR Model) cannot load until transformers is upgraded; the other stages "
-        f"work. Upgrade it with this Python (ComfyUI's), then restart ComfyUI: "
-        f"{pip_command(f'transformers>={TRANSFORMERS_NEEDED}')}. pip then also upgrades what transformers 5 requires: "
-        f"{brings}; a custom node pack that pins transformers 4 or huggingface_hub below 1.0 may ask for them back."
+        f"{'no transformers' if found is None else f'transformers {found}'}. The AR model (Load GLM-Image AR Model) "
+        "cannot load until transformers is upgraded; the other stages work. Upgrade it with this Python (ComfyUI's), "
+        f"then restart ComfyUI: {pip_command(f'transformers>={TRANSFORMERS_NEEDED}')}. pip then also upgrades what "
+        f"transformers 5 requires: {brings}; a custom node pack that pins transformers 4 or huggingface_hub below 1.0 "
+        "may ask for them back."
     )
 
 

@@ -1,6 +1,6 @@
-"""On transformers 4 (stood in for by tests/transformers4.py) the AR stage refuses with one message that names the
-found and needed versions, the pip command for this Python and what else the upgrade changes; the other stages still
-load. With the installed transformers 5 there is no message."""
+"""On transformers 4 (stood in for by tests/transformers4.py) or a 5.x older than the pack needs, the AR stage refuses
+with one message that names the found and needed versions, the pip command for this Python and what else the upgrade
+changes; the other stages still load. With the installed transformers there is no message."""
 
 import sys
 
@@ -40,6 +40,13 @@ def test_message_names_what_the_upgrade_also_changes(on_transformers4):
     message = dependencies.transformers_problem()
     for name in dependencies.TRANSFORMERS_BRINGS:
         assert f"{name} (now {dependencies.installed_version(name)})" in message
+
+
+def test_transformers_5_older_than_needed_gets_the_message(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")  # has GlmImage, fails on reference images
+    assert "this Python has transformers 5.17.0" in dependencies.transformers_problem()
 
 
 def test_message_without_any_transformers(monkeypatch):
