@@ -24,6 +24,7 @@ from .components import (
     component_location,
     open_component,
 )
+from .dependencies import glm_image_classes
 from .errors import InvalidInputError, ModelFilesError
 from .files import save_safetensors
 
@@ -70,8 +71,7 @@ def load_ar_model(
 
 
 def _load_ar_with_transformers(location: Path, dtype: torch.dtype | None):
-    from transformers import GlmImageForConditionalGeneration
-
+    (GlmImageForConditionalGeneration,) = glm_image_classes("GlmImageForConditionalGeneration")
     files = open_component(location, AR_MODEL, None)
     try:
         # ignore_mismatched_sizes: transformers then reports shape mismatches instead of raising a bare RuntimeError
@@ -115,10 +115,11 @@ def _generation_config(location: Path, metadata_json: str | None = None):
 def _meta_int8_ar_model(files: ComponentFiles):
     """GlmImageForConditionalGeneration on the meta device with ``Int8Linear`` decoder projections, after checking
     that the files hold exactly its tensors (the scales aside, for bf16 sources)."""
-    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
-
     from .quant import replace_decoder_linears
 
+    GlmImageConfig, GlmImageForConditionalGeneration = glm_image_classes(
+        "GlmImageConfig", "GlmImageForConditionalGeneration"
+    )
     try:
         config = GlmImageConfig.from_dict({k: v for k, v in files.config.items() if not k.startswith("_")})
         with torch.device("meta"):
@@ -286,8 +287,7 @@ def trim_embedding(model, rows: int = 16384) -> None:
 def load_ar_processor(folder: str | Path):
     """The AR processor (``transformers.GlmImageProcessor``: tokenizer + image processor) from the root or
     ``processor/``."""
-    from transformers import GlmImageProcessor
-
+    (GlmImageProcessor,) = glm_image_classes("GlmImageProcessor")
     location = _processor_folder(folder)
     try:
         return GlmImageProcessor.from_pretrained(location, local_files_only=True)

@@ -22,6 +22,7 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
+from .dependencies import glm_image_classes
 from .loading import constructor_kwargs
 from .vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
@@ -271,8 +272,9 @@ def _write_processor_tokenizer(folder: Path) -> None:
 
 
 def _write_vision_language_encoder(folder: Path, generator: torch.Generator) -> None:
-    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
-
+    GlmImageConfig, GlmImageForConditionalGeneration = glm_image_classes(
+        "GlmImageConfig", "GlmImageForConditionalGeneration"
+    )
     _write_json(folder / "config.json", _VLE_CONFIG)
     config = GlmImageConfig.from_pretrained(folder)
     model = GlmImageForConditionalGeneration(config)

@@ -1,7 +1,10 @@
 """The ComfyUI layer of the GLM-Image pack: thin V3 nodes over glm_image_core."""
 
+import logging
+
 from comfy_api.latest import ComfyExtension, io
 
+from ..glm_image_core import dependencies
 from . import ar_nodes, cache_nodes, dit_nodes, encode_nodes, lora_nodes, paths, vae_nodes
 
 NODES: list[type[io.ComfyNode]] = [
@@ -29,4 +32,7 @@ class GlmImageExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> GlmImageExtension:
     paths.register_model_folder()
+    problem = dependencies.transformers_problem()
+    if problem is not None:  # every node still loads: only the AR loader refuses, with the same message
+        logging.warning(problem)
     return GlmImageExtension()

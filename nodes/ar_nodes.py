@@ -13,7 +13,7 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..glm_image_core import ar, ar_lora, loading, memory, preview
+from ..glm_image_core import ar, ar_lora, dependencies, loading, memory, preview
 from ..glm_image_core.defaults import PATCH_STRIDE, TEMPERATURE, TOP_P
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
@@ -62,6 +62,9 @@ class ARModelLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_folder=None, weights=None):
+        problem = dependencies.transformers_problem()  # at queue time, before any other graph node runs
+        if problem is not None:
+            return problem
         folder_check = paths.validate(paths.AR_MODEL, model_folder)
         if folder_check is not True or weights in AR_WEIGHTS:
             return folder_check
