@@ -84,7 +84,6 @@ def run(setup: Setup) -> list[Row]:
 
 def measure(setup, mm, model_nodes, state_dict, config, weight_dtype, label, goal, size, text_dim) -> list[Row]:
     """Load the DiT as the DiT loader node does (``weight_dtype``), full-load it on the GPU, time batch 1 and 2."""
-
     patcher = model_nodes.load_dit_patcher(state_dict, config, weight_dtype)
     mm.load_models_gpu([patcher], force_full_load=True)
     forward = dit_forwards(setup, patcher.model, mm.get_torch_device(), size, text_dim)
