@@ -27,14 +27,16 @@ from glm_image_core.defaults import DEFAULT_SIDE
 PACK = "glm_image_bench_pack"  # this repo as a package, so the nodes' relative imports resolve
 
 
-def import_comfy(comfyui: Path, cpu: bool):
-    """ComfyUI's model management and our nodes/ (the MODEL and its loader), without the rest of ComfyUI (no server, no node packs)."""
+def import_comfy(comfyui: Path, cpu: bool, extra: tuple[str, ...] = ()):
+    """ComfyUI's model management and our nodes/ package (its `dit_loading` and `model_sampling` imported), without
+    the rest of ComfyUI (no server, no node packs); ``extra``: more ComfyUI modules to import while the stand-ins for
+    missing packages are in place."""
     sys.path.insert(0, str(comfyui))
     sys.path.insert(0, str(REPO / "tests"))
     from comfy.cli_args import args
 
     args.cpu = cpu  # read when comfy.model_management is first imported
-    from comfy_host import _package_stubs  # stand-ins only where torchvision/torchaudio are not installed
+    from comfy_host import _package_stubs  # stand-ins only where torchvision/torchaudio/av are not installed
 
     for name, location in ((PACK, REPO), (f"{PACK}.nodes", REPO / "nodes")):  # bare packages: no __init__ runs
         spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
@@ -43,15 +45,18 @@ def import_comfy(comfyui: Path, cpu: bool):
     with _package_stubs():
         import comfy.model_management
 
-        dit_loading = importlib.import_module(f"{PACK}.nodes.dit_loading")
-    return comfy.model_management, dit_loading
+        for name in ("dit_loading", "model_sampling"):
+            importlib.import_module(f"{PACK}.nodes.{name}")
+        for name in extra:
+            importlib.import_module(name)
+    return comfy.model_management, sys.modules[f"{PACK}.nodes"]
 
 
 def run(setup: Setup) -> list[Row]:
     if setup.comfyui is None or not (setup.comfyui / "comfy" / "model_management.py").is_file():
         return [Row("DiT via ComfyUI", "", note=f"skipped: no ComfyUI at {setup.comfyui}")]
     try:
-        mm, dit_loading = import_comfy(setup.comfyui, cpu=setup.device.type == "cpu")
+        mm, pack_nodes = import_comfy(setup.comfyui, cpu=setup.device.type == "cpu")
     except Exception as e:
         return [failed_row("DiT via ComfyUI (import)", e)]
     size = 512 if setup.tiny else DEFAULT_SIDE
@@ -69,7 +74,7 @@ def run(setup: Setup) -> list[Row]:
             total = torch.cuda.get_device_properties(setup.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), setup.device)
         try:
-            rows.extend(measure(setup, mm, dit_loading, state_dict, config, weight_dtype, label, goal, size, text_dim))
+            rows.extend(measure(setup, mm, pack_nodes, state_dict, config, weight_dtype, label, goal, size, text_dim))
         except torch.OutOfMemoryError as e:
             rows.append(Row(f"DiT via ComfyUI {label}", "", note=f"out of memory under {cap_gib:g} GiB: {e}"[:160]))
         except Exception as e:
@@ -79,27 +84,11 @@ def run(setup: Setup) -> list[Row]:
     return rows
 
 
-def measure(setup, mm, dit_loading, state_dict, config, weight_dtype, label, goal, size, text_dim) -> list[Row]:
+def measure(setup, mm, pack_nodes, state_dict, config, weight_dtype, label, goal, size, text_dim) -> list[Row]:
     """Load the DiT as the DiT loader node does (``weight_dtype``), full-load it on the GPU, time batch 1 and 2."""
-    from glm_image_core.sampling import pad_glyphs
-
-    patcher = dit_loading.load_dit_patcher(state_dict, config, weight_dtype)
+    patcher = pack_nodes.dit_loading.load_dit_patcher(state_dict, config, weight_dtype)
     mm.load_models_gpu([patcher], force_full_load=True)
-    model = patcher.model
-    dtype = model.manual_cast_dtype or model.get_dtype()
-    device = mm.get_torch_device()
-    latent, cond, uncond, prior, timestep = dit_inputs(setup, size, text_dim)
-    latent, cond, uncond = latent.to(device, dtype), cond.to(device, dtype), uncond.to(device, dtype)
-    glyphs = {1: (cond, torch.ones(1, cond.shape[1], dtype=torch.long, device=device))}
-    pair, mask = pad_glyphs([cond, uncond])  # what GlyphCond.concat builds for a cond + uncond batch
-    glyphs[2] = (pair, mask.long())
-
-    def forward(batch):
-        return lambda: model.diffusion_model(
-            latent.repeat(batch, 1, 1, 1), timestep.repeat(batch).to(device), glyph=glyphs[batch],
-            prior_token_id=prior.repeat(batch, 1).to(device),
-            prior_token_drop=torch.tensor([[0], [1]][:batch], device=device), transformer_options={},
-        )  # fmt: skip
+    forward = dit_forwards(setup, patcher.model, mm.get_torch_device(), size, text_dim)
 
     with torch.inference_mode():
         b1 = time_call(forward(1), setup.device, setup.repeats)
@@ -114,6 +103,27 @@ def measure(setup, mm, dit_loading, state_dict, config, weight_dtype, label, goa
         Row(f"Peak GPU memory, DiT stage via ComfyUI {label} (batch 2)", "GiB", peak, None,
             14.0 if "fp8" in weight_dtype else 22.0, "DiT weights + activations, process capped at the goal"),
     ]  # fmt: skip
+
+
+def dit_forwards(setup: Setup, model, device: torch.device, size: int, text_dim: int):
+    """forward(batch) -> a call of the loaded ComfyUI model's DiT on batch 1 (cond) or 2 (cond + uncond)."""
+    from glm_image_core.sampling import pad_glyphs
+
+    dtype = model.manual_cast_dtype or model.get_dtype()
+    latent, cond, uncond, prior, timestep = dit_inputs(setup, size, text_dim)
+    latent, cond, uncond = latent.to(device, dtype), cond.to(device, dtype), uncond.to(device, dtype)
+    glyphs = {1: (cond, torch.ones(1, cond.shape[1], dtype=torch.long, device=device))}
+    pair, mask = pad_glyphs([cond, uncond])  # what GlyphCond.concat builds for a cond + uncond batch
+    glyphs[2] = (pair, mask.long())
+
+    def forward(batch):
+        return lambda: model.diffusion_model(
+            latent.repeat(batch, 1, 1, 1), timestep.repeat(batch).to(device), glyph=glyphs[batch],
+            prior_token_id=prior.repeat(batch, 1).to(device),
+            prior_token_drop=torch.tensor([[0], [1]][:batch], device=device), transformer_options={},
+        )  # fmt: skip
+
+    return forward
 
 
 def main() -> None:

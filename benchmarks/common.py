@@ -67,13 +67,18 @@ class Setup:
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @classmethod
-    def create(cls, tiny: bool, repeats: int | None = None, compile: bool = False, comfyui: str | None = None):
+    def create(
+        cls, tiny: bool, repeats: int | None = None, compile: bool = False, comfyui: str | None = None, folder=None
+    ):
+        """``folder``: a tiny GLM-Image folder already written (``write_tiny_model(..., seed=0)``), else one is."""
         from glm_image_core.tiny import write_tiny_model
 
         if not tiny and not torch.cuda.is_available():
             raise SystemExit("The full-size benchmarks need a CUDA GPU; use --tiny on a CPU.")
-        tmp = tempfile.TemporaryDirectory(prefix="glm-bench-")
-        folder = write_tiny_model(Path(tmp.name) / "GLM-Image", seed=0)
+        tmp = None
+        if folder is None:
+            tmp = tempfile.TemporaryDirectory(prefix="glm-bench-")
+            folder = write_tiny_model(Path(tmp.name) / "GLM-Image", seed=0)
         device = torch.device("cpu" if tiny else "cuda")
         if tiny:
             torch.set_num_threads(1)  # tiny matrices: threads only add overhead (and CI has 2 cores)
@@ -81,7 +86,7 @@ class Setup:
         path = Path(comfyui) if comfyui else None
         if repeats is None:
             repeats = 2 if tiny else 5
-        return cls(tiny, device, dtype, folder, repeats, compile, path, tmp)
+        return cls(tiny, device, dtype, Path(folder), repeats, compile, path, tmp)
 
     def config(self, component: str) -> dict:
         """The component's config: published (full size) or the tiny folder's."""

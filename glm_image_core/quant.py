@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int8_kernel import FUSED_KERNEL, FUSED_MAX_ROWS, fused_int8_linear
+from . import int8_kernel
 
 QUANTIZED_PROJECTIONS = (
     "self_attn.q_proj",
@@ -72,13 +72,14 @@ def int8_linear(
 
     Eager (CPU, and CUDA inputs with many rows such as a prefill): the int8 matrix is cast to x.dtype (exact) for one
     matmul, one matrix at a time, and the float32 scale multiplies the output in float32 (the scale is never rounded
-    to x.dtype). On CUDA with at most ``FUSED_MAX_ROWS`` rows (a decode step) and ``fused``: the compiled kernel of
+    to x.dtype). On CUDA with at most ``int8_kernel.FUSED_MAX_ROWS`` rows (a decode step) and ``fused``: the compiled kernel of
     ``int8_kernel.fused_int8_linear``."""
     rows = x.numel() // x.shape[-1]
-    if fused and x.is_cuda and rows <= FUSED_MAX_ROWS:
+    if fused and x.is_cuda and rows <= int8_kernel.FUSED_MAX_ROWS:
         flat = x.reshape(rows, x.shape[-1])
         # inside a compiled caller (fast_ar's compiled decode layer) the reduction is traced inline
-        out = fused_int8_linear(flat, q, scale) if torch.compiler.is_compiling() else FUSED_KERNEL(flat, q, scale)
+        kernel = int8_kernel.fused_int8_linear if torch.compiler.is_compiling() else int8_kernel.FUSED_KERNEL
+        out = kernel(flat, q, scale)
         if out is not None:
             out = out.view(*x.shape[:-1], q.shape[0])
             return out if bias is None else out + bias

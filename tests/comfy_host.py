@@ -101,10 +101,12 @@ def _set_dynamic_vram() -> None:
 # ComfyUI imports torchvision (0.3.64 on: comfy.ldm.cascade, cosmos, ace) and torchaudio (0.33: the LTX and ACE audio
 # VAEs, audio encoders) at module level, all reached by `import comfy.sd`, but uses them only when one of those
 # models is built. The test environment has the CPU torch, and PyPI's torchvision/torchaudio for it fail at import
-# ("operator torchvision::nms does not exist"). So, only for those not installed, a stub package is importable while
+# ("operator torchvision::nms does not exist"). av: 0.3.64's comfy_api.latest imports it at module level for its video
+# types (TorchCompileModel's module imports that), and a bare GPU image may lack it (benchmarks/gpu_check.py). So,
+# only for those not installed, a stub package is importable while
 # ComfyUI itself is imported and removed afterwards: transformers decides whether to use torchvision image
 # processors by `find_spec("torchvision")`, and must keep seeing it as absent.
-STUBBED_PACKAGES = ("torchvision", "torchaudio")
+STUBBED_PACKAGES = ("torchvision", "torchaudio", "av")
 
 
 class _PackageStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
