@@ -48,12 +48,15 @@ def run(setup: Setup) -> list[Row]:
             )
             rows.append(
                 Row(
-                    f"AR stage {label} ({total} tokens, prefill included)", "s", ours["seconds"],
-                    reference["prefill_s"] + reference["ms_per_token"] / 1000 * (total - 1), None,
+                    f"AR stage {label} ({total} tokens, prefill included)",
+                    "s",
+                    ours["seconds"],
+                    reference["prefill_s"] + reference["ms_per_token"] / 1000 * (total - 1),
+                    None,
                     f"ref. = prefill + {reference['new_tokens']}-token rate x tokens; ours peak "
                     f"{_gib(ours['peak_gib'])}",
                 )
-            )  # fmt: skip
+            )
         except Exception as e:  # one failed measurement must not cost the others
             rows.append(failed_row(f"AR {label}", e))
     if setup.compile:
@@ -65,9 +68,15 @@ def run(setup: Setup) -> list[Row]:
             compile_s = time.perf_counter() - start
             ours = measure_ours(model, inputs, setup, compile_decoder=True)
             rows.append(
-                Row(f"AR decode {height}x{width}, torch.compile layers", "ms/token", ours["ms_per_token"], None, 6.0,
-                    f"first call (compiling) {compile_s:.0f} s; stage {ours['seconds']:.2f} s")
-            )  # fmt: skip
+                Row(
+                    f"AR decode {height}x{width}, torch.compile layers",
+                    "ms/token",
+                    ours["ms_per_token"],
+                    None,
+                    6.0,
+                    f"first call (compiling) {compile_s:.0f} s; stage {ours['seconds']:.2f} s",
+                )
+            )
         except Exception as e:
             rows.append(failed_row("AR decode, torch.compile layers", e))
     return rows
@@ -116,9 +125,14 @@ def measure_reference(model, inputs, setup: Setup, new_tokens: int) -> dict:
     def generate(n):
         torch.manual_seed(0)
         return model.generate(
-            **kwargs, max_new_tokens=n, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=None,
+            **kwargs,
+            max_new_tokens=n,
+            do_sample=True,
+            temperature=TEMPERATURE,
+            top_p=TOP_P,
+            top_k=None,
             suppress_tokens=NON_GRID_IDS,
-        )  # fmt: skip
+        )
 
     generate(2)  # warm-up
     synchronize(setup.device)

@@ -61,8 +61,12 @@ def write_full_size_folder(root: Path) -> None:
     ar = build_ar_model(setup)
     quant.quantize_model_(ar)
     tensors = {k: v.cpu() for k, v in ar.state_dict().items()}
-    write_ar_int8_file(tensors, published_config("vision_language_encoder"), {"temperature": 0.9, "top_p": 0.75,
-                       "top_k": 16512, "do_sample": True, "eos_token_id": 16385}, root / AR_FILE)  # fmt: skip
+    write_ar_int8_file(
+        tensors,
+        published_config("vision_language_encoder"),
+        {"temperature": 0.9, "top_p": 0.75, "top_k": 16512, "do_sample": True, "eos_token_id": 16385},
+        root / AR_FILE,
+    )
     del ar, tensors
     for component, build in (("transformer", build_dit), ("vae", build_vae)):
         model, _ = build(setup, with_reference=False)
@@ -198,12 +202,21 @@ def run_recipe(args) -> list[Row]:
                 mm.unload_all_models()
                 continue
             for name, elapsed, peak in clock.calls:
-                rows.append(Row(f"{label}: {task_name}, {STAGES[name]}", "s", elapsed, None, None,
-                                "" if peak is None else f"peak {peak:.2f} GiB allocated"))  # fmt: skip
+                rows.append(
+                    Row(
+                        f"{label}: {task_name}, {STAGES[name]}",
+                        "s",
+                        elapsed,
+                        None,
+                        None,
+                        "" if peak is None else f"peak {peak:.2f} GiB allocated",
+                    )
+                )
             peaks = [p for _, _, p in clock.calls if p is not None]
             note = f"peak {max(peaks):.2f} GiB allocated (cap {cap:g})" if peaks else "CPU: no cap"
-            rows.append(Row(f"{label}: {task_name} {size}x{size}, {steps} steps, whole graph", "s", seconds, None,
-                            None, note))  # fmt: skip
+            rows.append(
+                Row(f"{label}: {task_name} {size}x{size}, {steps} steps, whole graph", "s", seconds, None, None, note)
+            )
             mm.unload_all_models()
     return rows
 
@@ -241,14 +254,28 @@ def main(argv=None) -> int:
         if args.tiny:
             write_tiny_folder(workdir)
         else:
-            subprocess.run([sys.executable, __file__, "--comfyui", args.comfyui, "--workdir", str(workdir), "--prepare"],
-                           check=True)  # fmt: skip
+            subprocess.run(
+                [sys.executable, __file__, "--comfyui", args.comfyui, "--workdir", str(workdir), "--prepare"],
+                check=True,
+            )
         rows = []
         for recipe in args.recipes:
             out = Path(tmp) / f"rows-{recipe}.json"
-            command = [sys.executable, __file__, "--comfyui", args.comfyui, "--workdir", str(workdir),
-                       "--recipe", recipe, "--json", str(out), "--tasks", *args.tasks,
-                       *(["--tiny"] if args.tiny else [])]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--comfyui",
+                args.comfyui,
+                "--workdir",
+                str(workdir),
+                "--recipe",
+                recipe,
+                "--json",
+                str(out),
+                "--tasks",
+                *args.tasks,
+                *(["--tiny"] if args.tiny else []),
+            ]
             subprocess.run(command, check=False)
             if out.is_file():
                 rows += [Row(**row) for row in json.loads(out.read_text())]

@@ -96,13 +96,31 @@ def measure(setup, mm, pack_nodes, state_dict, config, weight_dtype, label, goal
         b2 = time_call(forward(2), setup.device, setup.repeats)
         peak = peak_gib(setup.device)
     return [
-        Row(f"DiT forward {size}x{size}, batch 1, ComfyUI {label}", "s", b1, None, goal,
-            f"comfy.ops, weights {weight_dtype}"),
-        Row(f"DiT forward {size}x{size}, batch 2 (cond + uncond), ComfyUI {label}", "s", b2, None, None,
-            "ComfyUI batches cond + uncond (GlyphCond padding)"),
-        Row(f"Peak GPU memory, DiT stage via ComfyUI {label} (batch 2)", "GiB", peak, None,
-            14.0 if "fp8" in weight_dtype else 22.0, "DiT weights + activations, process capped at the goal"),
-    ]  # fmt: skip
+        Row(
+            f"DiT forward {size}x{size}, batch 1, ComfyUI {label}",
+            "s",
+            b1,
+            None,
+            goal,
+            f"comfy.ops, weights {weight_dtype}",
+        ),
+        Row(
+            f"DiT forward {size}x{size}, batch 2 (cond + uncond), ComfyUI {label}",
+            "s",
+            b2,
+            None,
+            None,
+            "ComfyUI batches cond + uncond (GlyphCond padding)",
+        ),
+        Row(
+            f"Peak GPU memory, DiT stage via ComfyUI {label} (batch 2)",
+            "GiB",
+            peak,
+            None,
+            14.0 if "fp8" in weight_dtype else 22.0,
+            "DiT weights + activations, process capped at the goal",
+        ),
+    ]
 
 
 def dit_forwards(setup: Setup, model, device: torch.device, size: int, text_dim: int):
@@ -118,10 +136,13 @@ def dit_forwards(setup: Setup, model, device: torch.device, size: int, text_dim:
 
     def forward(batch):
         return lambda: model.diffusion_model(
-            latent.repeat(batch, 1, 1, 1), timestep.repeat(batch).to(device), glyph=glyphs[batch],
+            latent.repeat(batch, 1, 1, 1),
+            timestep.repeat(batch).to(device),
+            glyph=glyphs[batch],
             prior_token_id=prior.repeat(batch, 1).to(device),
-            prior_token_drop=torch.tensor([[0], [1]][:batch], device=device), transformer_options={},
-        )  # fmt: skip
+            prior_token_drop=torch.tensor([[0], [1]][:batch], device=device),
+            transformer_options={},
+        )
 
     return forward
 

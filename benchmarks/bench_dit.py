@@ -89,9 +89,15 @@ def run_dit(setup: Setup, size: int) -> list[Row]:
                 for batch, fn in ((1, ours_b1), (2, ours_b2)):
                     mine = time_call(fn, setup.device, repeats, warmup=2)
                     rows.append(
-                        Row(f"DiT forward {size}x{size}, batch {batch}, torch.compile blocks", "s", mine, None,
-                            0.10 if batch == 1 else None, "regional compile (each transformer block)")
-                    )  # fmt: skip
+                        Row(
+                            f"DiT forward {size}x{size}, batch {batch}, torch.compile blocks",
+                            "s",
+                            mine,
+                            None,
+                            0.10 if batch == 1 else None,
+                            "regional compile (each transformer block)",
+                        )
+                    )
             except Exception as e:
                 rows.append(failed_row("DiT forward, torch.compile blocks", e))
     return rows

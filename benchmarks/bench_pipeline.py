@@ -64,9 +64,15 @@ def build_models(setup: Setup, offload: bool, with_reference: bool):
     vae, vae_reference = build_vae(setup, with_reference=with_reference)
     vae = placed(vae)
     models = GlmImageModels(
-        ar_model=ar_model, processor=load_ar_processor(setup.folder), glyph_encoder=glyph_encoder,
-        glyph_tokenizer=ByT5Tokenizer(), dit=dit, vae=vae, device=setup.device, offload=offload,
-    )  # fmt: skip
+        ar_model=ar_model,
+        processor=load_ar_processor(setup.folder),
+        glyph_encoder=glyph_encoder,
+        glyph_tokenizer=ByT5Tokenizer(),
+        dit=dit,
+        vae=vae,
+        device=setup.device,
+        offload=offload,
+    )
     return models, (dit_reference, vae_reference)
 
 
@@ -91,14 +97,26 @@ def run(setup: Setup, with_reference: bool = False) -> list[Row]:
             # Suppressed here so that the reference decodes the full grid and its DiT gets valid ids.
             models.ar_model.generation_config.suppress_tokens = list(range(16384, 16512))
             reset_peak(setup.device)
-            reference_s, _ = wall(lambda: pipe(PROMPT, height=size, width=size, num_inference_steps=steps,
-                                               guidance_scale=1.5, output_type="pt"), setup.device)  # fmt: skip
+            reference_s, _ = wall(
+                lambda: pipe(
+                    PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=1.5, output_type="pt"
+                ),
+                setup.device,
+            )
             reference_peak = peak_gib(setup.device)
         goal = None if setup.tiny else E2E_GOAL_S
         note = "ref.: diffusers GlmImagePipeline, same weights" if reference_s else "ref.: see the estimate note"
         rows.append(Row(name, "s", seconds, reference_s, goal, note))
-        rows.append(Row("Peak GPU memory, models resident", "GiB", peak, reference_peak, None,
-                        "max_memory_allocated; model card: diffusers 37.8 GB on an H100"))  # fmt: skip
+        rows.append(
+            Row(
+                "Peak GPU memory, models resident",
+                "GiB",
+                peak,
+                reference_peak,
+                None,
+                "max_memory_allocated; model card: diffusers 37.8 GB on an H100",
+            )
+        )
     except Exception as e:
         rows.append(failed_row(name, e))
     return rows
@@ -109,9 +127,14 @@ def reference_pipeline(setup: Setup, models, dit_reference, vae_reference):
 
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(setup.folder / "scheduler")
     return GlmImagePipeline(
-        tokenizer=models.glyph_tokenizer, processor=models.processor, text_encoder=models.glyph_encoder,
-        vision_language_encoder=models.ar_model, vae=vae_reference, transformer=dit_reference, scheduler=scheduler,
-    )  # fmt: skip
+        tokenizer=models.glyph_tokenizer,
+        processor=models.processor,
+        text_encoder=models.glyph_encoder,
+        vision_language_encoder=models.ar_model,
+        vae=vae_reference,
+        transformer=dit_reference,
+        scheduler=scheduler,
+    )
 
 
 def run_staged(setup: Setup, cap_gib: float) -> list[Row]:
@@ -148,9 +171,15 @@ def run_staged(setup: Setup, cap_gib: float) -> list[Row]:
     return [
         Row(name, "s", seconds, None, None, "includes copying each stage's weights to the GPU"),
         Row("Peak GPU memory, staged: AR stage", "GiB", peaks.get("ar"), None, goal, "AR bf16 weights ~18.8 GiB"),
-        Row("Peak GPU memory, staged: glyph + DiT + VAE stages", "GiB", peaks.get("dit"), None, goal,
-            "core DiT in bf16 (the fp8 DiT is measured through ComfyUI)"),
-    ]  # fmt: skip
+        Row(
+            "Peak GPU memory, staged: glyph + DiT + VAE stages",
+            "GiB",
+            peaks.get("dit"),
+            None,
+            goal,
+            "core DiT in bf16 (the fp8 DiT is measured through ComfyUI)",
+        ),
+    ]
 
 
 def main() -> None:

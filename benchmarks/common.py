@@ -38,13 +38,30 @@ CONFIGS = Path(os.environ.get("GLM_IMAGE_CONFIGS", REPO / "glm_image_core" / "pu
 # The Glyph-ByT5 encoder's config is not among the reference configs: ByT5-small's shape (google/byt5-small) with
 # GLM-Image's 384-entry byte vocabulary and d_model 1472 (= the DiT's text_embed_dim).
 GLYPH_ENCODER_CONFIG = {
-    "architectures": ["T5EncoderModel"], "d_ff": 3584, "d_kv": 64, "d_model": 1472, "decoder_start_token_id": 0,
-    "dense_act_fn": "gelu_new", "dropout_rate": 0.1, "eos_token_id": 1, "feed_forward_proj": "gated-gelu",
-    "initializer_factor": 1.0, "is_encoder_decoder": True, "is_gated_act": True, "layer_norm_epsilon": 1e-06,
-    "model_type": "t5", "num_decoder_layers": 4, "num_heads": 6, "num_layers": 12, "pad_token_id": 0,
-    "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32, "tie_word_embeddings": False,
-    "tokenizer_class": "ByT5Tokenizer", "vocab_size": 384,
-}  # fmt: skip
+    "architectures": ["T5EncoderModel"],
+    "d_ff": 3584,
+    "d_kv": 64,
+    "d_model": 1472,
+    "decoder_start_token_id": 0,
+    "dense_act_fn": "gelu_new",
+    "dropout_rate": 0.1,
+    "eos_token_id": 1,
+    "feed_forward_proj": "gated-gelu",
+    "initializer_factor": 1.0,
+    "is_encoder_decoder": True,
+    "is_gated_act": True,
+    "layer_norm_epsilon": 1e-06,
+    "model_type": "t5",
+    "num_decoder_layers": 4,
+    "num_heads": 6,
+    "num_layers": 12,
+    "pad_token_id": 0,
+    "relative_attention_max_distance": 128,
+    "relative_attention_num_buckets": 32,
+    "tie_word_embeddings": False,
+    "tokenizer_class": "ByT5Tokenizer",
+    "vocab_size": 384,
+}
 PROMPT = 'A neon shop sign that reads "OPEN 24 HOURS" above a rainy street at night, photorealistic'
 GiB = 2**30
 
@@ -104,8 +121,11 @@ def published_config(component: str) -> dict:
     """A component's full-size config from CONFIGS (either layout), the glyph encoder's from GLYPH_ENCODER_CONFIG."""
     if component == "text_encoder":
         return dict(GLYPH_ENCODER_CONFIG)
-    candidates = [CONFIGS / component / "config.json", CONFIGS / f"{component}__config.json",
-                  CONFIGS / f"{component}__config.RECONSTRUCTED.json"]  # fmt: skip
+    candidates = [
+        CONFIGS / component / "config.json",
+        CONFIGS / f"{component}__config.json",
+        CONFIGS / f"{component}__config.RECONSTRUCTED.json",
+    ]
     for path in candidates:
         if path.is_file():
             return json.loads(path.read_text())

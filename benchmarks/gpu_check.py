@@ -180,8 +180,13 @@ def observed_step_graph():
 
         def __init__(self, step, device):
             super().__init__(step, device)
-            self.record = {"device": str(self.device), "side_stream_device": str(self.side.device),
-                           "host_current_device": torch.cuda.current_device(), "captured": None, "reason": None}  # fmt: skip
+            self.record = {
+                "device": str(self.device),
+                "side_stream_device": str(self.side.device),
+                "host_current_device": torch.cuda.current_device(),
+                "captured": None,
+                "reason": None,
+            }
             ObservedStepGraph.records.append(self.record)
 
         def _capture(self):
@@ -277,8 +282,11 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
             return result.target_ids
 
         with_graph, eager = tokens(None), tokens(False)
-        numbers = {"size": f"{small[0]}x{small[1]}", "tokens": with_graph.numel(),
-                   "tokens_equal_to_eager": (with_graph == eager).float().mean().item()}  # fmt: skip
+        numbers = {
+            "size": f"{small[0]}x{small[1]}",
+            "tokens": with_graph.numel(),
+            "tokens_equal_to_eager": (with_graph == eager).float().mean().item(),
+        }
         if device.type != "cuda":
             return Check(name, "skipped", dry_note(setup, "the fast decoder ran its step eagerly"), numbers)
         if not graphs.records:
@@ -296,10 +304,24 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
         inputs = ar.build_ar_inputs(processor, PROMPT, *big)
         ours = bench_ar.measure_ours(model, inputs, setup)
         size = f"{big[0]}x{big[1]}"
-        result = [Row(f"AR decode {size}, {label}", "ms/token", ours["ms_per_token"], None, goal,
-                      f"fast decoder{', CUDA graph' if setup.device.type == 'cuda' else ', eager'}"),
-                  Row(f"AR stage {size}, {label} ({inputs.geometry.num_grid_tokens} tokens, prefill included)", "s",
-                      ours["seconds"], None, None, "")]  # fmt: skip
+        result = [
+            Row(
+                f"AR decode {size}, {label}",
+                "ms/token",
+                ours["ms_per_token"],
+                None,
+                goal,
+                f"fast decoder{', CUDA graph' if setup.device.type == 'cuda' else ', eager'}",
+            ),
+            Row(
+                f"AR stage {size}, {label} ({inputs.geometry.num_grid_tokens} tokens, prefill included)",
+                "s",
+                ours["seconds"],
+                None,
+                None,
+                "",
+            ),
+        ]
         if label == "bf16":  # transformers' generate on the same weights, as bench_ar measures it
             reference = bench_ar.measure_reference(model, inputs, setup, new_tokens=16 if setup.tiny else 64)
             result[0].reference = reference["ms_per_token"]
@@ -323,9 +345,12 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
         rows.add(Check("AR CUDA graph captured on cuda:1", "skipped", why))
 
     layer = model.model.language_model.layers[0]
-    shapes = {"q/o": layer.self_attn.q_proj.weight, "gate_up": layer.mlp.gate_up_proj.weight,
-              "down": layer.mlp.down_proj.weight,
-              "k+v": torch.cat([layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight])}  # fmt: skip
+    shapes = {
+        "q/o": layer.self_attn.q_proj.weight,
+        "gate_up": layer.mlp.gate_up_proj.weight,
+        "down": layer.mlp.down_proj.weight,
+        "k+v": torch.cat([layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight]),
+    }
     for label, weight in shapes.items():
         rows.run(f"int8 fused matmul equals the eager path, {label}", lambda w=weight, n=label: int8_shape(setup, w, n))
     rows.run("int8 fused decode kernel used", lambda: int8_used(setup, kernel))
@@ -337,8 +362,12 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
         graphs.records.clear()
         result = speed("int8", 4.0)
         record = graphs.records[-1] if graphs.records else {}
-        numbers = {"kernel_calls": kernel.calls, "fused_calls": kernel.fused, "unavailable": kernel.unavailable,
-                   "graph": record}  # fmt: skip
+        numbers = {
+            "kernel_calls": kernel.calls,
+            "fused_calls": kernel.fused,
+            "unavailable": kernel.unavailable,
+            "graph": record,
+        }
         name = "int8 AR decode: fused kernel inside the CUDA graph"
         if setup.device.type != "cuda":
             return [*result, Check(name, "skipped", dry_note(setup, "decoded with the eager int8 path"), numbers)]
@@ -377,8 +406,12 @@ def int8_shape(setup: Setup, weight: torch.Tensor, label: str) -> Check:
         numbers["bf16_s"] = time_call(lambda: torch.nn.functional.linear(x, weight), setup.device, 50)
     # float32 accumulation in both; the orders differ. No bf16 copy of the matrix: scratch far below its 2 bytes/weight
     holds = worst < 1e-2 and numbers.get("scratch_mib", 0) < weight.numel() * 2 / 2**20 / 4
-    return Check(f"int8 fused matmul equals the eager path, {label}", gpu_status(setup, holds),
-                 dry_note(setup, "the kernel's math ran eagerly on the CPU"), numbers)  # fmt: skip
+    return Check(
+        f"int8 fused matmul equals the eager path, {label}",
+        gpu_status(setup, holds),
+        dry_note(setup, "the kernel's math ran eagerly on the CPU"),
+        numbers,
+    )
 
 
 def int8_used(setup: Setup, kernel) -> Check:
@@ -457,13 +490,23 @@ def fp8_check(setup: Setup, mm, pack_nodes, stages: dict) -> list:
             b2 = time_call(forward(2), setup.device, setup.repeats)
         peak = peak_numbers(setup.device, context)
         result += [
-            Row(f"DiT forward {size}x{size}, batch 1, ComfyUI {label}", "s", b1, None,
-                0.10 if label == "bf16" else 0.075, f"comfy.ops, weights {weight_dtype}"),
+            Row(
+                f"DiT forward {size}x{size}, batch 1, ComfyUI {label}",
+                "s",
+                b1,
+                None,
+                0.10 if label == "bf16" else 0.075,
+                f"comfy.ops, weights {weight_dtype}",
+            ),
             Row(f"DiT forward {size}x{size}, batch 2 (cond + uncond), ComfyUI {label}", "s", b2, None, None, ""),
-            memory_check(f"Peak memory, DiT stage via ComfyUI {label} (batch 2) vs computed {recipe}", setup, peak,
-                         stages[recipe]["t2i"]["DiT"]["peak"], "load + forwards, no cap; computed: 1024x1024, "
-                         "256 glyph tokens (here the prompt's 14)"),
-        ]  # fmt: skip
+            memory_check(
+                f"Peak memory, DiT stage via ComfyUI {label} (batch 2) vs computed {recipe}",
+                setup,
+                peak,
+                stages[recipe]["t2i"]["DiT"]["peak"],
+                "load + forwards, no cap; computed: 1024x1024, 256 glyph tokens (here the prompt's 14)",
+            ),
+        ]
         mm.unload_all_models()
         del patcher, forward
         free_device_memory(setup.device)
@@ -475,8 +518,10 @@ def fp8_check(setup: Setup, mm, pack_nodes, stages: dict) -> list:
         note = "ComfyUI's fp8 weights with manual cast (torch._scaled_mm needs an Ada/Hopper GPU)"
         return [Check(name, "skipped", dry_note(setup, note), numbers), *result]
     holds = numbers["scaled_mm_calls_fp8_e4m3fn_fast"] > 0 and numbers["finite"]
-    return [Check(name, "verified" if holds else "broken", "one batch-2 forward; error: fp8 vs bf16 output", numbers),
-            *result]  # fmt: skip
+    return [
+        Check(name, "verified" if holds else "broken", "one batch-2 forward; error: fp8 vs bf16 output", numbers),
+        *result,
+    ]
 
 
 def comfy_conditionings(width: int, height: int, text_dim: int, seed: int):
@@ -513,11 +558,18 @@ def compile_check(setup: Setup, mm, pack_nodes, rows: Rows) -> list:
         noise = torch.randn(1, 16, side // 8, side // 8, generator=torch.Generator().manual_seed(seed))
         start = time.perf_counter()
         with recompile_log() as reasons:
-            comfy.sample.sample(model, noise, 3, 1.5, "euler", "simple", positive, negative, torch.zeros_like(noise),
-                                seed=seed)  # fmt: skip
+            comfy.sample.sample(
+                model, noise, 3, 1.5, "euler", "simple", positive, negative, torch.zeros_like(noise), seed=seed
+            )
         new_graphs = counters["stats"]["unique_graphs"] - graphs
-        numbers = {"size": f"{side}x{side}", "recompiles": len(reasons), "new_graphs": new_graphs,
-                   "seconds": time.perf_counter() - start, "backend": backend, "dit_layers": config["num_layers"]}  # fmt: skip
+        numbers = {
+            "size": f"{side}x{side}",
+            "recompiles": len(reasons),
+            "new_graphs": new_graphs,
+            "seconds": time.perf_counter() - start,
+            "backend": backend,
+            "dit_layers": config["num_layers"],
+        }
         detail = " || ".join(" ".join(reason.split())[:240] for reason in reasons[:3])
         # the first run compiles, once; a rerun (new noise, sigmas, uuids) reuses it; a new size may recompile
         holds = (new_graphs > 0 if run == "size A" else new_graphs == 0) and not reasons
@@ -568,11 +620,21 @@ def part_memory(setup: Setup, rows: Rows, args) -> None:
         peaks.clear()
         pipeline.generate(models, PROMPT, size, size, steps=steps, seed=0)
         note = f"{label}, {what}" + ("; the VAE's weights are resident in the DiT stage" if "DiT" in which else "")
-        return [memory_check(f"Peak memory, {stage} stage ({what}) vs computed {recipe}", setup, peaks.get(stage),
-                             stages[recipe]["t2i"][stage]["peak"], note) for stage in which]  # fmt: skip
+        return [
+            memory_check(
+                f"Peak memory, {stage} stage ({what}) vs computed {recipe}",
+                setup,
+                peaks.get(stage),
+                stages[recipe]["t2i"][stage]["peak"],
+                note,
+            )
+            for stage in which
+        ]
 
-    rows.run("Peak memory per stage, bf16", lambda: staged("24 GB", ("AR decode", "glyph", "DiT", "VAE decode"),
-                                                           "AR bf16, DiT bf16"))  # fmt: skip
+    rows.run(
+        "Peak memory per stage, bf16",
+        lambda: staged("24 GB", ("AR decode", "glyph", "DiT", "VAE decode"), "AR bf16, DiT bf16"),
+    )
 
     def int8() -> Check:
         ar_model = models.ar_model.to(setup.device)  # quantised on the GPU (seconds; minutes on the CPU)
@@ -584,8 +646,13 @@ def part_memory(setup: Setup, rows: Rows, args) -> None:
         with pipeline.stage(models, *memory.ar_decode_modules(ar_model)):  # the AR stage alone, as generate runs it
             generator = torch.Generator(ar.decoder_device(ar_model)).manual_seed(0)
             ar.generate_prior_tokens(ar_model, inputs, [generator])
-        return memory_check("Peak memory, AR decode stage (AR int8) vs computed 12 GB", setup, peaks.get("AR decode"),
-                            stages["12 GB"]["t2i"]["AR decode"]["peak"], f"{label}, the AR stage alone")  # fmt: skip
+        return memory_check(
+            "Peak memory, AR decode stage (AR int8) vs computed 12 GB",
+            setup,
+            peaks.get("AR decode"),
+            stages["12 GB"]["t2i"]["AR decode"]["peak"],
+            f"{label}, the AR stage alone",
+        )
 
     rows.run("Peak memory, AR decode stage, int8", int8)
 
@@ -618,16 +685,22 @@ def environment(dry_run: bool, comfyui: str | None) -> tuple[Check, list[str]]:
     """What this machine has, and what is missing with what it costs."""
     numbers = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": []}
     if torch.cuda.is_available():  # names from nvidia-smi: the parent holds no CUDA context beside the parts'
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=False)  # fmt: skip
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         numbers["gpus"] = smi.stdout.strip().splitlines() or [f"{torch.cuda.device_count()} CUDA device(s)"]
     missing = []
     if not torch.cuda.is_available() and not dry_run:
         missing.append("CUDA: torch sees no GPU (use --dry-run on a CPU)")
-    for package, cost in (("transformers", "every part (the AR model, the tokenizers)"),
-                          ("diffusers", "the reference columns of the DiT/VAE rows (optional)"),
-                          ("triton", "inductor and the fused int8 kernel"),
-                          ("torchsde", "ComfyUI's samplers (the TorchCompileModel check)")):  # fmt: skip
+    for package, cost in (
+        ("transformers", "every part (the AR model, the tokenizers)"),
+        ("diffusers", "the reference columns of the DiT/VAE rows (optional)"),
+        ("triton", "inductor and the fused int8 kernel"),
+        ("torchsde", "ComfyUI's samplers (the TorchCompileModel check)"),
+    ):
         if importlib.util.find_spec(package) is None:
             missing.append(f"{package}: {cost}")
         else:
@@ -653,13 +726,29 @@ def environment(dry_run: bool, comfyui: str | None) -> tuple[Check, list[str]]:
 def run_part(name: str, args, tmp: Path, timeout: float) -> list[Check]:
     """One part in its own process, its output passed through; a crash or a timeout becomes a broken row."""
     out = tmp / f"{name}.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--rows", str(out),
-               "--computed", str(tmp / "computed.json"), "--tiny-folder", str(tmp / "GLM-Image"),
-               *(["--dry-run"] if args.dry_run else []),
-               *(["--comfyui", args.comfyui] if args.comfyui else [])]  # fmt: skip
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--part",
+        name,
+        "--rows",
+        str(out),
+        "--computed",
+        str(tmp / "computed.json"),
+        "--tiny-folder",
+        str(tmp / "GLM-Image"),
+        *(["--dry-run"] if args.dry_run else []),
+        *(["--comfyui", args.comfyui] if args.comfyui else []),
+    ]
     tail: deque[str] = deque(maxlen=20)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
 
     def relay():
         for line in process.stdout:

@@ -102,10 +102,20 @@ def main(argv=None) -> int:
             print(f"loaded {folder} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
             references = [Image.open(path) for path in args.image]
             image = generate(
-                models, args.prompt, args.height, args.width, steps=args.steps, guidance=args.cfg, seed=args.seed,
-                references=references, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                on_token=progress("AR tokens"), on_step=progress("DiT steps"),
-            )  # fmt: skip
+                models,
+                args.prompt,
+                args.height,
+                args.width,
+                steps=args.steps,
+                guidance=args.cfg,
+                seed=args.seed,
+                references=references,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                on_token=progress("AR tokens"),
+                on_step=progress("DiT steps"),
+            )
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with written_to(args.output) as partial:  # the format comes from the final name's suffix
             image.save(partial, format=Image.registered_extensions().get(args.output.suffix.lower()))

@@ -219,7 +219,7 @@ def generate_staged(
             reference_ids = [ids.cpu() for ids in encode_reference_images(model, inputs)]
     working = memory.ar_model_working_bytes(
         model, len(seeds), inputs.input_ids.shape[1], inputs.geometry.num_grid_tokens
-    )  # fmt: skip
+    )
     with decoder_stage(working):
         device = decoder_device(model)
         generators = [torch.Generator(device).manual_seed(seed % 2**64) for seed in seeds]
@@ -399,10 +399,18 @@ def generate_prior_tokens(
     pick = token_picker(temperature, top_k, top_p)
     if use_fast_decoder(model, fast):
         tokens = fast_ar.decode(
-            model, input_ids, position_ids, decode_position_ids, uniforms, pick,
-            rows=NUM_VQ_CODES, callback=callback, callback_every=callback_every, compile=compile_decoder,
+            model,
+            input_ids,
+            position_ids,
+            decode_position_ids,
+            uniforms,
+            pick,
+            rows=NUM_VQ_CODES,
+            callback=callback,
+            callback_every=callback_every,
+            compile=compile_decoder,
             cuda_graph=cuda_graph,
-        )  # fmt: skip
+        )
         return _result(tokens, geometry, inputs, reference_ids)
 
     if static_cache:

@@ -24,9 +24,14 @@ MARKER_SUFFIX = ".comfy_quant"
 FILE_METADATA_KEY = "_quantization_metadata"
 # What a quantised layer may store beside its weight (comfy/ops.py, _load_quantized_module).
 PARAMETER_SUFFIXES = (
-    ".weight_scale", ".weight_scale_2", ".input_scale", ".pre_quant_scale",
-    ".weight_s_rel", ".weight_s_channel", ".weight_codebook",
-)  # fmt: skip
+    ".weight_scale",
+    ".weight_scale_2",
+    ".input_scale",
+    ".pre_quant_scale",
+    ".weight_s_rel",
+    ".weight_s_channel",
+    ".weight_codebook",
+)
 # Formats whose weight is storage * weight_scale (one scale per tensor or per output row).
 ELEMENTWISE = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2, "int8_tensorwise": torch.int8}
 WRITABLE = ("float8_e4m3fn", "int8_tensorwise")  # what save_single_file(..., quant=...) writes

@@ -203,9 +203,11 @@ class GlmImageTransformerBlock(nn.Module):
         else:  # each run of rows sees its real text tokens as a prefix: no mask, so the fastest kernels apply
             before_text = k.shape[2] - text_len
             out = torch.cat(
-                [attention(q[a:b], k[a:b, :, : before_text + n], v[a:b, :, : before_text + n], None, **options)
-                 for a, b, n in text_groups]
-            )  # fmt: skip
+                [
+                    attention(q[a:b], k[a:b, :, : before_text + n], v[a:b, :, : before_text + n], None, **options)
+                    for a, b, n in text_groups
+                ]
+            )
         out = self.attn1.to_out[0](out.transpose(1, 2).flatten(2).to(q.dtype))
         x = x + out[:, :image_len] * gate
         text = text + out[:, image_len:] * c_gate
@@ -380,9 +382,16 @@ class GlmImageTransformer2DModel(nn.Module):
         )
         key_mask, text_groups = attention_layout(encoder_attention_mask, x.shape[1], text.shape[1], text_groups)
         x, _ = self.run_blocks(
-            x, text, temb=temb, rope=rope, attention=attention or self.attention, key_mask=key_mask,
-            text_groups=text_groups, reference_kv=reference_kv, collect_kv=collect_kv,
-        )  # fmt: skip
+            x,
+            text,
+            temb=temb,
+            rope=rope,
+            attention=attention or self.attention,
+            key_mask=key_mask,
+            text_groups=text_groups,
+            reference_kv=reference_kv,
+            collect_kv=collect_kv,
+        )
         return self.unembed(x, temb, height, width)
 
     def run_blocks(
@@ -409,15 +418,24 @@ class GlmImageTransformer2DModel(nn.Module):
 
             def block_fn(x, text, attention_options=None, block=block, reference=reference):
                 return block(
-                    x, text, temb=temb, rope=rope, attention=attention, key_mask=key_mask, reference=reference,
-                    write_kv=collect_kv, text_groups=text_groups, attention_options=attention_options,
-                )  # fmt: skip
+                    x,
+                    text,
+                    temb=temb,
+                    rope=rope,
+                    attention=attention,
+                    key_mask=key_mask,
+                    reference=reference,
+                    write_kv=collect_kv,
+                    text_groups=text_groups,
+                    attention_options=attention_options,
+                )
 
             x, text = block_fn(x, text) if run_block is None else run_block(i, block_fn, x, text)
         return x, text
 
-    def embed(self, hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep, target_size,
-              crop_coords):  # fmt: skip
+    def embed(
+        self, hidden_states, encoder_hidden_states, prior_token_id, prior_token_drop, timestep, target_size, crop_coords
+    ):
         """The blocks' inputs (arguments as `forward`): image tokens x [B, N, dim], text tokens [B, T, dim], temb
         [B, time_embed_dim] and the RoPE (cos, sin) of the patch grid."""
         height, width = hidden_states.shape[2:]

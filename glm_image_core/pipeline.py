@@ -191,11 +191,16 @@ def generate(
     check_image_size(height, width)
     inputs = ar.build_ar_inputs(models.processor, prompt, height, width, list(references))
     tokens = ar.generate_staged(
-        models.ar_model, inputs, [seed],
+        models.ar_model,
+        inputs,
+        [seed],
         vision_stage=lambda: stage(models, *memory.ar_vision_modules(models.ar_model)),
         decoder_stage=lambda working: stage(models, *memory.ar_decode_modules(models.ar_model)),
-        temperature=temperature, top_p=top_p, top_k=top_k, callback=on_token,
-    )  # fmt: skip
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        callback=on_token,
+    )
     with stage(models, models.glyph_encoder):
         cond, uncond = glyph_conditions(models, prompt if glyph_texts is None else glyph_texts, tokens.prior_token_ids)
     with stage(models, models.dit, models.vae):

@@ -41,10 +41,11 @@ def stack_conditions(conditions: list[DitCondition], batch: int) -> DitCondition
     if any(c.glyph_mask is not None for c in conditions):  # a condition's own mask also applies
         length = glyph.shape[1]
         own = [
-            mask.new_ones(batch, length) if c.glyph_mask is None
+            mask.new_ones(batch, length)
+            if c.glyph_mask is None
             else F.pad(c.glyph_mask.expand(batch, -1).bool(), (0, length - c.glyph.shape[1]))
             for c in conditions
-        ]  # fmt: skip
+        ]
         mask = mask & torch.cat(own)
     drop = torch.cat(
         [torch.as_tensor(c.drop_prior, dtype=torch.bool, device=glyph.device).expand(batch) for c in conditions]

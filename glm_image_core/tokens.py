@@ -72,8 +72,14 @@ def write_tokens(tokens: VisualTokens, path: str | Path) -> Path:
     for i, ref in enumerate(tokens.references):
         tensors[f"reference.{i}.pixels"] = ref.pixels.contiguous()
         tensors[f"reference.{i}.prior_token_ids"] = ref.prior_token_ids.contiguous()
-    info = {"prompt": tokens.prompt, "height": tokens.height, "width": tokens.width, "seed": tokens.seed,
-            "references": len(tokens.references), "format": FORMAT}  # fmt: skip
+    info = {
+        "prompt": tokens.prompt,
+        "height": tokens.height,
+        "width": tokens.width,
+        "seed": tokens.seed,
+        "references": len(tokens.references),
+        "format": FORMAT,
+    }
     return save_safetensors(tensors, path, metadata={METADATA_KEY: json.dumps(info)})
 
 
@@ -121,10 +127,15 @@ def _read_checked(path: str | Path) -> VisualTokens:
         for i in range(info["references"])
     ]
     return VisualTokens(
-        tensors["prior_token_ids"].to(torch.int64), tensors["target_ids"].to(torch.int64),
-        tensors["preview_ids"].to(torch.int64), info["height"], info["width"], info["prompt"], info["seed"],
+        tensors["prior_token_ids"].to(torch.int64),
+        tensors["target_ids"].to(torch.int64),
+        tensors["preview_ids"].to(torch.int64),
+        info["height"],
+        info["width"],
+        info["prompt"],
+        info["seed"],
         references,
-    )  # fmt: skip
+    )
 
 
 def _is_int(value) -> bool:

@@ -42,23 +42,30 @@ class ARModelLoader(io.ComfyNode):
             description="The 9B autoregressive model that writes the visual token grid, with its processor.",
             inputs=[
                 io.Combo.Input(
-                    "model_folder", options=paths.AR_MODEL.options(),
+                    "model_folder",
+                    options=paths.AR_MODEL.options(),
                     tooltip="A GLM-Image folder as downloaded, under models/glm_image.",
                 ),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp32"], tooltip="auto: bf16 where supported."),
                 io.Combo.Input(
-                    "device", options=devices(),
+                    "device",
+                    options=devices(),
                     tooltip="Where the AR runs: 'default' is ComfyUI's GPU; pick another GPU to keep the DiT's free.",
                 ),
                 io.Combo.Input(
-                    "weights", options=[*AR_WEIGHTS, *paths.AR_INT8.options()],
+                    "weights",
+                    options=[*AR_WEIGHTS, *paths.AR_INT8.options()],
                     tooltip="full: every weight in dtype (~19 GB in bf16). int8: the decoder's linear layers in 8 "
                     "bits, quantised while loading (~9 GB on the GPU for decoding). Or an exported "
                     "*.ar_int8.safetensors file under models/glm_image (python -m glm_image_core export-ar-int8).",
                 ),
             ],
-            outputs=[GlmARModel.Output(display_name="ar_model", tooltip="The AR model and its processor, for Generate Visual Tokens.")],
-        )  # fmt: skip
+            outputs=[
+                GlmARModel.Output(
+                    display_name="ar_model", tooltip="The AR model and its processor, for Generate Visual Tokens."
+                )
+            ],
+        )
 
     @classmethod
     def validate_inputs(cls, model_folder=None, weights=None):
@@ -100,11 +107,12 @@ class GenerateTokens(io.ComfyNode):
         size = SIZE_WIDGET
         references = [
             io.Image.Input(
-                f"reference_{i}", optional=True,
+                f"reference_{i}",
+                optional=True,
                 tooltip="Reference image(s) for editing; every image of a batch is one reference.",
             )
             for i in range(1, MAX_REFERENCE_INPUTS + 1)
-        ]  # fmt: skip
+        ]
         return schema(
             node_id="GLMImageGenerateTokens",
             display_name="GLM-Image Generate Visual Tokens",
@@ -115,17 +123,25 @@ class GenerateTokens(io.ComfyNode):
             inputs=[
                 GlmARModel.Input("ar_model", tooltip="From Load GLM-Image AR Model."),
                 io.String.Input(
-                    "prompt", multiline=True, dynamic_prompts=True,
+                    "prompt",
+                    multiline=True,
+                    dynamic_prompts=True,
                     tooltip="Text in quotes ('...', \"...\", “...”, 「...」) is rendered as glyphs; as in the reference, an "
-                    "apostrophe (don't) also opens a single-quoted span, so prefer \"...\" around text to render.",
+                    'apostrophe (don\'t) also opens a single-quoted span, so prefer "..." around text to render.',
                 ),
                 io.Int.Input("width", tooltip="Multiple of 32, 512..2048; must equal the latent's width.", **size),
                 io.Int.Input("height", tooltip="Multiple of 32, 512..2048; must equal the latent's height.", **size),
                 io.Int.Input(
-                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
                     tooltip="Seed of the AR sampling (a private generator; sample i uses seed + i).",
                 ),
-                io.Float.Input("temperature", default=TEMPERATURE, min=0.01, max=2.0, step=0.01, tooltip="AR sampling temperature."),
+                io.Float.Input(
+                    "temperature", default=TEMPERATURE, min=0.01, max=2.0, step=0.01, tooltip="AR sampling temperature."
+                ),
                 io.Float.Input("top_p", default=TOP_P, min=0.01, max=1.0, step=0.01, tooltip="Nucleus sampling mass."),
                 io.Int.Input("top_k", default=0, min=0, max=16384, tooltip="Top-k filter; 0 = off."),
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Token grids to sample from this prompt."),
@@ -138,7 +154,7 @@ class GenerateTokens(io.ComfyNode):
                     "latent, ModelSampling and Save Visual Tokens.",
                 )
             ],
-        )  # fmt: skip
+        )
 
     @classmethod
     def validate_inputs(cls, width=None, height=None):
@@ -149,8 +165,12 @@ class GenerateTokens(io.ComfyNode):
         cls, ar_model, prompt, width, height, seed, temperature, top_p, top_k, batch_size, **refs
     ) -> io.NodeOutput:
         check_image_size(height, width)
-        images = [im for i in range(1, MAX_REFERENCE_INPUTS + 1) if refs.get(f"reference_{i}") is not None
-                  for im in image_batch_to_pil(refs[f"reference_{i}"])]  # fmt: skip
+        images = [
+            im
+            for i in range(1, MAX_REFERENCE_INPUTS + 1)
+            if refs.get(f"reference_{i}") is not None
+            for im in image_batch_to_pil(refs[f"reference_{i}"])
+        ]
         inputs = ar.build_ar_inputs(ar_model.processor, prompt, height, width, images)
         progress = comfy.utils.ProgressBar(inputs.geometry.num_grid_tokens)
         live = preview.LivePreview(inputs.geometry, ar_model.preview_palette)
@@ -168,21 +188,34 @@ class GenerateTokens(io.ComfyNode):
                 yield
 
         result = ar.generate_staged(
-            ar_model.decoder.hf_model, inputs, [seed + i for i in range(batch_size)],
+            ar_model.decoder.hf_model,
+            inputs,
+            [seed + i for i in range(batch_size)],
             vision_stage=lambda: contextlib.nullcontext(ar_model.vision.loaded()),
             decoder_stage=decoder_stage,
-            temperature=temperature, top_p=top_p, top_k=top_k or None, callback=on_token,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k or None,
+            callback=on_token,
             cuda_graph=False if getattr(comfy.cli_args.args, "disable_cuda_graphs", False) else None,
-        )  # fmt: skip
+        )
         references = [
-            Reference(pixels=(image_to_tensor(image, gh * PATCH_STRIDE, gw * PATCH_STRIDE) / 2 + 0.5).permute(0, 2, 3, 1), prior_token_ids=ids[None].cpu())
+            Reference(
+                pixels=(image_to_tensor(image, gh * PATCH_STRIDE, gw * PATCH_STRIDE) / 2 + 0.5).permute(0, 2, 3, 1),
+                prior_token_ids=ids[None].cpu(),
+            )
             for image, ids, (gh, gw) in zip(images, result.reference_prior_ids, result.reference_grid_sizes)
-        ]  # fmt: skip
+        ]
         tokens = VisualTokens(
-            prior_token_ids=result.prior_token_ids.cpu(), target_ids=result.target_ids.cpu(),
-            preview_ids=result.preview_ids.cpu(), height=height, width=width, prompt=prompt, seed=seed,
+            prior_token_ids=result.prior_token_ids.cpu(),
+            target_ids=result.target_ids.cpu(),
+            preview_ids=result.preview_ids.cpu(),
+            height=height,
+            width=width,
+            prompt=prompt,
+            seed=seed,
             references=references,
-        )  # fmt: skip
+        )
         return io.NodeOutput(tokens)
 
 
@@ -248,7 +281,7 @@ class LoadTokens(io.ComfyNode):
                 ),
                 io.Int.Output(display_name="width", tooltip="The image width the tokens were made for."),
                 io.Int.Output(display_name="height", tooltip="The image height the tokens were made for."),
-            ],  # fmt: skip
+            ],
         )
 
     @classmethod

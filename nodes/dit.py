@@ -21,9 +21,15 @@ def comfy_attention(q, k, v, key_mask, transformer_options=None):
         mask = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
         mask = mask.masked_fill(~key_mask, -torch.finfo(q.dtype).max)[:, None, None, :]
     return optimized_attention_masked(
-        q, k, v, q.shape[1], mask, skip_reshape=True, skip_output_reshape=True,
+        q,
+        k,
+        v,
+        q.shape[1],
+        mask,
+        skip_reshape=True,
+        skip_output_reshape=True,
         transformer_options=transformer_options or {},
-    )  # fmt: skip
+    )
 
 
 class ComfyGlmImageDiT(GlmImageTransformer2DModel):
@@ -46,8 +52,19 @@ class ComfyGlmImageDiT(GlmImageTransformer2DModel):
     def __init__(self, **kwargs):
         super().__init__(**kwargs, attention=comfy_attention)
 
-    def forward(self, x, timestep, context=None, glyph=None, prior_token_id=None, prior_token_drop=None,
-                reference_kv=None, control=None, transformer_options=None, **kwargs):  # fmt: skip
+    def forward(
+        self,
+        x,
+        timestep,
+        context=None,
+        glyph=None,
+        prior_token_id=None,
+        prior_token_drop=None,
+        reference_kv=None,
+        control=None,
+        transformer_options=None,
+        **kwargs,
+    ):
         transformer_options = {} if transformer_options is None else transformer_options
         wrappers = comfy.patcher_extension.get_all_wrappers(
             comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options
@@ -57,12 +74,31 @@ class ComfyGlmImageDiT(GlmImageTransformer2DModel):
             # x is the very tensor BaseModel later turns into denoised = x - v * sigma, which that would corrupt.
             x = x.clone()
         return comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
-            x, timestep, context, glyph, prior_token_id, prior_token_drop, reference_kv, control, transformer_options,
+            x,
+            timestep,
+            context,
+            glyph,
+            prior_token_id,
+            prior_token_drop,
+            reference_kv,
+            control,
+            transformer_options,
             **kwargs,
-        )  # fmt: skip
+        )
 
-    def _forward(self, x, timestep, context, glyph, prior_token_id, prior_token_drop, reference_kv, control,
-                 transformer_options, **kwargs):  # fmt: skip
+    def _forward(
+        self,
+        x,
+        timestep,
+        context,
+        glyph,
+        prior_token_id,
+        prior_token_drop,
+        reference_kv,
+        control,
+        transformer_options,
+        **kwargs,
+    ):
         """x: [B, 16, h, w]; timestep: [B]; glyph: GlyphCond.concat's [embeds [B, T, C], mask [B, T], text groups]."""
         embeds, mask, *layout = glyph
         b, _, h, w = x.shape
@@ -99,7 +135,14 @@ class ComfyGlmImageDiT(GlmImageTransformer2DModel):
             return img, txt
 
         img, _ = self.run_blocks(
-            img, txt, temb=temb, rope=rope, attention=self.attention, key_mask=key_mask, text_groups=text_groups,
-            reference_kv=reference_kv, run_block=run_block,
-        )  # fmt: skip
+            img,
+            txt,
+            temb=temb,
+            rope=rope,
+            attention=self.attention,
+            key_mask=key_mask,
+            text_groups=text_groups,
+            reference_kv=reference_kv,
+            run_block=run_block,
+        )
         return self.unembed(img, temb, h, w)

@@ -28,16 +28,20 @@ class DiTLoader(io.ComfyNode):
             "SamplerCustomAdvanced (use euler + simple for the reference schedule).",
             inputs=[
                 io.Combo.Input(
-                    "dit", options=paths.DIT.options(),
+                    "dit",
+                    options=paths.DIT.options(),
                     tooltip="A GLM-Image folder (models/glm_image) or one .safetensors in models/diffusion_models.",
                 ),
                 io.Combo.Input(
-                    "weight_dtype", options=list(WEIGHT_DTYPES),
+                    "weight_dtype",
+                    options=list(WEIGHT_DTYPES),
                     tooltip="As UNETLoader: fp8 halves the weights' memory; *_fast also uses fp8 matmuls.",
                 ),
             ],
-            outputs=[io.Model.Output(tooltip="The DiT, set for 1024x1024: add ModelSampling GLM-Image for other sizes.")],
-        )  # fmt: skip
+            outputs=[
+                io.Model.Output(tooltip="The DiT, set for 1024x1024: add ModelSampling GLM-Image for other sizes.")
+            ],
+        )
 
     @classmethod
     def validate_inputs(cls, dit=None):
@@ -94,7 +98,7 @@ class EmptyLatent(io.ComfyNode):
                 GlmTokens.Input("tokens", optional=True, tooltip="Take width/height (and batch) from these tokens."),
             ],
             outputs=[io.Latent.Output(tooltip="Zeros of the size the sampler needs (16 channels, 1/8 scale).")],
-        )  # fmt: skip
+        )
 
     @classmethod
     def validate_inputs(cls, width=None, height=None):

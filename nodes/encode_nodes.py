@@ -27,13 +27,18 @@ class GlyphEncoderLoader(io.ComfyNode):
             description="The Glyph-ByT5 text encoder that tells the DiT which characters to render.",
             inputs=[
                 io.Combo.Input(
-                    "encoder", options=paths.GLYPH_ENCODER.options(),
+                    "encoder",
+                    options=paths.GLYPH_ENCODER.options(),
                     tooltip="A GLM-Image folder (models/glm_image) or a single .safetensors in models/text_encoders.",
                 ),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp32"], tooltip="auto: bf16 where supported."),
             ],
-            outputs=[GlmGlyphEncoder.Output(display_name="glyph_encoder", tooltip="The glyph encoder and its tokenizer, for GLM-Image Encode.")],
-        )  # fmt: skip
+            outputs=[
+                GlmGlyphEncoder.Output(
+                    display_name="glyph_encoder", tooltip="The glyph encoder and its tokenizer, for GLM-Image Encode."
+                )
+            ],
+        )
 
     @classmethod
     def validate_inputs(cls, encoder=None):
@@ -77,7 +82,8 @@ class Encode(io.ComfyNode):
                 GlmGlyphEncoder.Input("glyph_encoder", tooltip="From Load GLM-Image Glyph Encoder."),
                 GlmTokens.Input("tokens", tooltip="From 'GLM-Image Generate Visual Tokens' or 'Load Visual Tokens'."),
                 io.Combo.Input(
-                    "glyph_text", options=[FROM_PROMPT, OVERRIDE],
+                    "glyph_text",
+                    options=[FROM_PROMPT, OVERRIDE],
                     tooltip="Render the quoted spans of the tokens' prompt, or the override text.",
                 ),
                 io.String.Input("override", multiline=True, default="", tooltip="One glyph span per line."),
@@ -85,13 +91,14 @@ class Encode(io.ComfyNode):
             ],
             outputs=[
                 io.Conditioning.Output(
-                    display_name="positive", tooltip="Glyph embedding, visual tokens and references: the sampler's positive."
+                    display_name="positive",
+                    tooltip="Glyph embedding, visual tokens and references: the sampler's positive.",
                 ),
                 io.Conditioning.Output(
                     display_name="negative", tooltip="GLM-Image's unconditional branch: the sampler's negative."
                 ),
             ],
-        )  # fmt: skip
+        )
 
     @classmethod
     def validate_inputs(cls, glyph_text=None, override=None):
@@ -123,10 +130,13 @@ class Encode(io.ComfyNode):
                     "These tokens come from reference images: connect the VAE so they can be encoded."
                 )
             extras["glm_references"] = [
-                {"latent": vae.encode(ref.pixels), "prior_token_ids": ref.prior_token_ids,
-                 "image_size": tuple(ref.pixels.shape[1:3])}
+                {
+                    "latent": vae.encode(ref.pixels),
+                    "prior_token_ids": ref.prior_token_ids,
+                    "image_size": tuple(ref.pixels.shape[1:3]),
+                }
                 for ref in tokens.references
-            ]  # fmt: skip
+            ]
         # the unconditional branch never reads the references: leaving them off keeps ComfyUI's memory estimate exact
         negative = {k: v for k, v in extras.items() if k != "glm_references"}
         return io.NodeOutput([[cond, dict(extras)]], [[empty, negative]])

@@ -47,8 +47,11 @@ def apply_lora(patcher, lora: dict, strength: float, source: str = "this LoRA"):
     if unmatched:
         logging.warning(
             "GLM-Image LoRA: %d of the %d keys of %s match no layer of the DiT and are ignored: %s",
-            len(unmatched), len(lora), source, ", ".join(unmatched[:10]),
-        )  # fmt: skip
+            len(unmatched),
+            len(lora),
+            source,
+            ", ".join(unmatched[:10]),
+        )
     patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map)
     patched = patcher.clone()
     patched.add_patches(patches, strength)
@@ -68,16 +71,21 @@ class LoraLoader(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The GLM-Image MODEL (from Load GLM-Image DiT, or after other LoRAs)."),
                 io.Combo.Input(
-                    "lora_name", options=paths.LORAS.options(),
+                    "lora_name",
+                    options=paths.LORAS.options(),
                     tooltip="A .safetensors LoRA in models/loras, diffusers/PEFT or ComfyUI key names.",
                 ),
                 io.Float.Input(
-                    "strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
+                    "strength_model",
+                    default=1.0,
+                    min=-100.0,
+                    max=100.0,
+                    step=0.01,
                     tooltip="Scales the LoRA's change of every weight; 0 leaves the model as it is.",
                 ),
             ],
             outputs=[io.Model.Output(tooltip="The MODEL with the LoRA applied (the input stays unchanged).")],
-        )  # fmt: skip
+        )
 
     @classmethod
     def validate_inputs(cls, lora_name=None):
@@ -105,17 +113,26 @@ class ARLoraLoader(io.ComfyNode):
             inputs=[
                 GlmARModel.Input("ar_model", tooltip="From Load GLM-Image AR Model (or after other AR LoRAs)."),
                 io.Combo.Input(
-                    "lora_name", options=paths.AR_LORAS.options(),
+                    "lora_name",
+                    options=paths.AR_LORAS.options(),
                     tooltip="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or a .safetensors "
                     "file in models/loras.",
                 ),
                 io.Float.Input(
-                    "strength", default=1.0, min=-100.0, max=100.0, step=0.01,
+                    "strength",
+                    default=1.0,
+                    min=-100.0,
+                    max=100.0,
+                    step=0.01,
                     tooltip="Scales the adapter's update of every weight; 0 leaves the AR model as it is.",
                 ),
             ],
-            outputs=[GlmARModel.Output(display_name="ar_model", tooltip="The AR model with the adapter (the input stays unchanged).")],
-        )  # fmt: skip
+            outputs=[
+                GlmARModel.Output(
+                    display_name="ar_model", tooltip="The AR model with the adapter (the input stays unchanged)."
+                )
+            ],
+        )
 
     @classmethod
     def validate_inputs(cls, lora_name=None):

@@ -163,8 +163,11 @@ class TokenFiles:
         found = []
         for annotation, (base, folder) in self.folders().items():
             if os.path.isdir(folder):
-                found += [os.path.relpath(os.path.join(folder, f), base).replace(os.sep, "/") + annotation
-                          for f in os.listdir(folder) if f.endswith(TOKENS_EXTENSION)]  # fmt: skip
+                found += [
+                    os.path.relpath(os.path.join(folder, f), base).replace(os.sep, "/") + annotation
+                    for f in os.listdir(folder)
+                    if f.endswith(TOKENS_EXTENSION)
+                ]
         return sorted(found)
 
     def locations(self, choice: str) -> list[tuple[str, str]]:

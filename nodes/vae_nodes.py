@@ -22,12 +22,13 @@ class VAELoader(io.ComfyNode):
             "or fp32, never fp16 (it overflows).",
             inputs=[
                 io.Combo.Input(
-                    "vae", options=paths.VAE.options(),
+                    "vae",
+                    options=paths.VAE.options(),
                     tooltip="A GLM-Image folder (models/glm_image) or one .safetensors in models/vae.",
                 )
             ],
             outputs=[io.Vae.Output(tooltip="A stock VAE: for VAEDecode, VAEEncode (and tiled) and GLM-Image Encode.")],
-        )  # fmt: skip
+        )
 
     @classmethod
     def validate_inputs(cls, vae=None):

@@ -280,10 +280,26 @@ def comfy_server(
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        argv = ["--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-                "--extra-model-paths-config", str(tmp / "extra_model_paths.yaml"), "--disable-api-nodes",
-                "--output-directory", str(tmp / "output"), "--input-directory", str(tmp / "input"), "--temp-directory", str(tmp),
-                "--user-directory", str(tmp / "user"), *extra_argv]  # fmt: skip
+        argv = [
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-auto-launch",
+            "--extra-model-paths-config",
+            str(tmp / "extra_model_paths.yaml"),
+            "--disable-api-nodes",
+            "--output-directory",
+            str(tmp / "output"),
+            "--input-directory",
+            str(tmp / "input"),
+            "--temp-directory",
+            str(tmp),
+            "--user-directory",
+            str(tmp / "user"),
+            *extra_argv,
+        ]
         boot = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import comfy_host; comfy_host._serve(sys.argv[1:])"
         log = open(tmp / "server.log", "w+")
         proc = subprocess.Popen([sys.executable, "-c", boot, *argv], stdout=log, stderr=subprocess.STDOUT)

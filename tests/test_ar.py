@@ -453,9 +453,10 @@ def test_peaked_model_decides_every_token_by_a_wide_margin(peaked_model, request
     uniforms = torch.stack([torch.rand(tokens.shape[1], generator=g) for g in seeded(4, 5)])
     config = peaked_model.generation_config
     pick = ar.token_picker(
-        sampling.get("temperature", config.temperature), sampling.get("top_k", config.top_k),
+        sampling.get("temperature", config.temperature),
+        sampling.get("top_k", config.top_k),
         sampling.get("top_p", config.top_p),
-    )  # fmt: skip
+    )
     delta = LOGITS_TOLERANCE * PEAKED_SCALE
     noise = torch.Generator().manual_seed(0)
     for step, logits in enumerate(seen):
@@ -501,9 +502,13 @@ def test_fast_decoder_refuses_a_hooked_model_and_transformers_runs_it(model_want
 def test_fast_decoder_reports_every_k_tokens_and_the_last(model, t2i_inputs, every):
     seen = []
     result = ar.generate_prior_tokens(
-        model, t2i_inputs, seeded(2), fast=True, callback_every=every,
+        model,
+        t2i_inputs,
+        seeded(2),
+        fast=True,
+        callback_every=every,
         callback=lambda step, total, ids: seen.append((step, total, ids.clone())),
-    )  # fmt: skip
+    )
     total = t2i_inputs.geometry.num_grid_tokens  # 320
     expected = sorted({1, *range(every, total + 1, every), total})
     assert [step for step, _, _ in seen] == expected

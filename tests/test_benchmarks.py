@@ -27,8 +27,16 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     comfyui = comfy_host.COMFYUI_PATH
     args = ["--comfyui", str(comfyui)] if (comfyui / "comfy" / "model_management.py").is_file() else []
-    command = [sys.executable, "benchmarks/run_all.py", "--tiny", "--out", str(out / "bench.md"),
-               "--json", str(out / "bench.json"), *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "benchmarks/run_all.py",
+        "--tiny",
+        "--out",
+        str(out / "bench.md"),
+        "--json",
+        str(out / "bench.json"),
+        *args,
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout, (out / "bench.md").read_text(), json.loads((out / "bench.json").read_text()), bool(args)
@@ -64,8 +72,11 @@ def memory_table(tmp_path_factory):
     out = tmp_path_factory.mktemp("memory") / "memory.json"
     done = subprocess.run(
         [sys.executable, "benchmarks/memory_table.py", "--json", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return done.stdout, json.loads(out.read_text())
 
@@ -94,8 +105,19 @@ def test_bench_caps_runs_its_graphs_on_the_cpu_with_the_tiny_models(tmp_path):
     if not (comfy_host.COMFYUI_PATH / "comfy" / "model_management.py").is_file():
         pytest.skip("needs ComfyUI (COMFYUI_PATH)")
     out = tmp_path / "rows.json"
-    command = [sys.executable, "benchmarks/bench_caps.py", "--comfyui", str(comfy_host.COMFYUI_PATH), "--tiny",
-               "--recipes", "11", "--tasks", "t2i", "--json", str(out)]  # fmt: skip
+    command = [
+        sys.executable,
+        "benchmarks/bench_caps.py",
+        "--comfyui",
+        str(comfy_host.COMFYUI_PATH),
+        "--tiny",
+        "--recipes",
+        "11",
+        "--tasks",
+        "t2i",
+        "--json",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = {row["name"]: row for row in json.loads(out.read_text())}

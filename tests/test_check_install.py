@@ -27,10 +27,15 @@ with comfy_host._package_stubs():
 
 
 def check_install(standin: bool) -> subprocess.CompletedProcess:
-    code = RUN.format(tests=str(comfy_host.REPO_ROOT / "tests"), standin=standin,
-                      script=str(comfy_host.REPO_ROOT / "check_install.py"), comfyui=str(comfy_host.COMFYUI_PATH))  # fmt: skip
-    return subprocess.run([sys.executable, "-c", code], cwd=comfy_host.COMFYUI_PATH, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    code = RUN.format(
+        tests=str(comfy_host.REPO_ROOT / "tests"),
+        standin=standin,
+        script=str(comfy_host.REPO_ROOT / "check_install.py"),
+        comfyui=str(comfy_host.COMFYUI_PATH),
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=comfy_host.COMFYUI_PATH, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,16 @@ HOST_TEST = "tests/test_comfy_lora.py"
 
 def clone_into(folder) -> None:
     """This working tree as it is (tracked and new files, not what git ignores), in `folder`."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=comfy_host.REPO_ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")  # fmt: skip
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=comfy_host.REPO_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = comfy_host.REPO_ROOT / name
         if source.is_file():
@@ -41,7 +47,11 @@ def test_the_suite_runs_from_a_folder_whose_name_is_not_an_identifier(tmp_path, 
         tests.append(HOST_TEST)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-        cwd=checkout, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout.splitlines()[-1] and "skipped" not in done.stdout.splitlines()[-1]

@@ -67,10 +67,21 @@ def ar_model(glm, weights="full"):
 
 def tokens(glm, model):
     with torch.inference_mode():
-        return glm["GLMImageGenerateTokens"].execute(
-            ar_model=model, prompt=PROMPT, width=SIZE, height=SIZE, seed=SEED, temperature=0.9, top_p=0.75, top_k=0,
-            batch_size=1,
-        )[0].target_ids  # fmt: skip
+        return (
+            glm["GLMImageGenerateTokens"]
+            .execute(
+                ar_model=model,
+                prompt=PROMPT,
+                width=SIZE,
+                height=SIZE,
+                seed=SEED,
+                temperature=0.9,
+                top_p=0.75,
+                top_k=0,
+                batch_size=1,
+            )[0]
+            .target_ids
+        )
 
 
 def test_the_node_samples_what_peft_samples_and_leaves_the_loaded_model_as_it_was(

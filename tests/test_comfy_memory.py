@@ -25,8 +25,10 @@ def patcher(tiny_model_dir):
 def estimate(patcher, references=None, glyph_len=6) -> float:
     """(bytes) what prepare_sampling asks load_models_gpu to keep free for a CFG run of this conditioning."""
     positive, negative = conditionings(SIZE, SIZE, references=references, glyph_len=glyph_len)
-    conds = {"positive": comfy.sampler_helpers.convert_cond(positive),
-             "negative": comfy.sampler_helpers.convert_cond(negative)}  # fmt: skip
+    conds = {
+        "positive": comfy.sampler_helpers.convert_cond(positive),
+        "negative": comfy.sampler_helpers.convert_cond(negative),
+    }
     return comfy.sampler_helpers.estimate_memory(patcher, NOISE, conds)[0]
 
 

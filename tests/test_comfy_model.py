@@ -74,9 +74,13 @@ def test_fp8_weights_run_and_stay_near_the_float32_model(tiny_model_dir):
     drop, t = torch.tensor([[0], [1]]), torch.tensor([499.0, 499.0])
     with torch.no_grad():
         out = model.diffusion_model(
-            x.to(model.manual_cast_dtype), t, glyph=(glyphs, mask), prior_token_id=prior.expand(2, -1),
-            prior_token_drop=drop, transformer_options={},
-        )  # fmt: skip
+            x.to(model.manual_cast_dtype),
+            t,
+            glyph=(glyphs, mask),
+            prior_token_id=prior.expand(2, -1),
+            prior_token_drop=drop,
+            transformer_options={},
+        )
         target = torch.tensor([[HEIGHT, WIDTH]] * 2, dtype=torch.float32)
         full = load_transformer(folder, dtype=torch.float32)
         expected = full(x, glyphs, prior.expand(2, -1), drop, t, target, torch.zeros_like(target), mask.bool())
@@ -85,9 +89,9 @@ def test_fp8_weights_run_and_stay_near_the_float32_model(tiny_model_dir):
 
 
 @pytest.mark.parametrize(
-    "weight_dtype,stored", [("default", torch.float32), ("fp8_e4m3fn", torch.float8_e4m3fn),
-                            ("fp8_e4m3fn_fast", torch.float8_e4m3fn)],
-)  # fmt: skip
+    "weight_dtype,stored",
+    [("default", torch.float32), ("fp8_e4m3fn", torch.float8_e4m3fn), ("fp8_e4m3fn_fast", torch.float8_e4m3fn)],
+)
 def test_the_weights_are_held_in_the_chosen_dtype(tiny_model_dir, weight_dtype, stored):
     """The tiny file is bf16, as published; on the CPU the default weight dtype is float32. Under dynamic VRAM
     (GLM_IMAGE_DYNAMIC_VRAM=1) comfy.ops layers keep the tensors they are given, so the loader casts them itself."""

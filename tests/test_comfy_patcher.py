@@ -100,9 +100,11 @@ print(json.dumps({{"ratio": (peak[0] - base) / size, "bytes": size}}))
 def loading_peak(tiny_model_dir, tmp_path, dynamic: bool) -> dict:
     """Host RAM held above the start while a few-hundred-MB DiT file is read and loaded, over its bytes."""
     script = PEAK_SCRIPT.format(
-        repo=str(comfy_host.REPO_ROOT), config=str(PUBLISHED_CONFIGS / "transformer__config.json"),
-        file=str(tmp_path / "dit.safetensors"), dynamic=dynamic,
-    )  # fmt: skip
+        repo=str(comfy_host.REPO_ROOT),
+        config=str(PUBLISHED_CONFIGS / "transformer__config.json"),
+        file=str(tmp_path / "dit.safetensors"),
+        dynamic=dynamic,
+    )
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -112,6 +114,8 @@ def loading_peak(tiny_model_dir, tmp_path, dynamic: bool) -> dict:
 def test_loading_under_dynamic_vram_holds_the_dit_once_in_host_ram(tiny_model_dir, tmp_path):
     dynamic = loading_peak(tiny_model_dir, tmp_path, dynamic=True)
     plain = loading_peak(tiny_model_dir, tmp_path, dynamic=False)
-    print(f"host RAM peak while loading a {dynamic['bytes'] / 2**20:.0f} MiB DiT: {dynamic['ratio']:.2f}x its bytes "
-          f"with the dynamic patcher, {plain['ratio']:.2f}x with the plain one")  # fmt: skip
+    print(
+        f"host RAM peak while loading a {dynamic['bytes'] / 2**20:.0f} MiB DiT: {dynamic['ratio']:.2f}x its bytes "
+        f"with the dynamic patcher, {plain['ratio']:.2f}x with the plain one"
+    )
     assert dynamic["ratio"] <= 1.3, dynamic

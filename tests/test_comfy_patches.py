@@ -48,8 +48,15 @@ def test_transformer_options_reach_every_blocks_attention(patcher, plain_output)
 
     def attention_override(func, *args, **kwargs):
         options = kwargs["transformer_options"]
-        seen.append((options["block_index"], options["total_blocks"], options["block_type"],
-                     tuple(sorted(options["cond_or_uncond"])), options["sigmas"].numel()))  # fmt: skip
+        seen.append(
+            (
+                options["block_index"],
+                options["total_blocks"],
+                options["block_type"],
+                tuple(sorted(options["cond_or_uncond"])),
+                options["sigmas"].numel(),
+            )
+        )
         return func(*args, **kwargs)
 
     observed = patcher.clone()

@@ -46,9 +46,13 @@ def velocity(patcher):
     dtype = model.manual_cast_dtype or model.get_dtype()
     with torch.no_grad():
         return model.diffusion_model(
-            latent.to(dtype), t, glyph=[glyph.to(dtype), mask], prior_token_id=prior, prior_token_drop=drop,
+            latent.to(dtype),
+            t,
+            glyph=[glyph.to(dtype), mask],
+            prior_token_id=prior,
+            prior_token_drop=drop,
             transformer_options={},
-        ).float()  # fmt: skip
+        ).float()
 
 
 def test_a_scaled_fp8_file_loads_with_fp8_layers_and_matches_the_float32_model(tiny_model_dir, tmp_path, float32_dit):

@@ -91,8 +91,14 @@ def test_a_shard_that_is_a_symlink_inside_the_folder_is_followed(transformer, ti
     assert all(torch.equal(t, read_state_dict(tiny_model_dir / "transformer")[k]) for k, t in loaded.items())
 
 
-@pytest.mark.parametrize("entry", [{"tokenizer_file": "/etc/passwd"}, {"fast_tokenizer_files": ["../../tokenizer.x.json"]},
-                                   {"image_processor": {"vocab_file": "../vocab.txt"}}])  # fmt: skip
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"tokenizer_file": "/etc/passwd"},
+        {"fast_tokenizer_files": ["../../tokenizer.x.json"]},
+        {"image_processor": {"vocab_file": "../vocab.txt"}},
+    ],
+)
 def test_a_processor_config_naming_a_file_outside_its_folder_is_refused(tiny_model_dir, tmp_path, entry):
     root = tmp_path / "GLM-Image"
     shutil.copytree(tiny_model_dir / "processor", root / "processor")

@@ -61,9 +61,15 @@ def test_padded_glyphs_with_mask_equal_each_sample_alone(dits):
         got = ours(latent, glyph * mask[..., None], prior, drop, timestep, target, crop, encoder_attention_mask=mask)
     for i, length in enumerate(lengths):
         alone = run_reference(
-            reference, latent[i : i + 1], glyph[i : i + 1, :length], prior[i : i + 1], drop[i : i + 1],
-            timestep[i : i + 1], target[i : i + 1], crop[i : i + 1],
-        )  # fmt: skip
+            reference,
+            latent[i : i + 1],
+            glyph[i : i + 1, :length],
+            prior[i : i + 1],
+            drop[i : i + 1],
+            timestep[i : i + 1],
+            target[i : i + 1],
+            crop[i : i + 1],
+        )
         assert (got[i : i + 1] - alone).abs().max() <= TOLERANCE
 
 

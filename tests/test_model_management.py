@@ -45,9 +45,16 @@ def test_generate_tokens_loads_the_ar_model_through_model_management(glm):
 
     with torch.inference_mode():
         glm["GLMImageGenerateTokens"].execute(
-            ar_model=ar_model, prompt="a cat", width=SIZE, height=SIZE, seed=0, temperature=0.9, top_p=0.75, top_k=0,
+            ar_model=ar_model,
+            prompt="a cat",
+            width=SIZE,
+            height=SIZE,
+            seed=0,
+            temperature=0.9,
+            top_p=0.75,
+            top_k=0,
             batch_size=1,
-        )  # fmt: skip
+        )
 
     assert is_managed(ar_model.decoder.patcher)
 

@@ -72,16 +72,32 @@ def with_sampler_custom_advanced(graph: dict) -> dict:
     """KSampler replaced by SamplerCustomAdvanced with the GLM-Image scheduler's sigmas."""
     graph = dict(graph)
     ksampler = graph.pop("8")["inputs"]
-    graph.update({
-        "20": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
-        "21": {"class_type": "CFGGuider", "inputs": {
-            "model": ksampler["model"], "positive": ksampler["positive"], "negative": ksampler["negative"], "cfg": 1.5}},
-        "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "23": {"class_type": "GLMImageScheduler", "inputs": {"steps": STEPS, "width": WIDTH, "height": HEIGHT}},
-        "8": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["20", 0], "guider": ["21", 0], "sampler": ["22", 0], "sigmas": ["23", 0],
-            "latent_image": ksampler["latent_image"]}},
-    })  # fmt: skip
+    graph.update(
+        {
+            "20": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
+            "21": {
+                "class_type": "CFGGuider",
+                "inputs": {
+                    "model": ksampler["model"],
+                    "positive": ksampler["positive"],
+                    "negative": ksampler["negative"],
+                    "cfg": 1.5,
+                },
+            },
+            "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "23": {"class_type": "GLMImageScheduler", "inputs": {"steps": STEPS, "width": WIDTH, "height": HEIGHT}},
+            "8": {
+                "class_type": "SamplerCustomAdvanced",
+                "inputs": {
+                    "noise": ["20", 0],
+                    "guider": ["21", 0],
+                    "sampler": ["22", 0],
+                    "sigmas": ["23", 0],
+                    "latent_image": ksampler["latent_image"],
+                },
+            },
+        }
+    )
     return graph
 
 

@@ -77,9 +77,15 @@ def random_tokens(grids: int = 1, seed: int = 0, references: int = 0) -> "types.
         for _ in range(references)
     ]
     return types.VisualTokens(
-        prior_token_ids=torch.randint(0, 16384, (grids, n), generator=g), target_ids=torch.zeros(grids, n // 4),
-        preview_ids=torch.zeros(grids, 0), height=SIZE, width=SIZE, prompt=PROMPT, seed=seed, references=refs,
-    )  # fmt: skip
+        prior_token_ids=torch.randint(0, 16384, (grids, n), generator=g),
+        target_ids=torch.zeros(grids, n // 4),
+        preview_ids=torch.zeros(grids, 0),
+        height=SIZE,
+        width=SIZE,
+        prompt=PROMPT,
+        seed=seed,
+        references=refs,
+    )
 
 
 def encode(glm, glyph_encoder, tokens, vae=None):
@@ -194,9 +200,16 @@ def test_two_token_grids_from_seeds_s_and_s_plus_1_give_a_batch_of_2(glm, model,
     def generate_tokens(seed, batch_size):
         with torch.inference_mode():
             return glm["GLMImageGenerateTokens"].execute(
-                ar_model=ar_model, prompt=PROMPT, width=SIZE, height=SIZE, seed=seed, temperature=0.9, top_p=0.75,
-                top_k=0, batch_size=batch_size,
-            )[0]  # fmt: skip
+                ar_model=ar_model,
+                prompt=PROMPT,
+                width=SIZE,
+                height=SIZE,
+                seed=seed,
+                temperature=0.9,
+                top_p=0.75,
+                top_k=0,
+                batch_size=batch_size,
+            )[0]
 
     tokens = generate_tokens(AR_SEED, batch_size=2)
     single_tokens = [generate_tokens(AR_SEED, 1), generate_tokens(AR_SEED + 1, 1)]

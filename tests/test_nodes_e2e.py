@@ -63,9 +63,15 @@ def test_text_to_image_graph_equals_glm_image_pipeline(comfy_models, tiny_model_
     noise = torch.randn(1, 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(NOISE_SEED))
     pipe = GlmImagePipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
     expected = pipe(
-        prompt=prompt, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=1.5,
-        prior_token_ids=tokens.prior_token_ids, latents=noise, output_type="np",
-    ).images[0]  # fmt: skip
+        prompt=prompt,
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=STEPS,
+        guidance_scale=1.5,
+        prior_token_ids=tokens.prior_token_ids,
+        latents=noise,
+        output_type="np",
+    ).images[0]
     diff = np.abs(ours - np.floor(expected * 255)).max()  # SaveImage truncates to uint8
     assert diff <= 1, diff
     assert ours.std() > 1

@@ -85,24 +85,60 @@ def comfy_edit(tiny_model_dir, tmp_path_factory):
 def edit_graph(reference_files: list[str], key: str) -> dict:
     """The edit workflow in API format, fp32 on the CPU; KSampler's noise seed equals the AR seed (as in `generate`)."""
     graph = {
-        "1": {"class_type": "GLMImageARModelLoader", "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu", "weights": "full"}},
-        "2": {"class_type": "GLMImageGenerateTokens", "inputs": {
-            "ar_model": ["1", 0], "prompt": PROMPT, "width": WIDTH, "height": HEIGHT, "seed": SEED,
-            "temperature": 0.9, "top_p": 0.75, "top_k": 0, "batch_size": 1}},
+        "1": {
+            "class_type": "GLMImageARModelLoader",
+            "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu", "weights": "full"},
+        },
+        "2": {
+            "class_type": "GLMImageGenerateTokens",
+            "inputs": {
+                "ar_model": ["1", 0],
+                "prompt": PROMPT,
+                "width": WIDTH,
+                "height": HEIGHT,
+                "seed": SEED,
+                "temperature": 0.9,
+                "top_p": 0.75,
+                "top_k": 0,
+                "batch_size": 1,
+            },
+        },
         "3": {"class_type": "GLMImageGlyphEncoderLoader", "inputs": {"encoder": "GLM-Image", "dtype": "fp32"}},
-        "4": {"class_type": "GLMImageEncode", "inputs": {
-            "glyph_encoder": ["3", 0], "tokens": ["2", 0], "glyph_text": "from prompt quotes", "override": "",
-            "vae": ["9", 0]}},
+        "4": {
+            "class_type": "GLMImageEncode",
+            "inputs": {
+                "glyph_encoder": ["3", 0],
+                "tokens": ["2", 0],
+                "glyph_text": "from prompt quotes",
+                "override": "",
+                "vae": ["9", 0],
+            },
+        },
         "5": {"class_type": "GLMImageDiTLoader", "inputs": {"dit": "GLM-Image", "weight_dtype": "default"}},
         "6": {"class_type": "GLMImageModelSampling", "inputs": {"model": ["5", 0], "width": WIDTH, "height": HEIGHT}},
-        "7": {"class_type": "GLMImageEmptyLatent", "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1, "tokens": ["2", 0]}},
-        "8": {"class_type": "KSampler", "inputs": {
-            "model": ["6", 0], "seed": SEED, "steps": STEPS, "cfg": GUIDANCE, "sampler_name": "euler",
-            "scheduler": "simple", "positive": ["4", 0], "negative": ["4", 1], "latent_image": ["7", 0], "denoise": 1.0}},
+        "7": {
+            "class_type": "GLMImageEmptyLatent",
+            "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1, "tokens": ["2", 0]},
+        },
+        "8": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["6", 0],
+                "seed": SEED,
+                "steps": STEPS,
+                "cfg": GUIDANCE,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "positive": ["4", 0],
+                "negative": ["4", 1],
+                "latent_image": ["7", 0],
+                "denoise": 1.0,
+            },
+        },
         "9": {"class_type": "GLMImageVAELoader", "inputs": {"vae": "GLM-Image"}},
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
         "11": {"class_type": "GLMImageTestCapture", "inputs": {"key": key, "image": ["10", 0], "latent": ["8", 0]}},
-    }  # fmt: skip
+    }
     for i, name in enumerate(reference_files, start=1):
         graph[f"2{i}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
         graph["2"]["inputs"][f"reference_{i}"] = [f"2{i}", 0]
@@ -123,10 +159,15 @@ def reference_edit(pipe: GlmImagePipeline, tokens: ar.ARResult, images: list, no
         pixels = pipe.image_processor.preprocess(image, height=grid_h * 16, width=grid_w * 16)
         latent = (retrieve_latents(vae.encode(pixels), sample_mode="argmax") - mean) / std
         transformer(
-            hidden_states=latent, encoder_hidden_states=cond_embeds[:1, :0], prior_token_id=ids[None],
-            prior_token_drop=torch.zeros_like(ids[None], dtype=torch.bool), timestep=torch.zeros(1),
-            target_size=torch.tensor([pixels.shape[-2:]]), crop_coords=torch.zeros(1, 2), kv_caches=kv_caches,
-        )  # fmt: skip
+            hidden_states=latent,
+            encoder_hidden_states=cond_embeds[:1, :0],
+            prior_token_id=ids[None],
+            prior_token_drop=torch.zeros_like(ids[None], dtype=torch.bool),
+            timestep=torch.zeros(1),
+            target_size=torch.tensor([pixels.shape[-2:]]),
+            crop_coords=torch.zeros(1, 2),
+            kv_caches=kv_caches,
+        )
     kv_caches.next_sample()
 
     timesteps = np.linspace(1000, 1.0, STEPS + 1)[:-1].astype(np.int64).astype(np.float32)
@@ -139,14 +180,24 @@ def reference_edit(pipe: GlmImagePipeline, tokens: ar.ARResult, images: list, no
         timestep = t.expand(1) - 1
         kv_caches.set_mode("read")
         v_cond = transformer(
-            hidden_states=latents, encoder_hidden_states=cond_embeds, timestep=timestep, kv_caches=kv_caches,
-            prior_token_drop=torch.zeros_like(tokens.prior_token_ids, dtype=torch.bool), return_dict=False, **branch,
-        )[0].float()  # fmt: skip
+            hidden_states=latents,
+            encoder_hidden_states=cond_embeds,
+            timestep=timestep,
+            kv_caches=kv_caches,
+            prior_token_drop=torch.zeros_like(tokens.prior_token_ids, dtype=torch.bool),
+            return_dict=False,
+            **branch,
+        )[0].float()
         kv_caches.set_mode("skip")
         v_uncond = transformer(
-            hidden_states=latents, encoder_hidden_states=uncond_embeds, timestep=timestep, kv_caches=kv_caches,
-            prior_token_drop=torch.ones_like(tokens.prior_token_ids, dtype=torch.bool), return_dict=False, **branch,
-        )[0].float()  # fmt: skip
+            hidden_states=latents,
+            encoder_hidden_states=uncond_embeds,
+            timestep=timestep,
+            kv_caches=kv_caches,
+            prior_token_drop=torch.ones_like(tokens.prior_token_ids, dtype=torch.bool),
+            return_dict=False,
+            **branch,
+        )[0].float()
         latents = scheduler.step(v_uncond + GUIDANCE * (v_cond - v_uncond), t, latents, return_dict=False)[0]
     raw = latents * std + mean
     image = pipe.image_processor.postprocess(vae.decode(raw, return_dict=False)[0], output_type="pt")
@@ -192,9 +243,16 @@ def test_core_edit_equals_reference_math(comfy_edit, core_models, expected, case
     images = [PIL.Image.open(comfy_edit / name).convert("RGB") for name in REFERENCES[case]]
     steps = []
     ours = generate(
-        core_models, PROMPT, HEIGHT, WIDTH, steps=STEPS, guidance=GUIDANCE, seed=SEED, references=images,
+        core_models,
+        PROMPT,
+        HEIGHT,
+        WIDTH,
+        steps=STEPS,
+        guidance=GUIDANCE,
+        seed=SEED,
+        references=images,
         on_step=lambda step, total, latent: steps.append(latent),
-    )  # fmt: skip
+    )
     latent, image = expected(case)
 
     latent_diff = (core_models.vae.denormalize(steps[-1]) - latent).abs().max().item()

@@ -72,9 +72,13 @@ def files(tiny_model_dir, tmp_path_factory):
 
 
 def tokens_graph(
-    tokens_file="square.glm_tokens", width=SIZE, height=SIZE, latent_follows_tokens=True,
-    glyph_text="from prompt quotes", override="",
-) -> dict:  # fmt: skip
+    tokens_file="square.glm_tokens",
+    width=SIZE,
+    height=SIZE,
+    latent_follows_tokens=True,
+    glyph_text="from prompt quotes",
+    override="",
+) -> dict:
     """Text-to-image from a token file: LoadTokens -> Encode -> KSampler (2 steps) -> VAEDecode -> SaveImage."""
     encode = {"glyph_encoder": ["3", 0], "tokens": ["1", 0], "glyph_text": glyph_text, "override": override}
     latent = {"width": width, "height": height, "batch_size": 1}
@@ -85,13 +89,25 @@ def tokens_graph(
         "5": {"class_type": "GLMImageDiTLoader", "inputs": {"dit": "GLM-Image", "weight_dtype": "default"}},
         "6": {"class_type": "GLMImageModelSampling", "inputs": {"model": ["5", 0], "width": width, "height": height}},
         "7": {"class_type": "GLMImageEmptyLatent", "inputs": latent},
-        "8": {"class_type": "KSampler", "inputs": {
-            "model": ["6", 0], "seed": 0, "steps": 2, "cfg": 1.5, "sampler_name": "euler", "scheduler": "simple",
-            "positive": ["4", 0], "negative": ["4", 1], "latent_image": ["7", 0], "denoise": 1.0}},
+        "8": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["6", 0],
+                "seed": 0,
+                "steps": 2,
+                "cfg": 1.5,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+                "positive": ["4", 0],
+                "negative": ["4", 1],
+                "latent_image": ["7", 0],
+                "denoise": 1.0,
+            },
+        },
         "9": {"class_type": "GLMImageVAELoader", "inputs": {"vae": "GLM-Image"}},
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
         "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "errors"}},
-    }  # fmt: skip
+    }
     if latent_follows_tokens:
         latent["tokens"] = ["1", 0]
     return graph
@@ -102,7 +118,10 @@ def sized_node_prompt(node_id: str, width, height=SIZE) -> dict:
     inputs = {"width": width, "height": height}
     prompt = {"9": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
     if node_id == "GLMImageGenerateTokens":
-        prompt["0"] = {"class_type": "GLMImageARModelLoader", "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu", "weights": "full"}}  # fmt: skip
+        prompt["0"] = {
+            "class_type": "GLMImageARModelLoader",
+            "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu", "weights": "full"},
+        }
         inputs.update(ar_model=["0", 0], prompt="a cat", seed=0, temperature=0.9, top_p=0.75, top_k=0, batch_size=1)
     elif node_id == "GLMImageEmptyLatent":
         inputs.update(batch_size=1)
@@ -345,9 +364,13 @@ def test_a_timestep_range_over_the_whole_run_keeps_the_glm_conditioning(model, e
 def test_a_mask_over_the_whole_image_keeps_the_glm_conditioning(model, encode):
     positive, negative = encode(random_tokens())
     masked = stock(
-        "ConditioningSetMask", "append", conditioning=positive, mask=torch.ones(1, SIZE, SIZE), set_cond_area="default",
+        "ConditioningSetMask",
+        "append",
+        conditioning=positive,
+        mask=torch.ones(1, SIZE, SIZE),
+        set_cond_area="default",
         strength=1.0,
-    )  # fmt: skip
+    )
 
     assert (sample(model, masked, negative) - sample(model, positive, negative)).abs().max() <= 1e-5
 

@@ -48,9 +48,16 @@ def ar_model(glm):
 def generate_tokens(glm, ar_model):
     with torch.inference_mode():
         return glm["GLMImageGenerateTokens"].execute(
-            ar_model=ar_model, prompt=PROMPT, width=SIZE, height=SIZE, seed=SEED, temperature=0.9, top_p=0.75,
-            top_k=0, batch_size=1,
-        )[0]  # fmt: skip
+            ar_model=ar_model,
+            prompt=PROMPT,
+            width=SIZE,
+            height=SIZE,
+            seed=SEED,
+            temperature=0.9,
+            top_p=0.75,
+            top_k=0,
+            batch_size=1,
+        )[0]
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +97,29 @@ def test_interrupting_the_ar_raises_comfyuis_interrupt_and_the_next_run_is_unaff
 
 def tokens_prompt() -> dict:
     return {
-        "1": {"class_type": "GLMImageARModelLoader", "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu", "weights": "full"}},
-        "2": {"class_type": "GLMImageGenerateTokens", "inputs": {
-            "ar_model": ["1", 0], "prompt": PROMPT, "width": SIZE, "height": SIZE, "seed": SEED, "temperature": 0.9,
-            "top_p": 0.75, "top_k": 0, "batch_size": 1}},
-        "3": {"class_type": "GLMImageSaveTokens", "inputs": {"tokens": ["2", 0], "filename_prefix": "glm_tokens/interrupt"}},
-    }  # fmt: skip
+        "1": {
+            "class_type": "GLMImageARModelLoader",
+            "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu", "weights": "full"},
+        },
+        "2": {
+            "class_type": "GLMImageGenerateTokens",
+            "inputs": {
+                "ar_model": ["1", 0],
+                "prompt": PROMPT,
+                "width": SIZE,
+                "height": SIZE,
+                "seed": SEED,
+                "temperature": 0.9,
+                "top_p": 0.75,
+                "top_k": 0,
+                "batch_size": 1,
+            },
+        },
+        "3": {
+            "class_type": "GLMImageSaveTokens",
+            "inputs": {"tokens": ["2", 0], "filename_prefix": "glm_tokens/interrupt"},
+        },
+    }
 
 
 def test_the_executor_reports_an_interrupted_ar_and_runs_the_next_prompt(glm, uninterrupted):
@@ -176,10 +200,12 @@ def test_an_interrupted_edit_run_releases_the_reference_kv_the_guider_still_hold
     positive, negative = comfy_glm.conditionings(SIZE, SIZE, references=[comfy_glm.reference(SIZE, SIZE)])
     guider = call_node("CFGGuider", model=patcher, positive=positive, negative=negative, cfg=1.5)
     inputs = dict(
-        noise=call_node("RandomNoise", noise_seed=0), guider=guider, sampler=call_node("KSamplerSelect", sampler_name="euler"),
+        noise=call_node("RandomNoise", noise_seed=0),
+        guider=guider,
+        sampler=call_node("KSamplerSelect", sampler_name="euler"),
         sigmas=call_node("BasicScheduler", model=patcher, scheduler="simple", steps=4, denoise=1.0),
         latent_image={"samples": torch.zeros(1, 16, SIZE // 8, SIZE // 8)},
-    )  # fmt: skip
+    )
 
     with cancel_at_step(1), pytest.raises(mm.InterruptProcessingException):
         call_node("SamplerCustomAdvanced", **inputs)

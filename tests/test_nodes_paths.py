@@ -129,8 +129,13 @@ TRAVERSALS = {node: MODEL_VALUES for node in LOADERS} | {
         "..\\outside\\canary.glm_tokens",
     ],
 }
-FILES = {"dit": paths.DIT, "vae": paths.VAE, "encoder": paths.GLYPH_ENCODER, "model_folder": paths.AR_MODEL,
-         "tokens_file": paths.TOKENS}  # fmt: skip
+FILES = {
+    "dit": paths.DIT,
+    "vae": paths.VAE,
+    "encoder": paths.GLYPH_ENCODER,
+    "model_folder": paths.AR_MODEL,
+    "tokens_file": paths.TOKENS,
+}
 
 
 def traversal(template: str, outside: Path) -> str:
@@ -160,7 +165,9 @@ def layout(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("paths")
     write_layout(tmp, tiny_model_dir)
     roots = {"glm_image": [tiny_model_dir.parent, tmp / "glm_image"], "diffusion_models": [tmp / "diffusion_models"]}
-    added = [(kind, str(p)) for kind, ps in roots.items() for p in ps if str(p) not in folder_paths.get_folder_paths(kind)]  # fmt: skip
+    added = [
+        (kind, str(p)) for kind, ps in roots.items() for p in ps if str(p) not in folder_paths.get_folder_paths(kind)
+    ]
     for kind, path in added:
         folder_paths.add_model_folder_path(kind, path)
     previous = folder_paths.get_input_directory(), folder_paths.get_output_directory()
@@ -328,8 +335,11 @@ def test_a_save_prefix_that_leaves_the_output_folder_is_refused_at_queue_time(la
     (layout / "output" / "escape").symlink_to(layout / "outside", target_is_directory=True)
     prompt = {
         "1": {"class_type": "GLMImageLoadTokens", "inputs": {"tokens_file": "glm_tokens/saved.glm_tokens [output]"}},
-        "2": {"class_type": "GLMImageSaveTokens", "inputs": {"tokens": ["1", 0], "filename_prefix": traversal(template, layout / "outside")}},
-    }  # fmt: skip
+        "2": {
+            "class_type": "GLMImageSaveTokens",
+            "inputs": {"tokens": ["1", 0], "filename_prefix": traversal(template, layout / "outside")},
+        },
+    }
     try:
         (error,) = validation_errors(comfy_host.run_prompt(prompt), node="2")
     finally:
@@ -379,7 +389,9 @@ def test_the_server_refuses_every_traversal_value_and_opens_no_file_outside_the_
     """On `main.py --cpu`: the climbing values (its input/ and output/ are its own, so only the values that climb
     from anywhere or are absolute apply)."""
     outside = layout / "outside"
-    cases = [(node, traversal(t, outside)) for node, ts in TRAVERSALS.items() for t in ts if t.startswith(("{up}", "{abs}"))]  # fmt: skip
+    cases = [
+        (node, traversal(t, outside)) for node, ts in TRAVERSALS.items() for t in ts if t.startswith(("{up}", "{abs}"))
+    ]
     watch = OpenWatch(outside)
     try:
         refusals = []

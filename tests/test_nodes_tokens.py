@@ -48,10 +48,12 @@ def test_every_mutated_file_is_refused_when_the_prompt_is_queued(corpus):
 def test_every_mutated_file_is_refused_by_comfyuis_validation_with_the_nodes_message(corpus):
     _, names = corpus
     for name in names:
-        run = comfy_host.run_prompt({
-            "1": {"class_type": "GLMImageLoadTokens", "inputs": {"tokens_file": name}},
-            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
-        })  # fmt: skip
+        run = comfy_host.run_prompt(
+            {
+                "1": {"class_type": "GLMImageLoadTokens", "inputs": {"tokens_file": name}},
+                "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+            }
+        )
         assert not run.success and run.error is not None, name
         details = run.node_errors["1"]["errors"][0]["details"]
         assert f"{name} {REFUSED}: " in details, details

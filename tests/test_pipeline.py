@@ -20,9 +20,15 @@ def test_text_to_image_equals_glm_image_pipeline(core_models, reference_pipeline
     inputs = ar.build_ar_inputs(core_models.processor, PROMPT, HEIGHT, WIDTH)
     tokens = ar.generate_prior_tokens(core_models.ar_model, inputs, [torch.Generator().manual_seed(SEED)])
     expected = reference_pipeline(
-        prompt=PROMPT, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=1.5,
-        prior_token_ids=tokens.prior_token_ids, latents=initial_noise(1, HEIGHT, WIDTH, SEED), output_type="np",
-    ).images[0]  # fmt: skip
+        prompt=PROMPT,
+        height=HEIGHT,
+        width=WIDTH,
+        num_inference_steps=STEPS,
+        guidance_scale=1.5,
+        prior_token_ids=tokens.prior_token_ids,
+        latents=initial_noise(1, HEIGHT, WIDTH, SEED),
+        output_type="np",
+    ).images[0]
     assert ours.shape == (HEIGHT, WIDTH, 3)
     diff = np.abs(ours - np.round(expected * 255)).max()
     assert diff <= 1, diff  # uint8 rounding of values equal to float tolerance
@@ -51,10 +57,15 @@ def test_offloaded_stages_hold_either_the_ar_decoder_or_the_dit_and_give_the_sam
     parts = ("ar decoder", "ar vision", "dit", "glyph")
     seen = set()
     image = generate(
-        staged, PROMPT, 512, 512, steps=2, seed=SEED,
+        staged,
+        PROMPT,
+        512,
+        512,
+        steps=2,
+        seed=SEED,
         on_token=lambda *_: seen.add(("ar", *(p for p in parts if lent(p)))),
         on_step=lambda *_: seen.add(("dit", *(p for p in parts if lent(p)))),
-    )  # fmt: skip
+    )
     assert seen == {("ar", "ar decoder"), ("dit", "dit")}
     assert not any(lent(p) for p in parts)
     resident = np.asarray(generate(core_models, PROMPT, 512, 512, steps=2, seed=SEED), dtype=np.float32)
@@ -75,9 +86,15 @@ def test_an_offloaded_edit_runs_the_vision_encoder_in_a_turn_of_its_own(core_mod
     monkeypatch.setattr(ar, "encode_reference_images", watched_encode)
     reference = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
     generate(
-        staged, "make it 'blue'", 512, 512, steps=1, seed=SEED, references=[reference],
+        staged,
+        "make it 'blue'",
+        512,
+        512,
+        steps=1,
+        seed=SEED,
+        references=[reference],
         on_token=lambda *_: seen.append(("ar", *(p for p in parts if lent(p)))),
-    )  # fmt: skip
+    )
     assert seen[0] == ("vision", "ar vision")
     assert set(seen[1:]) == {("ar", "ar decoder")}
 

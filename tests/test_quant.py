@@ -287,9 +287,15 @@ def medium_ar_dir(tmp_path_factory):
 
     config = json.loads(json.dumps(_VLE_CONFIG))
     config["text_config"].update(
-        hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=1,
-        vocab_size=16512, pad_token_id=16511, rope_parameters={**config["text_config"]["rope_parameters"], "mrope_section": [8, 12, 12]},
-    )  # fmt: skip
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        vocab_size=16512,
+        pad_token_id=16511,
+        rope_parameters={**config["text_config"]["rope_parameters"], "mrope_section": [8, 12, 12]},
+    )
     folder = tmp_path_factory.mktemp("medium") / "vision_language_encoder"
     _write_json(folder / "config.json", config)
     with torch.device("meta"):
@@ -310,8 +316,12 @@ MALLOC_RETURNS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 def load_peak(folder: Path, quantization: str) -> dict:
     done = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, str(folder), quantization],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, **MALLOC_RETURNS_FREED_MEMORY},
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **MALLOC_RETURNS_FREED_MEMORY},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

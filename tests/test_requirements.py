@@ -31,8 +31,11 @@ def pyproject_dependencies() -> dict[str, Requirement]:
 
 
 def caps(requirements: dict[str, Requirement]) -> list[str]:
-    return [f"{name}{r.specifier}" for name, r in requirements.items()
-            if name not in KNOWN_BREAKS and any(s.operator in CAPPING for s in r.specifier)]  # fmt: skip
+    return [
+        f"{name}{r.specifier}"
+        for name, r in requirements.items()
+        if name not in KNOWN_BREAKS and any(s.operator in CAPPING for s in r.specifier)
+    ]
 
 
 def test_requirements_txt_has_no_undocumented_cap():

@@ -33,20 +33,31 @@ def valid_tokens(references: int = 0, grids: int = 1, seed: int = 0) -> VisualTo
     target = torch.randint(0, 16384, (grids, SIZE // 32, SIZE // 32), generator=g)
     prior = target.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(grids, -1)
     preview = torch.randint(0, 16384, (grids, 0 if references else PREVIEW), generator=g)
-    refs = [Reference(torch.rand(1, 64, 96, 3, generator=g), torch.randint(0, 16384, (1, 24), generator=g))
-            for _ in range(references)]  # fmt: skip
+    refs = [
+        Reference(torch.rand(1, 64, 96, 3, generator=g), torch.randint(0, 16384, (1, 24), generator=g))
+        for _ in range(references)
+    ]
     return VisualTokens(prior, target.reshape(grids, -1), preview, SIZE, SIZE, 'a sign "OPEN"', 7, refs)
 
 
 def as_file_contents(tokens: VisualTokens) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and the metadata object write_tokens stores, to mutate."""
-    tensors = {"prior_token_ids": tokens.prior_token_ids, "target_ids": tokens.target_ids,
-               "preview_ids": tokens.preview_ids}  # fmt: skip
+    tensors = {
+        "prior_token_ids": tokens.prior_token_ids,
+        "target_ids": tokens.target_ids,
+        "preview_ids": tokens.preview_ids,
+    }
     for i, ref in enumerate(tokens.references):
         tensors[f"reference.{i}.pixels"] = ref.pixels
         tensors[f"reference.{i}.prior_token_ids"] = ref.prior_token_ids
-    info = {"prompt": tokens.prompt, "height": tokens.height, "width": tokens.width, "seed": tokens.seed,
-            "references": len(tokens.references), "format": "glm_image_tokens/1"}  # fmt: skip
+    info = {
+        "prompt": tokens.prompt,
+        "height": tokens.height,
+        "width": tokens.width,
+        "seed": tokens.seed,
+        "references": len(tokens.references),
+        "format": "glm_image_tokens/1",
+    }
     return tensors, info
 
 
@@ -55,9 +66,20 @@ def as_file_contents(tokens: VisualTokens) -> tuple[dict[str, torch.Tensor], dic
 ID_KEYS = ["prior_token_ids", "target_ids", "preview_ids", "reference.0.prior_token_ids"]
 BAD_IDS = [16384, 16385, 99999, 2**31 - 1, 2**40, -1, -16384, -(2**40)]
 BAD_METADATA_TEXT = [
-    "", "{", '{"height": 512', "[" * 100_000 + "]" * 100_000, '{"a": ' * 50_000 + "1" + "}" * 50_000, "null", "42",
-    '"text"', "[]", "NaN", r'"\ud800"', '{"height": ' + "9" * 5000 + "}", "\x00\x01\x02",
-]  # fmt: skip
+    "",
+    "{",
+    '{"height": 512',
+    "[" * 100_000 + "]" * 100_000,
+    '{"a": ' * 50_000 + "1" + "}" * 50_000,
+    "null",
+    "42",
+    '"text"',
+    "[]",
+    "NaN",
+    r'"\ud800"',
+    '{"height": ' + "9" * 5000 + "}",
+    "\x00\x01\x02",
+]
 BAD_VALUES = {
     "height": [500, 511, 0, -512, 4096, 512.0, "512", True, None, float("inf"), [512], 10**30],
     "width": [520, 32, 2**63, "wide", 1e3, False],
@@ -183,8 +205,10 @@ def test_written_tokens_read_back_unchanged(tmp_path, references):
     for name in ("prior_token_ids", "target_ids", "preview_ids"):
         assert torch.equal(getattr(loaded, name), getattr(tokens, name)) and getattr(loaded, name).dtype == torch.int64
     assert (loaded.height, loaded.width, loaded.prompt, loaded.seed) == (SIZE, SIZE, 'a sign "OPEN"', 7)
-    assert [torch.equal(a.pixels, b.pixels) and torch.equal(a.prior_token_ids, b.prior_token_ids)
-            for a, b in zip(loaded.references, tokens.references)] == [True] * references  # fmt: skip
+    assert [
+        torch.equal(a.pixels, b.pixels) and torch.equal(a.prior_token_ids, b.prior_token_ids)
+        for a, b in zip(loaded.references, tokens.references)
+    ] == [True] * references
 
 
 def test_every_mutated_file_is_refused_with_a_message_naming_it(tmp_path):

@@ -70,8 +70,11 @@ def report(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("transformers4")
     done = subprocess.run(
         [sys.executable, "-c", RUN_ON_TRANSFORMERS4, str(tiny_model_dir.parent), str(work), str(SIZE)],
-        cwd=comfy_host.REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=comfy_host.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -122,10 +122,13 @@ def test_token_counts_equal_ar_geometry_for_every_size():
             geometry = ar.ar_geometry(h, w, image_to_image=i2i)
             js = next(results)
             expected = {
-                "gridH": geometry.grid_h, "gridW": geometry.grid_w,
-                "previewH": geometry.preview_h, "previewW": geometry.preview_w,
-                "numGridTokens": geometry.num_grid_tokens, "numNewTokens": geometry.num_new_tokens,
-            }  # fmt: skip
+                "gridH": geometry.grid_h,
+                "gridW": geometry.grid_w,
+                "previewH": geometry.preview_h,
+                "previewW": geometry.preview_w,
+                "numGridTokens": geometry.num_grid_tokens,
+                "numNewTokens": geometry.num_new_tokens,
+            }
             assert js == expected, (h, w, i2i)
 
 
@@ -160,9 +163,17 @@ def test_override_lines_equal_the_encode_nodes_rule():
     comfy_host.require_comfyui()  # glyph_spans lives in the ComfyUI node layer
     glyph_spans = comfy_host.import_pack_module("nodes.encode_nodes").glyph_spans
     overrides = [
-        "OPEN\nLATE", "  \n\tX  \n", "a\r\nb\rc", "\u591c\n\n\u6771\u4eac", "\U0001f389", " keep  spaces ",
-        *(f"a{chr(c)}b" for c in range(0x3001)), *(chr(c) for c in range(0x3001)), "\ufeff", "x\ufeffy",
-    ]  # fmt: skip
+        "OPEN\nLATE",
+        "  \n\tX  \n",
+        "a\r\nb\rc",
+        "\u591c\n\n\u6771\u4eac",
+        "\U0001f389",
+        " keep  spaces ",
+        *(f"a{chr(c)}b" for c in range(0x3001)),
+        *(chr(c) for c in range(0x3001)),
+        "\ufeff",
+        "x\ufeffy",
+    ]
     results = run_js([("overrideGlyphTexts", [text]) for text in overrides])
     for text, js in zip(overrides, results):
         try:

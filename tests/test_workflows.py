@@ -121,9 +121,7 @@ def ui_to_api(ui: dict) -> dict:
 
         slots, values = widget_slots(class_type), node.get("widgets_values", [])
         if len(values) != len(slots):
-            raise WorkflowError(
-                f"node {nid} ({class_type}): {len(values)} widgets_values for the widgets {slots}"
-            )  # fmt: skip
+            raise WorkflowError(f"node {nid} ({class_type}): {len(values)} widgets_values for the widgets {slots}")
         inputs = {}
         for (name, role), value in zip(slots, values):
             if role == "value":
@@ -137,7 +135,9 @@ def ui_to_api(ui: dict) -> dict:
         if [(s["name"], s["type"]) for s in node["inputs"]] != sockets:
             raise WorkflowError(f"node {nid} ({class_type}): input sockets {node['inputs']}, expected {sockets}")
         if not outputs_match(node["outputs"], output_types(class_type)):
-            raise WorkflowError(f"node {nid} ({class_type}): outputs {node['outputs']}, expected {output_types(class_type)}")  # fmt: skip
+            raise WorkflowError(
+                f"node {nid} ({class_type}): outputs {node['outputs']}, expected {output_types(class_type)}"
+            )
         for index, socket in enumerate(node["inputs"]):
             if socket["link"] is None:
                 continue
@@ -151,7 +151,7 @@ def ui_to_api(ui: dict) -> dict:
                 or source_slot >= len(source_outputs)
                 or source_outputs[source_slot]["type"] != link_type
                 or link_id not in (source_outputs[source_slot]["links"] or [])
-            ):  # fmt: skip
+            ):
                 raise WorkflowError(f"link {links[socket['link']]} does not match node {nid}.{socket['name']}")
             used_links.append(link_id)
             inputs[socket["name"]] = [str(source), source_slot]
@@ -226,9 +226,11 @@ ALTERATIONS = {
     "ui width/height swapped": _swap_width_height,
     "ui control value dropped": lambda ui, api: next(n for n in ui["nodes"] if n["id"] == 2)["widgets_values"].pop(4),
     "ui control value invalid": lambda ui, api: _set_widget(ui, 2, 4, 0.9),
-    "ui link slot": lambda ui, api: next(link for link in ui["links"] if link[3] == 8 and link[4] == 2).__setitem__(2, 0),
+    "ui link slot": lambda ui, api: next(link for link in ui["links"] if link[3] == 8 and link[4] == 2).__setitem__(
+        2, 0
+    ),
     "ui link unused": lambda ui, api: (ui["links"].append([99, 2, 0, 7, 0, "GLM_TOKENS"]), ui.update(last_link_id=99)),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("alteration", ALTERATIONS)
@@ -443,9 +445,18 @@ def test_pack_imports_in_comfyui_quick_test(tmp_path):
     (custom_nodes / PACK_FOLDER).symlink_to(comfy_host.REPO_ROOT, target_is_directory=True)
     config = tmp_path / "extra_model_paths.yaml"
     config.write_text(json.dumps({"glm_image_tests": {"custom_nodes": str(custom_nodes)}}))  # JSON is YAML
-    boot = f"import sys; sys.path.insert(0, {str(Path(comfy_host.__file__).parent)!r}); import comfy_host; comfy_host._serve(sys.argv[1:])"  # fmt: skip
-    argv = ["--cpu", "--quick-test-for-ci", "--disable-api-nodes", "--extra-model-paths-config", str(config),
-            "--output-directory", str(tmp_path / "output"), "--temp-directory", str(tmp_path)]  # fmt: skip
+    boot = f"import sys; sys.path.insert(0, {str(Path(comfy_host.__file__).parent)!r}); import comfy_host; comfy_host._serve(sys.argv[1:])"
+    argv = [
+        "--cpu",
+        "--quick-test-for-ci",
+        "--disable-api-nodes",
+        "--extra-model-paths-config",
+        str(config),
+        "--output-directory",
+        str(tmp_path / "output"),
+        "--temp-directory",
+        str(tmp_path),
+    ]
     result = subprocess.run([sys.executable, "-c", boot, *argv], capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log

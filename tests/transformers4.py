@@ -14,8 +14,14 @@ VERSION = "4.57.6"
 class _Transformers4(types.ModuleType):
     def __init__(self, real: types.ModuleType):
         super().__init__("transformers", real.__doc__)
-        self.__dict__.update(__version__=VERSION, __path__=real.__path__, __spec__=real.__spec__,
-                             __file__=real.__file__, __package__="transformers", _real=real)  # fmt: skip
+        self.__dict__.update(
+            __version__=VERSION,
+            __path__=real.__path__,
+            __spec__=real.__spec__,
+            __file__=real.__file__,
+            __package__="transformers",
+            _real=real,
+        )
 
     def __getattr__(self, name: str):
         if name.startswith("GlmImage"):
