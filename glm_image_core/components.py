@@ -14,10 +14,10 @@ from pathlib import Path
 
 from .checkpoint import REDOWNLOAD, WeightFiles, display_name, scan_weights
 from .comfy_quant import marked_layers
+from .defaults import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 from .errors import ModelFilesError
 from .files import outside_name_reason
 from .scaled_fp8 import is_quantisation_key
-from .vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
 
 @dataclass(frozen=True)

@@ -15,3 +15,42 @@ TEMPERATURE = 0.9
 TOP_P = 0.75
 STEPS = 50
 GUIDANCE = 1.5  # classifier-free guidance scale; 1 disables CFG
+
+# The latent statistics: `latents_mean` / `latents_std` of the published vae/config.json (zai-org/GLM-Image); the DiT
+# works in (z - mean) / std. Used where a config does not say (single files without metadata, ComfyUI's latent format).
+PUBLISHED_LATENTS_MEAN = (
+    -0.2080078125,
+    1.875,
+    -0.470703125,
+    -1.265625,
+    -1.421875,
+    0.77734375,
+    -0.3671875,
+    -0.9453125,
+    0.318359375,
+    0.7734375,
+    -0.1884765625,
+    -0.022216796875,
+    -0.220703125,
+    -1.59375,
+    -0.81640625,
+    -0.255859375,
+)
+PUBLISHED_LATENTS_STD = (
+    3.0625,
+    2.203125,
+    2.265625,
+    4.84375,
+    2.5,
+    3.9375,
+    2.203125,
+    3.03125,
+    2.1875,
+    2.046875,
+    2.71875,
+    2.390625,
+    2.390625,
+    2.453125,
+    2.25,
+    2.15625,
+)

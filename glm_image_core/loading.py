@@ -118,11 +118,9 @@ def _checked_meta_model(cls: type, kwargs: dict, component: Component, files: Co
     return meta_model
 
 
-def read_checked_weights(
-    path: str | Path, component: Component, dtype: torch.dtype | None = None
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config, state_dict)`` of the DiT or the VAE, with every check the loaders make, for hosts that build the
-    module themselves (ComfyUI builds the DiT with its own layer classes and the VAE as its own VAE object)."""
+def _open_module_component(path: str | Path, component: Component):
+    """The DiT's or the VAE's files opened and checked once, for every loader that builds it: (module class, its
+    constructor arguments from the config, the files, their quantisation)."""
     if component is TRANSFORMER:
         from .dit import GlmImageTransformer2DModel as cls
 
@@ -132,11 +130,19 @@ def read_checked_weights(
 
         files = open_component(path, VAE, infer_vae_config)
     else:
-        raise ValueError(f"read_checked_weights reads the DiT or the VAE, not {component.label}")
+        raise ValueError(f"this reads the DiT or the VAE, not {component.label}")
     kwargs = {
         k: v for k, v in constructor_kwargs(cls, files.config).items() if k not in ("dtype", "device", "operations")
     }
-    quantisation = check_quantisation(files)
+    return cls, kwargs, files, check_quantisation(files)
+
+
+def read_checked_weights(
+    path: str | Path, component: Component, dtype: torch.dtype | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config, state_dict)`` of the DiT or the VAE, with every check the loaders make, for hosts that build the
+    module themselves (ComfyUI builds the DiT with its own layer classes and the VAE as its own VAE object)."""
+    cls, kwargs, files, quantisation = _open_module_component(path, component)
     _checked_meta_model(cls, kwargs, component, files, None)
     if quantisation is None:
         return files.config, load_tensors(files.weights, dtype)
@@ -147,18 +153,13 @@ def read_checked_weights(
 
 
 def _build_and_load(
-    cls: type,
-    kwargs: dict,
-    component: Component,
-    files: ComponentFiles,
-    dtype: torch.dtype | None,
-    device: torch.device | str,
+    path: str | Path, component: Component, dtype: torch.dtype | None, device: torch.device | str
 ) -> torch.nn.Module:
-    """Build ``cls(**kwargs)`` with the checkpoint's weights: shapes are checked on the meta-device model, which
-    then receives the loaded tensors (no random init, no second copy). Hosts that build the module with their own
-    layers take ``read_checked_weights`` instead."""
+    """The DiT or the VAE with the checkpoint's weights: shapes are checked on the meta-device model, which then
+    receives the loaded tensors (no random init, no second copy); quantised files are dequantised to ``dtype``.
+    Hosts that build the module with their own layers take ``read_checked_weights`` instead."""
+    cls, kwargs, files, quantisation = _open_module_component(path, component)
     model = _checked_meta_model(cls, kwargs, component, files, dtype)
-    quantisation = check_quantisation(files)
     if quantisation == SCALED_FP8_MARKER:
         state_dict = dequantise_scaled_fp8(load_tensors(files.weights, None, device), dtype)
     elif quantisation == COMFY_QUANT:
@@ -178,14 +179,7 @@ def _build_and_load(
 
 def load_transformer(path: str | Path, dtype: torch.dtype | None = torch.bfloat16, device: torch.device | str = "cpu"):
     """The DiT (``glm_image_core.dit.GlmImageTransformer2DModel``) from the root, ``transformer/`` or one file."""
-    from .dit import GlmImageTransformer2DModel
-
-    files = open_component(path, TRANSFORMER, infer_transformer_config)
-    check_quantisation(files)
-    kwargs = constructor_kwargs(GlmImageTransformer2DModel, files.config)
-    for key in ("dtype", "device", "operations"):
-        kwargs.pop(key, None)
-    return _build_and_load(GlmImageTransformer2DModel, kwargs, TRANSFORMER, files, dtype, device)
+    return _build_and_load(path, TRANSFORMER, dtype, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,11 +192,7 @@ def load_vae(path: str | Path, dtype: torch.dtype | None = torch.bfloat16, devic
         raise InvalidInputError(
             "The GLM-Image VAE overflows in float16 (NaN or black images); load it in torch.bfloat16 or torch.float32."
         )
-    from .vae import AutoencoderKL
-
-    files = open_component(path, VAE, infer_vae_config)
-    kwargs = constructor_kwargs(AutoencoderKL, files.config)
-    return _build_and_load(AutoencoderKL, kwargs, VAE, files, dtype, device)
+    return _build_and_load(path, VAE, dtype, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

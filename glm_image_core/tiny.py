@@ -22,9 +22,9 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
+from .defaults import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 from .dependencies import glm_image_classes
 from .loading import constructor_kwargs
-from .vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
 # Token ids of GLM-Image (vision_language_encoder/config.json and processor/tokenizer.json).
 PUBLISHED_CONFIGS = Path(__file__).parent / "published"  # the published config files as <subfolder>__<file>

@@ -8,7 +8,7 @@ VAEDecode / VAEEncode nodes need no knowledge of the statistics.
 import torch
 from comfy import latent_formats
 
-from ..glm_image_core.vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
+from ..glm_image_core.defaults import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
 
 class GlmImageLatentFormat(latent_formats.LatentFormat):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import glm_image_core.checkpoint
 import glm_image_core.loading
 from glm_image_core.components import infer_transformer_config, infer_vae_config
+from glm_image_core.defaults import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 from glm_image_core.errors import InvalidInputError, ModelFilesError
 from glm_image_core.loading import (
     COMPONENTS,
@@ -30,7 +31,6 @@ from glm_image_core.loading import (
     save_single_file,
 )
 from glm_image_core.tiny import PUBLISHED_CONFIGS
-from glm_image_core.vae import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 
 LOADERS = {
     "transformer": load_transformer,
