@@ -20,7 +20,7 @@ from ..glm_image_core.pipeline import image_to_tensor
 from ..glm_image_core.sizes import check_image_size
 from ..glm_image_core.tokens import read_tokens, write_tokens
 from . import paths
-from .common import SIZE_WIDGET, pick_dtype, schema, validate_size
+from .common import SIZE_WIDGET, file_input, pick_dtype, schema, validate_size
 from .types import ARModel, GlmARModel, GlmTokens, ManagedHFModel, Reference, VisualTokens
 
 MAX_REFERENCE_INPUTS = 4
@@ -41,10 +41,10 @@ class ARModelLoader(io.ComfyNode):
             search_aliases=["ar model", "autoregressive", "自回归模型"],
             description="The 9B autoregressive model that writes the visual token grid, with its processor.",
             inputs=[
-                io.Combo.Input(
+                file_input(
                     "model_folder",
-                    options=paths.AR_MODEL.options(),
-                    tooltip="A GLM-Image folder as downloaded, under models/glm_image.",
+                    paths.AR_MODEL,
+                    "A GLM-Image folder as downloaded, under models/glm_image.",
                 ),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp32"], tooltip="auto: bf16 where supported."),
                 io.Combo.Input(
@@ -269,10 +269,10 @@ class LoadTokens(io.ComfyNode):
             search_aliases=["load tokens", "加载 token"],
             description="Reads token grids written by 'GLM-Image Save Visual Tokens' (no AR run needed).",
             inputs=[
-                io.Combo.Input(
+                file_input(
                     "tokens_file",
-                    options=paths.TOKENS.options(),
-                    tooltip="A *.glm_tokens file directly in input/ or in output/glm_tokens/.",
+                    paths.TOKENS,
+                    "A *.glm_tokens file directly in input/ or in output/glm_tokens/.",
                 )
             ],
             outputs=[

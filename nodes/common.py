@@ -69,3 +69,9 @@ def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "auto":
         return torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[choice]
+
+
+def file_input(name: str, files, tooltip: str) -> io.Combo.Input:
+    """A loader's file choice: the choices `files` (a `paths.FileChoices`) lists; the node's validate_inputs checks the
+    value with `paths.validate` and its execute turns it into a path with `paths.resolve`."""
+    return io.Combo.Input(name, options=files.options(), tooltip=tooltip)

@@ -10,7 +10,7 @@ from ..glm_image_core import loading
 from ..glm_image_core.defaults import LATENT_CHANNELS, STEPS, VAE_SCALE
 from ..glm_image_core.schedule import glm_schedule
 from . import paths
-from .common import schema, size_inputs, size_of, tokens_size_input, validate_size
+from .common import file_input, schema, size_inputs, size_of, tokens_size_input, validate_size
 from .dit_loading import WEIGHT_DTYPES, load_dit_patcher
 from .model_sampling import model_sampling_for_size
 from .types import GlmTokens
@@ -27,10 +27,10 @@ class DiTLoader(io.ComfyNode):
             description="The 7B diffusion transformer as a ComfyUI MODEL for the stock KSampler / "
             "SamplerCustomAdvanced (use euler + simple for the reference schedule).",
             inputs=[
-                io.Combo.Input(
+                file_input(
                     "dit",
-                    options=paths.DIT.options(),
-                    tooltip="A GLM-Image folder (models/glm_image) or one .safetensors in models/diffusion_models.",
+                    paths.DIT,
+                    "A GLM-Image folder (models/glm_image) or one .safetensors in models/diffusion_models.",
                 ),
                 io.Combo.Input(
                     "weight_dtype",

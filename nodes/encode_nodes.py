@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..glm_image_core import glyph, loading
 from ..glm_image_core.errors import InvalidInputError
 from . import paths
-from .common import pick_dtype, schema
+from .common import file_input, pick_dtype, schema
 from .types import GlmGlyphEncoder, GlmTokens, GlyphEncoder, ManagedHFModel, VisualTokens
 
 FROM_PROMPT, OVERRIDE = "from prompt quotes", "override"
@@ -26,10 +26,10 @@ class GlyphEncoderLoader(io.ComfyNode):
             search_aliases=["glyph", "byt5", "text rendering", "字形", "文字渲染"],
             description="The Glyph-ByT5 text encoder that tells the DiT which characters to render.",
             inputs=[
-                io.Combo.Input(
+                file_input(
                     "encoder",
-                    options=paths.GLYPH_ENCODER.options(),
-                    tooltip="A GLM-Image folder (models/glm_image) or a single .safetensors in models/text_encoders.",
+                    paths.GLYPH_ENCODER,
+                    "A GLM-Image folder (models/glm_image) or a single .safetensors in models/text_encoders.",
                 ),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp32"], tooltip="auto: bf16 where supported."),
             ],

@@ -21,7 +21,7 @@ from ..glm_image_core import ar_lora
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.lora import diffusers_lora_names, unmatched_lora_keys
 from . import paths
-from .common import schema
+from .common import file_input, schema
 from .types import GlmARModel
 
 
@@ -70,10 +70,10 @@ class LoraLoader(io.ComfyNode):
             "diffusers-based trainers write them) or ComfyUI's (which the stock LoraLoaderModelOnly also reads).",
             inputs=[
                 io.Model.Input("model", tooltip="The GLM-Image MODEL (from Load GLM-Image DiT, or after other LoRAs)."),
-                io.Combo.Input(
+                file_input(
                     "lora_name",
-                    options=paths.LORAS.options(),
-                    tooltip="A .safetensors LoRA in models/loras, diffusers/PEFT or ComfyUI key names.",
+                    paths.LORAS,
+                    "A .safetensors LoRA in models/loras, diffusers/PEFT or ComfyUI key names.",
                 ),
                 io.Float.Input(
                     "strength_model",
@@ -112,10 +112,10 @@ class ARLoraLoader(io.ComfyNode):
             "decoder's projections are merged in for each Generate Visual Tokens run, with full or int8 weights.",
             inputs=[
                 GlmARModel.Input("ar_model", tooltip="From Load GLM-Image AR Model (or after other AR LoRAs)."),
-                io.Combo.Input(
+                file_input(
                     "lora_name",
-                    options=paths.AR_LORAS.options(),
-                    tooltip="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or a .safetensors "
+                    paths.AR_LORAS,
+                    "A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) or a .safetensors "
                     "file in models/loras.",
                 ),
                 io.Float.Input(

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..glm_image_core import loading
 from . import paths
-from .common import schema
+from .common import file_input, schema
 from .vae import load_glm_image_vae
 
 
@@ -21,10 +21,10 @@ class VAELoader(io.ComfyNode):
             description="The 16-channel GLM-Image VAE (the stock VAELoader cannot build its geometry). Runs in bf16 "
             "or fp32, never fp16 (it overflows).",
             inputs=[
-                io.Combo.Input(
+                file_input(
                     "vae",
-                    options=paths.VAE.options(),
-                    tooltip="A GLM-Image folder (models/glm_image) or one .safetensors in models/vae.",
+                    paths.VAE,
+                    "A GLM-Image folder (models/glm_image) or one .safetensors in models/vae.",
                 )
             ],
             outputs=[io.Vae.Output(tooltip="A stock VAE: for VAEDecode, VAEEncode (and tiled) and GLM-Image Encode.")],
