@@ -272,6 +272,7 @@ def comfy_server(
         tmp = Path(tmp)
         (tmp / "custom_nodes").mkdir()
         (tmp / "user").mkdir()  # settings and database of this server, not of the ComfyUI install
+        (tmp / "input").mkdir()  # its own input/ (LoadImage lists it; uploads land there)
         (tmp / "custom_nodes" / "glm_image_nodes").symlink_to(REPO_ROOT, target_is_directory=True)
         section = {"custom_nodes": str(tmp / "custom_nodes")}
         for key, paths in (model_paths or {}).items():
