@@ -348,8 +348,10 @@ def generate_prior_tokens(
     of ``callback_every`` and at the end (on CUDA once the GPU has finished those tokens). An exception raised in it
     stops generation and propagates unchanged.
 
-    fast: decode with ``fast_ar`` (own layer loop over the same weights, static float32 K/V cache, a CUDA graph per
-    token on CUDA). None (default) = on CUDA when ``fast_ar.unsupported_reason(model)`` finds nothing against it;
+    Both decoders run the prompt once (batch 1) and copy its keys and values to every sample.
+
+    fast: decode with ``fast_ar`` (own layer loop over the same weights, static K/V cache, a CUDA graph per token on
+    CUDA). None (default) = on CUDA when ``fast_ar.unsupported_reason(model)`` finds nothing against it;
     True forces it on any device (it falls back to the transformers loop, with a warning, if the model is not
     supported); False = the transformers loop (``static_cache`` chooses its cache). compile_decoder: let
     ``torch.compile`` fuse the fast decoder's small kernels (faster per token; the first call compiles for a while).
@@ -391,9 +393,8 @@ def generate_prior_tokens(
         image_mask = input_ids == model.config.image_token_id
         input_ids = input_ids.masked_scatter(image_mask, torch.cat(reference_ids))
     prompt_length = input_ids.shape[1]
-    input_ids = input_ids.expand(n, -1)
-    position_ids = inputs.position_ids.to(device).expand(3, n, -1)
-    decode_position_ids = inputs.decode_position_ids.to(device).expand(3, n, -1)
+    position_ids = inputs.position_ids.to(device)  # [3, 1, L]: the prompt is prefilled once for the whole batch
+    decode_position_ids = inputs.decode_position_ids.to(device)  # [3, 1, total], the same for every sample
 
     uniforms = torch.stack([torch.rand(total, generator=g, device=g.device).to(device) for g in generators])
     pick = token_picker(temperature, top_k, top_p)
@@ -419,15 +420,29 @@ def generate_prior_tokens(
         cache = DynamicCache(config=model.config)
     tokens = torch.empty(n, total, dtype=torch.long, device=device)
 
-    logits = next_token_logits(model, input_ids, position_ids, cache)  # [N, 16512]
+    logits = next_token_logits(model, input_ids, position_ids, cache).expand(n, -1)  # [N, 16512]
+    expand_cache(cache, n)
     for step in range(total):
         token = pick(logits[:, :NUM_VQ_CODES], uniforms[:, step])  # [N]
         tokens[:, step] = token
         if callback is not None:
             callback(step + 1, total, tokens[:, : step + 1])
         if step + 1 < total:  # the last grid token is never fed back: the EOS after it is not sampled
-            logits = next_token_logits(model, token[:, None], decode_position_ids[:, :, step : step + 1], cache)
+            position = decode_position_ids[:, :, step : step + 1].expand(3, n, 1)
+            logits = next_token_logits(model, token[:, None], position, cache)
     return _result(tokens, geometry, inputs, reference_ids)
+
+
+def expand_cache(cache, n: int) -> None:
+    """A transformers cache that holds one prompt's keys and values, made the cache of ``n`` samples that share that
+    prompt: each layer's keys and values repeated along the batch (copied, not recomputed)."""
+    if n == 1:
+        return
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat(n, 1, 1, 1)
+        layer.values = layer.values.repeat(n, 1, 1, 1)
+        if hasattr(layer, "batch_size"):  # a StaticLayer's record of its shape
+            layer.batch_size = n
 
 
 def decoder_device(model) -> torch.device:

@@ -15,10 +15,12 @@ token. Elsewhere (CPU) the same step runs eagerly, which is how the tests check 
 Numerics follow transformers' GLM-Image text model layer by layer: the same weights (read, never copied, except the
 k and v projections, fused into one [512, 4096] matrix per layer, ~170 MB), the same dtype casts in RMSNorm and RoPE.
 8-bit AR weights (``quant``) are read as stored: the int8 projections with their per-row scales, never a dequantised
-copy of a layer (``linear``). The prefill attends with SDPA like transformers; decode steps attend over a float32 K/V
-cache (keys and values are stored exactly, bf16 -> fp32 is lossless) with float32 scores and probabilities, the
-precision SDPA's kernels keep internally. The cache costs 40 x 2 x 2 x 128 x 4 bytes = 80 KB per token and sample
-(~400 MB at 2048x2048).
+copy of a layer (``linear``). The prompt is prefilled once for the whole batch (its keys and values are copied into
+every sample's cache slots): its samples differ only from their first sampled token on. The prefill attends with SDPA
+like transformers; decode steps attend over a K/V cache in the model's dtype (keys and values are computed in that
+dtype, so storing them in it loses nothing) with float32 scores and probabilities, the precision SDPA's kernels keep
+internally: each layer's keys and values are cast to float32 (exactly) for its attention, a transient copy. The
+cache costs 40 x 2 x 2 x 128 x 2 bytes = 40 KB per token and sample in bf16 (~200 MB at 2048x2048).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from . import int8_kernel, quant
 from .cuda_graph import StepGraph
+from .errors import InvalidInputError
 
 CACHE_BLOCK = 1024  # the K/V cache length is a multiple of this (and of ATTENTION_CHUNK): few shapes to compile
 ATTENTION_CHUNK = 64  # decode attention splits the keys into chunks of this many for the probs @ V product
@@ -183,8 +186,8 @@ def decode_layer(
     """``layer_forward`` for one new token per sample (x [N, 1, hidden]) at cache slot ``slot`` (long [1])."""
 
     def attend(q, k, v):
-        k_cache.index_copy_(2, slot, k.transpose(1, 2).float())
-        v_cache.index_copy_(2, slot, v.transpose(1, 2).float())
+        k_cache.index_copy_(2, slot, k.transpose(1, 2))
+        v_cache.index_copy_(2, slot, v.transpose(1, 2))
         return attend_cache(q[:, 0], k_cache, v_cache, key_bias, dims.scale)[:, None]
 
     return layer_forward(x, w, rope, attend, dims)
@@ -193,15 +196,18 @@ def decode_layer(
 def attend_cache(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_bias: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """One query per sample over a float32 cache: q [N, heads, d]; caches [N, kv_heads, L, d]; key_bias [L] float32
-    (0 for filled slots, -inf beyond). Returns [N, heads * d] in q's dtype.
+    """One query per sample over the cache: q [N, heads, d]; caches [N, kv_heads, L, d] in any float dtype; key_bias
+    [L] float32 (0 for filled slots, -inf beyond). Returns [N, heads * d] in q's dtype.
 
-    Grouped-query attention without copying the cache: the query heads that share a key/value head act as that
-    head's queries. probs @ V is summed over chunks of keys so that the product has many independent pieces.
+    Scores, probabilities and their product with V in float32 (the cache cast to it, exactly, for this layer only).
+    Grouped-query attention without repeating the cache per query head: the query heads that share a key/value head
+    act as that head's queries. probs @ V is summed over chunks of keys so that the product has many independent
+    pieces.
     """
     n, heads, d = q.shape
     kv_heads, length = k_cache.shape[1], k_cache.shape[2]
     groups = heads // kv_heads
+    k_cache, v_cache = k_cache.float(), v_cache.float()
     scores = torch.matmul(q.view(n, kv_heads, groups, d).float(), k_cache.transpose(2, 3))  # [N, kvh, g, L]
     probs = torch.add(key_bias, scores, alpha=scale).softmax(dim=-1)
     chunks = length // ATTENTION_CHUNK
@@ -240,9 +246,10 @@ def layer_weights(layer) -> LayerWeights:
 
 
 class FastDecoder:
-    """The text decoder of one ``GlmImageForConditionalGeneration`` with a static float32 K/V cache for ``batch``
-    sequences of at most ``max_length`` tokens (prompt + decoded). Holds views of the model's weights; build one per
-    generation (it is cheap) and drop it afterwards to free the cache and the captured graph."""
+    """The text decoder of one ``GlmImageForConditionalGeneration`` with a static K/V cache in the model's dtype for
+    ``batch`` sequences of at most ``max_length`` tokens (prompt + decoded). Holds views of the model's weights (and
+    the fused k/v projections); build one per generation (it is cheap) and drop it afterwards to free the cache and
+    the captured graph."""
 
     def __init__(self, model, batch: int, max_length: int, compile: bool = False):
         lm = model.model.language_model
@@ -262,8 +269,8 @@ class FastDecoder:
         self.batch = batch
         self.max_length = math.ceil(max_length / CACHE_BLOCK) * CACHE_BLOCK
         shape = (batch, self.dims.kv_heads, self.max_length, head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=torch.float32, device=self.device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=torch.float32, device=self.device) for _ in self.layers]
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.key_index = torch.arange(self.max_length, device=self.device)
         self.rotate_index = rotate_half_index(head_dim, 2 * self.inv_freq.numel(), self.device)
         # compile: kernel fusion for the decode layer (RMSNorm, RoPE, cache writes, softmax: ~30 small kernels a
@@ -290,8 +297,14 @@ class FastDecoder:
         return F.linear(rms_norm(x, self.final_norm, self.dims.eps), self.lm_head[:rows]).float()
 
     def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, rows: int) -> torch.Tensor:
-        """Run the prompt (input_ids [N, T], positions [3, N, T]) into cache slots 0..T-1; float32 logits of the
-        last position [N, rows]. Causal SDPA over the prompt itself, as transformers computes it."""
+        """Run the prompt that every sample shares (input_ids [1, T], positions [3, 1, T]) once and copy its keys
+        and values into cache slots 0..T-1 of every sample; float32 logits of the last position [1, rows]. Causal
+        SDPA over the prompt itself, as transformers computes it."""
+        if input_ids.shape[0] != 1:
+            raise InvalidInputError(
+                f"FastDecoder.prefill got input_ids of shape {tuple(input_ids.shape)}; it runs the one prompt a batch "
+                "shares, [1, T]. Pass the prompt once; the batch size is the decoder's."
+            )
         t = input_ids.shape[1]
         rope = (*self.rope(position_ids), self.rotate_index)
         groups = self.dims.heads // self.dims.kv_heads
@@ -365,9 +378,9 @@ def decode(
 ) -> torch.Tensor:
     """Sample ``uniforms.shape[1]`` tokens per sample after the prompt; returns them, long [N, total].
 
-    input_ids [N, T] (reference VQ ids already in place), position_ids [3, N, T], decode_position_ids [3, N, >=total]
-    (the position of the k-th new token when it is fed back), uniforms [N, total] on the model's device, one per
-    token. ``pick(logits[:, :rows], uniforms[:, k])`` chooses token k. callback(step, total, tokens[:, :step]) runs
+    input_ids [1, T] (the prompt every sample shares, reference VQ ids already in place; prefilled once),
+    position_ids [3, 1, T], decode_position_ids [3, 1 or N, >=total] (the position of the k-th new token when it is
+    fed back), uniforms [N, total] on the model's device, one per token. ``pick(logits[:, :rows], uniforms[:, k])`` chooses token k. callback(step, total, tokens[:, :step]) runs
     every ``callback_every`` tokens and after the last (step = tokens so far); an exception raised in it stops the
     generation. cuda_graph: None = on CUDA devices (False, e.g., for ComfyUI's --disable-cuda-graphs). compile: fuse
     each decode layer's small kernels with ``torch.compile`` (see ``FastDecoder``).
@@ -379,7 +392,7 @@ def decode(
     int8_kernel.FUSED_KERNEL.retry()  # a kernel error of an earlier generation (a capture, say) does not last
     decoder = FastDecoder(model, n, input_ids.shape[1] + total, compile=compile)
     loop = _DecodeLoop(decoder, input_ids.shape[1], decode_position_ids, uniforms, pick, rows)
-    loop.first(decoder.prefill(input_ids, position_ids, rows))
+    loop.first(decoder.prefill(input_ids, position_ids, rows).expand(n, -1))
     cuda_device = decoder.device if decoder.device.type == "cuda" else None
     runner = StepGraph(loop.step, decoder.device) if cuda_device and cuda_graph is not False else None
     run = runner or loop.step

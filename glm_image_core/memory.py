@@ -79,9 +79,12 @@ def ar_working_bytes(
 ) -> int:
     """Device memory the AR decode needs beside its weights (fast_ar), from the text config's sizes:
 
-    - the float32 K/V cache: layers x 2 x kv_heads x head_dim x 4 B per token and sample, for prompt + new tokens
-      rounded up to ``fast_ar.CACHE_BLOCK`` (1024) slots;
-    - the prefill's largest live activations: per prompt token the residual, the norm output, q/k/v, the
+    - the K/V cache, counted at float32: layers x 2 x kv_heads x head_dim x 4 B per token and sample, for prompt +
+      new tokens rounded up to ``fast_ar.CACHE_BLOCK`` (1024) slots. fast_ar keeps it in the model's dtype; the
+      difference stands in, roughly, for the fused k/v projections and the per-layer float32 casts it does not
+      itemise (not yet checked against a measured decode);
+    - the prefill's largest live activations (the prompt runs once for the batch; counted per sample, which
+      overcounts): per prompt token the residual, the norm output, q/k/v, the
       attention output and the MLP's gate_up output (2 x intermediate) and its product (intermediate);
     - with int8 weights, the prefill's dequantised copy of the largest projection (gate_up), one matrix at a time.
     The transformers loop (CPU, tests) uses a bf16 cache of the same length: less than this."""

@@ -421,6 +421,32 @@ def test_fast_decoder_logits_equal_generate_logits(model, processor, references,
     assert max(diffs) <= LOGITS_TOLERANCE, diffs
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_ar", "transformers"])
+def test_a_batch_of_4_runs_the_prompt_once(model, t2i_inputs, monkeypatch, fast):
+    """The samples of a batch share their prompt: it goes through the decoder once, as a batch of 1, and its keys
+    and values serve every sample (test_samples_in_a_batch_follow_their_own_generator checks what each samples)."""
+    prompts = []  # (batch, length) of every pass through a decoder layer
+    with contextlib.ExitStack() as stack:
+        if fast:
+            real = fast_ar.layer_forward
+            monkeypatch.setattr(fast_ar, "layer_forward", lambda x, *a: prompts.append(x.shape[:2]) or real(x, *a))
+        else:
+            layer = model.model.language_model.layers[0]
+            stack.callback(layer.register_forward_pre_hook(lambda m, args: prompts.append(args[0].shape[:2])).remove)
+        result = ar.generate_prior_tokens(model, t2i_inputs, seeded(1, 2, 3, 4), fast=fast)
+    prompt_length = t2i_inputs.input_ids.shape[1]
+    prefills = [shape for shape in prompts if shape[1] > 1]
+    layers = len(model.model.language_model.layers) if fast else 1
+    assert prefills == [(1, prompt_length)] * layers
+    assert result.target_ids.shape[0] == 4 and len({tuple(ids.tolist()) for ids in result.target_ids}) == 4
+
+
+def test_the_fast_decoders_cache_is_in_the_models_dtype(model):
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert {c.dtype for c in fast_ar.FastDecoder(bf16, batch=2, max_length=64).k_cache} == {torch.bfloat16}
+    assert {c.dtype for c in fast_ar.FastDecoder(model, batch=2, max_length=64).v_cache} == {torch.float32}
+
+
 def test_cache_attention_equals_masked_sdpa():
     """Grouped-query attention of one query over a partly filled cache, chunked probs @ V."""
     g = torch.Generator().manual_seed(0)
@@ -460,7 +486,7 @@ def test_peaked_model_decides_every_token_by_a_wide_margin(peaked_model, request
     delta = LOGITS_TOLERANCE * PEAKED_SCALE
     noise = torch.Generator().manual_seed(0)
     for step, logits in enumerate(seen):
-        logits = logits[:, :16384]
+        logits = logits[:, :16384].expand(len(tokens), -1)  # the shared prefill's one row serves the whole batch
         token = tokens[:, step]
         before = torch.arange(16384)[None] < token[:, None]
         shifts = [torch.where(before, delta, -delta), torch.where(before, -delta, delta)]
