@@ -40,11 +40,11 @@ model_root, work, size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 folder_paths.add_model_folder_path("glm_image", str(model_root))
 folder_paths.set_input_directory(str(work))
 folder_paths.set_output_directory(str(work))
-types = comfy_host.import_pack_module("nodes.types")
-ar_nodes = comfy_host.import_pack_module("nodes.ar_nodes")
+from glm_image_core.tokens import VisualTokens, write_tokens
+
 ids = torch.randint(0, 16384, (1, (size // 16) ** 2), generator=torch.Generator().manual_seed(0))
-tokens = types.VisualTokens(ids, ids[:, ::4], ids[:, :0], size, size, 'A sign that reads "OPEN"', 0, [])
-ar_nodes.tokens_to_file(tokens, str(work / "saved.glm_tokens"))
+tokens = VisualTokens(ids, ids[:, ::4], ids[:, :0], size, size, 'A sign that reads "OPEN"', 0, [])
+write_tokens(tokens, str(work / "saved.glm_tokens"))
 
 graph = json.loads((comfy_host.REPO_ROOT / "tests/workflows/text_to_image.json").read_text())
 graph["1"]["inputs"].update(dtype="fp32", device="cpu")

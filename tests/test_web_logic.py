@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(NODE is None, reason="Node.js (`node`) is not in
 DRIVER = f"""
 import * as logic from {LOGIC.as_uri()!r};
 let text = "";
+process.stdin.setEncoding("utf8");  // decodes across chunk boundaries (a Buffer chunk may end inside a character)
 for await (const chunk of process.stdin) text += chunk;
 const calls = JSON.parse(text);
 process.stdout.write(JSON.stringify(calls.map(([name, args]) => logic[name](...args))));
