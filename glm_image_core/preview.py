@@ -34,7 +34,7 @@ def codebook_palette(codebook: torch.Tensor) -> torch.Tensor:
     largest-magnitude coefficient is positive: the same codebook always gives the same colours). Each component is
     mapped linearly from its 1st..99th percentile to 0..255 and clamped. Always on the CPU in float32, wherever the
     codebook lives: the same colours on every device, and no eigen-solver on devices that lack one (MPS long did).
-    The full model's 16384 x 2048 codebook costs about a second on a desktop CPU (a 137 GFLOP product and an
+    The full model's 16384 x 2048 codebook costs a second or two on a desktop CPU (a 137 GFLOP product and an
     eigen-decomposition of 2048 x 2048): the nodes compute it once per loaded model, while loading
     (``ARModel.preview_palette``).
     """

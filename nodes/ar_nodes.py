@@ -90,7 +90,7 @@ class ARModelLoader(io.ComfyNode):
         offload = mm.unet_offload_device()
         decoder = ManagedHFModel.wrap(model, load_device, offload, parts=memory.ar_decode_modules(model))
         vision = ManagedHFModel.wrap(model, load_device, offload, parts=memory.ar_vision_modules(model))
-        # the live preview's colours, from the VQ codebook while it is on the CPU (~1 s on a desktop CPU, once per load)
+        # the live preview's colours, from the VQ codebook while it is on the CPU (1-2 s on a desktop CPU, once per load)
         palette = preview.model_palette(model)
         return io.NodeOutput(ARModel(decoder, loading.load_ar_processor(folder), palette, vision))
 
