@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import REDOWNLOAD, display_name, scan_weights
+from . import w4a16
+from .checkpoint import REDOWNLOAD, display_name, load_tensors, scan_weights
 from .components import (
     AR_MODEL,
     ComponentFiles,
@@ -47,6 +48,9 @@ def load_ar_model(
     reports a missing shard as a bare FileNotFoundError and silently accepts an index that lists absent tensors;
     tensors the config expects but the files lack (left randomly initialised by transformers) are an error.
 
+    A folder whose config has a ``quantization_config`` (AutoRound/GPTQ 4-bit, ``glm_image_core.w4a16``) loads with
+    its packed layers kept packed (4 bits per weight), everything else in ``dtype``.
+
     quantization: None keeps every weight in ``dtype``; "int8" quantises the text decoder's linear layers while
     the shards are read, tensor by tensor (``glm_image_core.quant``), so the CPU memory peak stays near the 8-bit
     size. An exported 8-bit file is int8 whatever this says. trim: keep only the 16384 VQ-code rows of the input
@@ -56,10 +60,15 @@ def load_ar_model(
     if quantization not in AR_QUANTIZATIONS:
         raise InvalidInputError(f"AR quantization {quantization!r} is not one of {AR_QUANTIZATIONS}.")
     location = component_location(folder, AR_MODEL)
+    files = None if location.is_file() else open_component(location, AR_MODEL, None)
+    fmt = None if files is None else w4a16.read_format(files.config, files.config_source)
     if location.is_file():
         model = load_ar_int8_file(location, dtype)
+    elif fmt is not None:  # a 4-bit re-upload: its packed layers stay packed, whatever `quantization` says
+        model = _meta_w4a16_ar_model(files, fmt)
+        _assign_ar_weights(model, w4a16.cast_state_dict(load_tensors(files.weights), dtype))
+        model.generation_config = _generation_config(location)
     elif quantization == "int8":
-        files = open_component(location, AR_MODEL, None)
         model = _meta_int8_ar_model(files)
         _assign_ar_weights(model, read_ar_int8_tensors(files, dtype))
         model.generation_config = _generation_config(location)
@@ -112,20 +121,39 @@ def _generation_config(location: Path, metadata_json: str | None = None):
     return GenerationConfig()
 
 
+def _meta_ar_model(files: ComponentFiles):
+    """GlmImageForConditionalGeneration of ``files``' config on the meta device (no memory, no init)."""
+    GlmImageConfig, GlmImageForConditionalGeneration = glm_image_classes(
+        "GlmImageConfig", "GlmImageForConditionalGeneration"
+    )
+    try:
+        # quantization_config is dropped: these loaders read the packing themselves (transformers' own reader of
+        # it would need the auto-round library)
+        kept = {k: v for k, v in files.config.items() if not k.startswith("_") and k != "quantization_config"}
+        config = GlmImageConfig.from_dict(kept)
+        with torch.device("meta"):
+            model = GlmImageForConditionalGeneration(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {AR_MODEL.label}: {e}") from e
+    return model
+
+
+def _meta_w4a16_ar_model(files: ComponentFiles, fmt: w4a16.W4A16Format):
+    """The meta-device AR with ``W4A16Linear`` s where the checkpoint packs a layer, after checking that the files
+    hold exactly its tensors."""
+    model = _meta_ar_model(files)
+    packed = w4a16.packed_layers(files.weights.shapes)
+    w4a16.swap_linears(model, packed, fmt, g_idx=any(k.endswith(".g_idx") for k in files.weights.shapes))
+    check_weights_match(AR_MODEL, {k: tuple(v.shape) for k, v in model.state_dict().items()}, files)
+    return model
+
+
 def _meta_int8_ar_model(files: ComponentFiles):
     """GlmImageForConditionalGeneration on the meta device with ``Int8Linear`` decoder projections, after checking
     that the files hold exactly its tensors (the scales aside, for bf16 sources)."""
     from .quant import replace_decoder_linears
 
-    GlmImageConfig, GlmImageForConditionalGeneration = glm_image_classes(
-        "GlmImageConfig", "GlmImageForConditionalGeneration"
-    )
-    try:
-        config = GlmImageConfig.from_dict({k: v for k, v in files.config.items() if not k.startswith("_")})
-        with torch.device("meta"):
-            model = GlmImageForConditionalGeneration(config)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {AR_MODEL.label}: {e}") from e
+    model = _meta_ar_model(files)
     replace_decoder_linears(model)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     exported = AR_INT8_FORMAT == files.weights.metadata.get("glm_image_ar")
@@ -323,6 +351,7 @@ def check_ar_files(path: str | Path) -> None:
     if location.is_file():  # an 8-bit export
         _open_ar_int8_file(location)
         return
-    open_component(location, AR_MODEL, None)
+    files = open_component(location, AR_MODEL, None)
+    w4a16.read_format(files.config, files.config_source)
     if (Path(path) / "model_index.json").is_file():  # a root: the AR loads with the processor beside it
         _processor_folder(path)

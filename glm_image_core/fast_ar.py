@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import int8_kernel, quant
+from . import int8_kernel, quant, w4a16
 from .cuda_graph import StepGraph
 from .errors import InvalidInputError
 
@@ -82,19 +82,22 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+Projection = torch.Tensor | w4a16.W4A16Linear  # a weight [out, in], or a 4-bit layer read as published
+
+
 class LayerWeights(NamedTuple):
     """One decoder layer's weights: views of the HF parameters, plus the fused k/v projection."""
 
     input_norm: torch.Tensor
-    q_weight: torch.Tensor
+    q_weight: Projection
     q_bias: torch.Tensor
-    kv_weight: torch.Tensor  # [2 * kv_heads * head_dim, hidden]: k rows, then v rows
+    kv_weight: Projection  # [2 * kv_heads * head_dim, hidden]: k rows, then v rows
     kv_bias: torch.Tensor
-    o_weight: torch.Tensor
+    o_weight: Projection
     post_attn_norm: torch.Tensor  # post_self_attn_layernorm
     mlp_norm: torch.Tensor  # post_attention_layernorm (before the MLP, despite its name)
-    gate_up_weight: torch.Tensor
-    down_weight: torch.Tensor
+    gate_up_weight: Projection
+    down_weight: Projection
     post_mlp_norm: torch.Tensor
     # 8-bit AR (glm_image_core.quant): the projections above are int8 and these their float32 per-row scales
     q_scale: torch.Tensor | None = None
@@ -104,9 +107,12 @@ class LayerWeights(NamedTuple):
     down_scale: torch.Tensor | None = None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None = None):
+def linear(x: torch.Tensor, weight: Projection, scale: torch.Tensor | None, bias: torch.Tensor | None = None):
     """``F.linear``, or ``quant.int8_linear`` for an int8 weight with its per-row ``scale`` (read in place: no
-    dequantised copy of the layer; on CUDA decode steps a fused kernel)."""
+    dequantised copy of the layer; on CUDA decode steps a fused kernel), or a 4-bit layer's own matmul."""
+    if isinstance(weight, w4a16.W4A16Linear):
+        out = weight.project(x)
+        return out if bias is None else out + bias
     return F.linear(x, weight, bias) if scale is None else quant.int8_linear(x, weight, scale, bias)
 
 
@@ -218,8 +224,17 @@ def attend_cache(
 
 
 def layer_weights(layer) -> LayerWeights:
-    """The weights of one transformers GlmImageTextDecoderLayer, bf16/fp32 or int8 (``quant.Int8Linear``)."""
+    """The weights of one transformers GlmImageTextDecoderLayer, bf16/fp32, int8 (``quant.Int8Linear``) or 4-bit
+    (``w4a16.W4A16Linear``, read through the layer)."""
     attn, mlp = layer.self_attn, layer.mlp
+
+    def weight(module) -> Projection:
+        return module if isinstance(module, w4a16.W4A16Linear) else module.weight
+
+    def kv_weight() -> Projection:
+        if isinstance(attn.k_proj, w4a16.W4A16Linear):
+            return w4a16.concat_outputs([attn.k_proj, attn.v_proj])
+        return torch.cat([attn.k_proj.weight, attn.v_proj.weight])
 
     def scale(*modules):
         scales = [getattr(m, "weight_scale", None) for m in modules]
@@ -227,15 +242,15 @@ def layer_weights(layer) -> LayerWeights:
 
     return LayerWeights(
         input_norm=layer.input_layernorm.weight,
-        q_weight=attn.q_proj.weight,
+        q_weight=weight(attn.q_proj),
         q_bias=attn.q_proj.bias,
-        kv_weight=torch.cat([attn.k_proj.weight, attn.v_proj.weight]),
+        kv_weight=kv_weight(),
         kv_bias=torch.cat([attn.k_proj.bias, attn.v_proj.bias]),
-        o_weight=attn.o_proj.weight,
+        o_weight=weight(attn.o_proj),
         post_attn_norm=layer.post_self_attn_layernorm.weight,
         mlp_norm=layer.post_attention_layernorm.weight,
-        gate_up_weight=mlp.gate_up_proj.weight,
-        down_weight=mlp.down_proj.weight,
+        gate_up_weight=weight(mlp.gate_up_proj),
+        down_weight=weight(mlp.down_proj),
         post_mlp_norm=layer.post_mlp_layernorm.weight,
         q_scale=scale(attn.q_proj),
         kv_scale=scale(attn.k_proj, attn.v_proj),

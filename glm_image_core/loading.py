@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import comfy_quant
+from . import comfy_quant, w4a16
 from .ar_loading import (
     AR_INT8_FORMAT,
     AR_INT8_SUFFIX,
@@ -108,12 +108,20 @@ def _assign_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         raise RuntimeError(f"{type(model).__name__} kept tensors on the meta device after loading: {left[:3]}")
 
 
-def _checked_meta_model(cls: type, kwargs: dict, component: Component, files: ComponentFiles, dtype):
-    """``cls(**kwargs)`` on the meta device (no memory), after checking the files hold exactly its tensors."""
+def _checked_meta_model(cls: type, kwargs: dict, component: Component, files: ComponentFiles, dtype, quantisation):
+    """``cls(**kwargs)`` on the meta device (no memory), after checking the files hold exactly its tensors; a 4-bit
+    checkpoint's packed layers are ``w4a16.W4A16Linear`` s there."""
     try:
         meta_model = cls(**kwargs, dtype=dtype, device="meta")
     except (InvalidInputError, TypeError, ValueError) as e:
         raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {component.label}: {e}") from e
+    if quantisation == w4a16.W4A16:
+        w4a16.swap_linears(
+            meta_model,
+            w4a16.packed_layers(files.weights.shapes),
+            w4a16.read_format(files.config, files.config_source),
+            g_idx=any(k.endswith(".g_idx") for k in files.weights.shapes),
+        )
     check_weights_match(component, {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}, files)
     return meta_model
 
@@ -143,7 +151,7 @@ def read_checked_weights(
     """``(config, state_dict)`` of the DiT or the VAE, with every check the loaders make, for hosts that build the
     module themselves (ComfyUI builds the DiT with its own layer classes and the VAE as its own VAE object)."""
     cls, kwargs, files, quantisation = _open_module_component(path, component)
-    _checked_meta_model(cls, kwargs, component, files, None)
+    _checked_meta_model(cls, kwargs, component, files, None, quantisation)
     if quantisation is None:
         return files.config, load_tensors(files.weights, dtype)
     state_dict = load_tensors(files.weights)  # quantised weights and their scales go to the host as stored
@@ -156,11 +164,13 @@ def _build_and_load(
     path: str | Path, component: Component, dtype: torch.dtype | None, device: torch.device | str
 ) -> torch.nn.Module:
     """The DiT or the VAE with the checkpoint's weights: shapes are checked on the meta-device model, which then
-    receives the loaded tensors (no random init, no second copy); quantised files are dequantised to ``dtype``.
+    receives the loaded tensors (no random init, no second copy); quantised files are dequantised to ``dtype``, but 4-bit layers stay packed.
     Hosts that build the module with their own layers take ``read_checked_weights`` instead."""
     cls, kwargs, files, quantisation = _open_module_component(path, component)
-    model = _checked_meta_model(cls, kwargs, component, files, dtype)
-    if quantisation == SCALED_FP8_MARKER:
+    model = _checked_meta_model(cls, kwargs, component, files, dtype, quantisation)
+    if quantisation == w4a16.W4A16:  # the packed layers stay packed
+        state_dict = w4a16.cast_state_dict(load_tensors(files.weights, None, device), dtype)
+    elif quantisation == SCALED_FP8_MARKER:
         state_dict = dequantise_scaled_fp8(load_tensors(files.weights, None, device), dtype)
     elif quantisation == COMFY_QUANT:
         state_dict = comfy_quant.with_file_markers(

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from . import comfy_quant
+from . import comfy_quant, w4a16
 from .checkpoint import WeightFiles
 from .errors import ModelFilesError
 
@@ -44,11 +44,15 @@ def is_quantisation_key(key: str, expected) -> bool:
 
 
 def check_quantisation(files: ComponentFiles) -> str | None:
-    """SCALED_FP8_MARKER for a ComfyUI scaled-fp8 file, COMFY_QUANT for a per-layer one, None for plain
-    (bf16/fp32/fp8) weights; a ModelFilesError naming the format for quantisations this loader cannot use."""
+    """SCALED_FP8_MARKER for a ComfyUI scaled-fp8 file, COMFY_QUANT for a per-layer one, ``w4a16.W4A16`` for an
+    AutoRound/GPTQ 4-bit folder, None for plain (bf16/fp32/fp8) weights; a ModelFilesError naming the format for
+    quantisations this loader cannot use."""
     refuse = None
-    if "quantization_config" in files.config:
-        refuse = f"{files.config_source} describes a quantised re-upload ({files.config['quantization_config'].get('quant_method', '?')})"
+    if w4a16.read_format(files.config, files.config_source) is not None:
+        if not w4a16.packed_layers(files.weights.shapes):
+            refuse = f"{files.config_source} describes 4-bit weights, but {files.weights.where} holds no packed layer"
+        else:
+            return w4a16.W4A16
     elif comfy_quant.marked_layers(files.weights.shapes, files.weights.metadata, files.weights.where):
         return COMFY_QUANT
     else:
@@ -59,8 +63,8 @@ def check_quantisation(files: ComponentFiles) -> str | None:
                 break
     if refuse:
         raise ModelFilesError(
-            f"{refuse}; this loader reads bf16/fp32/fp8 weights and ComfyUI's quantised files (scaled-fp8, "
-            "comfy_quant). Use the files of zai-org/GLM-Image, or make a quantised file from them with "
+            f"{refuse}; this loader reads bf16/fp32/fp8 weights, AutoRound/GPTQ 4-bit folders with their config and "
+            "ComfyUI's quantised files (scaled-fp8, comfy_quant). Use the files of zai-org/GLM-Image, or make a quantised file from them with "
             "save_single_file(..., quant='int8_tensorwise')."
         )
     return SCALED_FP8_MARKER if SCALED_FP8_MARKER in files.weights.shapes else None

@@ -45,3 +45,21 @@ def reference_pipeline(tiny_model_dir):
     from diffusers import GlmImagePipeline
 
     return GlmImagePipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def autoround_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny folder with its DiT's transformer blocks and its AR's text decoder quantised to 4 bits (W4A16, group
+    size 32) by the `auto-round` library itself, as Intel/GLM-Image-int4-AutoRound was made
+    (tests/autoround_reference.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("autoround") / "GLM-Image-int4-AutoRound"
+    script = Path(__file__).with_name("autoround_reference.py")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_model_dir), str(out), "32"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
