@@ -13,8 +13,10 @@ The format (``packing_format "auto_round:auto_gptq"``, also GPTQ's own ``quant_m
 
 The weight is ``w[o, i] = scales[G, o] * (q[i, o] - zero[G, o])`` with ``G = g_idx[i]``. Layers keep these tensors
 (4 bits per weight plus a scale and zero per group) and compute in one of two ways: ``dequantize`` then a matmul
-(CPU, MPS, prefills), or, on CUDA, torch's int4 weight-only matmul (``_weight_int4pack_mm``) on a copy repacked at
-the first call, which reads 4 bits per weight. ``W4A16Linear.kernel`` says which one ran last.
+(CPU, MPS, and on CUDA inputs of many rows such as a prefill or a DiT step, which are compute-bound), or, on CUDA for
+inputs of at most ``INT4PACK_MAX_ROWS`` rows (AR decode steps, bound by reading the weights), torch's int4
+weight-only matmul (``_weight_int4pack_mm``) on a copy repacked at the first call, which reads 4 bits per weight
+and replaces the packed tensors on the device. ``W4A16Linear.kernel`` says which path ran last.
 
 Only what this describes is read: 4 bits, integer, symmetric, weight-only; anything else is refused by name.
 """
@@ -38,6 +40,9 @@ PACKINGS = {  # quant_method -> the packing formats read here
 }
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 matmul takes
 INT4PACK_INNER_K_TILES = 8  # torch's int4 layout: inputs in tiles of 16 x this
+INT4PACK_MAX_ROWS = 16  # inputs of at most this many rows (AR decode steps: one per sample) take the int4 matmul
+INT4PACK_DEVICES = ("cuda",)  # where it runs by default (torch's CPU version is slower than dequantising there)
+DEQUANTIZE_CHUNK = 2**22  # weights dequantised at a time: 16 MB of float32 scratch whatever the layer
 
 
 @dataclass(frozen=True)
@@ -119,18 +124,25 @@ def dequantize(
     g_idx: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The weight [out, in] a packed layer stands for, in ``dtype``. The product of the float16 scale and the
-    integer code is exact in float32 and is rounded once, to ``dtype`` (for float16 and float32 this is AutoRound's
-    own dequantisation, bit for bit)."""
-    codes = unpack_codes(qweight, 0)  # [in, out]
-    zeros = unpack_codes(qzeros, 1)[:, : scales.shape[1]].to(torch.int16) + 1  # the stored value is zero - 1
-    groups = group_index(codes.shape[0], group_size, g_idx, codes.device)
-    weight = (codes.to(torch.int16) - zeros[groups]).float() * scales.float()[groups]
-    return weight.t().to(dtype)
+    """The weight [out, in] a packed layer stands for, in ``dtype`` (a transposed view of an [in, out] tensor, which
+    ``F.linear`` reads as is). The product of the float16 scale and the integer code is exact in float32 and is
+    rounded once, to ``dtype`` (for float16 and float32 this is AutoRound's own dequantisation, bit for bit). Rows
+    are dequantised ``DEQUANTIZE_CHUNK`` weights at a time, so the float32 scratch stays small whatever the layer."""
+    in_features, out_features = qweight.shape[0] * CODES_PER_WORD, qweight.shape[1]
+    zeros = unpack_codes(qzeros, 1)[:, :out_features].to(torch.int16) + 1  # the stored value is zero - 1
+    scales = scales.float()
+    groups = group_index(in_features, group_size, g_idx, qweight.device)
+    weight = torch.empty(in_features, out_features, dtype=dtype, device=qweight.device)
+    words = max(1, DEQUANTIZE_CHUNK // (CODES_PER_WORD * out_features))
+    for start in range(0, qweight.shape[0], words):
+        rows = slice(start * CODES_PER_WORD, (start + words) * CODES_PER_WORD)
+        codes = unpack_codes(qweight[start : start + words], 0).to(torch.int16)
+        weight[rows] = (codes - zeros[groups[rows]]).float() * scales[groups[rows]]
+    return weight.t()
 
 
 def int4pack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int):
-    """(packed weight, scales_and_zeros) for torch's int4 weight-only matmul, which computes
+    """(packed weight, scales_and_zeros) for torch's int4 weight-only matmul on qweight's device, which computes
     ``w = (code - 8) * scale + zero`` per group: the codes as stored, and ``zero = (8 - zero point) * scale``
     (0 for a symmetric checkpoint's zero point 8). Scales become bfloat16, the matmul's only dtype."""
     codes = unpack_codes(qweight, 0).t().contiguous().to(torch.int32)  # [out, in]
@@ -138,12 +150,18 @@ def int4pack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, 
     offsets = (8 - zeros) * scales.float()
     scales_and_zeros = torch.stack([scales.float(), offsets], dim=-1).to(torch.bfloat16).contiguous()
     if codes.is_cuda:
-        packed = torch.ops.aten._convert_weight_to_int4pack(
-            (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), INT4PACK_INNER_K_TILES
-        )
+        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(pairs, INT4PACK_INNER_K_TILES)
     else:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4PACK_INNER_K_TILES)
     return packed, scales_and_zeros
+
+
+def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor):
+    """torch's int4 weight-only matmul, x [rows, in] bfloat16 -> [rows, out] bfloat16, on CUDA or the CPU."""
+    if x.is_cuda:
+        return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
 
 
 def int4pack_supported(in_features: int, out_features: int, group_size: int, g_idx: torch.Tensor | None) -> bool:
@@ -163,8 +181,12 @@ def int4pack_supported(in_features: int, out_features: int, group_size: int, g_i
 class W4A16Linear(nn.Module):
     """A drop-in for ``nn.Linear`` holding a W4A16 layer as published (``qweight``, ``qzeros``, ``scales``,
     optional ``g_idx``, ``bias``: frozen parameters, so everything that moves or counts a model's parameters sees
-    them). ``forward``: torch's int4 matmul on CUDA where it applies (repacked once per device), else the dequantised
-    weight in the input's dtype."""
+    them).
+
+    ``forward``: inputs of at most ``INT4PACK_MAX_ROWS`` rows on a device of ``INT4PACK_DEVICES`` take torch's int4
+    matmul. The layer is repacked for it at the first such call; the repacked copy then stands in for the packed
+    tensors on that device (they go to the CPU, where they stay for the state dict and the next move), so the
+    device holds 4 bits per weight once. Any other input takes the dequantised weight in its dtype."""
 
     DEQUANTIZE, INT4PACK = "dequantize", "int4pack"
 
@@ -192,18 +214,15 @@ class W4A16Linear(nn.Module):
         self.scales = frozen(groups, out_features, dtype=torch.float16)
         self.g_idx = frozen(in_features, dtype=torch.int32) if g_idx else None
         self.bias = frozen(out_features, dtype=dtype) if bias else None
-        self.use_int4pack = True  # tests turn it off to compare the two paths
+        self.use_int4pack = True
         self.kernel = None  # the path the last forward took
-        self._int4pack = None  # (device, packed, scales_and_zeros), made at the first CUDA call
+        self._int4pack = None  # (device, packed, scales_and_zeros), made at the first int4 matmul call
 
     def dequantize(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
         device = device or self.qweight.device
-        return dequantize(
-            *(t.to(device) for t in (self.qweight, self.qzeros, self.scales)),
-            self.group_size,
-            None if self.g_idx is None else self.g_idx.to(device),
-            dtype,
-        )
+        g_idx = None if self.g_idx is None else self.g_idx.to(device)
+        tensors = (t.to(device) for t in (self.qweight, self.qzeros, self.scales))
+        return dequantize(*tensors, self.group_size, g_idx, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(x)
@@ -211,23 +230,28 @@ class W4A16Linear(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T`` without the bias, in x's dtype."""
-        if x.is_cuda and self.use_int4pack and self._int4pack_ready(x.device):
-            _, packed, scales_and_zeros = self._int4pack
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            out = torch.ops.aten._weight_int4pack_mm(flat, packed, self.group_size, scales_and_zeros)
-            self.kernel = self.INT4PACK
-            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        rows = x.numel() // self.in_features
+        if self.use_int4pack and x.device.type in INT4PACK_DEVICES and rows <= INT4PACK_MAX_ROWS:
+            repacked = self._repacked(x.device)
+            if repacked is not None:
+                flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
+                self.kernel = self.INT4PACK
+                out = int4pack_mm(flat, repacked[0], self.group_size, repacked[1])
+                return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         self.kernel = self.DEQUANTIZE
         return F.linear(x, self.dequantize(x.dtype, x.device))
 
-    def _int4pack_ready(self, device: torch.device) -> bool:
+    def _repacked(self, device: torch.device):
+        """(packed, scales_and_zeros) on ``device``, made once; None where torch's int4 matmul cannot run the layer."""
         if self._int4pack is not None and self._int4pack[0] == device:
-            return True
+            return self._int4pack[1:]
         if not int4pack_supported(self.in_features, self.out_features, self.group_size, self.g_idx):
-            return False
+            return None
         tensors = (t.to(device) for t in (self.qweight, self.qzeros, self.scales))
         self._int4pack = (device, *int4pack(*tensors, self.group_size))
-        return True
+        for param in (self.qweight, self.qzeros):  # the repacked copy stands in for them on the device
+            param.data = param.data.cpu()
+        return self._int4pack[1:]
 
     def _apply(self, fn, recurse=True):
         self._int4pack = None  # a move or cast of the parameters makes the repacked copy stale

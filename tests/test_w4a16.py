@@ -240,6 +240,28 @@ def test_torchs_int4_matmul_computes_the_same_layer():
     assert relative_error(got, exact) <= 0.01  # bf16 scales and output: ~0.2%; wrong offsets give ~100%
 
 
+def layer_from(library: QuantLinear) -> w4a16.W4A16Linear:
+    layer = w4a16.W4A16Linear(library.infeatures, library.outfeatures, False, library.group_size)
+    for name in ("qweight", "qzeros", "scales"):
+        getattr(layer, name).data.copy_(getattr(library, name))
+    return layer
+
+
+def test_few_rows_take_the_int4_matmul_where_it_is_enabled_and_many_rows_dequantise(monkeypatch):
+    """CUDA's path, run on the CPU twin of torch's int4 matmul: decode-sized inputs (at most INT4PACK_MAX_ROWS rows)
+    take it, prefill-sized ones the dequantised weight; both compute the layer."""
+    monkeypatch.setattr(w4a16, "INT4PACK_DEVICES", ("cpu",))
+    library = random_layer()
+    layer = layer_from(library)
+    exact = library_weight(library, torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    for rows, kernel in ((1, "int4pack"), (w4a16.INT4PACK_MAX_ROWS, "int4pack"), (40, "dequantize")):
+        x = torch.randn(rows, 256, generator=generator).to(torch.bfloat16)
+        got = layer(x)
+        assert layer.kernel == kernel and got.dtype == torch.bfloat16
+        assert relative_error(got.float(), x.float() @ exact.t()) <= 0.01
+
+
 def test_the_cpu_runs_the_dequantising_path_and_says_so(dit):
     layer = next(iter(packed_modules(dit, w4a16.W4A16Linear).values()))
     layer(torch.randn(2, layer.in_features))
