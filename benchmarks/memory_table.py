@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from common import CONFIGS, GLYPH_ENCODER_CONFIG
 
-from glm_image_core import memory, quant
+from glm_image_core import memory, quant, w4a16
 
 GiB = 2**30
 CONTEXT = int(0.75 * GiB)  # CUDA context (~0.3-0.5 GiB) + caching-allocator slack: assumed
@@ -39,21 +39,26 @@ PROMPT_TOKENS = 128  # a long prompt with GLM-4's tokenizer (the chat template a
 GLYPH_TOKENS = 256  # quoted text, ByT5 bytes
 
 
+BF16, INT8, FP8, W4 = "bf16", "int8", "fp8", "4-bit"  # the weight formats of the recipes
+W4_GROUP_SIZE = 128  # Intel/GLM-Image-int4-AutoRound's
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
     cap_gib: float
-    ar_int8: bool
-    dit_fp8: bool
+    ar_weights: str  # BF16, INT8 or W4
+    dit_weights: str  # BF16, FP8 or W4
     options: str
     all_resident: bool = False  # every model stays on the device: each stage also holds the others' weights
 
 
 RECIPES = [
-    Recipe("12 GB", 11, True, True, "AR weights int8, DiT fp8 file with per-layer scales"),
-    Recipe("16 GB", 15, True, False, "AR weights int8, DiT bf16 (ComfyUI loads what fits, streams the rest)"),
-    Recipe("24 GB", 22, False, False, "AR weights full (bf16), DiT bf16; stages take turns"),
-    Recipe("48 GB+", 46, False, False, "everything bf16, every model resident (no reloads)", all_resident=True),
+    Recipe("8 GB", 7, W4, W4, "Intel/GLM-Image-int4-AutoRound: AR and DiT 4-bit (W4A16); stages take turns"),
+    Recipe("12 GB", 11, INT8, FP8, "AR weights int8, DiT fp8 file with per-layer scales"),
+    Recipe("16 GB", 15, INT8, BF16, "AR weights int8, DiT bf16 (ComfyUI loads what fits, streams the rest)"),
+    Recipe("24 GB", 22, BF16, BF16, "AR weights full (bf16), DiT bf16; stages take turns"),
+    Recipe("48 GB+", 46, BF16, BF16, "everything bf16, every model resident (no reloads)", all_resident=True),
 ]
 
 
@@ -64,27 +69,41 @@ def read_config(name: str) -> dict:
     raise SystemExit(f"{name} not found under {CONFIGS} (set GLM_IMAGE_CONFIGS)")
 
 
-def ar_meta_model(int8: bool):
-    """GlmImageForConditionalGeneration at full size on the meta device, bf16, embedding trimmed to its code rows."""
+def w4_layers(model, prefix: str, group_size: int = W4_GROUP_SIZE) -> None:
+    """The ``nn.Linear`` s under ``prefix`` as 4-bit layers (what a W4A16 checkpoint packs)."""
+    names = [n for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, torch.nn.Linear)]
+    w4a16.swap_linears(model, names, w4a16.W4A16Format(group_size, "4-bit"))
+
+
+def ar_meta_model(weights: str):
+    """GlmImageForConditionalGeneration at full size on the meta device, bf16, embedding trimmed to its code rows;
+    INT8: the decoder projections int8; W4: 4-bit, as AutoRound quantises its text decoder's layers."""
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration
 
     config = read_config("vision_language_encoder__config.RECONSTRUCTED.json")
     with torch.device("meta"):
         model = GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config)).to(torch.bfloat16)
-        if int8:
+        if weights == INT8:
             quant.replace_decoder_linears(model)
+        elif weights == W4:
+            w4_layers(model, "model.language_model.layers.")
         lm = model.model.language_model
         lm.embed_tokens.weight = torch.nn.Parameter(lm.embed_tokens.weight[:16384], requires_grad=False)
     return model
 
 
-def dit_meta_model():
+def dit_meta_model(weights: str = BF16):
+    """The DiT on the meta device in bf16; W4: its transformer blocks' layers 4-bit, as in
+    Intel/GLM-Image-int4-AutoRound (``block_name_to_quantize: transformer_blocks``)."""
     from glm_image_core.dit import GlmImageTransformer2DModel
     from glm_image_core.loading import constructor_kwargs
 
     config = read_config("transformer__config.json")
     kwargs = {k: v for k, v in constructor_kwargs(GlmImageTransformer2DModel, config).items()}
-    return GlmImageTransformer2DModel(**kwargs, dtype=torch.bfloat16, device="meta"), config
+    model = GlmImageTransformer2DModel(**kwargs, dtype=torch.bfloat16, device="meta")
+    if weights == W4:
+        w4_layers(model, "transformer_blocks.")
+    return model, config
 
 
 def vae_meta_model():
@@ -124,7 +143,10 @@ def stage_table() -> dict:
     vae_activations = 3 * 512 * HEIGHT * WIDTH * 2
     glyph = glyph_bytes()
 
-    ar_full, ar_int8 = ar_meta_model(False), ar_meta_model(True)
+    dit_w4, _ = dit_meta_model(W4)
+    dit_bytes = {BF16: memory.module_bytes(dit), FP8: dit_fp8_bytes(dit), W4: memory.module_bytes(dit_w4)}
+    ar_models = {weights: ar_meta_model(weights) for weights in (BF16, INT8, W4)}
+    ar_full = ar_models[BF16]
     vision = memory.module_bytes(*memory.ar_vision_modules(ar_full))
     vit = ar_full.config.vision_config
     patches = (HEIGHT // vit.patch_size) * (WIDTH // vit.patch_size)
@@ -132,10 +154,12 @@ def stage_table() -> dict:
     grid = (HEIGHT // 32) * (WIDTH // 32)
     components = {
         "AR decoder, bf16 (code rows of the embedding)": memory.ar_decode_bytes(ar_full),
-        "AR decoder, int8 projections": memory.ar_decode_bytes(ar_int8),
+        "AR decoder, int8 projections": memory.ar_decode_bytes(ar_models[INT8]),
+        "AR decoder, 4-bit projections (W4A16, group size 128)": memory.ar_decode_bytes(ar_models[W4]),
         "AR vision encoder + VQ": vision,
-        "DiT bf16": memory.module_bytes(dit),
-        "DiT fp8": dit_fp8_bytes(dit),
+        "DiT bf16": dit_bytes[BF16],
+        "DiT fp8": dit_bytes[FP8],
+        "DiT 4-bit transformer blocks (W4A16, group size 128)": dit_bytes[W4],
         "glyph encoder bf16": glyph,
         "VAE bf16": memory.module_bytes(vae),
     }
@@ -143,13 +167,15 @@ def stage_table() -> dict:
     table = {}
     for recipe in RECIPES:
         cap = int(recipe.cap_gib * GiB)
-        ar_model = ar_int8 if recipe.ar_int8 else ar_full
+        ar_model = ar_models[recipe.ar_weights]
         ar_weights = memory.ar_decode_bytes(ar_model)
         per_task = {}
         for task, prompt, new, refs in (("t2i", PROMPT_TOKENS, 256 + grid, 0), ("edit", PROMPT_TOKENS + grid, grid, 1)):
             working = memory.ar_model_working_bytes(ar_model, 1, prompt, new)
-            dit_activations = dit_block + refs * reference_kv + (largest_linear * 2 if recipe.dit_fp8 else 0)
-            dit_weights = dit_fp8_bytes(dit) if recipe.dit_fp8 else memory.module_bytes(dit)
+            # fp8 (ComfyUI's manual cast) and 4-bit (dequantised per call) make a bf16 copy of a weight at a time
+            dit_copy = largest_linear * 2 if recipe.dit_weights in (FP8, W4) else 0
+            dit_activations = dit_block + refs * reference_kv + dit_copy
+            dit_weights = dit_bytes[recipe.dit_weights]
             partial = dit_weights + dit_activations + CONTEXT > cap
             if partial:  # ComfyUI's partial load: what fits beside the activations, the rest streamed per call
                 dit_weights = cap - dit_activations - CONTEXT

@@ -48,13 +48,15 @@ def ar_bytes_by_component(model) -> dict[str, int]:
     ``decoder embedding`` (the embedding parameter: all rows, or the code rows when trimmed), ``lm_head``,
     ``decoder norms, biases, RoPE`` (the rest of the text decoder), ``vision encoder + VQ (edits only)``, and
     ``embedding table kept in CPU memory`` (0 unless trimmed). The first four are what decoding keeps resident."""
-    from .quant import is_quantized_weight
+    from .quant import QUANTIZED_PROJECTIONS
 
     lm = model.model.language_model
-    projections = {
+    projections = {  # their weights in any format: bf16, int8 + scale, 4-bit packed + scales and zeros
         id(p): p
-        for name, p in model.named_parameters()
-        if is_quantized_weight(name.removesuffix("_scale")) and name.startswith("model.language_model.")
+        for layer in lm.layers
+        for name in QUANTIZED_PROJECTIONS
+        for p in layer.get_submodule(name).parameters()
+        if p is not getattr(layer.get_submodule(name), "bias", None)
     }
     embedding = lm.embed_tokens.weight
     rest = [t for t in [*lm.parameters(), *lm.buffers()] if id(t) not in projections and t is not embedding]
@@ -103,7 +105,9 @@ def ar_working_bytes(
 def ar_model_working_bytes(model, batch: int, prompt_length: int, new_tokens: int) -> int:
     """``ar_working_bytes`` for a loaded GlmImageForConditionalGeneration (its config, dtype and weight format)."""
     from .quant import Int8Linear
+    from .w4a16 import W4A16Linear
 
-    int8 = isinstance(model.model.language_model.layers[0].mlp.down_proj, Int8Linear)
+    # int8 and 4-bit layers both make a dequantised copy of a matrix at a time in a prefill
+    int8 = isinstance(model.model.language_model.layers[0].mlp.down_proj, (Int8Linear, W4A16Linear))
     dtype_bytes = model.lm_head.weight.element_size()
     return ar_working_bytes(model.config.text_config, batch, prompt_length, new_tokens, dtype_bytes, int8)

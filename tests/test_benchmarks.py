@@ -84,7 +84,7 @@ def memory_table(tmp_path_factory):
 def test_the_computed_memory_table_keeps_every_stage_of_the_small_card_recipes_under_their_caps(memory_table):
     stdout, result = memory_table
     assert stdout.startswith("Computed (not measured)")
-    for card, cap_gib in (("12 GB", 11), ("16 GB", 15)):
+    for card, cap_gib in (("8 GB", 7), ("12 GB", 11), ("16 GB", 15)):
         for task in ("t2i", "edit"):
             stages = result["stages"][card][task]
             assert {"AR decode", "glyph", "DiT", "VAE decode"} <= set(stages)
@@ -98,6 +98,16 @@ def test_the_computed_int8_ar_decoder_is_about_half_the_bf16_one(memory_table):
     bf16 = components["AR decoder, bf16 (code rows of the embedding)"]
     int8 = components["AR decoder, int8 projections"]
     assert 0.5 < int8 / bf16 < 0.55  # int8 projections + float32 scales; embedding rows, lm_head, norms in bf16
+
+
+def test_the_computed_4bit_parts_are_about_a_quarter_of_bf16(memory_table):
+    """4 bits per weight plus a float16 scale and a 4-bit zero per 128 weights: 0.27 of bf16 for the packed layers;
+    the AR's code rows, lm_head and norms and the DiT's embedders and projections outside its blocks stay bf16."""
+    components = memory_table[1]["components"]
+    ar = components["AR decoder, 4-bit projections (W4A16, group size 128)"]
+    dit = components["DiT 4-bit transformer blocks (W4A16, group size 128)"]
+    assert 0.26 < ar / components["AR decoder, bf16 (code rows of the embedding)"] < 0.3
+    assert 0.26 < dit / components["DiT bf16"] < 0.3
 
 
 def test_bench_caps_runs_its_graphs_on_the_cpu_with_the_tiny_models(tmp_path):
