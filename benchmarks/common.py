@@ -360,3 +360,52 @@ def markdown_table(rows: list[Row], setup: Setup, seconds: float) -> str:
             f"{'' if ratio is None else f'{ratio:.2f}'} | {goal} | {met} | {row.note} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# --- 4-bit layers (W4A16) on full-size random weights -------------------------------------------------------------------
+
+
+W4_GROUP_SIZE = 128  # Intel/GLM-Image-int4-AutoRound's
+
+
+@torch.no_grad()
+def w4a16_layer(linear: torch.nn.Linear):
+    """A ``W4A16Linear`` holding ``linear`` rounded to symmetric 4 bits per group of 128 inputs (32 for the tiny
+    models' narrower layers), packed as AutoRound/GPTQ pack it: what the 4-bit checks time and measure on the GPU,
+    where quantising a full-size model with auto-round itself would take the whole session. Its packing is checked
+    against auto-round's dequantisation in tests/test_benchmarks.py."""
+    from glm_image_core import w4a16
+
+    out_features, in_features = linear.weight.shape
+    group = W4_GROUP_SIZE if in_features % W4_GROUP_SIZE == 0 else 32
+    w = linear.weight.float().t().reshape(in_features // group, group, out_features)
+    scales = (w.abs().amax(dim=1) / 7).clamp(min=1e-8).half()  # [groups, out]
+    codes = (w / scales.float()[:, None]).round().clamp(-8, 7).to(torch.int32) + 8
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=w.device)
+    codes = codes.reshape(in_features // 8, 8, out_features) << shifts[None, :, None]
+    layer = w4a16.W4A16Linear(in_features, out_features, linear.bias is not None, group, device="meta")
+    layer.qweight = torch.nn.Parameter(codes.sum(dim=1, dtype=torch.int32), requires_grad=False)  # disjoint bits
+    zeros = torch.full((in_features // group, out_features // 8), 0x77777777, dtype=torch.int32, device=w.device)
+    layer.qzeros = torch.nn.Parameter(zeros, requires_grad=False)  # every zero point 8, stored as 7
+    layer.scales = torch.nn.Parameter(scales, requires_grad=False)
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def swap_w4a16_(model: torch.nn.Module, prefix: str) -> dict[str, torch.nn.Module]:
+    """Every ``nn.Linear`` under ``prefix`` replaced by its 4-bit layer; returns the replaced modules by name, for
+    ``restore_modules_``."""
+    replaced = {}
+    for name, module in list(model.named_modules()):
+        if name.startswith(prefix) and isinstance(module, torch.nn.Linear):
+            replaced[name] = module
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, w4a16_layer(module))
+    return replaced
+
+
+def restore_modules_(model: torch.nn.Module, modules: dict[str, torch.nn.Module]) -> None:
+    for name, module in modules.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)

@@ -12,6 +12,9 @@ claim with its status and numbers:
   ``StepGraph``), replays counted, the tokens compared with the eager decoder's;
 - the int8 decode kernel (``int8_kernel.FUSED_KERNEL``): used, equal to the eager path on the AR's projection shapes, its
   scratch memory and time; then inside the AR's graph with int8 weights;
+- 4-bit layers (``w4a16``, as in Intel/GLM-Image-int4-AutoRound, packed here by round-to-nearest): torch's int4 matmul
+  against the dequantising path on the AR's projection shapes, its scratch memory and time; the AR decode with 4-bit
+  projections (ms/token, the int4 matmul inside the CUDA graph); the 8 GB recipe's staged peaks (AR and DiT 4-bit);
 - fp8 ``_fast`` matmuls: the DiT through ComfyUI's loader with ``fp8_e4m3fn_fast`` calls ``torch._scaled_mm``; its
   output against the bf16 DiT's;
 - ComfyUI's TorchCompileModel with inductor on our MODEL: recompilations over sampling runs at two sizes (a DiT of 2
@@ -53,7 +56,7 @@ from common import PROMPT, GiB, Row, Setup, free_device_memory, reset_peak, time
 
 BUDGET_S = 450.0  # the whole run, under the 8 minutes a GPU session plans for it
 # each part's own time limit, seconds; compile last: its recompilations (minutes each with inductor) can eat any budget
-PARTS = {"ar": 150, "comfyui": 120, "memory": 110, "speed": 140, "compile": 150}
+PARTS = {"ar": 170, "comfyui": 120, "memory": 150, "speed": 140, "compile": 150}
 MEMORY_TOLERANCE = 1.05  # a measured peak above 105% of the computed one means the README's table misleads
 NO_CUDA = "no CUDA (dry run)"
 
@@ -354,6 +357,34 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
     for label, weight in shapes.items():
         rows.run(f"int8 fused matmul equals the eager path, {label}", lambda w=weight, n=label: int8_shape(setup, w, n))
     rows.run("int8 fused decode kernel used", lambda: int8_used(setup, kernel))
+    for label, weight in shapes.items():
+        rows.run(
+            f"4-bit int4 matmul equals the dequantising path, {label}", lambda w=weight, n=label: w4_shape(setup, w, n)
+        )
+
+    def w4_ar() -> list:
+        from common import restore_modules_, swap_w4a16_
+
+        from glm_image_core import w4a16
+
+        replaced = swap_w4a16_(model, "model.language_model.layers.")
+        try:
+            free_device_memory(setup.device)
+            graphs.records.clear()
+            result = speed("4-bit", 4.0)
+            layers = [m for m in model.modules() if isinstance(m, w4a16.W4A16Linear)]
+            kernels = {k: sum(m.kernel == k for m in layers) for k in {m.kernel for m in layers}}
+            record = graphs.records[-1] if graphs.records else {}
+            numbers = {"layers": len(layers), "last_kernel": kernels, "graph": record}
+            name = "4-bit AR decode: int4 matmul inside the CUDA graph"
+            if setup.device.type != "cuda":
+                return [*result, Check(name, "skipped", dry_note(setup, "decoded with the dequantising path"), numbers)]
+            holds = kernels == {w4a16.W4A16Linear.INT4PACK: len(layers)} and bool(record.get("captured"))
+            return [*result, Check(name, "verified" if holds else "broken", record.get("reason") or "", numbers)]
+        finally:
+            restore_modules_(model, replaced)
+
+    rows.run("4-bit AR decode", w4_ar)
 
     def int8_ar() -> list:
         quant.quantize_model_(model)
@@ -412,6 +443,50 @@ def int8_shape(setup: Setup, weight: torch.Tensor, label: str) -> Check:
         dry_note(setup, "the kernel's math ran eagerly on the CPU"),
         numbers,
     )
+
+
+def w4_shape(setup: Setup, weight: torch.Tensor, label: str) -> Check:
+    """A 4-bit layer of one projection's shape: torch's int4 matmul (CUDA; its CPU twin in a dry run) against the
+    dequantising path, rows 1 and 4; on CUDA its scratch memory and time next to both other paths."""
+    from types import SimpleNamespace
+
+    from common import w4a16_layer
+
+    from glm_image_core import w4a16
+
+    name = f"4-bit int4 matmul equals the dequantising path, {label}"
+    source = SimpleNamespace(weight=weight, bias=None)
+    fast, dequantising = w4a16_layer(source), w4a16_layer(source)  # the first one's packed tensors move once repacked
+    dequantising.use_int4pack = False
+    supported = w4a16.int4pack_supported(fast.in_features, fast.out_features, fast.group_size, None)
+    numbers = {"shape": list(weight.shape), "group_size": fast.group_size, "int4pack_supported": supported}
+    generator = torch.Generator(weight.device).manual_seed(0)
+    devices, w4a16.INT4PACK_DEVICES = w4a16.INT4PACK_DEVICES, (weight.device.type,)  # dry run: the CPU twin
+    try:
+        worst = 0.0
+        for batch in (1, 4):
+            x = torch.randn(batch, weight.shape[1], device=weight.device, generator=generator, dtype=torch.bfloat16)
+            got, expected = fast(x).float(), dequantising(x).float()
+            numbers[f"kernel_{batch}_rows"] = fast.kernel
+            error = ((got - expected).norm() / expected.norm()).item()
+            numbers[f"rel_l2_{batch}_rows"] = error
+            worst = max(worst, error)
+        if setup.device.type == "cuda":
+            x = x[:1]
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fast(x)
+            torch.cuda.synchronize()
+            numbers["scratch_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            numbers["int4pack_s"] = time_call(lambda: fast(x), setup.device, 50)
+            numbers["dequantize_s"] = time_call(lambda: dequantising(x), setup.device, 50)
+            numbers["bf16_s"] = time_call(lambda: torch.nn.functional.linear(x, weight), setup.device, 50)
+    finally:
+        w4a16.INT4PACK_DEVICES = devices
+    used = numbers["kernel_1_rows"] == w4a16.W4A16Linear.INT4PACK or not supported
+    holds = worst < 2e-2 and used and numbers.get("scratch_mib", 0) < weight.numel() * 2 / 2**20 / 4
+    return Check(name, gpu_status(setup, holds), dry_note(setup, "torch's CPU int4 matmul stood in"), numbers)
 
 
 def int8_used(setup: Setup, kernel) -> Check:
@@ -635,6 +710,31 @@ def part_memory(setup: Setup, rows: Rows, args) -> None:
         "Peak memory per stage, bf16",
         lambda: staged("24 GB", ("AR decode", "glyph", "DiT", "VAE decode"), "AR bf16, DiT bf16"),
     )
+
+    def w4() -> list[Check]:
+        """The 8 GB recipe: the AR decoder's and the DiT blocks' layers 4-bit (packed on the device, kept on the
+        CPU between stages like the others), the whole staged text-to-image."""
+        from common import restore_modules_, swap_w4a16_
+
+        swapped = []
+        for holder, attribute, prefix in (
+            (models, "ar_model", "model.language_model.layers."),
+            (models, "dit", "transformer_blocks."),
+        ):
+            module = getattr(holder, attribute).to(setup.device)  # packed on the GPU (seconds)
+            replaced = swap_w4a16_(module, prefix)
+            for original in replaced.values():
+                original.to("cpu")
+            setattr(holder, attribute, module.to("cpu") if setup.device.type == "cuda" else module)
+            swapped.append((module, replaced))
+        free_device_memory(setup.device)
+        try:
+            return staged("8 GB", ("AR decode", "glyph", "DiT", "VAE decode"), "AR 4-bit, DiT 4-bit")
+        finally:
+            for module, replaced in swapped:
+                restore_modules_(module, replaced)
+
+    rows.run("Peak memory per stage, 4-bit", w4)
 
     def int8() -> Check:
         ar_model = models.ar_model.to(setup.device)  # quantised on the GPU (seconds; minutes on the CPU)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests import comfy_host
 
@@ -159,6 +160,16 @@ GPU_CHECK_ROWS = [
     "DiT forward 512x512, batch 1",
     "VAE decode 256x256",
     "Text-to-image 512x512, 2 steps, CFG 1.5, models resident",
+    "4-bit int4 matmul equals the dequantising path, q/o",
+    "4-bit int4 matmul equals the dequantising path, k+v",
+    "4-bit int4 matmul equals the dequantising path, gate_up",
+    "4-bit int4 matmul equals the dequantising path, down",
+    "4-bit AR decode: int4 matmul inside the CUDA graph",
+    "AR decode 256x256, 4-bit",
+    "Peak memory, AR decode stage (AR 4-bit, DiT 4-bit) vs computed 8 GB",
+    "Peak memory, glyph stage (AR 4-bit, DiT 4-bit) vs computed 8 GB",
+    "Peak memory, DiT stage (AR 4-bit, DiT 4-bit) vs computed 8 GB",
+    "Peak memory, VAE decode stage (AR 4-bit, DiT 4-bit) vs computed 8 GB",
 ]
 GPU_CHECK_COMFYUI_ROWS = [
     "fp8_e4m3fn_fast DiT runs torch._scaled_mm",
@@ -205,6 +216,35 @@ def test_gpu_check_dry_run_skips_the_gpu_claims_but_runs_their_cpu_side(gpu_chec
     for name in GPU_CHECK_ROWS[11:16]:  # the stage was observed; only the GPU measures it
         assert rows[name]["status"] == "skipped" and rows[name]["numbers"]["computed_gib"] > 0
     assert rows["AR decode 256x256, int8"]["numbers"]["ours"] > 0
+
+
+def test_gpu_check_dry_run_runs_the_4bit_paths_on_the_cpu(gpu_check_dry_run):
+    _, _, rows, _ = gpu_check_dry_run
+    down = rows["4-bit int4 matmul equals the dequantising path, down"]["numbers"]  # the tiny layer with 128 inputs
+    assert down["kernel_1_rows"] == "int4pack" and down["rel_l2_1_rows"] < 1e-2  # torch's CPU twin stood in
+    assert rows["AR decode 256x256, 4-bit"]["numbers"]["ours"] > 0
+    assert rows["Peak memory, DiT stage (AR 4-bit, DiT 4-bit) vs computed 8 GB"]["numbers"]["computed_gib"] > 0
+
+
+def test_the_benchmarks_4bit_packing_is_auto_rounds(tmp_path):
+    """The GPU check packs full-size random layers itself (benchmarks/common.py): auto-round's own layer reads the
+    same tensors as the same weight, and that weight is the original one rounded to 4 bits."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from common import w4a16_layer
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from auto_round_extension.torch.qlinear_torch_zp import QuantLinear
+
+    linear = torch.nn.Linear(256, 64, bias=False)
+    ours = w4a16_layer(linear)
+    library = QuantLinear(4, ours.group_size, 256, 64, False)
+    for name in ("qweight", "qzeros", "scales"):
+        getattr(library, name).copy_(getattr(ours, name))
+    with torch.no_grad():
+        library_weight = library.float()(torch.eye(256)).t()
+    assert torch.equal(ours.dequantize(torch.float32), library_weight)
+    assert ((library_weight - linear.weight).norm() / linear.weight.norm()).item() < 0.15
 
 
 @pytest.mark.host
