@@ -7,8 +7,9 @@ shapes with the formulas below. Prints the markdown table (``--json`` also write
 
 What a stage holds on the device (ComfyUI evicts the other stages' models when they do not fit beside it):
 - AR vision (edits): the ViT + VQ weights, and the ViT's activations on the reference's 64x64 patches.
-- AR decode: the text decoder (int8 projections or bf16), the 16384 code rows of the embedding, the lm_head, the
-  float32 K/V cache and the prefill's activations (``glm_image_core.memory.ar_working_bytes``).
+- AR decode: the text decoder (int8 projections or bf16), the 16384 code rows of the embedding, the lm_head, and
+  what fast_ar allocates beside them (``glm_image_core.memory.ar_working_memory``: the bf16 K/V cache, the fused k/v
+  projections, and the largest moment of the prefill or of a decode step; listed buffer by buffer after the table).
 - glyph: the glyph encoder in bf16 (activations: a few MB).
 - DiT: the DiT's weights (fp8: every Linear weight 1 byte, the rest bf16; bf16: as published, or what fits under the
   cap with ComfyUI's partial loading) and one block's activations for cond + uncond in one batch of 2 x (4096
@@ -198,7 +199,19 @@ def stage_table() -> dict:
                 for name, (w, a) in stages.items()
             }
         table[recipe.name] = per_task
-    return {"components": components, "stages": table}
+    return {"components": components, "stages": table, "ar_working": ar_working_table(ar_full.config.text_config)}
+
+
+def ar_working_table(text_config) -> dict:
+    """{"batch N": ar_working_memory's buffers for a 1024x1024 text-to-image in bf16 (bytes)}: the persistent ones,
+    each moment's sum (the largest is the peak) and the total."""
+    grid = (HEIGHT // 32) * (WIDTH // 32)
+    table = {}
+    for batch in (1, 4):
+        working = memory.ar_working_memory(text_config, batch, PROMPT_TOKENS, 256 + grid, dtype_bytes=2)
+        moments = {f"moment: {name}": sum(buffers.values()) for name, buffers in working.moments.items()}
+        table[f"batch {batch}"] = {**working.persistent, **moments, "total": working.total}
+    return table
 
 
 def markdown(result: dict) -> str:
@@ -231,6 +244,17 @@ def markdown(result: dict) -> str:
             )
     lines += ["", "| Component | GiB |", "| --- | --- |"]
     lines += [f"| {name} | {gib(b)} |" for name, b in result["components"].items()]
+    columns = result["ar_working"]
+    lines += [
+        "",
+        f"AR decode working memory, {WIDTH}x{HEIGHT} text-to-image, bf16, {PROMPT_TOKENS}-token prompt (MiB; the "
+        "peak is the persistent buffers plus the largest moment):",
+        "",
+        f"| Buffer | {' | '.join(columns)} |",
+        f"| --- |{' ---: |' * len(columns)}",
+    ]
+    for name in next(iter(columns.values())):
+        lines.append(f"| {name} | {' | '.join(f'{column[name] / 2**20:.1f}' for column in columns.values())} |")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ So a host moves ``ar_decode_modules`` for every generation and ``ar_vision_modul
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -76,38 +77,118 @@ def ar_decode_bytes(model) -> int:
     return module_bytes(*ar_decode_modules(model))
 
 
+@dataclass(frozen=True)
+class ARWorkingMemory:
+    """The device memory an AR decode (``fast_ar.decode``) allocates beside the model's weights, buffer by buffer
+    (bytes). ``persistent``: held from the decoder's construction to the end of the generation. ``moments``: the
+    transient buffers alive at each candidate for the peak (one at a time). ``total``: the peak."""
+
+    persistent: dict[str, int]
+    moments: dict[str, dict[str, int]]
+
+    @property
+    def total(self) -> int:
+        return sum(self.persistent.values()) + max(sum(moment.values()) for moment in self.moments.values())
+
+
+def ar_working_memory(
+    text_config, batch: int, prompt_length: int, new_tokens: int, dtype_bytes: int = 2, int8: bool = False
+) -> ARWorkingMemory:
+    """What ``fast_ar.decode`` allocates for ``batch`` samples of a ``prompt_length``-token prompt and ``new_tokens``
+    sampled tokens, with activations of ``dtype_bytes`` (the model's dtype) and, if ``int8``, int8 projections.
+
+    The prompt is prefilled once (batch 1), one layer at a time; its largest moments are in the MLP. Sampling is
+    counted as published (temperature != 1 and top-p < 1: its largest path). An int8 decode step's matmuls add less
+    than the prefill's (CUDA's fused kernel allocates only its output; elsewhere one small-batch matmul at a time).
+    On CUDA the decode step's buffers live in the CUDA graph's own pool; the caching allocator frees the prefill's
+    cached blocks for it when the device is full. Checked against the allocations of generations measured on the
+    CPU (``tests/test_memory.py``)."""
+    from .ar import NUM_VQ_CODES
+    from .fast_ar import ATTENTION_CHUNK, CACHE_BLOCK
+
+    c, n, t, b = text_config, batch, prompt_length, dtype_bytes
+    hidden, inter, layers, heads = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    kv = 2 * c.num_key_value_heads * head_dim  # one token's keys and values in one layer, elements
+    slots = -(-(prompt_length + new_tokens) // CACHE_BLOCK) * CACHE_BLOCK  # the cache's length (fast_ar.FastDecoder)
+    f32, i64, vocab = 4, 8, NUM_VQ_CODES
+
+    persistent = {
+        "K/V cache (model dtype)": layers * n * slots * kv * b,
+        "fused k/v projections and biases": layers * kv * (hidden * (1 if int8 else b) + b + (f32 if int8 else 0)),
+        "decode RoPE tables (cos, sin)": 2 * new_tokens * head_dim * b,
+        "sampled tokens, uniforms": n * new_tokens * (i64 + f32),
+        "cache slot index": slots * i64,
+        "prompt ids and positions, decode positions": (4 * t + 3 * new_tokens) * i64,
+    }
+    layer = {  # a prefill layer's tensors that live until its end (layer_forward's locals)
+        "prompt RoPE tables (cos, sin)": 2 * t * head_dim * b,
+        "residual stream in": t * hidden * b,
+        "normed layer input": t * hidden * b,
+        "q, k, v projections": t * (hidden + kv) * b,
+        "attention output": t * hidden * b,
+        "residual stream after attention": t * hidden * b,
+    }
+    moments = {
+        "prefill: MLP product": {
+            **layer,
+            "MLP gate_up output": t * 2 * inter * b,
+            "silu(gate), up * silu(gate)": t * 2 * inter * b,
+        },
+        "prefill: MLP output norm": {
+            **layer,
+            "MLP gate_up output": t * 2 * inter * b,
+            "MLP down output": t * hidden * b,
+            # F.rms_norm off CUDA: the input upcast (unless float32), normalised, scaled, all float32 (CUDA's fused
+            # kernel writes only its output, and there the product above is the larger moment)
+            "F.rms_norm's float32 copies": (2 if b == f32 else 3) * t * hidden * f32,
+        },
+        "decode: attention over the cache": {  # one layer (attend_cache)
+            "one layer's K/V cast to float32 (unless float32)": 0 if b == f32 else n * slots * kv * f32,
+            "scores, biased scores, probabilities": 3 * n * heads * slots * f32,
+            "probs @ V per key chunk": n * heads * (slots // ATTENTION_CHUNK) * head_dim * f32,
+            "key mask": slots * f32,
+        },
+        "decode: sampling": {  # ar.warp_logits' top-p on the float32 code logits [batch, 16384]
+            "logits": n * vocab * f32,
+            "temperature-scaled logits": n * vocab * f32,
+            "sorted logits": n * vocab * f32,
+            "sort order (int64)": n * vocab * i64,
+            "sorted probabilities and their cumsum": 2 * n * vocab * f32,  # (CPU: sort's int64 scratch, as large)
+        },
+    }
+    if int8:  # the prefill's int8 matmuls (quant.int8_linear, eager): the largest is gate_up
+        gate_up_input = {**layer, "normed MLP input": t * hidden * b}
+        moments["prefill: int8 gate_up matmul"] = {
+            **gate_up_input,
+            "gate_up weight cast to the model dtype": 2 * inter * hidden * b,
+            "gate_up output": t * 2 * inter * b,
+        }
+        moments["prefill: int8 gate_up scale"] = {
+            **gate_up_input,
+            "gate_up output in float32, scaled": 2 * t * 2 * inter * f32,
+        }
+    return ARWorkingMemory(persistent, moments)
+
+
 def ar_working_bytes(
     text_config, batch: int, prompt_length: int, new_tokens: int, dtype_bytes: int = 2, int8: bool = False
 ) -> int:
-    """Device memory the AR decode needs beside its weights (fast_ar), from the text config's sizes:
-
-    - the K/V cache, counted at float32: layers x 2 x kv_heads x head_dim x 4 B per token and sample, for prompt +
-      new tokens rounded up to ``fast_ar.CACHE_BLOCK`` (1024) slots. fast_ar keeps it in the model's dtype; the
-      difference stands in, roughly, for the fused k/v projections and the per-layer float32 casts it does not
-      itemise (not yet checked against a measured decode);
-    - the prefill's largest live activations (the prompt runs once for the batch; counted per sample, which
-      overcounts): per prompt token the residual, the norm output, q/k/v, the
-      attention output and the MLP's gate_up output (2 x intermediate) and its product (intermediate);
-    - with int8 weights, the prefill's dequantised copy of the largest projection (gate_up), one matrix at a time.
-    The transformers loop (CPU, tests) uses a bf16 cache of the same length: less than this."""
-    from .fast_ar import CACHE_BLOCK
-
-    c = text_config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    slots = -(-(prompt_length + new_tokens) // CACHE_BLOCK) * CACHE_BLOCK
-    cache = c.num_hidden_layers * 2 * c.num_key_value_heads * head_dim * 4 * slots * batch
-    per_token = 4 * c.hidden_size + 2 * c.num_key_value_heads * head_dim + 3 * c.intermediate_size
-    prefill = batch * prompt_length * per_token * dtype_bytes
-    dequantised = 2 * c.intermediate_size * c.hidden_size * dtype_bytes if int8 else 0
-    return cache + prefill + dequantised
+    """Device memory the AR decode needs beside its weights: the peak of ``ar_working_memory``."""
+    return ar_working_memory(text_config, batch, prompt_length, new_tokens, dtype_bytes, int8).total
 
 
-def ar_model_working_bytes(model, batch: int, prompt_length: int, new_tokens: int) -> int:
-    """``ar_working_bytes`` for a loaded GlmImageForConditionalGeneration (its config, dtype and weight format)."""
+def ar_model_working_memory(model, batch: int, prompt_length: int, new_tokens: int) -> ARWorkingMemory:
+    """``ar_working_memory`` for a loaded GlmImageForConditionalGeneration (its config, dtype and weight format)."""
     from .quant import Int8Linear
     from .w4a16 import W4A16Linear
 
     # int8 and 4-bit layers both make a dequantised copy of a matrix at a time in a prefill
     int8 = isinstance(model.model.language_model.layers[0].mlp.down_proj, (Int8Linear, W4A16Linear))
     dtype_bytes = model.lm_head.weight.element_size()
-    return ar_working_bytes(model.config.text_config, batch, prompt_length, new_tokens, dtype_bytes, int8)
+    return ar_working_memory(model.config.text_config, batch, prompt_length, new_tokens, dtype_bytes, int8)
+
+
+def ar_model_working_bytes(model, batch: int, prompt_length: int, new_tokens: int) -> int:
+    """``ar_working_bytes`` for a loaded GlmImageForConditionalGeneration: the peak of ``ar_model_working_memory``."""
+    return ar_model_working_memory(model, batch, prompt_length, new_tokens).total
