@@ -91,11 +91,21 @@ class ARWorkingMemory:
         return sum(self.persistent.values()) + max(sum(moment.values()) for moment in self.moments.values())
 
 
+FULL, INT8, W4 = "full", "int8", "4-bit"  # the AR's projection formats: model dtype, quant.Int8Linear, w4a16
+
+
 def ar_working_memory(
-    text_config, batch: int, prompt_length: int, new_tokens: int, dtype_bytes: int = 2, int8: bool = False
+    text_config,
+    batch: int,
+    prompt_length: int,
+    new_tokens: int,
+    dtype_bytes: int = 2,
+    weights: str = FULL,
+    group_size: int = 128,
 ) -> ARWorkingMemory:
     """What ``fast_ar.decode`` allocates for ``batch`` samples of a ``prompt_length``-token prompt and ``new_tokens``
-    sampled tokens, with activations of ``dtype_bytes`` (the model's dtype) and, if ``int8``, int8 projections.
+    sampled tokens, with activations of ``dtype_bytes`` (the model's dtype) and projections in ``weights``' format
+    (FULL, INT8, or W4 with 4-bit groups of ``group_size`` inputs).
 
     The prompt is prefilled once (batch 1), one layer at a time; its largest moments are in the MLP. Sampling is
     counted as published (temperature != 1 and top-p < 1: its largest path). An int8 decode step's matmuls add less
@@ -112,10 +122,15 @@ def ar_working_memory(
     kv = 2 * c.num_key_value_heads * head_dim  # one token's keys and values in one layer, elements
     slots = -(-(prompt_length + new_tokens) // CACHE_BLOCK) * CACHE_BLOCK  # the cache's length (fast_ar.FastDecoder)
     f32, i64, vocab = 4, 8, NUM_VQ_CODES
+    kv_weight = {  # bytes of one layer's fused k/v matrix, [kv, hidden], with its scales (and zeros)
+        FULL: kv * hidden * b,
+        INT8: kv * hidden + kv * f32,
+        W4: kv * hidden // 2 + -(-hidden // group_size) * kv * (2 + 0.5),  # 4-bit codes; float16 scales, 4-bit zeros
+    }[weights]
 
     persistent = {
         "K/V cache (model dtype)": layers * n * slots * kv * b,
-        "fused k/v projections and biases": layers * kv * (hidden * (1 if int8 else b) + b + (f32 if int8 else 0)),
+        "fused k/v projections and biases": layers * (int(kv_weight) + kv * b),
         "decode RoPE tables (cos, sin)": 2 * new_tokens * head_dim * b,
         "sampled tokens, uniforms": n * new_tokens * (i64 + f32),
         "cache slot index": slots * i64,
@@ -157,8 +172,13 @@ def ar_working_memory(
             "sorted probabilities and their cumsum": 2 * n * vocab * f32,  # (CPU: sort's int64 scratch, as large)
         },
     }
-    if int8:  # the prefill's int8 matmuls (quant.int8_linear, eager): the largest is gate_up
-        gate_up_input = {**layer, "normed MLP input": t * hidden * b}
+    gate_up_input = {**layer, "normed MLP input": t * hidden * b}
+    if weights == W4:  # the prefill's 4-bit matmuls (w4a16.dequantize, then F.linear): the largest is gate_up
+        moments["prefill: 4-bit gate_up matmul"] = {
+            **gate_up_input,
+            **w4_matmul_bytes(hidden, 2 * inter, t, b),
+        }
+    if weights == INT8:  # the prefill's int8 matmuls (quant.int8_linear, eager): the largest is gate_up
         moments["prefill: int8 gate_up matmul"] = {
             **gate_up_input,
             "gate_up weight cast to the model dtype": 2 * inter * hidden * b,
@@ -171,11 +191,26 @@ def ar_working_memory(
     return ARWorkingMemory(persistent, moments)
 
 
+def w4_matmul_bytes(in_features: int, out_features: int, rows: int, dtype_bytes: int) -> dict[str, int]:
+    """What a dequantising 4-bit matmul (``w4a16.W4A16Linear`` off the int4 path) allocates at its peak: the weight
+    in the activations' dtype, the scratch of one chunk (``DEQUANTIZE_CHUNK`` weights: the unpacked int32 codes,
+    int16 codes minus the zero points, their float32 copy and the float32 product; 14 bytes a weight, measured) and
+    the output. Checked against measured allocations in tests/test_memory.py."""
+    from .w4a16 import DEQUANTIZE_CHUNK
+
+    weights = in_features * out_features
+    return {
+        "weight dequantised to the model dtype": weights * dtype_bytes,
+        "dequantising scratch (one chunk)": min(DEQUANTIZE_CHUNK, weights) * (4 + 2 + 4 + 4),
+        "matmul output": rows * out_features * dtype_bytes,
+    }
+
+
 def ar_working_bytes(
-    text_config, batch: int, prompt_length: int, new_tokens: int, dtype_bytes: int = 2, int8: bool = False
+    text_config, batch: int, prompt_length: int, new_tokens: int, dtype_bytes: int = 2, weights: str = FULL
 ) -> int:
     """Device memory the AR decode needs beside its weights: the peak of ``ar_working_memory``."""
-    return ar_working_memory(text_config, batch, prompt_length, new_tokens, dtype_bytes, int8).total
+    return ar_working_memory(text_config, batch, prompt_length, new_tokens, dtype_bytes, weights).total
 
 
 def ar_model_working_memory(model, batch: int, prompt_length: int, new_tokens: int) -> ARWorkingMemory:
@@ -183,10 +218,13 @@ def ar_model_working_memory(model, batch: int, prompt_length: int, new_tokens: i
     from .quant import Int8Linear
     from .w4a16 import W4A16Linear
 
-    # int8 and 4-bit layers both make a dequantised copy of a matrix at a time in a prefill
-    int8 = isinstance(model.model.language_model.layers[0].mlp.down_proj, (Int8Linear, W4A16Linear))
+    projection = model.model.language_model.layers[0].mlp.gate_up_proj
+    weights = INT8 if isinstance(projection, Int8Linear) else W4 if isinstance(projection, W4A16Linear) else FULL
+    group_size = getattr(projection, "group_size", 128)
     dtype_bytes = model.lm_head.weight.element_size()
-    return ar_working_memory(model.config.text_config, batch, prompt_length, new_tokens, dtype_bytes, int8)
+    return ar_working_memory(
+        model.config.text_config, batch, prompt_length, new_tokens, dtype_bytes, weights, group_size
+    )
 
 
 def ar_model_working_bytes(model, batch: int, prompt_length: int, new_tokens: int) -> int:

@@ -24,13 +24,14 @@ def processor(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dir):
-    """The tiny AR as the loaders give it: the code rows of the embedding as the parameter (trim), fp32, bf16, and
-    int8 projections with bf16 activations (the published int8 setup)."""
+def models(tiny_model_dir, autoround_model_dir):
+    """The tiny AR as the loaders give it: the code rows of the embedding as the parameter (trim), fp32, bf16,
+    int8 projections with bf16 activations (the published int8 setup), and auto-round's 4-bit projections."""
     return {
         "fp32": loading.load_ar_model(tiny_model_dir, dtype=torch.float32, trim=True),
         "bf16": loading.load_ar_model(tiny_model_dir, dtype=torch.bfloat16, trim=True),
         "int8": loading.load_ar_model(tiny_model_dir, dtype=torch.bfloat16, quantization="int8", trim=True),
+        "4-bit": loading.load_ar_model(autoround_model_dir, dtype=torch.bfloat16, trim=True),
     }
 
 
@@ -81,8 +82,16 @@ def generation_peak(model, inputs, batch: int) -> int:
         ("bf16", 2, LONG_PROMPT, 256, "prefill: MLP output norm"),
         ("bf16", 2, SHORT_PROMPT, 2048, "decode: attention over the cache"),
         ("int8", 2, LONG_PROMPT, 256, "prefill: int8 gate_up scale"),
+        ("4-bit", 2, LONG_PROMPT, 256, "prefill: MLP output norm"),  # its 4-bit layers are small: see below
     ],
-    ids=["fp32-batch1-prefill", "fp32-batch4-sampling", "bf16-batch2-prefill", "bf16-batch2-attention", "int8-batch2"],
+    ids=[
+        "fp32-batch1-prefill",
+        "fp32-batch4-sampling",
+        "bf16-batch2-prefill",
+        "bf16-batch2-attention",
+        "int8-batch2",
+        "4bit-batch2",
+    ],
 )
 def test_the_working_memory_estimate_is_within_10_percent_of_the_measured_peak(
     models, processor, weights, batch, prompt, size, peak_moment
@@ -99,3 +108,23 @@ def test_the_working_memory_estimate_is_within_10_percent_of_the_measured_peak(
         f"{weights}, batch {batch}, {prompt_length} + {new_tokens} tokens: estimated {estimate.total} B, measured {measured}"
     )
     assert abs(estimate.total - measured) <= TOLERANCE * measured, (estimate.total, measured, estimate)
+
+
+@pytest.mark.parametrize("in_features, out_features", [(1024, 4096), (4096, 4096)], ids=["one-chunk", "four-chunks"])
+def test_a_dequantising_4bit_matmul_allocates_what_the_estimate_counts(in_features, out_features):
+    """The 4-bit moment of a real AR's prefill (its gate_up: 4096 x 27392), on layers big enough to measure: the
+    tiny AR's 4-bit layers are too small to be its peak."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from common import w4a16_layer
+    finally:
+        sys.path.pop(0)
+    layer = w4a16_layer(torch.nn.Linear(in_features, out_features, bias=False))
+    x = torch.randn(8, in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        measured = allocation_peak(lambda: layer(x))
+    estimate = sum(memory.w4_matmul_bytes(in_features, out_features, 8, 2).values())
+    assert abs(estimate - measured) <= TOLERANCE * measured, (estimate, measured)
