@@ -21,6 +21,8 @@ VQ-code logits, then picks the token by inverse CDF from one uniform draw per to
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -312,8 +314,16 @@ def next_token_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor
     input_ids: [N, T] (prefill: the whole prompt with reference ids filled in; decode: T = 1);
     position_ids: [3, N, T]. Only the last position goes through the lm_head.
     """
-    out = model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache_argument = {cache_keyword(type(model)): cache}
+    out = model(input_ids=input_ids, position_ids=position_ids, **cache_argument, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float()
+
+
+@functools.cache
+def cache_keyword(model_class) -> str:
+    """The name of the forward's KV-cache argument: ``cache`` from transformers 5.24, ``past_key_values`` before
+    (5.24 still takes the old name, with a deprecation warning, until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()

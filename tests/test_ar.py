@@ -4,6 +4,7 @@ import contextlib
 import copy
 import logging
 import os
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -199,6 +200,20 @@ def test_step_logits_equal_generate_logits(model, processor, references, num_ref
                 logits = ar.next_token_logits(model, new_tokens[:, k : k + 1], position, cache)
                 diffs.append((logits - out.logits[k + 1]).abs().max())
         assert max(diffs) <= CACHE_TOLERANCE, (type(cache).__name__, diffs)
+
+
+def test_the_cache_goes_by_the_name_the_installed_transformers_takes(model, processor):
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is removed in 5.40): the
+    decoder passes whichever the model's forward declares, with no deprecation warning (CI's newest-deps run tests
+    the new name, the pinned version the old one)."""
+    from transformers import DynamicCache
+
+    inputs = ar.build_ar_inputs(processor, "a red 'sign'", 256, 256)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.inference_mode():
+            ar.next_token_logits(model, inputs.input_ids, inputs.position_ids, DynamicCache(config=model.config))
+    assert [str(w.message) for w in caught if "past_key_values" in str(w.message)] == []
 
 
 @pytest.mark.parametrize("num_references", [0, 1])
