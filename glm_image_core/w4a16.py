@@ -34,10 +34,11 @@ from .errors import ModelFilesError
 W4A16 = "w4a16"  # check_quantisation's name for these checkpoints
 PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 CODES_PER_WORD = 8
-PACKINGS = {  # quant_method -> the packing formats read here
-    "auto-round": ("auto_round:auto_gptq",),
+PACKINGS = {  # quant_method -> the packing formats read here (the first: what a config without one means)
+    "auto-round": ("auto_round:auto_gptq", "auto_round:gptq"),
     "gptq": ("gptq",),  # checkpoint_format; GPTQ v2 (zero points stored as is) is refused
 }
+DEFAULTS = {"bits": 4, "group_size": 128, "sym": True}  # what transformers' AutoRoundConfig assumes for a missing key
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 matmul takes
 INT4PACK_INNER_K_TILES = 8  # torch's int4 layout: inputs in tiles of 16 x this
 INT4PACK_MAX_ROWS = 16  # inputs of at most this many rows (AR decode steps: one per sample) take the int4 matmul
@@ -60,7 +61,9 @@ def read_format(config: dict, source: str) -> W4A16Format | None:
     if quant is None:
         return None
     method = quant.get("quant_method", "?")
-    packing = quant.get("checkpoint_format", "gptq") if method == "gptq" else quant.get("packing_format")
+    quant = {**DEFAULTS, **quant}
+    default_packing = PACKINGS.get(method, ("?",))[0]
+    packing = quant.get("checkpoint_format" if method == "gptq" else "packing_format", default_packing)
     problems = []
     if method not in PACKINGS:
         problems.append(f"quant_method {method!r}")

@@ -420,8 +420,8 @@ def test_single_dit_file_with_an_uninferable_head_count(tiny_model_dir, tmp_path
 
 def test_quantised_transformer_config_is_refused(tiny_model_dir, tmp_path):
     root = copy_tiny(tiny_model_dir, tmp_path, "transformer")
-    edit_json(root / "transformer" / "config.json", quantization_config={"quant_method": "auto-round", "bits": 4})
-    with pytest.raises(ModelFilesError, match=r"quantised re-upload \(auto-round\)"):
+    edit_json(root / "transformer" / "config.json", quantization_config={"quant_method": "auto-round", "bits": 8})
+    with pytest.raises(ModelFilesError, match=r"a quantised re-upload this loader cannot read: 8 bits"):
         load_transformer(root)
 
 
