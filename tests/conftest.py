@@ -51,15 +51,35 @@ def reference_pipeline(tiny_model_dir):
 def autoround_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny folder with its DiT's transformer blocks and its AR's text decoder quantised to 4 bits (W4A16, group
     size 32) by the `auto-round` library itself, as Intel/GLM-Image-int4-AutoRound was made
-    (tests/autoround_reference.py)."""
+    (tests/autoround_reference.py). Making it takes ~30 s, so it is kept between test sessions (CI runs four, each
+    with two workers) under GLM_IMAGE_TEST_CACHE (default ~/.cache/glm-image-tests), named by a hash of everything
+    that decides its bytes: the code that writes the tiny folder and quantises it, the published configs, and the
+    versions of auto-round and torch."""
+    import hashlib
+    import os
+    import shutil
     import subprocess
     import sys
+    from importlib.metadata import version
     from pathlib import Path
 
-    out = tmp_path_factory.mktemp("autoround") / "GLM-Image-int4-AutoRound"
-    script = Path(__file__).with_name("autoround_reference.py")
-    done = subprocess.run(
-        [sys.executable, str(script), str(tiny_model_dir), str(out), "32"], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "tests" / "autoround_reference.py"
+    inputs = [script, repo / "glm_image_core" / "tiny.py", *sorted((repo / "glm_image_core" / "published").iterdir())]
+    key = hashlib.sha256(f"{version('auto-round')} {torch.__version__}".encode())
+    for path in inputs:
+        key.update(path.read_bytes())
+    cache = Path(os.environ.get("GLM_IMAGE_TEST_CACHE", Path.home() / ".cache" / "glm-image-tests"))
+    out = cache / f"GLM-Image-int4-AutoRound-{key.hexdigest()[:16]}"
+    if not out.is_dir():
+        made = tmp_path_factory.mktemp("autoround") / "GLM-Image-int4-AutoRound"
+        done = subprocess.run(
+            [sys.executable, str(script), str(tiny_model_dir), str(made), "32"], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        cache.mkdir(parents=True, exist_ok=True)
+        try:  # complete or absent: another worker may have put its identical copy there first
+            os.rename(shutil.copytree(made, cache / f".{out.name}.{os.getpid()}"), out)
+        except OSError:
+            shutil.rmtree(cache / f".{out.name}.{os.getpid()}", ignore_errors=True)
     return out
