@@ -142,8 +142,7 @@ def _meta_w4a16_ar_model(files: ComponentFiles, fmt: w4a16.W4A16Format):
     """The meta-device AR with ``W4A16Linear`` s where the checkpoint packs a layer, after checking that the files
     hold exactly its tensors."""
     model = _meta_ar_model(files)
-    packed = w4a16.packed_layers(files.weights.shapes)
-    w4a16.swap_linears(model, packed, fmt, g_idx=any(k.endswith(".g_idx") for k in files.weights.shapes))
+    w4a16.swap_linears(model, files.weights.shapes, fmt)
     check_weights_match(AR_MODEL, {k: tuple(v.shape) for k, v in model.state_dict().items()}, files)
     return model
 

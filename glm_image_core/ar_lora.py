@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import quant
+from . import quant, w4a16
 from .errors import InvalidInputError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -187,6 +187,11 @@ def check_fits(model, layers: dict[str, LayerLora], source: str) -> None:
                 f"{source} updates {module}, which this AR model does not have (an adapter for a model with more "
                 "layers)."
             ) from None
+        if isinstance(linear, w4a16.W4A16Linear):
+            raise InvalidInputError(
+                f"{source} updates {module}, which this AR model holds in 4 bits (AutoRound/GPTQ): an adapter cannot be "
+                "merged into packed weights. Load the AR from the bf16 folder (weights full or int8) to use it."
+            )
         shape = (linear.out_features, linear.in_features)
         if (lora.up.shape[0], lora.down.shape[1]) != shape:
             raise InvalidInputError(

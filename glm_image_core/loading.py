@@ -117,10 +117,7 @@ def _checked_meta_model(cls: type, kwargs: dict, component: Component, files: Co
         raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {component.label}: {e}") from e
     if quantisation == w4a16.W4A16:
         w4a16.swap_linears(
-            meta_model,
-            w4a16.packed_layers(files.weights.shapes),
-            w4a16.read_format(files.config, files.config_source),
-            g_idx=any(k.endswith(".g_idx") for k in files.weights.shapes),
+            meta_model, files.weights.shapes, w4a16.read_format(files.config, files.config_source), dtype
         )
     check_weights_match(component, {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}, files)
     return meta_model

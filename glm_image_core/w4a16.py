@@ -289,25 +289,34 @@ def concat_outputs(layers: list[W4A16Linear]) -> W4A16Linear:
     return joined
 
 
-def swap_linears(model: nn.Module, names, fmt: W4A16Format, g_idx: bool = False) -> None:
-    """Replace the ``nn.Linear`` s named in ``names`` (of a meta-device model) by empty ``W4A16Linear`` s of the same
-    shapes; a ModelFilesError when a name is not a linear layer of the model."""
-    for name in names:
+def swap_linears(
+    model: nn.Module,
+    keys,
+    fmt: W4A16Format,
+    dtype: torch.dtype | None = None,
+    device="meta",
+    layer_class: type[W4A16Linear] = W4A16Linear,
+) -> None:
+    """Replace each ``nn.Linear`` the checkpoint packs (``keys``: its tensor names) by an empty ``layer_class`` of the
+    same shape, with a bias (in ``dtype``) and a ``g_idx`` where the checkpoint has them; a ModelFilesError when a
+    packed name is not a linear layer of the model. What the layer needs is read from ``keys``, not from the Linear,
+    which a host may have built without tensors (ComfyUI under dynamic VRAM)."""
+    keys = set(keys)
+    for name in packed_layers(keys):
         try:
             linear = model.get_submodule(name)
         except AttributeError:
             linear = None
         if not isinstance(linear, nn.Linear):
             raise ModelFilesError(f"the checkpoint packs {name}.qweight, which is not a linear layer of the model")
-        dtype = None if linear.bias is None else linear.bias.dtype
-        layer = W4A16Linear(
+        layer = layer_class(
             linear.in_features,
             linear.out_features,
-            linear.bias is not None,
+            f"{name}.bias" in keys,
             fmt.group_size,
-            g_idx,
+            f"{name}.g_idx" in keys,
             dtype,
-            linear.weight.device,
+            device,
         )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)

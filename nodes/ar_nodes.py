@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import comfy.cli_args
@@ -13,7 +14,7 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..glm_image_core import ar, ar_lora, dependencies, loading, memory, preview
+from ..glm_image_core import ar, ar_lora, dependencies, loading, memory, preview, w4a16
 from ..glm_image_core.defaults import PATCH_STRIDE, TEMPERATURE, TOP_P
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
@@ -87,12 +88,26 @@ class ARModelLoader(io.ComfyNode):
         model = loading.load_ar_model(
             source, dtype=pick_dtype(dtype, load_device), device="cpu", quantization=quantization, trim=True
         )
+        report_packed_layers(model, model_folder, weights)
         offload = mm.unet_offload_device()
         decoder = ManagedHFModel.wrap(model, load_device, offload, parts=memory.ar_decode_modules(model))
         vision = ManagedHFModel.wrap(model, load_device, offload, parts=memory.ar_vision_modules(model))
         # the live preview's colours, from the VQ codebook while it is on the CPU (1-2 s on a desktop CPU, once per load)
         palette = preview.model_palette(model)
         return io.NodeOutput(ARModel(decoder, loading.load_ar_processor(folder), palette, vision))
+
+
+def report_packed_layers(model, model_folder: str, weights: str) -> None:
+    """Log that a 4-bit re-upload (AutoRound/GPTQ) loaded with its layers packed, whatever `weights` said."""
+    packed = [m for m in model.modules() if isinstance(m, w4a16.W4A16Linear)]
+    if packed:
+        logging.info(
+            "GLM-Image AR: %s holds %d layers in 4 bits (group size %d); they stay packed%s.",
+            model_folder,
+            len(packed),
+            packed[0].group_size,
+            f" (the weights choice {weights!r} applies to full-precision folders)" if weights != "full" else "",
+        )
 
 
 def image_batch_to_pil(images: torch.Tensor) -> list[Image.Image]:

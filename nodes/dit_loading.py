@@ -1,5 +1,6 @@
 """How the GLM-Image MODEL is built from a state dict, as ComfyUI builds a native diffusion model: the weight dtype,
-ComfyUI's quantised layers (scaled fp8, per-layer `comfy_quant`), the patcher of the running version."""
+ComfyUI's quantised layers (scaled fp8, per-layer `comfy_quant`), AutoRound/GPTQ 4-bit layers, the patcher of the
+running version."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import comfy.patcher_extension
 import comfy.utils
 import torch
 
+from ..glm_image_core import w4a16
 from ..glm_image_core.comfy_quant import MARKER_SUFFIX as COMFY_QUANT_MARKER
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.scaled_fp8 import SCALED_FP8_MARKER
@@ -55,8 +57,11 @@ def load_dit_patcher(
     offload_device = model_options.get("offload_device", mm.unet_offload_device())
     dtype, fp8_fast = WEIGHT_DTYPES[weight_dtype]
     dtype = model_options.get("dtype", dtype)
-    model_config = GlmImageDiTConfig({k: v for k, v in config.items() if not k.startswith("_")})
-    state_dict, quantisation = use_quantisation(model_config, state_dict, model_options)
+    packing = w4a16.read_format(config, "the DiT's config")
+    model_config = GlmImageDiTConfig(
+        {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
+    )
+    state_dict, quantisation = use_quantisation(model_config, state_dict, model_options, packing)
     if dtype is None:
         dtype = mm.unet_dtype(
             model_params=comfy.utils.calculate_parameters(state_dict),
@@ -74,12 +79,26 @@ def load_dit_patcher(
     # As ComfyUI builds a native model: straight onto the GPU when it fits (never under dynamic VRAM), its patcher
     # the running version's core class (ModelPatcherDynamic when comfy-aimdo is on), whose dynamic weights are the
     # loaded tensors themselves (assign: no second copy in host RAM while loading).
-    initial_device = mm.unet_inital_load_device(comfy.utils.calculate_parameters(state_dict), dtype)
+    parameters = comfy.utils.calculate_parameters(state_dict)
+    if quantisation == W4A16:  # what the 4-bit tensors weigh, in parameters of the model's dtype
+        parameters = sum(t.nbytes for t in state_dict.values()) // mm.dtype_size(dtype)
+    initial_device = mm.unet_inital_load_device(parameters, dtype)
     model = model_config.get_model(state_dict, "", device=initial_device)
+    if quantisation == W4A16:
+        # The packed layers replace the Linear modules ComfyUI built, before the patcher (ComfyUI 0.3.x measures
+        # the model's size when it is made) and before loading, rather than entering as
+        # model_options["custom_operations"]: an operations class builds every Linear alike and cannot tell which
+        # the checkpoint packs, and that seam stays free for the user's own (GGUF-style) operations.
+        w4a16.swap_linears(model.diffusion_model, state_dict, packing, dtype, "meta", ComfyW4A16Linear)
     patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
     patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
     assign = patcher.is_dynamic() if hasattr(patcher, "is_dynamic") else False
-    if quantisation is None and "custom_operations" not in model_options:  # quantised layers take fp8 + scales as is
+    if quantisation == W4A16 and not assign:  # as comfy.ops layers: empty tensors the file's are copied into
+        for layer in model.diffusion_model.modules():
+            if isinstance(layer, ComfyW4A16Linear):
+                layer.to_empty(device=initial_device)
+    if quantisation in (None, W4A16) and "custom_operations" not in model_options:
+        # quantised layers of ComfyUI take fp8 + scales as is; 4-bit layers keep their int32 codes and float16 scales
         state_dict = cast_to_model_dtypes(model.diffusion_model, state_dict, dtype)
     missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False, assign=assign)
     missing = [k for k in missing if not k.endswith(OPTIONAL_SCALES)]  # absent scales are 1
@@ -107,18 +126,52 @@ def release_run_state(executor, *args, **kwargs):
         raise
 
 
-SCALED_OPS, MIXED_OPS = "scaled_fp8", "mixed_ops"
+class ComfyW4A16Linear(w4a16.W4A16Linear):
+    """A 4-bit layer (AutoRound/GPTQ packing, glm_image_core.w4a16) as ComfyUI's ModelPatcher handles comfy.ops
+    layers. `comfy_cast_weights` marks it as a layer whose tensors may stay on the offload device when a partial
+    (low-VRAM) load does not fit them: its forward reads the packed tensors and the bias on the input's device at each
+    call and leaves the parameters where ComfyUI put them. `weight_function`/`bias_function` are where the patcher hangs
+    low-VRAM patches; only a bias can be patched (LoRA keys for the weight find no `.weight` and are not loaded), and
+    `weight = None` is what the patchers of ComfyUI 0.33 find when they look up `<layer>.weight`. The forward
+    dequantises (the DiT is compute-bound; torch's int4 matmul would keep a repacked copy of every layer on top)."""
+
+    comfy_cast_weights = False
+    weight = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_int4pack = False
+        self.weight_function = []
+        self.bias_function = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(x)
+        if self.bias is None:
+            return out
+        # a copy when patched, as comfy.ops casts: the patches (comfy.lora.calculate_weight) work in place
+        bias = self.bias.to(x.device, x.dtype, copy=bool(self.bias_function))
+        for patch in self.bias_function:
+            bias = patch(bias)
+        return out + bias
+
+
+SCALED_OPS, MIXED_OPS, W4A16 = "scaled_fp8", "mixed_ops", w4a16.W4A16
 OPTIONAL_SCALES = (".scale_weight", ".scale_input")
 MIXED_OPS_VERSION = "0.33"  # the ComfyUI with mixed-precision layers (comfy/quant_ops.py) the pack is tested with
 
 
-def use_quantisation(model_config, state_dict: dict, model_options: dict) -> tuple[dict, str | None]:
+def use_quantisation(
+    model_config, state_dict: dict, model_options: dict, packing: w4a16.W4A16Format | None = None
+) -> tuple[dict, str | None]:
     """Set up ComfyUI's layers for a quantised file, as comfy.sd.load_diffusion_model_state_dict does. ComfyUI with
     mixed-precision layers (comfy.utils.convert_old_quants) turns a scaled-fp8 file (`scaled_fp8` marker,
     per-Linear `scale_weight`) into per-layer `comfy_quant` configs and runs those, in every format it knows; ComfyUI
-    0.3.x builds scaled-fp8 Linear layers from the marker and cannot read per-layer files. Returns the state dict to
-    load and which of the two applies (None: not quantised). Custom operations (a GGUF-style loader) get the state
-    dict as it is."""
+    0.3.x builds scaled-fp8 Linear layers from the marker and cannot read per-layer files. A 4-bit checkpoint
+    (`packing`, from its config's quantization_config) gets our 4-bit layers on every version. Returns the state dict
+    to load and which applies (None: not quantised). Custom operations (a GGUF-style loader) get the state dict as it
+    is, beside the 4-bit layers."""
+    if packing is not None:
+        return state_dict, W4A16
     if "custom_operations" in model_options:
         return state_dict, None
     if hasattr(comfy.utils, "convert_old_quants"):

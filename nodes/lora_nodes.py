@@ -17,9 +17,9 @@ import comfy.lora_convert
 import comfy.utils
 from comfy_api.latest import io
 
-from ..glm_image_core import ar_lora
+from ..glm_image_core import ar_lora, w4a16
 from ..glm_image_core.errors import InvalidInputError
-from ..glm_image_core.lora import diffusers_lora_names, unmatched_lora_keys
+from ..glm_image_core.lora import diffusers_lora_names, layers_changed, unmatched_lora_keys
 from . import paths
 from .common import file_input, schema
 from .types import GlmARModel
@@ -35,7 +35,8 @@ def glm_lora_key_map(model) -> dict[str, str]:
 
 def apply_lora(patcher, lora: dict, strength: float, source: str = "this LoRA"):
     """A clone of ``patcher`` with the LoRA added at ``strength``. Refuses a LoRA none of whose keys name a layer of
-    the DiT; warns with the names of the keys it cannot place."""
+    the DiT, and one that changes layers the DiT holds in 4 bits; warns with the names of the keys it cannot place."""
+    check_no_packed_layers(patcher.model.diffusion_model, lora, source)
     key_map = glm_lora_key_map(patcher.model)
     unmatched = unmatched_lora_keys(lora, key_map)
     if unmatched and len(unmatched) == len(lora):
@@ -56,6 +57,21 @@ def apply_lora(patcher, lora: dict, strength: float, source: str = "this LoRA"):
     patched = patcher.clone()
     patched.add_patches(patches, strength)
     return patched
+
+
+def check_no_packed_layers(diffusion_model, lora: dict, source: str) -> None:
+    """InvalidInputError when the LoRA changes a layer this DiT holds in 4 bits (AutoRound/GPTQ): a packed weight
+    cannot take a patch (ComfyUI's patcher would find no `.weight` for it), and applying the rest of the LoRA would
+    give an image the LoRA was never trained for."""
+    packed = [name for name, m in diffusion_model.named_modules() if isinstance(m, w4a16.W4A16Linear)]
+    changed = layers_changed(lora, packed)
+    if changed:
+        raise InvalidInputError(
+            f"{source} changes {len(changed)} layers that this GLM-Image DiT holds in 4 bits (e.g. "
+            f"{', '.join(changed[:3])}), and a LoRA cannot be applied to 4-bit (AutoRound/GPTQ) weights. Use it with "
+            "the bf16 DiT or an 8-bit file made from it (Weight formats in the README). The stock "
+            "LoraLoaderModelOnly would skip these layers ('lora key not loaded') and apply only the rest."
+        )
 
 
 class LoraLoader(io.ComfyNode):

@@ -3,7 +3,8 @@
 - `models/glm_image/<name>/`: the published folder exactly as downloaded (model_index.json, transformer/, vae/, ...).
   Extra roots come from `glm_image:` in extra_model_paths.yaml.
 - Single `.safetensors` files of the DiT, the glyph encoder and the VAE in the usual folders (`diffusion_models`,
-  `text_encoders`, `vae`).
+  `text_encoders`, `vae`); DiT folders there too (a transformer/ folder, or a folder holding one, whose config.json
+  names the DiT: how 4-bit re-uploads such as Intel/GLM-Image-int4-AutoRound are kept).
 - Visual token files: directly in input/, and in output/glm_tokens/ (where Save Visual Tokens writes).
 - AR LoRA adapters in `models/loras`: single `.safetensors` files and PEFT adapter folders (adapter_config.json).
 
@@ -20,6 +21,7 @@ owner's choice); names read from inside a model folder (shard indexes, tokenizer
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Protocol
@@ -61,7 +63,10 @@ class FileChoices(Protocol):
 
 
 class ModelFolderListing:
-    """The GLM-Image folders under the glm_image roots, by the component sub-folders they hold.
+    """The GLM-Image folders under the roots of one ComfyUI model folder (glm_image), by the component sub-folders
+    they hold. With `config_checked` (a folder for all kinds of models, such as diffusion_models) a folder counts only
+    where the config names the component's class, and a component's own folder (transformer/ placed alone) counts
+    too.
 
     Listed whenever ComfyUI serves the node definitions, so the tree is walked again only when it changed: the
     walk remembers the modification time of every folder it looked into (a folder added or removed anywhere changes
@@ -70,12 +75,14 @@ class ModelFolderListing:
 
     MAX_DEPTH = 8  # below a root; the Hugging Face cache layout (models--org--name/snapshots/<hash>/) needs 3
 
-    def __init__(self):
+    def __init__(self, folder_name: str = GLM_IMAGE_FOLDER, config_checked: bool = False):
+        self.folder_name, self.config_checked = folder_name, config_checked
         self._cache: tuple[tuple[str, ...], dict[str, int], dict[str, set[str]]] | None = None  # roots, mtimes, found
 
     def folders(self, component: str) -> list[str]:
-        """Names (relative to a glm_image root, "/"-separated) of folders that hold `<component>/`."""
-        roots = tuple(folder_paths.get_folder_paths(GLM_IMAGE_FOLDER))
+        """Names (relative to a root, "/"-separated) of folders that hold `<component>/` (or, config-checked, are
+        one)."""
+        roots = tuple(folder_paths.get_folder_paths(self.folder_name))
         if self._cache is None or self._cache[0] != roots or not self._unchanged(self._cache[1]):
             self._cache = (roots, *self._walk(roots))
         return sorted(self._cache[2].get(component, ()))
@@ -90,14 +97,13 @@ class ModelFolderListing:
     def _walk(self, roots) -> tuple[dict[str, int], dict[str, set[str]]]:
         mtimes: dict[str, int] = {}
         found: dict[str, set[str]] = {}
-        subfolders = {c.subfolder for c in loading.COMPONENTS}
         for root in roots:
             if not os.path.isdir(root):
                 continue
             chains = {root: {os.path.realpath(root)}}  # folder -> the real paths of the folders it was reached through
             for current, dirs, _ in os.walk(root, followlinks=True):
                 mtimes[current] = os.stat(current).st_mtime_ns
-                held = subfolders.intersection(dirs)
+                held = self._components(current, dirs)
                 for component in held:
                     found.setdefault(component, set()).add(os.path.relpath(current, root).replace(os.sep, "/"))
                 depth = 0 if current == root else os.path.relpath(current, root).count(os.sep) + 1
@@ -113,27 +119,59 @@ class ModelFolderListing:
                 dirs[:] = kept
         return mtimes, found
 
+    def _components(self, folder: str, subfolders: list[str]) -> set[str]:
+        """The sub-folder names of the components `folder` holds (or, config-checked, is)."""
+        if not self.config_checked:
+            return {c.subfolder for c in loading.COMPONENTS}.intersection(subfolders)
+        return {
+            c.subfolder
+            for c in loading.COMPONENTS
+            if self._names(os.path.join(folder, "config.json"), c)
+            or (c.subfolder in subfolders and self._names(os.path.join(folder, c.subfolder, "config.json"), c))
+        }
+
+    @staticmethod
+    def _names(config_file: str, component: loading.Component) -> bool:
+        """Whether `config_file` is a config of `component` (a missing or unreadable file is not)."""
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and config.get(component.config_field) == component.config_value
+
 
 MODEL_FOLDERS = ModelFolderListing()
+DIFFUSION_MODEL_FOLDERS = ModelFolderListing("diffusion_models", config_checked=True)
 
 
 @dataclass(frozen=True)
 class ModelFiles:
     """A loader input: GLM-Image folders that hold the component's sub-folder, then (if `file_folder` is set) the
-    single .safetensors files of that ComfyUI model folder."""
+    single .safetensors files of that ComfyUI model folder, and (with `file_folder_listing`) the GLM-Image folders
+    there too."""
 
     component: loading.Component
     file_folder: str | None = None
+    file_folder_listing: ModelFolderListing | None = None
 
     def options(self) -> list[str]:
-        files = []
+        folders, files = MODEL_FOLDERS.folders(self.component.subfolder), []
+        if self.file_folder_listing is not None:
+            folders += [f for f in self.file_folder_listing.folders(self.component.subfolder) if f not in folders]
         if self.file_folder is not None:
             files = [f for f in folder_paths.get_filename_list(self.file_folder) if f.endswith(".safetensors")]
-        return MODEL_FOLDERS.folders(self.component.subfolder) + files
+        return folders + files
 
     def locations(self, choice: str) -> list[tuple[str, str]]:
-        """(a folder registered for `choice`, the path it names there), in ComfyUI's search order."""
-        roots = folder_paths.get_folder_paths(self.file_folder if self.is_file(choice) else GLM_IMAGE_FOLDER)
+        """(a folder registered for `choice`, the path it names there), in ComfyUI's search order; a folder name is
+        looked for under the glm_image roots first."""
+        if self.is_file(choice):
+            roots = folder_paths.get_folder_paths(self.file_folder)
+        else:
+            roots = folder_paths.get_folder_paths(GLM_IMAGE_FOLDER)
+            if self.file_folder_listing is not None:
+                roots = roots + folder_paths.get_folder_paths(self.file_folder_listing.folder_name)
         return [(root, os.path.join(root, choice)) for root in roots]
 
     def is_file(self, choice: str) -> bool:
@@ -237,7 +275,7 @@ class AdapterFiles:
         ar_lora.check_adapter(path)
 
 
-DIT = ModelFiles(loading.TRANSFORMER, "diffusion_models")
+DIT = ModelFiles(loading.TRANSFORMER, "diffusion_models", DIFFUSION_MODEL_FOLDERS)  # folders: 4-bit re-uploads
 VAE = ModelFiles(loading.VAE, "vae")
 GLYPH_ENCODER = ModelFiles(loading.TEXT_ENCODER, "text_encoders")
 AR_MODEL = ModelFiles(loading.AR_MODEL)  # a folder only: transformers loads it with its processor

@@ -1,0 +1,321 @@
+"""The 4-bit checkpoint (AutoRound W4A16, as Intel/GLM-Image-int4-AutoRound) through ComfyUI: the tiny folder that the
+`auto-round` library quantised (`autoround_model_dir`) loads through the pack's loaders with its layers packed, the
+DiT as a MODEL whose 4-bit layers ComfyUI's patcher can offload, and the text-to-image graph with the stock KSampler
+gives the core pipeline's image on the same weights. The core's equality with diffusers/transformers + auto-round is
+tested in test_w4a16.py."""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import GlmImageForConditionalGeneration
+
+from tests import comfy_host
+
+comfy_host.require_comfyui()
+pytestmark = pytest.mark.host
+
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import folder_paths  # noqa: E402
+from comfy_extras.nodes_easycache import EasyCacheNode  # noqa: E402
+
+import nodes  # noqa: E402
+from glm_image_core.loading import load_transformer  # noqa: E402
+from glm_image_core.pipeline import generate, load_models  # noqa: E402
+from tests.comfy_glm import tiny_patcher  # noqa: E402
+from tests.test_ar_lora import ADAPTERS, make_adapter  # noqa: E402
+from tests.test_comfy_easycache import MAX_DISTANCE, MIN_SKIPPED, distance, run_cached  # noqa: E402
+from tests.test_comfy_lora import not_loaded  # noqa: E402
+from tests.test_comfy_weight_formats import velocity  # noqa: E402
+from tests.test_nodes_edit import CAPTURED, CaptureOutputs  # noqa: E402
+from tests.test_scaled_fp8 import dit_inputs, relative_error  # noqa: E402
+
+dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
+model_sampling = comfy_host.import_pack_module("nodes.model_sampling")
+lora_nodes = comfy_host.import_pack_module("nodes.lora_nodes")
+paths = comfy_host.import_pack_module("nodes.paths")
+w4a16 = comfy_host.import_pack_module("glm_image_core.w4a16")  # the pack's copy: the class its layers are
+InvalidInputError = comfy_host.import_pack_module("glm_image_core.errors").InvalidInputError
+
+FOLDER = "GLM-Image-int4-AutoRound"  # under a glm_image root, as downloaded
+IN_DIFFUSION_MODELS = ["int4-root", "int4-transformer"]  # the root, and its transformer/ alone, in diffusion_models
+SIZE, STEPS, SEED = 256, 4, 3
+PACKED = "transformer_blocks.0.attn1.to_q"  # AutoRound quantised the transformer blocks' linear layers
+NOT_PACKED = "proj_out"
+
+
+@pytest.fixture(scope="module")
+def glm(autoround_model_dir, tmp_path_factory):
+    """The pack in ComfyUI; the 4-bit folder under a glm_image root and, linked in, under a diffusion_models root."""
+    node_classes = comfy_host.load_pack()
+    diffusion_models = tmp_path_factory.mktemp("diffusion_models")
+    (diffusion_models / "int4-root").symlink_to(autoround_model_dir, target_is_directory=True)
+    (diffusion_models / "int4-transformer").symlink_to(autoround_model_dir / "transformer", target_is_directory=True)
+    added = {"glm_image": str(autoround_model_dir.parent), "diffusion_models": str(diffusion_models)}
+    for name, folder in added.items():
+        folder_paths.add_model_folder_path(name, folder)
+    nodes.NODE_CLASS_MAPPINGS["GLMImageTestCapture"] = CaptureOutputs
+    yield node_classes
+    del nodes.NODE_CLASS_MAPPINGS["GLMImageTestCapture"]
+    for name, folder in added.items():
+        folder_paths.folder_names_and_paths[name][0].remove(folder)
+
+
+def load_dit(glm, dit="int4-transformer", weight_dtype="default"):
+    (patcher,) = glm["GLMImageDiTLoader"].execute(dit=dit, weight_dtype=weight_dtype)
+    patcher.add_object_patch("model_sampling", model_sampling.model_sampling_for_size(SIZE, SIZE))
+    return patcher
+
+
+def packed_layers(patcher) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in patcher.model.diffusion_model.named_modules() if isinstance(m, w4a16.W4A16Linear)}
+
+
+@pytest.fixture(scope="module")
+def core_dit(autoround_model_dir):
+    return load_transformer(autoround_model_dir, dtype=torch.float32)
+
+
+# --- the DiT -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dit", IN_DIFFUSION_MODELS)
+def test_the_dit_loader_lists_and_loads_4bit_folders_in_diffusion_models_as_the_core_does(glm, core_dit, dit):
+    assert dit in paths.DIT.options() and paths.validate(paths.DIT, dit) is True
+    patcher = load_dit(glm, dit)
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    layers = packed_layers(patcher)
+    assert set(layers) == {n for n, m in core_dit.named_modules() if type(m).__name__ == "W4A16Linear"}
+    assert all(type(m) is dit_loading.ComfyW4A16Linear and m.scales.dtype == torch.float16 for m in layers.values())
+    assert patcher.model.get_dtype() == torch.float32  # ComfyUI's choice on the CPU
+    with torch.no_grad():
+        expected = core_dit(*dit_inputs())
+    assert relative_error(velocity(patcher), expected) <= 1e-6
+    assert next(iter(layers.values())).kernel == w4a16.W4A16Linear.DEQUANTIZE
+
+
+def test_the_model_size_comfyui_sees_is_the_4bit_bytes(glm, autoround_model_dir, tiny_model_dir):
+    """Every packed layer weighs its codes, zero points and float16 scales instead of its bf16 weight."""
+    bf16 = {"dtype": torch.bfloat16}
+    config, state_dict = paths.loading.read_checked_weights(autoround_model_dir, paths.loading.TRANSFORMER)
+    patcher = dit_loading.load_dit_patcher(state_dict, config, model_options=bf16)
+    full = tiny_patcher(tiny_model_dir, SIZE, SIZE, model_options=bf16)
+    layers = packed_layers(patcher)
+    packed_bytes = sum(m.qweight.nbytes + m.qzeros.nbytes + m.scales.nbytes for m in layers.values())
+    bf16_bytes = sum(m.in_features * m.out_features * 2 for m in layers.values())
+    assert patcher.model_size() == full.model_size() - bf16_bytes + packed_bytes
+    assert patcher.model_size() < full.model_size()
+
+
+def test_comfyuis_patchers_find_a_bias_and_no_weight_on_a_packed_layer(glm):
+    """What ModelPatcher (and 0.33's dynamic one, for every comfy.ops layer it pages) looks up on a layer: a 4-bit
+    layer has no `.weight` to patch or page, and its bias is an ordinary one."""
+    patcher = load_dit(glm)
+    weight, *_ = comfy.model_patcher.get_key_weight(patcher.model, f"diffusion_model.{PACKED}.weight")
+    bias, *_ = comfy.model_patcher.get_key_weight(patcher.model, f"diffusion_model.{PACKED}.bias")
+    assert weight is None and bias is packed_layers(patcher)[PACKED].bias
+
+
+def low_vram_load(patcher):
+    """What load_models_gpu does when the model does not fit: a partial load with (here) no room for any layer."""
+    patcher.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)
+
+
+def test_a_low_vram_load_streams_the_packed_layers_and_computes_the_same(glm):
+    patcher = load_dit(glm)
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    expected = velocity(patcher)
+    comfy.model_management.unload_all_models()
+    layers = packed_layers(patcher)
+    stored = {n: {p: t.data_ptr() for p, t in m.named_parameters()} for n, m in layers.items()}
+    low_vram_load(patcher)
+    try:
+        assert patcher.model.model_lowvram
+        assert all(m.comfy_cast_weights for m in layers.values())  # read on the input's device at each call
+        assert torch.equal(velocity(patcher), expected)
+        # the forward left every packed tensor where ComfyUI put it
+        assert {n: {p: t.data_ptr() for p, t in m.named_parameters()} for n, m in layers.items()} == stored
+    finally:
+        patcher.unpatch_model()
+
+
+def test_a_bias_patch_on_a_packed_layer_applies_alike_in_a_full_and_a_low_vram_load(glm):
+    """What ComfyUI's patcher can patch on a 4-bit layer: its bias, in place on a full load, through the layer's
+    bias_function on a partial one."""
+    patcher = load_dit(glm)
+    delta = torch.randn(packed_layers(patcher)[PACKED].out_features, generator=torch.Generator().manual_seed(0))
+    patched = patcher.clone()
+    assert patched.add_patches({f"diffusion_model.{PACKED}.bias": (delta,)}, 0.5)
+    comfy.model_management.load_models_gpu([patched], force_full_load=True)
+    full_load = velocity(patched)
+    comfy.model_management.unload_all_models()
+    bias = packed_layers(patched)[PACKED].bias
+    stored = bias.clone()
+    low_vram_load(patched)
+    try:
+        assert torch.allclose(velocity(patched), full_load, rtol=1e-5, atol=1e-6)
+        assert torch.equal(bias, stored)  # patched on the way to the matmul, not in place
+    finally:
+        patched.unpatch_model()
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    assert relative_error(full_load, velocity(patcher)) > 1e-3  # the patch changed the output
+
+
+def test_stock_easycache_skips_dit_calls_on_the_4bit_model_and_stays_near_the_uncached_run(glm):
+    patcher = load_dit(glm)
+    with torch.no_grad():  # damped as in test_comfy_easycache (a trained DiT's velocity changes slowly)
+        patcher.model.diffusion_model.time_condition_embed.timestep_embedder.linear_1.weight.mul_(0.1)
+    plain, plain_calls, cached, cached_calls = run_cached(patcher, EasyCacheNode, cfg=1.0)
+    assert 1 - cached_calls / plain_calls >= MIN_SKIPPED, (cached_calls, plain_calls)
+    assert distance(cached, plain) <= MAX_DISTANCE
+
+
+# --- LoRA ------------------------------------------------------------------------------------------------------------
+
+
+def peft_lora(patcher, layers, seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    modules = dict(patcher.model.diffusion_model.named_modules())
+    lora = {}
+    for name in layers:
+        m = modules[name]
+        lora[f"transformer.{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.1
+        lora[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.1
+    return lora
+
+
+def test_the_glm_lora_loader_refuses_a_lora_for_packed_layers_naming_them(glm):
+    patcher = load_dit(glm)
+    lora = peft_lora(patcher, [PACKED, NOT_PACKED])
+    with pytest.raises(InvalidInputError, match=rf"changes 1 layers .* in 4 bits \(e\.g\. {PACKED}\).*bf16 DiT"):
+        lora_nodes.apply_lora(patcher, lora, 1.0, "style.safetensors")
+
+
+def test_a_lora_of_the_layers_kept_in_full_precision_applies(glm):
+    patcher = load_dit(glm)
+    patched = lora_nodes.apply_lora(patcher, peft_lora(patcher, [NOT_PACKED]), 1.0)
+    assert set(patched.patches) == {f"diffusion_model.{NOT_PACKED}.weight"}
+
+
+def test_the_stock_loader_skips_the_packed_layers_keys_and_says_so(glm, tmp_path, caplog):
+    """What the refusal's message tells users: LoraLoaderModelOnly loads only the rest."""
+    patcher = load_dit(glm)
+    modules = dict(patcher.model.diffusion_model.named_modules())
+    lora = {}
+    for name in (PACKED, NOT_PACKED):
+        key, m = "lora_unet_" + name.replace(".", "_"), modules[name]
+        lora[f"{key}.lora_down.weight"] = torch.randn(4, m.in_features)
+        lora[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 4)
+    save_file(lora, tmp_path / "kohya.safetensors")
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    try:
+        with caplog.at_level(logging.WARNING):
+            (patched,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, "kohya.safetensors", 1.0)
+    finally:
+        folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))
+    assert set(patched.patches) == {f"diffusion_model.{NOT_PACKED}.weight"}
+    assert any(PACKED.replace(".", "_") in message for message in not_loaded(caplog))
+
+
+# --- the AR and the whole graph --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights", ["full", "int8"])
+def test_the_ar_loader_keeps_the_4bit_layers_packed_whatever_weights_says_and_logs_it(glm, weights, caplog):
+    with caplog.at_level(logging.INFO):
+        (ar_model,) = glm["GLMImageARModelLoader"].execute(
+            model_folder=FOLDER, dtype="fp32", device="cpu", weights=weights
+        )
+    decoder = ar_model.decoder.hf_model.model.language_model
+    assert isinstance(decoder.layers[0].self_attn.q_proj, w4a16.W4A16Linear)
+    (line,) = [r.getMessage() for r in caplog.records if "in 4 bits" in r.getMessage()]
+    assert FOLDER in line and "stay packed" in line and ((weights == "int8") == ("'int8'" in line))
+
+
+def test_an_ar_lora_for_packed_layers_is_refused_naming_the_layer(glm, tiny_model_dir, tmp_path):
+    full_precision = GlmImageForConditionalGeneration.from_pretrained(tiny_model_dir / "vision_language_encoder")
+    make_adapter(full_precision, tmp_path / "ar_style", **ADAPTERS["attention, a list, dropout"])
+    (ar_model,) = glm["GLMImageARModelLoader"].execute(model_folder=FOLDER, dtype="fp32", device="cpu", weights="full")
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    try:
+        with pytest.raises(InvalidInputError, match=r"updates model\.language_model\.layers\.0\.self_attn.*in 4 bits"):
+            glm["GLMImageARLoraLoader"].execute(ar_model=ar_model, lora_name="ar_style", strength=1.0)
+    finally:
+        folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))
+
+
+def text_to_image(dit: str = "int4-transformer") -> dict:
+    """The text-to-image example on the 4-bit folder, fp32 on the CPU, its image and latent captured; KSampler's
+    noise seed equals the AR seed (as in the core's `generate`)."""
+    graph = json.loads((comfy_host.REPO_ROOT / "tests" / "workflows" / "text_to_image.json").read_text())
+    graph["1"]["inputs"].update(model_folder=FOLDER, dtype="fp32", device="cpu")
+    graph["2"]["inputs"].update(prompt='A sign that reads "OPEN"', width=SIZE * 2, height=SIZE * 2, seed=SEED)
+    graph["3"]["inputs"].update(encoder=FOLDER, dtype="fp32")
+    graph["5"]["inputs"].update(dit=dit)
+    graph["6"]["inputs"].update(width=SIZE * 2, height=SIZE * 2)
+    graph["7"]["inputs"].update(width=SIZE * 2, height=SIZE * 2)
+    graph["8"]["inputs"].update(steps=STEPS, seed=SEED)
+    graph["9"]["inputs"].update(vae=FOLDER)
+    graph["11"] = {
+        "class_type": "GLMImageTestCapture",
+        "inputs": {"key": "int4", "image": ["10", 0], "latent": ["8", 0]},
+    }
+    return graph
+
+
+def test_the_text_to_image_graph_on_the_4bit_checkpoint_equals_the_core_pipeline(glm, autoround_model_dir):
+    run = comfy_host.run_prompt(text_to_image())
+    assert run.success, run.execution_error()
+    ours = CAPTURED["int4"]
+
+    models = load_models(autoround_model_dir, dtype=torch.float32)
+    steps = []
+    image = generate(
+        models,
+        'A sign that reads "OPEN"',
+        SIZE * 2,
+        SIZE * 2,
+        steps=STEPS,
+        guidance=1.5,
+        seed=SEED,
+        on_step=lambda step, total, latent: steps.append(latent),
+    )
+    latent_diff = (ours["latent"] - models.vae.denormalize(steps[-1])).abs().max().item()
+    expected = torch.from_numpy(np.asarray(image, dtype=np.float32))[None]
+    image_diff = (ours["image"] * 255 - expected).abs().max().item()
+    print(f"latent max diff {latent_diff:.2e}, image max diff {image_diff:.2f} (of 255)")
+    assert latent_diff <= 1e-4, latent_diff
+    assert image_diff <= 1, image_diff  # the core's image is rounded to uint8
+    assert ours["image"].std() > 0.01
+
+
+def edited_root(autoround_model_dir, tmp_path, component: str, **changes):
+    root = tmp_path / "GLM-Image-int8-claimed"
+    shutil.copytree(autoround_model_dir, root)
+    config_file = root / component / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"].update(changes)
+    config_file.write_text(json.dumps(config))
+    return root
+
+
+@pytest.mark.parametrize("component,node", [("vision_language_encoder", "1"), ("transformer", "5")])
+def test_an_unsupported_quantisation_is_refused_when_queued_before_anything_runs(
+    glm, autoround_model_dir, tmp_path, component, node
+):
+    root = edited_root(autoround_model_dir, tmp_path, component, bits=8)
+    folder_paths.add_model_folder_path("glm_image", str(tmp_path))
+    try:
+        graph = text_to_image(dit=FOLDER)
+        graph[node]["inputs"]["dit" if node == "5" else "model_folder"] = root.name
+        run = comfy_host.run_prompt(graph)
+    finally:
+        folder_paths.folder_names_and_paths["glm_image"][0].remove(str(tmp_path))
+    assert not run.success and not run.messages  # refused by validation: no node ran
+    assert set(run.node_errors) == {node}
+    assert "8 bits" in json.dumps(run.node_errors[node])
