@@ -133,7 +133,8 @@ class ComfyW4A16Linear(w4a16.W4A16Linear):
     call and leaves the parameters where ComfyUI put them. `weight_function`/`bias_function` are where the patcher hangs
     low-VRAM patches; only a bias can be patched (LoRA keys for the weight find no `.weight` and are not loaded), and
     `weight = None` is what the patchers of ComfyUI 0.33 find when they look up `<layer>.weight`. The forward
-    dequantises (the DiT is compute-bound; torch's int4 matmul would keep a repacked copy of every layer on top)."""
+    dequantises (the DiT is compute-bound; and torch's int4 matmul would move the packed tensors itself, which is
+    ComfyUI's to do)."""
 
     comfy_cast_weights = False
     weight = None

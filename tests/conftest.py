@@ -70,16 +70,18 @@ def autoround_model_dir(tiny_model_dir, tmp_path_factory):
     for path in inputs:
         key.update(path.read_bytes())
     cache = Path(os.environ.get("GLM_IMAGE_TEST_CACHE", Path.home() / ".cache" / "glm-image-tests"))
-    out = cache / f"GLM-Image-int4-AutoRound-{key.hexdigest()[:16]}"
+    keyed = cache / f"autoround-{key.hexdigest()[:16]}"
+    out = keyed / "GLM-Image-int4-AutoRound"  # named as its download is
     if not out.is_dir():
         made = tmp_path_factory.mktemp("autoround") / "GLM-Image-int4-AutoRound"
         done = subprocess.run(
             [sys.executable, str(script), str(tiny_model_dir), str(made), "32"], capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        cache.mkdir(parents=True, exist_ok=True)
+        staged = cache / f".{keyed.name}.{os.getpid()}"
+        shutil.copytree(made, staged / out.name)
         try:  # complete or absent: another worker may have put its identical copy there first
-            os.rename(shutil.copytree(made, cache / f".{out.name}.{os.getpid()}"), out)
+            os.rename(staged, keyed)
         except OSError:
-            shutil.rmtree(cache / f".{out.name}.{os.getpid()}", ignore_errors=True)
+            shutil.rmtree(staged, ignore_errors=True)
     return out
