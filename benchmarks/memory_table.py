@@ -71,9 +71,15 @@ def read_config(name: str) -> dict:
 
 
 def w4_layers(model, prefix: str, group_size: int = W4_GROUP_SIZE) -> None:
-    """The ``nn.Linear`` s under ``prefix`` as 4-bit layers (what a W4A16 checkpoint packs)."""
-    names = [n for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, torch.nn.Linear)]
-    w4a16.swap_linears(model, names, w4a16.W4A16Format(group_size, "4-bit"))
+    """The ``nn.Linear`` s under ``prefix`` as 4-bit layers (what a W4A16 checkpoint packs), biases in bf16."""
+    keys = [
+        f"{name}.{tensor}"
+        for name, module in model.named_modules()
+        if name.startswith(prefix) and isinstance(module, torch.nn.Linear)
+        for tensor in ("qweight", "bias")
+        if tensor == "qweight" or module.bias is not None
+    ]
+    w4a16.swap_linears(model, keys, w4a16.W4A16Format(group_size, "4-bit"), torch.bfloat16)
 
 
 def ar_meta_model(weights: str):
