@@ -189,8 +189,8 @@ def check_fits(model, layers: dict[str, LayerLora], source: str) -> None:
             ) from None
         if isinstance(linear, w4a16.W4A16Linear):
             raise InvalidInputError(
-                f"{source} updates {module}, which this AR model holds in 4 bits (AutoRound/GPTQ): an adapter cannot be "
-                "merged into packed weights. Load the AR from the bf16 folder (weights full or int8) to use it."
+                f"{source} updates {module}, which this AR model holds in 4 bits (AutoRound/GPTQ): an adapter cannot "
+                "be merged into packed weights. Load the AR from the bf16 folder (weights full or int8) to use it."
             )
         shape = (linear.out_features, linear.in_features)
         if (lora.up.shape[0], lora.down.shape[1]) != shape:

@@ -161,8 +161,9 @@ def _build_and_load(
     path: str | Path, component: Component, dtype: torch.dtype | None, device: torch.device | str
 ) -> torch.nn.Module:
     """The DiT or the VAE with the checkpoint's weights: shapes are checked on the meta-device model, which then
-    receives the loaded tensors (no random init, no second copy); quantised files are dequantised to ``dtype``, but 4-bit layers stay packed.
-    Hosts that build the module with their own layers take ``read_checked_weights`` instead."""
+    receives the loaded tensors (no random init, no second copy); quantised files are dequantised to ``dtype``, but
+    4-bit layers stay packed. Hosts that build the module with their own layers take ``read_checked_weights``
+    instead."""
     cls, kwargs, files, quantisation = _open_module_component(path, component)
     model = _checked_meta_model(cls, kwargs, component, files, dtype, quantisation)
     if quantisation == w4a16.W4A16:  # the packed layers stay packed

@@ -64,8 +64,8 @@ def check_quantisation(files: ComponentFiles) -> str | None:
     if refuse:
         raise ModelFilesError(
             f"{refuse}; this loader reads bf16/fp32/fp8 weights, AutoRound/GPTQ 4-bit folders with their config and "
-            "ComfyUI's quantised files (scaled-fp8, comfy_quant). Use the files of zai-org/GLM-Image, or make a quantised file from them with "
-            "save_single_file(..., quant='int8_tensorwise')."
+            "ComfyUI's quantised files (scaled-fp8, comfy_quant). Use the files of zai-org/GLM-Image, or make a "
+            "quantised file from them with save_single_file(..., quant='int8_tensorwise')."
         )
     return SCALED_FP8_MARKER if SCALED_FP8_MARKER in files.weights.shapes else None
 
