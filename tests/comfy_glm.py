@@ -45,10 +45,23 @@ def reference(width: int, height: int, seed: int = 0) -> dict:
     }
 
 
-def sample(patcher, width: int, height: int, steps: int = 3, cfg: float = 1.5, seed: int = 0, references=None):
-    """KSampler's path (comfy.sample.sample, euler + simple) on one latent of this size."""
+def sample(
+    patcher, width: int, height: int, steps: int = 3, cfg: float = 1.5, seed: int = 0, references=None, callback=None
+):
+    """KSampler's path (comfy.sample.sample, euler + simple) on one latent of this size; ``callback(step, x0, x,
+    total_steps)`` after each step."""
     positive, negative = conditionings(width, height, seed, references=references)
     noise = torch.randn(1, 16, height // 8, width // 8, generator=torch.Generator().manual_seed(seed + 1))
     return comfy.sample.sample(
-        patcher, noise, steps, cfg, "euler", "simple", positive, negative, torch.zeros_like(noise), seed=seed
+        patcher,
+        noise,
+        steps,
+        cfg,
+        "euler",
+        "simple",
+        positive,
+        negative,
+        torch.zeros_like(noise),
+        callback=callback,
+        seed=seed,
     )
