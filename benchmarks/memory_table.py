@@ -79,7 +79,7 @@ def w4_layers(model, prefix: str, group_size: int = W4_GROUP_SIZE) -> None:
         for tensor in ("qweight", "bias")
         if tensor == "qweight" or module.bias is not None
     ]
-    w4a16.swap_linears(model, keys, w4a16.W4A16Format(group_size, "4-bit"), torch.bfloat16)
+    w4a16.swap_linears(model, keys, w4a16.W4A16Format(group_size), torch.bfloat16)
 
 
 def ar_meta_model(weights: str):

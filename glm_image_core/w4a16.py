@@ -32,7 +32,6 @@ from torch import nn
 from .errors import ModelFilesError
 
 W4A16 = "w4a16"  # check_quantisation's name for these checkpoints
-PACKED_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 CODES_PER_WORD = 8
 PACKINGS = {  # quant_method -> the packing formats read here (the first: what a config without one means)
     "auto-round": ("auto_round:auto_gptq", "auto_round:gptq"),
@@ -51,7 +50,6 @@ class W4A16Format:
     """What a checkpoint's ``quantization_config`` says, once checked."""
 
     group_size: int
-    description: str  # for messages and logs: "auto-round W4A16, group size 128"
 
 
 def read_format(config: dict, source: str) -> W4A16Format | None:
@@ -90,7 +88,7 @@ def read_format(config: dict, source: str) -> W4A16Format | None:
             "symmetric 4-bit integer weights in AutoRound's auto_round:auto_gptq packing or GPTQ's (W4A16, e.g. "
             "Intel/GLM-Image-int4-AutoRound), ComfyUI's quantised files, and the bf16 weights of zai-org/GLM-Image."
         )
-    return W4A16Format(group_size, f"{method} W4A16, group size {group_size}")
+    return W4A16Format(group_size)
 
 
 def packed_layers(keys) -> list[str]:
