@@ -408,6 +408,17 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
     rows.run("int8 AR decode", int8_ar)
 
 
+def scratch_mib(call) -> float:
+    """MiB that one ``call()`` allocates on the current CUDA device beyond what was allocated before (its scratch and
+    output)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def int8_shape(setup: Setup, weight: torch.Tensor, label: str) -> Check:
     """The fused kernel against the eager int8 path (float32 scale) on one projection's shape, rows 1 and 4."""
     from glm_image_core import int8_kernel, quant
@@ -426,12 +437,7 @@ def int8_shape(setup: Setup, weight: torch.Tensor, label: str) -> Check:
         worst = max(worst, error)
     if setup.device.type == "cuda":
         x = x[:1]
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        quant.int8_linear(x, q, scale)
-        torch.cuda.synchronize()
-        numbers["scratch_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        numbers["scratch_mib"] = scratch_mib(lambda: quant.int8_linear(x, q, scale))
         numbers["fused_s"] = time_call(lambda: quant.int8_linear(x, q, scale), setup.device, 50)
         numbers["eager_s"] = time_call(lambda: quant.int8_linear(x, q, scale, fused=False), setup.device, 50)
         numbers["bf16_s"] = time_call(lambda: torch.nn.functional.linear(x, weight), setup.device, 50)
@@ -473,12 +479,7 @@ def w4_shape(setup: Setup, weight: torch.Tensor, label: str) -> Check:
             worst = max(worst, error)
         if setup.device.type == "cuda":
             x = x[:1]
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fast(x)
-            torch.cuda.synchronize()
-            numbers["scratch_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            numbers["scratch_mib"] = scratch_mib(lambda: fast(x))
             numbers["int4pack_s"] = time_call(lambda: fast(x), setup.device, 50)
             numbers["dequantize_s"] = time_call(lambda: dequantising(x), setup.device, 50)
             numbers["bf16_s"] = time_call(lambda: torch.nn.functional.linear(x, weight), setup.device, 50)

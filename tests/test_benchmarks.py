@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests import comfy_host
+from tests.benchmark_scripts import import_script
 
 REPO = Path(__file__).resolve().parents[1]
 SPEED_ROWS = [
@@ -144,11 +145,7 @@ def test_bench_caps_runs_its_graphs_on_the_cpu_with_the_tiny_models(tmp_path):
 def test_the_benchmarks_4bit_packing_is_auto_rounds(tmp_path):
     """The GPU check packs full-size random layers itself (benchmarks/common.py): auto-round's own layer reads the
     same tensors as the same weight, and that weight is the original one rounded to 4 bits."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from common import w4a16_layer
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    w4a16_layer = import_script("common").w4a16_layer
     from auto_round_extension.torch.qlinear_torch_zp import QuantLinear
 
     linear = torch.nn.Linear(256, 64, bias=False)

@@ -10,8 +10,6 @@ The node's only work is comfy_api.torch_helpers.set_torch_compile_wrapper(model,
 inductor and cudagraphs. The test passes backend "eager" through the node: Dynamo's tracing, guards and
 recompilations are the same for every backend, and inductor's C++ compile takes ~2 minutes on a small CPU."""
 
-import logging
-
 import pytest
 import torch
 
@@ -24,27 +22,21 @@ import torch._dynamo  # noqa: E402
 from comfy_extras.nodes_torch_compile import TorchCompileModel  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
+from tests.benchmark_scripts import import_script  # noqa: E402
 from tests.comfy_glm import sample, tiny_patcher  # noqa: E402
+
+recompile_log = import_script("gpu_check").recompile_log
 
 SIZE = 256
 
 
 @pytest.fixture
 def recompiles():
-    """The reasons Dynamo logs for each recompilation, from a fresh Dynamo."""
-    import torch._logging
-
+    """The reasons Dynamo logs for each recompilation (the GPU check's ``recompile_log``), from a fresh Dynamo."""
     torch._dynamo.reset()
     counters.clear()
-    reasons: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: reasons.append(record.getMessage())
-    logger = logging.getLogger("torch._dynamo.guards.__recompiles")
-    torch._logging.set_logs(recompiles=True)
-    logger.addHandler(handler)
-    yield reasons
-    logger.removeHandler(handler)
-    torch._logging.set_logs()
+    with recompile_log() as reasons:
+        yield reasons
     torch._dynamo.reset()
 
 

@@ -12,6 +12,7 @@ from torch._C._profiler import _EventType
 
 from glm_image_core import ar, loading, memory
 from glm_image_core.errors import GenerationCancelled
+from tests.benchmark_scripts import import_script
 
 TOLERANCE = 0.10  # the issue's bound: the estimate within 10% of the measured peak, either way
 LONG_PROMPT = "a cat on a mat, " * 60  # 973 tokens: the tiny tokenizer reads characters
@@ -114,14 +115,7 @@ def test_the_working_memory_estimate_is_within_10_percent_of_the_measured_peak(
 def test_a_dequantising_4bit_matmul_allocates_what_the_estimate_counts(in_features, out_features):
     """The 4-bit moment of a real AR's prefill (its gate_up: 4096 x 27392), on layers big enough to measure: the
     tiny AR's 4-bit layers are too small to be its peak."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        from common import w4a16_layer
-    finally:
-        sys.path.pop(0)
+    w4a16_layer = import_script("common").w4a16_layer
     layer = w4a16_layer(torch.nn.Linear(in_features, out_features, bias=False))
     x = torch.randn(8, in_features, dtype=torch.bfloat16)
     with torch.no_grad():
