@@ -42,6 +42,9 @@ class GlmImageModel(comfy.model_base.BaseModel):
 
     def __init__(self, model_config, device=None):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=ComfyGlmImageDiT)
+        # Inference only, as ComfyUI 0.33's BaseModel sets it: 0.3.x leaves modules in training mode, where comfy.ops'
+        # fp8 layers skip torch._scaled_mm (fp8_e4m3fn_fast ran the slower cast path on an H200).
+        self.diffusion_model.eval()
         self.model_sampling = GlmImageModelSampling(model_config)
         patch_area = self.diffusion_model.patch_size**2
         self.memory_usage_factor_conds = ("glyph", "reference_kv")

@@ -11,6 +11,7 @@ comfy_host.require_comfyui()
 pytestmark = pytest.mark.host
 
 import comfy.model_management  # noqa: E402
+import comfy.ops  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 
@@ -103,6 +104,34 @@ def test_the_weights_are_held_in_the_chosen_dtype(tiny_model_dir, weight_dtype, 
     assert {p.dtype for p in params} == {stored}
     assert sum(p.nbytes for p in params) == sum(t.numel() for t in state_dict.values()) * stored.itemsize
     assert patcher.model.model_config.optimizations.get("fp8", False) == weight_dtype.endswith("_fast")
+
+
+def test_fp8_fast_weights_take_comfyuis_fp8_matmul(tiny_model_dir, monkeypatch):
+    """fp8_e4m3fn_fast: every fp8 Linear goes through comfy.ops.fp8_linear (torch._scaled_mm on Ada/Hopper GPUs),
+    which ComfyUI runs only outside training mode. Stood in on the CPU by declaring fp8 compute and counting the calls
+    of fp8_linear, answered by the cast path (None) so the CPU's matmul runs."""
+    monkeypatch.setattr(comfy.model_management, "supports_fp8_compute", lambda device=None: True)
+    calls = []
+    monkeypatch.setattr(comfy.ops, "fp8_linear", lambda layer, x: calls.append(layer))
+    folder = tiny_model_dir / "transformer"
+    config = json.loads((folder / "config.json").read_text())
+    patcher = dit_loading.load_dit_patcher(read_state_dict(folder), config, "fp8_e4m3fn_fast")
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    model = patcher.model
+    assert not model.diffusion_model.training
+    glyph, _, prior, _, _ = make_conds()
+    x = torch.randn(1, 16, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model.diffusion_model(
+            x.to(model.manual_cast_dtype),
+            torch.tensor([499.0]),
+            glyph=(glyph, torch.ones(1, glyph.shape[1], dtype=torch.long)),
+            prior_token_id=prior,
+            prior_token_drop=torch.tensor([[0]]),
+            transformer_options={},
+        )
+    linears = [m for m in model.diffusion_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and {id(m) for m in calls} == {id(m) for m in linears}
 
 
 @pytest.mark.parametrize("sampler", comfy.samplers.KSampler.SAMPLERS)
