@@ -4,7 +4,7 @@
     python benchmarks/bench_pipeline.py --staged --cap-gib 22 [--tiny]    # models on the CPU, one stage at a time
 
 Resident: every model on the GPU, peak memory = weights of all models + activations. Staged: ``offload=True`` (the
-AR, then the glyph encoder, then DiT + VAE borrow the GPU in turn) with the process capped by
+AR, then the glyph encoder, the DiT and the VAE borrow the GPU in turn) with the process capped by
 ``torch.cuda.set_per_process_memory_fraction`` at ``--cap-gib``, as a card of that size would be; the peaks of the
 AR stage and of the rest are reported separately. Use a fresh process for the staged run (the cap is per process).
 --reference-e2e also runs diffusers' GlmImagePipeline on the same weights (its AR alone takes over a minute).

@@ -56,7 +56,7 @@ from common import PROMPT, GiB, Row, Setup, free_device_memory, reset_peak, time
 
 BUDGET_S = 450.0  # the whole run, under the 8 minutes a GPU session plans for it
 # each part's own time limit, seconds; compile last: its recompilations (minutes each with inductor) can eat any budget
-PARTS = {"ar": 170, "comfyui": 120, "memory": 150, "speed": 140, "compile": 150}
+PARTS = {"ar": 170, "comfyui": 120, "memory": 150, "speed": 140, "compile": 150, "probe": 120}
 MEMORY_TOLERANCE = 1.05  # a measured peak above 105% of the computed one means the README's table misleads
 NO_CUDA = "no CUDA (dry run)"
 
@@ -372,14 +372,17 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
             free_device_memory(setup.device)
             graphs.records.clear()
             result = speed("4-bit", 4.0)
-            layers = [m for m in model.modules() if isinstance(m, w4a16.W4A16Linear)]
+            # the layers that ran: fast_ar reads k_proj and v_proj through one joined layer of its own
+            layers = [m for m in model.modules() if isinstance(m, w4a16.W4A16Linear) and m.kernel is not None]
             kernels = {k: sum(m.kernel == k for m in layers) for k in {m.kernel for m in layers}}
             record = graphs.records[-1] if graphs.records else {}
-            numbers = {"layers": len(layers), "last_kernel": kernels, "graph": record}
+            numbers = {"layers_run": len(layers), "last_kernel": kernels, "graph": record}
             name = "4-bit AR decode: int4 matmul inside the CUDA graph"
             if setup.device.type != "cuda":
                 return [*result, Check(name, "skipped", dry_note(setup, "decoded with the dequantising path"), numbers)]
-            holds = kernels == {w4a16.W4A16Linear.INT4PACK: len(layers)} and bool(record.get("captured"))
+            holds = (
+                bool(layers) and kernels == {w4a16.W4A16Linear.INT4PACK: len(layers)} and bool(record.get("captured"))
+            )
             return [*result, Check(name, "verified" if holds else "broken", record.get("reason") or "", numbers)]
         finally:
             restore_modules_(model, replaced)
@@ -668,34 +671,28 @@ def part_memory(setup: Setup, rows: Rows, args) -> None:
     context = cuda_context_bytes(setup.device)
     size = 512 if setup.tiny else 1024
     models, _ = bench_pipeline.build_models(setup, offload=True, with_reference=False)
-    original_stage, original_decode = pipeline.stage, models.vae.decode
+    original_stage = pipeline.stage
     peaks: dict[str, dict] = {}
 
     @contextlib.contextmanager
     def observed_stage(models, *modules):
-        label = {id(models.glyph_encoder): "glyph", id(models.dit): "DiT"}.get(id(modules[0]), "AR decode")
+        labels = {id(models.glyph_encoder): "glyph", id(models.dit): "DiT", id(models.vae): "VAE decode"}
+        label = labels.get(id(modules[0]), "AR decode")
         if modules[0] is memory.ar_vision_modules(models.ar_model)[0]:
             label = "AR vision"
         with original_stage(models, *modules):
             reset_peak(setup.device)
             yield
-            peaks.setdefault(label, peak_numbers(setup.device, context))  # DiT: recorded before the VAE decodes
+            peaks[label] = peak_numbers(setup.device, context)  # a text-to-image runs the VAE once: its decode
 
-    def observed_decode(*a, **k):
-        peaks["DiT"] = peak_numbers(setup.device, context)
-        reset_peak(setup.device)
-        out = original_decode(*a, **k)
-        peaks["VAE decode"] = peak_numbers(setup.device, context)
-        return out
-
-    pipeline.stage, models.vae.decode = observed_stage, observed_decode
+    pipeline.stage = observed_stage
     steps = 2  # the peaks do not depend on the number of steps
     label = f"core pipeline staged, {size}x{size}, {steps} steps"
 
     def staged(recipe: str, which: tuple[str, ...], what: str) -> list[Check]:
         peaks.clear()
         pipeline.generate(models, PROMPT, size, size, steps=steps, seed=0)
-        note = f"{label}, {what}" + ("; the VAE's weights are resident in the DiT stage" if "DiT" in which else "")
+        note = f"{label}, {what}"
         return [
             memory_check(
                 f"Peak memory, {stage} stage ({what}) vs computed {recipe}",
@@ -770,12 +767,98 @@ def part_speed(setup: Setup, rows: Rows, args) -> None:
     rows.run("Text-to-image end to end", lambda: bench_pipeline.run(setup))
 
 
+# --- part: probes (where the AR's decode time goes; what a 4-bit prefill costs by path) -------------------------------
+
+
+def part_probe(setup: Setup, rows: Rows, args) -> None:
+    import bench_ar
+    from common import build_ar_model, w4a16_layer
+
+    from glm_image_core import ar
+    from glm_image_core.loading import load_ar_processor
+
+    model = build_ar_model(setup)
+    processor = load_ar_processor(setup.folder)
+    side = 256 if setup.tiny else 512
+    inputs = ar.build_ar_inputs(processor, PROMPT, side, side)
+
+    def decode_profile() -> Check:
+        """The bf16 decode's kernels, eager steps (a CUDA graph replays the same kernels without the launches):
+        CUDA time per token against the CUDA-graph wall time per token, and the kernels that take it."""
+        from torch.profiler import ProfilerActivity, profile
+
+        tokens = inputs.geometry.num_grid_tokens
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device.type == "cuda" else [])
+        generator = torch.Generator(setup.device).manual_seed(0)
+        with profile(activities=activities) as prof:
+            ar.generate_prior_tokens(model, inputs, [generator], fast=True, cuda_graph=False)
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if activities[1:] else []
+        per_token = sum(e.self_device_time_total for e in events) / 1000 / tokens
+        top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+        numbers = {
+            "tokens": tokens,
+            "cuda_ms_per_token": per_token,
+            "kernels_per_token": sum(e.count for e in events) / tokens,
+            "graph_ms_per_token": bench_ar.measure_ours(model, inputs, setup)["ms_per_token"],
+            "top": {e.key[:60]: round(e.self_device_time_total / 1000 / tokens, 4) for e in top},
+        }
+        return Check(
+            f"AR decode {side}x{side} bf16: CUDA time by kernel",
+            "measured" if events else "skipped",
+            dry_note(setup, "ms per token, prefill included"),
+            numbers,
+        )
+
+    rows.run("AR decode profile", decode_profile)
+
+    def prefill_paths() -> Check:
+        """One gate_up projection of the 4-bit AR at prefill sizes: torch's int4 matmul, the dequantising path with
+        the packed tensors on the device, and with them in (pageable) CPU memory, where they are after a repack."""
+        from glm_image_core import w4a16
+
+        weight = model.model.language_model.layers[0].mlp.gate_up_proj
+        layer = w4a16_layer(weight)
+        packed = None
+        if setup.device.type == "cuda":
+            packed = w4a16.int4pack(layer.qweight, layer.qzeros, layer.scales, layer.group_size)
+        in_cpu_memory = [t.cpu() for t in (layer.qweight, layer.qzeros, layer.scales)]
+        paths = {
+            "int4pack": lambda x: w4a16.int4pack_mm(x, packed[0], layer.group_size, packed[1]),
+            "dequantize_on_device": lambda x: torch.nn.functional.linear(x, layer.dequantize(x.dtype, x.device)),
+            "dequantize_from_cpu": lambda x: torch.nn.functional.linear(
+                x, w4a16.dequantize(*(t.to(x.device) for t in in_cpu_memory), layer.group_size, None, x.dtype)
+            ),
+            "bf16": weight,
+        }
+        numbers = {"shape": list(weight.weight.shape)}
+        for count in (128, 1024):
+            x = torch.randn(count, weight.in_features, device=setup.device, dtype=weight.weight.dtype)
+            for path, call in paths.items():
+                if path != "int4pack" or packed is not None:
+                    numbers[f"{path}_ms_{count}"] = 1000 * time_call(lambda c=call, x=x: c(x), setup.device, 10)
+        return Check("4-bit prefill paths, gate_up", "measured", dry_note(setup, "ms per call"), numbers)
+
+    rows.run("4-bit prefill paths", prefill_paths)
+
+    def compiled_decode() -> Check:
+        """ms/token of the bf16 decode with each layer's small kernels fused by torch.compile, inside the CUDA graph."""
+        if setup.device.type != "cuda":
+            return Check("AR decode, compiled layer", "skipped", NO_CUDA)
+        start = time.perf_counter()
+        result = bench_ar.measure_ours(model, inputs, setup, compile_decoder=True)
+        numbers = {"ms_per_token": result["ms_per_token"], "seconds_with_compile": time.perf_counter() - start}
+        return Check(f"AR decode {side}x{side} bf16, compiled layer (CUDA graph)", "measured", "", numbers)
+
+    rows.run("AR decode, compiled layer", compiled_decode)
+
+
 PART_FUNCTIONS = {
     "ar": part_ar,
     "comfyui": part_comfyui,
     "memory": part_memory,
     "speed": part_speed,
     "compile": part_compile,
+    "probe": part_probe,
 }
 
 

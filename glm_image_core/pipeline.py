@@ -5,7 +5,8 @@ one by one; `generate` strings them together.
 
 Memory: the AR model (~19 GB in bf16, ~11 GB with int8 decoder weights) and the DiT (~13 GB) need not share the
 GPU. With ``offload`` the models stay on the CPU and each stage borrows the GPU for its own models only (the AR's
-vision encoder, for edits; the AR's text decoder with the code rows of its embedding; the glyph encoder; DiT + VAE),
+vision encoder, for edits; the AR's text decoder with the code rows of its embedding; the glyph encoder; the VAE
+encoding references, for edits; the DiT; the VAE decoding),
 so the peak is the largest stage, not the sum (``memory`` lists the parts).
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import ar, glyph, loading, memory
+from . import ar, glyph, loading, memory, w4a16
 from .defaults import DEFAULT_SIDE, GUIDANCE, LATENT_CHANNELS, PATCH_STRIDE, STEPS, VAE_SCALE
 from .dit import GlmImageTransformer2DModel, ReferenceKV
 from .sampling import DitCondition, denoise
@@ -52,7 +53,7 @@ def load_models(
     """Every component from the published GLM-Image folder. The VAE runs in float32 when dtype is float16.
 
     offload: keep the models on the CPU and move each stage's models to ``device`` only for that stage (AR vision
-    encoder for edits, AR decoder, glyph encoder, DiT + VAE). None (default): on a CUDA device whose free memory
+    encoder for edits, AR decoder, glyph encoder, VAE encode for edits, DiT, VAE decode). None (default): on a CUDA device whose free memory
     cannot hold all the weights at once (plus a margin for activations); never on the CPU.
     ar_quantization: "int8" for 8-bit decoder weights (``loading.load_ar_model``); ar_path: the AR from this
     folder or exported 8-bit file instead of ``folder``. The AR's embedding is always trimmed to its code rows on
@@ -114,6 +115,8 @@ def stage(models: GlmImageModels, *modules: torch.nn.Module) -> Iterator[None]:
         for tensor, data in kept:
             tensor.data = data
         del kept
+        for module in modules:
+            w4a16.release_repacked(module)  # device copies the stage's layers made for themselves
         if models.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the stage's memory back before the next stage allocates
 
@@ -132,19 +135,30 @@ def tensor_to_images(pixels: torch.Tensor) -> list[Image.Image]:
 
 
 @torch.no_grad()
+def reference_latents(vae: AutoencoderKL, images: Sequence[Image.Image], tokens: ar.ARResult) -> list[torch.Tensor]:
+    """Each reference image's VAE mode latent, normalised, [1, 16, h, w] on the VAE's device. The latent size is set
+    by the AR's grid for that image (stride 16 px per DiT token)."""
+    latents = []
+    device = next(vae.parameters()).device
+    for image, (gh, gw) in zip(images, tokens.reference_grid_sizes):
+        pixels = image_to_tensor(image, gh * PATCH_STRIDE, gw * PATCH_STRIDE).to(device, vae.dtype or torch.float32)
+        latents.append(vae.normalize(vae.encode(pixels).float()))
+    return latents
+
+
+@torch.no_grad()
 def encode_references(
-    dit: GlmImageTransformer2DModel, vae: AutoencoderKL, images: Sequence[Image.Image], tokens: ar.ARResult
+    dit: GlmImageTransformer2DModel, latents: Sequence[torch.Tensor], tokens: ar.ARResult
 ) -> ReferenceKV | None:
-    """The reference K/V of every reference image: VAE mode latent (normalised) + its own prior ids, one DiT pass
-    each, joined. The latent size is set by the AR's grid for that image (stride 16 px per DiT token)."""
-    if not images:
+    """The reference K/V of every reference latent (``reference_latents``) with its own prior ids: one DiT pass each,
+    joined."""
+    if not latents:
         return None
-    parts = []
     device = next(dit.parameters()).device
-    for image, ids, (gh, gw) in zip(images, tokens.reference_prior_ids, tokens.reference_grid_sizes):
-        size = (gh * PATCH_STRIDE, gw * PATCH_STRIDE)
-        pixels = image_to_tensor(image, *size).to(device, vae.dtype or torch.float32)
-        latent = vae.normalize(vae.encode(pixels).float()).to(dit.dtype or torch.float32)
+    parts = []
+    for latent, ids in zip(latents, tokens.reference_prior_ids):
+        size = (latent.shape[2] * VAE_SCALE, latent.shape[3] * VAE_SCALE)
+        latent = latent.to(device, dit.dtype or torch.float32)
         parts.append(dit.encode_reference(latent, ids[None].to(device), size))
     return ReferenceKV.concat(parts)
 
@@ -187,7 +201,7 @@ def generate(
     on_step: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> Image.Image:
     """Text-to-image, or editing when `references` are given. `glyph_texts` overrides the quoted spans. With
-    ``models.offload`` the AR, the glyph encoder and the DiT + VAE take turns on the GPU (see ``stage``)."""
+    ``models.offload`` the AR, the glyph encoder, the DiT and the VAE take turns on the GPU (see ``stage``)."""
     check_image_size(height, width)
     inputs = ar.build_ar_inputs(models.processor, prompt, height, width, list(references))
     tokens = ar.generate_staged(
@@ -203,15 +217,22 @@ def generate(
     )
     with stage(models, models.glyph_encoder):
         cond, uncond = glyph_conditions(models, prompt if glyph_texts is None else glyph_texts, tokens.prior_token_ids)
-    with stage(models, models.dit, models.vae):
+    # The VAE and the DiT take turns too: the decode's activations (~4.5 GiB at 1024x1024) never meet the DiT's weights.
+    latents = []
+    if references:
+        with stage(models, models.vae):
+            latents = reference_latents(models.vae, list(references), tokens)
+    with stage(models, models.dit):
         dit_device = next(models.dit.parameters()).device
-        reference_kv = encode_references(models.dit, models.vae, list(references), tokens)
+        reference_kv = encode_references(models.dit, latents, tokens)
         cond, uncond = (_to(c, dit_device) for c in (cond, uncond))
         cond.reference_kv = reference_kv
         sigmas, timesteps = glm_schedule(steps, height, width)
         noise = initial_noise(1, height, width, seed).to(dit_device)
         latent = denoise(models.dit, noise, sigmas.to(dit_device), timesteps, cond, uncond, guidance, on_step)
-        pixels = models.vae.decode(models.vae.denormalize(latent).to(models.vae.dtype or torch.float32))
+    with stage(models, models.vae):
+        vae_device = next(models.vae.parameters()).device
+        pixels = models.vae.decode(models.vae.denormalize(latent.to(vae_device)).to(models.vae.dtype or torch.float32))
     return tensor_to_images(pixels)[0]
 
 

@@ -265,6 +265,14 @@ class W4A16Linear(nn.Module):
         )
 
 
+def release_repacked(module: nn.Module) -> None:
+    """Drop the repacked copies made under ``module``: a host that lends a model to the device by swapping tensors'
+    ``.data`` (the core pipeline's stages) never calls ``_apply``, so the copies would outlive the loan."""
+    for layer in module.modules():
+        if isinstance(layer, W4A16Linear):
+            layer._int4pack = None
+
+
 def concat_outputs(layers: list[W4A16Linear]) -> W4A16Linear:
     """One layer computing the given layers' outputs side by side, without bias (as ``torch.cat`` of their weights
     would): their packed tensors joined along the outputs. The layers must share group size and ``g_idx``."""

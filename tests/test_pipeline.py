@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from glm_image_core import ar, memory
+from glm_image_core import ar, memory, w4a16
 from glm_image_core.pipeline import generate, initial_noise, load_models
 
 HEIGHT, WIDTH, STEPS, SEED = 512, 768, 3, 7
@@ -38,24 +38,33 @@ def test_text_to_image_equals_glm_image_pipeline(core_models, reference_pipeline
 def lending_probe(models):
     """lent(part) -> whether that part's weights are device copies right now (stage() swaps in copies; on the CPU
     the copies are new storage). Parts: the AR's decoder (lm_head), the AR's vision encoder, the DiT, the glyph
-    encoder."""
+    encoder, the VAE."""
     probes = {
         "ar decoder": models.ar_model.lm_head.weight,
         "ar vision": next(models.ar_model.model.visual.parameters()),
         "dit": next(models.dit.parameters()),
         "glyph": next(models.glyph_encoder.parameters()),
+        "vae": next(models.vae.parameters()),
     }
     storage = {name: p.data_ptr() for name, p in probes.items()}
     return lambda name: probes[name].data_ptr() != storage[name]
 
 
-def test_offloaded_stages_hold_either_the_ar_decoder_or_the_dit_and_give_the_same_image(core_models):
+def test_offloaded_stages_hold_one_model_at_a_time_and_give_the_same_image(core_models, monkeypatch):
     """With offload, each stage works on copies of its own models only; the CPU weights are never replaced. Text to
-    image never moves the AR's vision encoder."""
+    image never moves the AR's vision encoder, and the VAE decodes in a turn of its own (its activations, ~4.5 GiB at
+    1024x1024, never meet the DiT's weights)."""
     staged = dataclasses.replace(core_models, offload=True, device=torch.device("cpu"))
     lent = lending_probe(core_models)
-    parts = ("ar decoder", "ar vision", "dit", "glyph")
+    parts = ("ar decoder", "ar vision", "dit", "glyph", "vae")
     seen = set()
+    decode = core_models.vae.decode
+
+    def watched_decode(*args, **kwargs):
+        seen.add(("vae decode", *(p for p in parts if lent(p))))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(core_models.vae, "decode", watched_decode)
     image = generate(
         staged,
         PROMPT,
@@ -66,10 +75,23 @@ def test_offloaded_stages_hold_either_the_ar_decoder_or_the_dit_and_give_the_sam
         on_token=lambda *_: seen.add(("ar", *(p for p in parts if lent(p)))),
         on_step=lambda *_: seen.add(("dit", *(p for p in parts if lent(p)))),
     )
-    assert seen == {("ar", "ar decoder"), ("dit", "dit")}
+    assert seen == {("ar", "ar decoder"), ("dit", "dit"), ("vae decode", "vae")}
     assert not any(lent(p) for p in parts)
+    monkeypatch.undo()
     resident = np.asarray(generate(core_models, PROMPT, 512, 512, steps=2, seed=SEED), dtype=np.float32)
     assert np.abs(np.asarray(image, dtype=np.float32) - resident).max() <= 1  # copies may round differently on CPU
+
+
+def test_a_4bit_ar_stage_leaves_no_repacked_copy_on_the_device(autoround_model_dir, monkeypatch):
+    """The int4 matmul's repacked copy of each 4-bit projection (~4 GB for the published AR) is made during the AR
+    stage and must go with it: the glyph and DiT stages, and the next run, would otherwise hold it beside their own
+    weights. CUDA's path run on torch's CPU int4 matmul."""
+    monkeypatch.setattr(w4a16, "INT4PACK_DEVICES", ("cpu",))
+    models = load_models(autoround_model_dir, dtype=torch.float32)
+    layers = [m for m in models.ar_model.modules() if isinstance(m, w4a16.W4A16Linear)]
+    generate(dataclasses.replace(models, offload=True, device=torch.device("cpu")), PROMPT, 512, 512, steps=1)
+    assert w4a16.W4A16Linear.INT4PACK in {m.kernel for m in layers}  # decode steps took the int4 matmul
+    assert [m for m in layers if m._int4pack is not None] == []
 
 
 def test_an_offloaded_edit_runs_the_vision_encoder_in_a_turn_of_its_own(core_models, monkeypatch):
