@@ -15,8 +15,9 @@ What a stage holds on the device (ComfyUI evicts the other stages' models when t
   cap with ComfyUI's partial loading) and one block's activations for cond + uncond in one batch of 2 x (4096
   image + 256 glyph tokens), plus for edits the reference K/V of all 30 layers (4096 tokens, bf16), plus with fp8
   the bf16 copy of the largest weight that ComfyUI's manual cast makes per call.
-- VAE decode: VAE weights, and the largest live set of the decoder: the 512-channel upsampler at 1024x1024 (input,
-  output and the next GroupNorm's output, 3 x 512 x 1024 x 1024 x 2 bytes).
+- VAE decode: VAE weights, and what the decode allocates beside them at its peak, scaled by pixels from the one
+  measurement there is (``VAE_DECODE_BYTES_PER_PIXEL``): the live set of the 512-channel upsampler at 1024x1024
+  (input, output and the next GroupNorm's output, 3 x 512 x 1024 x 1024 x 2 bytes = 3.0 GiB) accounts for 62% of it.
 Every stage adds ``CONTEXT`` for the CUDA context and the allocator's slack (an assumption, not computed).
 """
 
@@ -36,6 +37,9 @@ from glm_image_core import memory, quant, w4a16
 GiB = 2**30
 CONTEXT = int(0.75 * GiB)  # CUDA context (~0.3-0.5 GiB) + caching-allocator slack: assumed
 HEIGHT = WIDTH = 1024
+# Measured on an H200 (benchmarks/results/gpu_check_h200_2026-12-04_run2.json, core pipeline's VAE decode stage, bf16):
+# allocated peak 5.61 GiB less the VAE's 0.76 GiB of weights, at 1024x1024.
+VAE_DECODE_BYTES_PER_PIXEL = int((5.612 - 0.756) * GiB / (1024 * 1024))
 PROMPT_TOKENS = 128  # a long prompt with GLM-4's tokenizer (the chat template adds ~10)
 GLYPH_TOKENS = 256  # quoted text, ByT5 bytes
 
@@ -147,7 +151,7 @@ def stage_table() -> dict:
     dit_block = tokens * (6 * dim + 2 * ff) * 2  # residual, norm, q, k, v, attention out; the MLP's two widths
     reference_kv = layers * 2 * image_tokens * dim * 2
     vae = vae_meta_model()
-    vae_activations = 3 * 512 * HEIGHT * WIDTH * 2
+    vae_activations = VAE_DECODE_BYTES_PER_PIXEL * HEIGHT * WIDTH
     glyph = glyph_bytes()
 
     dit_w4, _ = dit_meta_model(W4)
