@@ -48,8 +48,8 @@ def write_full_size_folder(root: Path) -> None:
     """Random full-size weights in the published layout (bf16; the AR as one int8 export beside the folder)."""
     from common import Setup, build_ar_model, build_dit, build_glyph_encoder, build_vae
 
-    from glm_image_core import quant
     from glm_image_core.ar_loading import write_ar_int8_file
+    from glm_image_core.formats import int8
     from glm_image_core.tiny import write_tiny_model
 
     if (root / "GLM-Image" / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
@@ -59,7 +59,7 @@ def write_full_size_folder(root: Path) -> None:
     from safetensors.torch import save_file
 
     ar = build_ar_model(setup)
-    quant.quantize_model_(ar)
+    int8.quantise_model_(ar)
     tensors = {k: v.cpu() for k, v in ar.state_dict().items()}
     write_ar_int8_file(
         tensors,

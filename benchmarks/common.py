@@ -374,7 +374,7 @@ def w4a16_layer(linear: torch.nn.Linear):
     models' narrower layers), packed as AutoRound/GPTQ pack it: what the 4-bit checks time and measure on the GPU,
     where quantising a full-size model with auto-round itself would take the whole session. Its packing is checked
     against auto-round's dequantisation in tests/test_benchmarks.py."""
-    from glm_image_core import w4a16
+    from glm_image_core.formats import w4a16
 
     out_features, in_features = linear.weight.shape
     group = W4_GROUP_SIZE if in_features % W4_GROUP_SIZE == 0 else 32

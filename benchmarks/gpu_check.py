@@ -208,7 +208,7 @@ def observed_step_graph():
 
 def observed_kernel():
     """An ``int8_kernel.FusedInt8Kernel`` that counts its calls and how many the compiled kernel served."""
-    from glm_image_core import int8_kernel
+    from glm_image_core.formats import int8_kernel
 
     class ObservedKernel(int8_kernel.FusedInt8Kernel):
         def __init__(self):
@@ -266,7 +266,8 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
     import bench_ar
     from common import build_ar_model
 
-    from glm_image_core import ar, fast_ar, int8_kernel, quant
+    from glm_image_core import ar, fast_ar
+    from glm_image_core.formats import int8, int8_kernel
     from glm_image_core.loading import load_ar_processor
 
     graphs = fast_ar.StepGraph = observed_step_graph()
@@ -365,7 +366,7 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
     def w4_ar() -> list:
         from common import restore_modules_, swap_w4a16_
 
-        from glm_image_core import w4a16
+        from glm_image_core.formats import w4a16
 
         replaced = swap_w4a16_(model, "model.language_model.layers.")
         try:
@@ -390,7 +391,7 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
     rows.run("4-bit AR decode", w4_ar)
 
     def int8_ar() -> list:
-        quant.quantize_model_(model)
+        int8.quantise_model_(model)
         free_device_memory(setup.device)
         kernel.calls = kernel.fused = 0
         graphs.records.clear()
@@ -424,25 +425,25 @@ def scratch_mib(call) -> float:
 
 def int8_shape(setup: Setup, weight: torch.Tensor, label: str) -> Check:
     """The fused kernel against the eager int8 path (float32 scale) on one projection's shape, rows 1 and 4."""
-    from glm_image_core import int8_kernel, quant
+    from glm_image_core.formats import int8, int8_kernel
 
-    q, scale = quant.quantize_int8(weight)
+    q, scale = int8.quantise_int8(weight)
     generator = torch.Generator(weight.device).manual_seed(0)
     numbers = {"shape": list(weight.shape)}
     worst = 0.0
     for batch in (1, 4):
         x = torch.randn(batch, weight.shape[1], device=weight.device, generator=generator, dtype=weight.dtype)
-        eager = quant.int8_linear(x, q, scale, fused=False).float()
+        eager = int8.int8_linear(x, q, scale, fused=False).float()
         # on the CPU: the kernel's math, eagerly (what torch.compile fuses on CUDA)
-        fused = quant.int8_linear(x, q, scale) if x.is_cuda else int8_kernel.fused_int8_linear(x, q, scale)
+        fused = int8.int8_linear(x, q, scale) if x.is_cuda else int8_kernel.fused_int8_linear(x, q, scale)
         error = ((fused.float() - eager).norm() / eager.norm()).item()
         numbers[f"rel_l2_{batch}_rows"] = error
         worst = max(worst, error)
     if setup.device.type == "cuda":
         x = x[:1]
-        numbers["scratch_mib"] = scratch_mib(lambda: quant.int8_linear(x, q, scale))
-        numbers["fused_s"] = time_call(lambda: quant.int8_linear(x, q, scale), setup.device, 50)
-        numbers["eager_s"] = time_call(lambda: quant.int8_linear(x, q, scale, fused=False), setup.device, 50)
+        numbers["scratch_mib"] = scratch_mib(lambda: int8.int8_linear(x, q, scale))
+        numbers["fused_s"] = time_call(lambda: int8.int8_linear(x, q, scale), setup.device, 50)
+        numbers["eager_s"] = time_call(lambda: int8.int8_linear(x, q, scale, fused=False), setup.device, 50)
         numbers["bf16_s"] = time_call(lambda: torch.nn.functional.linear(x, weight), setup.device, 50)
     # float32 accumulation in both; the orders differ. No bf16 copy of the matrix: scratch far below its 2 bytes/weight
     holds = worst < 1e-2 and numbers.get("scratch_mib", 0) < weight.numel() * 2 / 2**20 / 4
@@ -461,7 +462,7 @@ def w4_shape(setup: Setup, weight: torch.Tensor, label: str) -> Check:
 
     from common import w4a16_layer
 
-    from glm_image_core import w4a16
+    from glm_image_core.formats import w4a16
 
     name = f"4-bit int4 matmul equals the dequantising path, {label}"
     source = SimpleNamespace(weight=weight, bias=None)
@@ -665,7 +666,8 @@ def compile_check(setup: Setup, mm, pack_nodes, rows: Rows) -> list:
 def part_memory(setup: Setup, rows: Rows, args) -> None:
     import bench_pipeline
 
-    from glm_image_core import ar, memory, pipeline, quant
+    from glm_image_core import ar, memory, pipeline
+    from glm_image_core.formats import int8
 
     stages = computed_stages(args.computed)
     context = cuda_context_bytes(setup.device)
@@ -734,9 +736,9 @@ def part_memory(setup: Setup, rows: Rows, args) -> None:
 
     rows.run("Peak memory per stage, 4-bit", w4)
 
-    def int8() -> Check:
+    def int8_ar() -> Check:
         ar_model = models.ar_model.to(setup.device)  # quantised on the GPU (seconds; minutes on the CPU)
-        quant.quantize_model_(ar_model)
+        int8.quantise_model_(ar_model)
         models.ar_model = ar_model = ar_model.to("cpu") if setup.device.type == "cuda" else ar_model
         free_device_memory(setup.device)
         peaks.clear()
@@ -752,7 +754,7 @@ def part_memory(setup: Setup, rows: Rows, args) -> None:
             f"{label}, the AR stage alone",
         )
 
-    rows.run("Peak memory, AR decode stage, int8", int8)
+    rows.run("Peak memory, AR decode stage, int8", int8_ar)
 
 
 # --- part: speed (run_all's DiT, VAE and end-to-end rows) ---------------------------------------------------------------
@@ -814,7 +816,7 @@ def part_probe(setup: Setup, rows: Rows, args) -> None:
     def prefill_paths() -> Check:
         """One gate_up projection of the 4-bit AR at prefill sizes: torch's int4 matmul, the dequantising path with
         the packed tensors on the device, and with them in (pageable) CPU memory, where they are after a repack."""
-        from glm_image_core import w4a16
+        from glm_image_core.formats import w4a16
 
         weight = model.model.language_model.layers[0].mlp.gate_up_proj
         layer = w4a16_layer(weight)
@@ -824,9 +826,9 @@ def part_probe(setup: Setup, rows: Rows, args) -> None:
         in_cpu_memory = [t.cpu() for t in (layer.qweight, layer.qzeros, layer.scales)]
         paths = {
             "int4pack": lambda x: w4a16.int4pack_mm(x, packed[0], layer.group_size, packed[1]),
-            "dequantize_on_device": lambda x: torch.nn.functional.linear(x, layer.dequantize(x.dtype, x.device)),
-            "dequantize_from_cpu": lambda x: torch.nn.functional.linear(
-                x, w4a16.dequantize(*(t.to(x.device) for t in in_cpu_memory), layer.group_size, None, x.dtype)
+            "dequantise_on_device": lambda x: torch.nn.functional.linear(x, layer.dequantise(x.dtype, x.device)),
+            "dequantise_from_cpu": lambda x: torch.nn.functional.linear(
+                x, w4a16.dequantise(*(t.to(x.device) for t in in_cpu_memory), layer.group_size, None, x.dtype)
             ),
             "bf16": weight,
         }

@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 from common import CONFIGS, GLYPH_ENCODER_CONFIG
 
-from glm_image_core import memory, quant, w4a16
+from glm_image_core import memory
+from glm_image_core.defaults import NUM_VQ_CODES
+from glm_image_core.formats import int8, w4a16
 
 GiB = 2**30
 CONTEXT = int(0.75 * GiB)  # CUDA context (~0.3-0.5 GiB) + caching-allocator slack: assumed
@@ -83,7 +85,7 @@ def w4_layers(model, prefix: str, group_size: int = W4_GROUP_SIZE) -> None:
         for tensor in ("qweight", "bias")
         if tensor == "qweight" or module.bias is not None
     ]
-    w4a16.swap_linears(model, keys, w4a16.W4A16Format(group_size), torch.bfloat16)
+    w4a16.swap_linears(model, keys, w4a16.W4A16Settings(group_size), torch.bfloat16)
 
 
 def ar_meta_model(weights: str):
@@ -95,11 +97,11 @@ def ar_meta_model(weights: str):
     with torch.device("meta"):
         model = GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config)).to(torch.bfloat16)
         if weights == INT8:
-            quant.replace_decoder_linears(model)
+            int8.replace_decoder_linears(model)
         elif weights == W4:
             w4_layers(model, "model.language_model.layers.")
         lm = model.model.language_model
-        lm.embed_tokens.weight = torch.nn.Parameter(lm.embed_tokens.weight[:16384], requires_grad=False)
+        lm.embed_tokens.weight = torch.nn.Parameter(lm.embed_tokens.weight[:NUM_VQ_CODES], requires_grad=False)
     return model
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import comfy_quant
 from .ar_loading import AR_INT8_SUFFIX
 from .defaults import AR_GRID_STRIDE, DEFAULT_SIDE, GUIDANCE, MAX_SIDE, MIN_SIDE, STEPS
 from .errors import GlmImageError
 from .files import written_to
+from .formats import comfy_quant
 from .sizes import check_image_size
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                 folder = write_tiny_model(Path(scratch) / "GLM-Image")
             start = time.perf_counter()
             models = load_models(
-                folder, dtype=dtype, device=args.device, ar_quantization="int8" if args.ar_int8 else None
+                folder, dtype=dtype, device=args.device, ar_quantisation="int8" if args.ar_int8 else None
             )
             print(f"loaded {folder} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
             references = [Image.open(path) for path in args.image]

@@ -31,12 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from . import fast_ar, memory
-from .defaults import AR_GRID_STRIDE
+from .defaults import AR_GRID_STRIDE, IMAGE_END_ID, IMAGE_START_ID, NUM_VQ_CODES
 from .errors import InvalidInputError
 
-IMAGE_START_ID = 16384  # `<|dit_token_16384|>`: opens every image, and ends the prompt (the model's bos)
-IMAGE_END_ID = 16385  # `<|dit_token_16385|>`: closes a reference image; the model's eos
-NUM_VQ_CODES = 16384  # legal grid tokens are 0..16383 (the VQ codebook; the DiT's prior embedding has as many rows)
 CONTROL_STRINGS = ("<|dit_token_", "<|image|>", "<sop>", "<eop>")  # would change the prompt's structure
 
 ProgressCallback = Callable[[int, int, torch.Tensor], None]

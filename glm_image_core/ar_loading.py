@@ -1,8 +1,9 @@
-"""The AR model (``transformers.GlmImageForConditionalGeneration``) and its processor, from the published folder or
-from one 8-bit file written by ``export_ar_int8`` (the decoder's projections in int8, ``glm_image_core.quant``).
+"""The AR model (``transformers.GlmImageForConditionalGeneration``) and its processor, from the published folder, a
+quantised re-upload of it, or one 8-bit file written by ``export_ar_int8`` (``formats.int8``).
 
-The folder is validated with ``components``' checks before transformers reads it; the int8 path builds the model on
-the meta device and reads the shards tensor by tensor, so the memory peak stays near the 8-bit size.
+The folder is validated with ``components``' checks before transformers reads it; a quantised model is built on the
+meta device with its weight format's layers (``formats``) and read tensor by tensor, so the memory peak stays near
+its quantised size.
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from . import w4a16
-from .checkpoint import REDOWNLOAD, display_name, load_tensors, scan_weights
+from . import formats
+from .checkpoint import REDOWNLOAD, ComponentFiles, display_name, scan_weights
 from .components import (
     AR_MODEL,
-    ComponentFiles,
     check_config_class,
     check_config_file_names,
     check_signature,
@@ -25,12 +24,13 @@ from .components import (
     component_location,
     open_component,
 )
+from .defaults import NUM_VQ_CODES
 from .dependencies import glm_image_classes
 from .errors import InvalidInputError, ModelFilesError
 from .files import save_safetensors
+from .formats.int8 import EXPORT_TAG, read_quantising
 
-AR_QUANTIZATIONS = (None, "int8")
-AR_INT8_FORMAT = "glm_image_ar_int8/1"  # the `glm_image_ar` metadata value of an exported 8-bit AR file
+AR_QUANTISATIONS = (None, "int8")  # what load_ar_model can make of bf16 weights while it reads them
 AR_INT8_SUFFIX = ".ar_int8.safetensors"  # how export names its files, and how the ComfyUI loader finds them
 
 
@@ -38,45 +38,48 @@ def load_ar_model(
     folder: str | Path,
     dtype: torch.dtype | None = torch.bfloat16,
     device: torch.device | str = "cpu",
-    quantization: str | None = None,
+    quantisation: str | None = None,
     trim: bool = False,
 ):
     """The AR model (``transformers.GlmImageForConditionalGeneration``) from the root or ``vision_language_encoder/``,
     or from one 8-bit file written by ``export_ar_int8``.
 
-    The folder is validated here first (shards, headers, index, config class, component), because transformers
-    reports a missing shard as a bare FileNotFoundError and silently accepts an index that lists absent tensors;
-    tensors the config expects but the files lack (left randomly initialised by transformers) are an error.
+    The folder is validated here first (shards, headers, index, config class, component, weight format), because
+    transformers reports a missing shard as a bare FileNotFoundError and silently accepts an index that lists absent
+    tensors; tensors the config expects but the files lack (left randomly initialised by transformers) are an error.
 
-    A folder whose config has a ``quantization_config`` (AutoRound/GPTQ 4-bit, ``glm_image_core.w4a16``) loads with
-    its packed layers kept packed (4 bits per weight), everything else in ``dtype``.
+    A quantised folder (its config's ``quantization_config``: AutoRound/GPTQ 4-bit, ``formats.w4a16``) loads with its
+    layers as published (4 bits per weight), everything else in ``dtype``.
 
-    quantization: None keeps every weight in ``dtype``; "int8" quantises the text decoder's linear layers while
-    the shards are read, tensor by tensor (``glm_image_core.quant``), so the CPU memory peak stays near the 8-bit
-    size. An exported 8-bit file is int8 whatever this says. trim: keep only the 16384 VQ-code rows of the input
-    embedding as a parameter (``trim_embedding``), so that moving the model to a GPU leaves the other 151680 rows in
-    CPU memory.
+    quantisation: None keeps full-precision weights in ``dtype``; "int8" quantises the text decoder's linear layers
+    while the shards are read, tensor by tensor (``formats.int8``), so the CPU memory peak stays near the 8-bit size.
+    A quantised folder or an exported 8-bit file stays as it is whatever this says. trim: keep only the 16384 VQ-code
+    rows of the input embedding as a parameter (``trim_embedding``), so that moving the model to a GPU leaves the
+    other 151680 rows in CPU memory.
     """
-    if quantization not in AR_QUANTIZATIONS:
-        raise InvalidInputError(f"AR quantization {quantization!r} is not one of {AR_QUANTIZATIONS}.")
+    if quantisation not in AR_QUANTISATIONS:
+        raise InvalidInputError(f"AR quantisation {quantisation!r} is not one of {AR_QUANTISATIONS}.")
     location = component_location(folder, AR_MODEL)
-    files = None if location.is_file() else open_component(location, AR_MODEL, None)
-    fmt = None if files is None else w4a16.read_format(files.config, files.config_source)
-    if location.is_file():
-        model = load_ar_int8_file(location, dtype)
-    elif fmt is not None:  # a 4-bit re-upload: its packed layers stay packed, whatever `quantization` says
-        model = _meta_w4a16_ar_model(files, fmt)
-        _assign_ar_weights(model, w4a16.cast_state_dict(load_tensors(files.weights), dtype))
-        model.generation_config = _generation_config(location)
-    elif quantization == "int8":
-        model = _meta_int8_ar_model(files)
-        _assign_ar_weights(model, read_ar_int8_tensors(files, dtype))
-        model.generation_config = _generation_config(location)
-    else:
+    files, generation_config = _open_ar_files(location)
+    fmt = formats.detect(files)
+    if fmt is formats.PLAIN and quantisation == "int8":
+        fmt = formats.INT8  # bf16 shards, quantised while read
+    if fmt is formats.PLAIN:
         model = _load_ar_with_transformers(location, dtype)
+    else:
+        model = _meta_ar_model(files, fmt)
+        _assign_ar_weights(model, fmt.read(files, dtype))
+        model.generation_config = generation_config
     if trim:
         trim_embedding(model)
     return model.to(device).eval()
+
+
+def _open_ar_files(location: Path):
+    """(the checked ComponentFiles, the generation config) of an AR folder or of an 8-bit export file."""
+    if location.is_file():
+        return _open_ar_int8_file(location)
+    return open_component(location, AR_MODEL, None), _generation_config(location)
 
 
 def _load_ar_with_transformers(location: Path, dtype: torch.dtype | None):
@@ -121,71 +124,25 @@ def _generation_config(location: Path, metadata_json: str | None = None):
     return GenerationConfig()
 
 
-def _meta_ar_model(files: ComponentFiles):
-    """GlmImageForConditionalGeneration of ``files``' config on the meta device (no memory, no init)."""
+def _meta_ar_model(files: ComponentFiles, fmt: formats.WeightFormat):
+    """GlmImageForConditionalGeneration of ``files``' config on the meta device (no memory, no init) with the layers of
+    the weight format ``fmt``, after checking that the files hold exactly its tensors."""
     GlmImageConfig, GlmImageForConditionalGeneration = glm_image_classes(
         "GlmImageConfig", "GlmImageForConditionalGeneration"
     )
     try:
-        # quantization_config is dropped: these loaders read the packing themselves (transformers' own reader of
-        # it would need the auto-round library)
+        # quantization_config is dropped: the formats read the packing themselves (transformers' own reader of it
+        # would need the library that wrote it)
         kept = {k: v for k, v in files.config.items() if not k.startswith("_") and k != "quantization_config"}
         config = GlmImageConfig.from_dict(kept)
         with torch.device("meta"):
             model = GlmImageForConditionalGeneration(config)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {AR_MODEL.label}: {e}") from e
-    return model
-
-
-def _meta_w4a16_ar_model(files: ComponentFiles, fmt: w4a16.W4A16Format):
-    """The meta-device AR with ``W4A16Linear`` s where the checkpoint packs a layer, after checking that the files
-    hold exactly its tensors."""
-    model = _meta_ar_model(files)
-    w4a16.swap_linears(model, files.weights.shapes, fmt)
-    check_weights_match(AR_MODEL, {k: tuple(v.shape) for k, v in model.state_dict().items()}, files)
-    return model
-
-
-def _meta_int8_ar_model(files: ComponentFiles):
-    """GlmImageForConditionalGeneration on the meta device with ``Int8Linear`` decoder projections, after checking
-    that the files hold exactly its tensors (the scales aside, for bf16 sources)."""
-    from .quant import replace_decoder_linears
-
-    model = _meta_ar_model(files)
-    replace_decoder_linears(model)
+    fmt.build_layers(model, files, None)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    exported = AR_INT8_FORMAT == files.weights.metadata.get("glm_image_ar")
-    scales = frozenset(k for k in expected if k.endswith(".weight_scale"))
-    check_weights_match(AR_MODEL, expected, files, optional=frozenset() if exported else scales)
+    check_weights_match(AR_MODEL, expected, files, fmt, optional=fmt.made_while_reading(files, expected))
     return model  # dtypes come with the loaded tensors (assign=True)
-
-
-def read_ar_int8_tensors(files: ComponentFiles, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """The AR's state dict with the decoder projections in int8 (+ ``weight_scale``), read tensor by tensor.
-
-    From bf16 shards, each projection is quantised right after it is read, so the memory in use grows by about one
-    byte per decoder weight. Every tensor is copied out of the file and the file is closed again before the next one
-    is read: no tensor stays a view of a memory-mapped shard, so pages of the shards read so far are not kept
-    resident and the peak is the result plus about one tensor. From an exported file, the int8 tensors and their
-    float32 scales are taken as stored. Other floating-point tensors are cast to ``dtype`` (None: as stored)."""
-    from .quant import is_quantized_weight, quantize_int8
-
-    state_dict = {}
-    for key, file in files.weights.key_file.items():
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                tensor = f.get_tensor(key)
-                if is_quantized_weight(key) and tensor.dtype != torch.int8:
-                    state_dict[key], state_dict[key + "_scale"] = quantize_int8(tensor)
-                elif dtype is None or not tensor.is_floating_point() or key.endswith(".weight_scale"):
-                    state_dict[key] = tensor.clone()
-                else:
-                    state_dict[key] = tensor.to(dtype, copy=True)
-                del tensor
-        except SafetensorError as e:
-            raise ModelFilesError(f"{display_name(file)} could not be read ({e}); delete it and {REDOWNLOAD}.") from e
-    return state_dict
 
 
 def _assign_ar_weights(model, state_dict: dict[str, torch.Tensor]) -> None:
@@ -199,23 +156,14 @@ def _assign_ar_weights(model, state_dict: dict[str, torch.Tensor]) -> None:
         raise ModelFilesError(f"the AR model kept {len(left)} tensors without weights after loading (e.g. {left[0]}).")
 
 
-def load_ar_int8_file(path: str | Path, dtype: torch.dtype | None = torch.bfloat16):
-    """The AR model from one file written by ``export_ar_int8``; anything else is refused with what it is."""
-    files, generation_config = _open_ar_int8_file(Path(path))
-    model = _meta_int8_ar_model(files)
-    _assign_ar_weights(model, read_ar_int8_tensors(files, dtype))
-    model.generation_config = generation_config
-    return model
-
-
 def _open_ar_int8_file(path: Path):
     """The checks of an 8-bit AR export that read no tensor data: (its ComponentFiles, its generation config)."""
     weights = scan_weights(path)
     marker = weights.metadata.get("glm_image_ar")
-    if marker != AR_INT8_FORMAT:
+    if marker != EXPORT_TAG:
         found = f"its format is {marker!r}" if marker else "it has no 'glm_image_ar' entry in its metadata"
         raise ModelFilesError(
-            f"{weights.where} is not an 8-bit GLM-Image AR export ({found}; expected {AR_INT8_FORMAT!r}). "
+            f"{weights.where} is not an 8-bit GLM-Image AR export ({found}; expected {EXPORT_TAG!r}). "
             f"{AR_MODEL.label} loads from its folder (vision_language_encoder/), or from a file written by "
             "`python -m glm_image_core export-ar-int8`; export it again with this version."
         )
@@ -226,29 +174,12 @@ def _open_ar_int8_file(path: Path):
     except (KeyError, ValueError) as e:
         raise ModelFilesError(f"{source} is missing or not valid JSON ({e}); export the file again.") from e
     check_config_class(AR_MODEL, config, source)
-    files = ComponentFiles(weights, config, source)
-    _check_int8_dtypes(files)
+    files = ComponentFiles(weights, config, source, AR_MODEL.subfolder)
     try:
         generation_config = _generation_config(path.parent, weights.metadata.get("generation_config", "{}"))
     except ValueError as e:
         raise ModelFilesError(f"the generation config in the metadata of {weights.where} is not valid ({e}).") from e
     return files, generation_config
-
-
-def _check_int8_dtypes(files: ComponentFiles) -> None:
-    from .quant import is_quantized_weight
-
-    for key, file in files.weights.key_file.items():
-        if not (is_quantized_weight(key) or key.endswith(".weight_scale")):
-            continue
-        expected = "F32" if key.endswith(".weight_scale") else "I8"
-        with safe_open(file, framework="pt", device="cpu") as f:
-            found = f.get_slice(key).get_dtype()
-        if found != expected:
-            raise ModelFilesError(
-                f"{key} is {found} in {files.weights.where}, an 8-bit AR export stores it as {expected}; the file "
-                "was changed after export: export it again."
-            )
 
 
 def export_ar_int8(folder: str | Path, out_file: str | Path) -> Path:
@@ -261,8 +192,14 @@ def export_ar_int8(folder: str | Path, out_file: str | Path) -> Path:
     if location.is_file():
         raise ModelFilesError(f"{display_name(location)}: export-ar-int8 reads the published AR folder, not a file.")
     files = open_component(location, AR_MODEL, None)
-    _meta_int8_ar_model(files)  # the config and the shards agree, before minutes of work
-    tensors = read_ar_int8_tensors(files, None)
+    fmt = formats.detect(files)
+    if fmt is not formats.PLAIN:
+        raise ModelFilesError(
+            f"{files.weights.where} holds {fmt.label}; export-ar-int8 quantises the full-precision weights of "
+            "zai-org/GLM-Image. Load this folder as it is instead."
+        )
+    _meta_ar_model(files, formats.INT8)  # the config and the shards agree, before minutes of work
+    tensors = read_quantising(files, None)
     return write_ar_int8_file(tensors, files.config, _generation_config(location).to_dict(), out_file)
 
 
@@ -271,7 +208,7 @@ def write_ar_int8_file(tensors: dict[str, torch.Tensor], config: dict, generatio
     the generation config and the format tag in the metadata."""
     metadata = {
         "format": "pt",
-        "glm_image_ar": AR_INT8_FORMAT,
+        "glm_image_ar": EXPORT_TAG,
         "quantization": "int8 weight-only, symmetric, one float32 scale per output channel (`<key>_scale`)",
         "config": json.dumps(config),
         "generation_config": json.dumps(generation_config),
@@ -303,7 +240,7 @@ class CodeRowsEmbedding(torch.nn.Module):
         return out
 
 
-def trim_embedding(model, rows: int = 16384) -> None:
+def trim_embedding(model, rows: int = NUM_VQ_CODES) -> None:
     """Replace the AR's ``embed_tokens`` by a ``CodeRowsEmbedding`` of its first ``rows`` rows (the VQ codes)."""
     lm = model.model.language_model
     if isinstance(lm.embed_tokens, CodeRowsEmbedding):
@@ -347,10 +284,7 @@ def check_ar_files(path: str | Path) -> None:
     """``check_files`` for the AR model: its folder (and, given a GLM-Image root, the processor's files beside it) or
     an 8-bit export; headers and configs only."""
     location = component_location(path, AR_MODEL)
-    if location.is_file():  # an 8-bit export
-        _open_ar_int8_file(location)
-        return
-    files = open_component(location, AR_MODEL, None)
-    w4a16.read_format(files.config, files.config_source)
+    files, _ = _open_ar_files(location)
+    formats.detect(files)
     if (Path(path) / "model_index.json").is_file():  # a root: the AR loads with the processor beside it
         _processor_folder(path)

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import quant, w4a16
+from . import formats
+from .defaults import AR_DECODER_LAYERS_PREFIX, AR_DECODER_PROJECTIONS
 from .errors import InvalidInputError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -104,12 +105,17 @@ def read_config(config_path: Path | None) -> dict:
     return config
 
 
+def is_decoder_projection(module: str) -> bool:
+    """Whether ``module`` names a linear projection of the AR's text decoder (an adapter's only targets)."""
+    return module.startswith(AR_DECODER_LAYERS_PREFIX) and module.split(".", 4)[-1] in AR_DECODER_PROJECTIONS
+
+
 def _module_and_kind(key: str) -> tuple[str, str] | None:
     key = key.removeprefix(PEFT_PREFIX)
     for suffix in (DOWN, UP, ALPHA):
         if key.endswith(suffix):
             module = key[: -len(suffix)]
-            return (module, suffix) if quant.is_quantized_weight(module + ".weight") else None
+            return (module, suffix) if is_decoder_projection(module) else None
     return None
 
 
@@ -187,7 +193,7 @@ def check_fits(model, layers: dict[str, LayerLora], source: str) -> None:
                 f"{source} updates {module}, which this AR model does not have (an adapter for a model with more "
                 "layers)."
             ) from None
-        if isinstance(linear, w4a16.W4A16Linear):
+        if formats.of_layer(linear) is formats.W4A16:
             raise InvalidInputError(
                 f"{source} updates {module}, which this AR model holds in 4 bits (AutoRound/GPTQ): an adapter cannot "
                 "be merged into packed weights. Load the AR from the bf16 folder (weights full or int8) to use it."
@@ -204,9 +210,8 @@ def _merge(linear: torch.nn.Module, parts: list[tuple[LayerLora, float]]) -> Non
     """Give ``linear`` new weight tensors: its weight plus the updates (an int8 layer requantised per row)."""
     weight = linear.weight
     delta = sum(strength * lora.delta(weight.device) for lora, strength in parts)
-    scale = getattr(linear, "weight_scale", None)
-    if scale is not None:  # quant.Int8Linear
-        q, new_scale = quant.quantize_int8(quant.dequantize_int8(weight, scale) + delta)
+    if formats.of_layer(linear) is formats.INT8:
+        q, new_scale = formats.int8.quantise_int8(formats.dequantised_weight(linear) + delta)
         linear.weight, linear.weight_scale = (torch.nn.Parameter(t, False) for t in (q, new_scale))
     else:
         linear.weight = torch.nn.Parameter((weight.float() + delta).to(weight.dtype), weight.requires_grad)

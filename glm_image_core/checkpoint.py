@@ -30,6 +30,44 @@ class WeightFiles:
     key_file: dict[str, Path]  # key -> the file holding it
     shapes: dict[str, tuple[int, ...]]
     metadata: dict[str, str]  # the __metadata__ of a single file ({} for shards)
+    dtypes: dict[str, str]  # key -> safetensors' dtype name ("BF16", "F8_E4M3", "I32", ...)
+
+
+@dataclass
+class ComponentFiles:
+    """A component's validated weights and its config, where the config came from (for messages), and which
+    component they are (its folder name in the published layout: "transformer", "vision_language_encoder", ...)."""
+
+    weights: WeightFiles
+    config: dict
+    config_source: str
+    component: str
+
+
+# torch dtypes by the names safetensors headers give them
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def in_memory(state_dict: dict[str, torch.Tensor], config: dict, component: str) -> ComponentFiles:
+    """ComponentFiles describing tensors already in memory, as their headers would (for the checks that read
+    headers only, such as recognising a weight format; there is no file to read)."""
+    shapes = {key: tuple(t.shape) for key, t in state_dict.items()}
+    dtypes = {key: SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)) for key, t in state_dict.items()}
+    weights = WeightFiles("the given state dict", {}, shapes, {}, dtypes)
+    return ComponentFiles(weights, config, "the given config", component)
 
 
 def display_name(path: Path) -> str:
@@ -46,11 +84,13 @@ def _refuse_pickle(path: Path) -> ModelFilesError:
     )
 
 
-def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Tensor shapes and metadata of one safetensors file; a truncated or corrupt file -> ModelFilesError."""
+def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, str]]:
+    """Tensor shapes, metadata and dtypes of one safetensors file; a truncated or corrupt file -> ModelFilesError."""
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            slices = {key: f.get_slice(key) for key in f.keys()}
+            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+            dtypes = {key: s.get_dtype() for key, s in slices.items()}
             metadata = dict(f.metadata() or {})
     except SafetensorError as e:
         raise ModelFilesError(
@@ -59,7 +99,7 @@ def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]
         ) from e
     except OSError as e:
         raise ModelFilesError(f"{display_name(path)} cannot be read: {e}") from e
-    return shapes, metadata
+    return shapes, metadata, dtypes
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
@@ -96,9 +136,10 @@ def _scan_sharded(folder: Path, index_path: Path) -> WeightFiles:
         )
     key_file: dict[str, Path] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
     for name in shard_names:
         shard = folder / name
-        shard_shapes, _ = _read_header(shard)
+        shard_shapes, _, shard_dtypes = _read_header(shard)
         listed = [key for key, file in weight_map.items() if file == name]
         absent = [key for key in listed if key not in shard_shapes]
         if absent:
@@ -110,7 +151,8 @@ def _scan_sharded(folder: Path, index_path: Path) -> WeightFiles:
         for key in shard_shapes:
             key_file[key] = shard
         shapes.update(shard_shapes)
-    return WeightFiles(f"{folder.name}/ ({len(shard_names)} shards)", key_file, shapes, {})
+        dtypes.update(shard_dtypes)
+    return WeightFiles(f"{folder.name}/ ({len(shard_names)} shards)", key_file, shapes, {}, dtypes)
 
 
 def scan_weights(location: str | Path, weights_name: str | None = None) -> WeightFiles:
@@ -123,8 +165,8 @@ def scan_weights(location: str | Path, weights_name: str | None = None) -> Weigh
             raise ModelFilesError(
                 f"{display_name(location)} is not a .safetensors file; give a .safetensors file or a GLM-Image folder."
             )
-        shapes, metadata = _read_header(location)
-        return WeightFiles(display_name(location), dict.fromkeys(shapes, location), shapes, metadata)
+        shapes, metadata, dtypes = _read_header(location)
+        return WeightFiles(display_name(location), dict.fromkeys(shapes, location), shapes, metadata, dtypes)
     if not location.is_dir():
         raise ModelFilesError(f"{location} does not exist; expected a GLM-Image folder or a .safetensors file.")
 

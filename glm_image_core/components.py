@@ -12,12 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import REDOWNLOAD, WeightFiles, display_name, scan_weights
-from .comfy_quant import marked_layers
+from . import formats
+from .checkpoint import REDOWNLOAD, ComponentFiles, WeightFiles, display_name, scan_weights
 from .defaults import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 from .errors import ModelFilesError
 from .files import outside_name_reason
-from .scaled_fp8 import is_quantisation_key
 
 
 @dataclass(frozen=True)
@@ -211,15 +210,6 @@ def check_config_file_names(folder: Path) -> None:
                 )
 
 
-@dataclass
-class ComponentFiles:
-    """A component's validated weights and its config, and where the config came from (for messages)."""
-
-    weights: WeightFiles
-    config: dict
-    config_source: str
-
-
 def open_component(
     path: str | Path, component: Component, infer_config: Callable[[dict[str, tuple[int, ...]]], dict] | None
 ) -> ComponentFiles:
@@ -228,7 +218,8 @@ def open_component(
     weights = scan_weights(location, component.weights_name)
     check_signature(component, weights)
     if location.is_dir():
-        return ComponentFiles(weights, read_config(location, component), display_name(location / "config.json"))
+        config = read_config(location, component)
+        return ComponentFiles(weights, config, display_name(location / "config.json"), component.subfolder)
     if "config" in weights.metadata:
         source = f"the config in the metadata of {weights.where}"
         try:
@@ -236,7 +227,7 @@ def open_component(
         except ValueError as e:
             raise ModelFilesError(f"{source} is not valid JSON ({e}); re-export the file with save_single_file.") from e
         check_config_class(component, config, source)
-        return ComponentFiles(weights, config, source)
+        return ComponentFiles(weights, config, source, component.subfolder)
     if infer_config is None:
         raise ModelFilesError(f"{weights.where}: {component.label} loads from its folder, not from a single file.")
     try:
@@ -248,7 +239,9 @@ def open_component(
             f"inferred from its tensors ({reason}). Use the files of zai-org/GLM-Image, or a single file written by "
             "save_single_file."
         ) from e
-    return ComponentFiles(weights, config, f"the config inferred from the shapes in {weights.where}")
+    return ComponentFiles(
+        weights, config, f"the config inferred from the shapes in {weights.where}", component.subfolder
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,15 +258,16 @@ def check_weights_match(
     component: Component,
     expected: dict[str, tuple[int, ...]],
     files: ComponentFiles,
+    fmt: formats.WeightFormat = formats.PLAIN,
     optional: frozenset[str] = frozenset(),
 ) -> None:
-    """Every tensor the model expects is in the files with its shape, and nothing else (but the scales and markers of
-    a quantised file); else ModelFilesError. A weight a `comfy_quant` marker quantises may be packed along its
-    inputs (4-bit formats), so only its rows are checked there; ComfyUI's layers check the rest."""
+    """Every tensor the model expects is in the files with its shape, and nothing else but what the files' weight
+    format stores beside them (scales, markers); else ModelFilesError. Weights the format packs along their inputs
+    are compared by their rows only."""
     found = files.weights.shapes
-    packed = {f"{layer}.weight" for layer in marked_layers(found, files.weights.metadata, files.weights.where)}
+    packed = fmt.rows_only(files)
     missing = [k for k in expected if k not in found and k not in optional]
-    unexpected = [k for k in found if k not in expected and not is_quantisation_key(k, expected)]
+    unexpected = [k for k in found if k not in expected and not fmt.extra_key(k, expected)]
 
     def compared(key: str, shape) -> tuple[int, ...]:
         return tuple(shape)[:1] if key in packed else tuple(shape)

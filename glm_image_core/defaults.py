@@ -1,5 +1,6 @@
-"""The one home of GLM-Image's geometry and sampling defaults: the nodes, the CLI, the pipeline and the benchmarks read
-them here, so a changed default changes everywhere at once."""
+"""The one home of GLM-Image's constants: its geometry, its token ids, the AR decoder's layer names and the sampling
+defaults. The nodes, the CLI, the pipeline and the benchmarks read them here, so a changed value changes everywhere
+at once."""
 
 # Geometry: how pixels map onto each stage's grid.
 VAE_SCALE = 8  # pixels per latent cell (the VAE downsamples x8)
@@ -9,6 +10,23 @@ LATENT_CHANNELS = 16
 MIN_SIDE = 512
 MAX_SIDE = 2048
 DEFAULT_SIDE = 1024  # the published model's default size; the DiT loader's model sampling is set for it
+
+# The AR model's vocabulary: `<|dit_token_N|>` is token N.
+NUM_VQ_CODES = 16384  # legal grid tokens are 0..16383 (the VQ codebook; the DiT's prior embedding has as many rows)
+IMAGE_START_ID = 16384  # `<|dit_token_16384|>`: opens every image, and ends the prompt (the model's bos)
+IMAGE_END_ID = 16385  # `<|dit_token_16385|>`: closes a reference image; the model's eos
+
+# The AR's text decoder (transformers' GlmImageForConditionalGeneration): its layers and their linear projections,
+# the ones that the weight formats quantise and that an AR LoRA updates.
+AR_DECODER_LAYERS_PREFIX = "model.language_model.layers."
+AR_DECODER_PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_up_proj",
+    "mlp.down_proj",
+)
 
 # Sampling: the published generation_config (AR) and pipeline defaults (DiT).
 TEMPERATURE = 0.9

@@ -14,8 +14,8 @@ token. Elsewhere (CPU) the same step runs eagerly, which is how the tests check 
 
 Numerics follow transformers' GLM-Image text model layer by layer: the same weights (read, never copied, except the
 k and v projections, fused into one [512, 4096] matrix per layer, ~170 MB), the same dtype casts in RMSNorm and RoPE.
-8-bit AR weights (``quant``) are read as stored: the int8 projections with their per-row scales, never a dequantised
-copy of a layer (``linear``). The prompt is prefilled once for the whole batch (its keys and values are copied into
+Quantised projections are read as stored, through their weight format's projection (``formats.projection``): int8
+with its per-row scales, 4-bit packed, never a dequantised copy of a layer kept beside them. The prompt is prefilled once for the whole batch (its keys and values are copied into
 every sample's cache slots): its samples differ only from their first sampled token on. The prefill attends with SDPA
 like transformers; decode steps attend over a K/V cache in the model's dtype (keys and values are computed in that
 dtype, so storing them in it loses nothing) with float32 scores and probabilities, the precision SDPA's kernels keep
@@ -34,9 +34,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import int8_kernel, quant, w4a16
+from . import formats
 from .cuda_graph import StepGraph
 from .errors import InvalidInputError
+from .formats import int8_kernel
 
 CACHE_BLOCK = 1024  # the K/V cache length is a multiple of this (and of ATTENTION_CHUNK): few shapes to compile
 ATTENTION_CHUNK = 64  # decode attention splits the keys into chunks of this many for the probs @ V product
@@ -82,38 +83,26 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-Projection = torch.Tensor | w4a16.W4A16Linear  # a weight [out, in], or a 4-bit layer read as published
-
-
 class LayerWeights(NamedTuple):
-    """One decoder layer's weights: views of the HF parameters, plus the fused k/v projection."""
+    """One decoder layer's weights: views of the HF parameters; its projections as their weight formats multiply
+    (``formats.Projection``), the k and v projections joined."""
 
     input_norm: torch.Tensor
-    q_weight: Projection
+    q: formats.Projection
     q_bias: torch.Tensor
-    kv_weight: Projection  # [2 * kv_heads * head_dim, hidden]: k rows, then v rows
+    kv: formats.Projection  # [2 * kv_heads * head_dim] outputs: k, then v
     kv_bias: torch.Tensor
-    o_weight: Projection
+    o: formats.Projection
     post_attn_norm: torch.Tensor  # post_self_attn_layernorm
     mlp_norm: torch.Tensor  # post_attention_layernorm (before the MLP, despite its name)
-    gate_up_weight: Projection
-    down_weight: Projection
+    gate_up: formats.Projection
+    down: formats.Projection
     post_mlp_norm: torch.Tensor
-    # 8-bit AR (glm_image_core.quant): the projections above are int8 and these their float32 per-row scales
-    q_scale: torch.Tensor | None = None
-    kv_scale: torch.Tensor | None = None
-    o_scale: torch.Tensor | None = None
-    gate_up_scale: torch.Tensor | None = None
-    down_scale: torch.Tensor | None = None
 
 
-def linear(x: torch.Tensor, weight: Projection, scale: torch.Tensor | None, bias: torch.Tensor | None = None):
-    """``F.linear``, or ``quant.int8_linear`` for an int8 weight with its per-row ``scale`` (read in place: no
-    dequantised copy of the layer; on CUDA decode steps a fused kernel), or a 4-bit layer's own matmul."""
-    if isinstance(weight, w4a16.W4A16Linear):
-        out = weight.project(x)
-        return out if bias is None else out + bias
-    return F.linear(x, weight, bias) if scale is None else quant.int8_linear(x, weight, scale, bias)
+def linear(x: torch.Tensor, projection: formats.Projection, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out = projection(x)
+    return out if bias is None else out + bias
 
 
 class Dims(NamedTuple):
@@ -171,12 +160,12 @@ def layer_forward(x: torch.Tensor, w: LayerWeights, rope, attend, dims: Dims) ->
     and values."""
     n, t, _ = x.shape
     h = rms_norm(x, w.input_norm, dims.eps)
-    q = linear(h, w.q_weight, w.q_scale, w.q_bias).view(n, t, dims.heads, dims.head_dim)
-    k, v = linear(h, w.kv_weight, w.kv_scale, w.kv_bias).view(n, t, 2 * dims.kv_heads, dims.head_dim).chunk(2, dim=2)
+    q = linear(h, w.q, w.q_bias).view(n, t, dims.heads, dims.head_dim)
+    k, v = linear(h, w.kv, w.kv_bias).view(n, t, 2 * dims.kv_heads, dims.head_dim).chunk(2, dim=2)
     a = attend(apply_rope(q, *rope), apply_rope(k, *rope), v)
-    x = x + rms_norm(linear(a, w.o_weight, w.o_scale), w.post_attn_norm, dims.eps)
-    gate, up = linear(rms_norm(x, w.mlp_norm, dims.eps), w.gate_up_weight, w.gate_up_scale).chunk(2, dim=-1)
-    return x + rms_norm(linear(up * F.silu(gate), w.down_weight, w.down_scale), w.post_mlp_norm, dims.eps)
+    x = x + rms_norm(linear(a, w.o), w.post_attn_norm, dims.eps)
+    gate, up = linear(rms_norm(x, w.mlp_norm, dims.eps), w.gate_up).chunk(2, dim=-1)
+    return x + rms_norm(linear(up * F.silu(gate), w.down), w.post_mlp_norm, dims.eps)
 
 
 def decode_layer(
@@ -224,39 +213,20 @@ def attend_cache(
 
 
 def layer_weights(layer) -> LayerWeights:
-    """The weights of one transformers GlmImageTextDecoderLayer, bf16/fp32, int8 (``quant.Int8Linear``) or 4-bit
-    (``w4a16.W4A16Linear``, read through the layer)."""
+    """The weights of one transformers GlmImageTextDecoderLayer, in any weight format (``formats``)."""
     attn, mlp = layer.self_attn, layer.mlp
-
-    def weight(module) -> Projection:
-        return module if isinstance(module, w4a16.W4A16Linear) else module.weight
-
-    def kv_weight() -> Projection:
-        if isinstance(attn.k_proj, w4a16.W4A16Linear):
-            return w4a16.concat_outputs([attn.k_proj, attn.v_proj])
-        return torch.cat([attn.k_proj.weight, attn.v_proj.weight])
-
-    def scale(*modules):
-        scales = [getattr(m, "weight_scale", None) for m in modules]
-        return None if scales[0] is None else torch.cat(scales) if len(scales) > 1 else scales[0]
-
     return LayerWeights(
         input_norm=layer.input_layernorm.weight,
-        q_weight=weight(attn.q_proj),
+        q=formats.projection([attn.q_proj]),
         q_bias=attn.q_proj.bias,
-        kv_weight=kv_weight(),
+        kv=formats.projection([attn.k_proj, attn.v_proj]),
         kv_bias=torch.cat([attn.k_proj.bias, attn.v_proj.bias]),
-        o_weight=weight(attn.o_proj),
+        o=formats.projection([attn.o_proj]),
         post_attn_norm=layer.post_self_attn_layernorm.weight,
         mlp_norm=layer.post_attention_layernorm.weight,
-        gate_up_weight=weight(mlp.gate_up_proj),
-        down_weight=weight(mlp.down_proj),
+        gate_up=formats.projection([mlp.gate_up_proj]),
+        down=formats.projection([mlp.down_proj]),
         post_mlp_norm=layer.post_mlp_layernorm.weight,
-        q_scale=scale(attn.q_proj),
-        kv_scale=scale(attn.k_proj, attn.v_proj),
-        o_scale=scale(attn.o_proj),
-        gate_up_scale=scale(mlp.gate_up_proj),
-        down_scale=scale(mlp.down_proj),
     )
 
 

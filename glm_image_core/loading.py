@@ -13,7 +13,7 @@ tensor shapes, with the published values for what shapes cannot tell.
 
 This module builds the DiT, the VAE and the glyph encoder and is the loaders' public face (``__all__``). The parts:
 ``checkpoint`` (safetensors files and their headers), ``components`` (which component, its config, the weights
-check), ``scaled_fp8`` and ``comfy_quant`` (ComfyUI's quantised files; other quantisations refused) and
+check), ``formats`` (how weights are stored: recognised, built, read; other quantisations refused by name) and
 ``ar_loading`` (the AR model, its 8-bit export and the processor).
 """
 
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import comfy_quant, w4a16
+from . import formats
 from .ar_loading import (
-    AR_INT8_FORMAT,
     AR_INT8_SUFFIX,
     check_ar_files,
     export_ar_int8,
@@ -35,7 +35,7 @@ from .ar_loading import (
     load_ar_processor,
     trim_embedding,
 )
-from .checkpoint import REDOWNLOAD, display_name, load_tensors, read_state_dict, scan_weights
+from .checkpoint import REDOWNLOAD, ComponentFiles, display_name, load_tensors, read_state_dict, scan_weights
 from .components import (
     AR_MODEL,
     COMPONENTS,
@@ -43,7 +43,6 @@ from .components import (
     TRANSFORMER,
     VAE,
     Component,
-    ComponentFiles,
     check_config_file_names,
     check_signature,
     check_weights_match,
@@ -54,23 +53,15 @@ from .components import (
 )
 from .errors import InvalidInputError, ModelFilesError
 from .files import save_safetensors
-from .scaled_fp8 import (
-    COMFY_QUANT,
-    SCALED_FP8_MARKER,
-    check_quantisation,
-    dequantise_scaled_fp8,
-    quantise_scaled_fp8,
-)
 
 __all__ = [  # the loaders' public face: nodes, tests and the CLI import these from here
-    "AR_INT8_FORMAT",
     "AR_INT8_SUFFIX",
     "AR_MODEL",
     "COMPONENTS",
-    "SCALED_FP8_MARKER",
     "TEXT_ENCODER",
     "TRANSFORMER",
     "VAE",
+    "CheckedWeights",
     "Component",
     "ModelFilesError",
     "check_files",
@@ -108,24 +99,22 @@ def _assign_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         raise RuntimeError(f"{type(model).__name__} kept tensors on the meta device after loading: {left[:3]}")
 
 
-def _checked_meta_model(cls: type, kwargs: dict, component: Component, files: ComponentFiles, dtype, quantisation):
-    """``cls(**kwargs)`` on the meta device (no memory), after checking the files hold exactly its tensors; a 4-bit
-    checkpoint's packed layers are ``w4a16.W4A16Linear`` s there."""
+def _checked_meta_model(cls: type, kwargs: dict, files: ComponentFiles, fmt: formats.WeightFormat, dtype):
+    """``cls(**kwargs)`` on the meta device (no memory) with the layers of the files' weight format, after checking
+    that the files hold exactly its tensors."""
+    component = next(c for c in COMPONENTS if c.subfolder == files.component)
     try:
         meta_model = cls(**kwargs, dtype=dtype, device="meta")
     except (InvalidInputError, TypeError, ValueError) as e:
         raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {component.label}: {e}") from e
-    if quantisation == w4a16.W4A16:
-        w4a16.swap_linears(
-            meta_model, files.weights.shapes, w4a16.read_format(files.config, files.config_source), dtype
-        )
-    check_weights_match(component, {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}, files)
+    fmt.build_layers(meta_model, files, dtype)
+    check_weights_match(component, {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}, files, fmt)
     return meta_model
 
 
 def _open_module_component(path: str | Path, component: Component):
     """The DiT's or the VAE's files opened and checked once, for every loader that builds it: (module class, its
-    constructor arguments from the config, the files, their quantisation)."""
+    constructor arguments from the config, the files, their weight format)."""
     if component is TRANSFORMER:
         from .dit import GlmImageTransformer2DModel as cls
 
@@ -139,45 +128,42 @@ def _open_module_component(path: str | Path, component: Component):
     kwargs = {
         k: v for k, v in constructor_kwargs(cls, files.config).items() if k not in ("dtype", "device", "operations")
     }
-    return cls, kwargs, files, check_quantisation(files)
+    return cls, kwargs, files, formats.detect(files)
+
+
+@dataclass
+class CheckedWeights:
+    """A component's config and tensors, read after every check the loaders make, and the weight format they are in
+    (quantised tensors as stored), for hosts that build the module with their own layers."""
+
+    config: dict
+    state_dict: dict[str, torch.Tensor]
+    format: formats.WeightFormat
 
 
 def read_checked_weights(
-    path: str | Path, component: Component, dtype: torch.dtype | None = None
-) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config, state_dict)`` of the DiT or the VAE, with every check the loaders make, for hosts that build the
-    module themselves (ComfyUI builds the DiT with its own layer classes and the VAE as its own VAE object)."""
-    cls, kwargs, files, quantisation = _open_module_component(path, component)
-    _checked_meta_model(cls, kwargs, component, files, None, quantisation)
-    if quantisation is None:
-        return files.config, load_tensors(files.weights, dtype)
-    state_dict = load_tensors(files.weights)  # quantised weights and their scales go to the host as stored
-    if quantisation == COMFY_QUANT:  # a file-level block becomes per-layer markers, as ComfyUI's loader makes it
-        state_dict = comfy_quant.with_file_markers(state_dict, files.weights.metadata, files.weights.where)
-    return files.config, state_dict
+    path: str | Path, component: Component, dtype: torch.dtype | None = None, as_stored: bool = True
+) -> CheckedWeights:
+    """The DiT's or the VAE's config and tensors with every check the loaders make, for hosts that build the module
+    themselves (ComfyUI builds the DiT with its own layer classes and the VAE as its own VAE object). Quantised
+    tensors come as stored for the host's own layers, or, ``as_stored=False``, as a core model takes them (ComfyUI's
+    quantised files dequantised; floating tensors in ``dtype``, None: as stored)."""
+    cls, kwargs, files, fmt = _open_module_component(path, component)
+    _checked_meta_model(cls, kwargs, files, fmt, None)
+    state_dict = fmt.read_as_stored(files, dtype) if as_stored else fmt.read(files, dtype)
+    return CheckedWeights(files.config, state_dict, fmt)
 
 
 def _build_and_load(
     path: str | Path, component: Component, dtype: torch.dtype | None, device: torch.device | str
 ) -> torch.nn.Module:
     """The DiT or the VAE with the checkpoint's weights: shapes are checked on the meta-device model, which then
-    receives the loaded tensors (no random init, no second copy); quantised files are dequantised to ``dtype``, but
-    4-bit layers stay packed. Hosts that build the module with their own layers take ``read_checked_weights``
-    instead."""
-    cls, kwargs, files, quantisation = _open_module_component(path, component)
-    model = _checked_meta_model(cls, kwargs, component, files, dtype, quantisation)
-    if quantisation == w4a16.W4A16:  # the packed layers stay packed
-        state_dict = w4a16.cast_state_dict(load_tensors(files.weights, None, device), dtype)
-    elif quantisation == SCALED_FP8_MARKER:
-        state_dict = dequantise_scaled_fp8(load_tensors(files.weights, None, device), dtype)
-    elif quantisation == COMFY_QUANT:
-        state_dict = comfy_quant.with_file_markers(
-            load_tensors(files.weights, None, device), files.weights.metadata, files.weights.where
-        )
-        state_dict = comfy_quant.dequantise(state_dict, dtype, files.weights.where)
-    else:
-        state_dict = load_tensors(files.weights, dtype, device)
-    _assign_weights(model, state_dict)
+    receives the loaded tensors (no random init, no second copy), as its weight format gives them (ComfyUI's
+    quantised files dequantised to ``dtype``, 4-bit layers packed). Hosts that build the module with their own
+    layers take ``read_checked_weights`` instead."""
+    cls, kwargs, files, fmt = _open_module_component(path, component)
+    model = _checked_meta_model(cls, kwargs, files, fmt, dtype)
+    _assign_weights(model, fmt.read(files, dtype, device))
     return model.to(device).eval()
 
 
@@ -220,10 +206,11 @@ def load_glyph_encoder(
     # The token embedding is one matrix under two names (`shared`, `encoder.embed_tokens`); files store either.
     tied = ("shared.weight", "encoder.embed_tokens.weight")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_weights_match(TEXT_ENCODER, shapes, files, optional=frozenset(tied))
+    fmt = formats.detect(files)
+    check_weights_match(TEXT_ENCODER, shapes, files, fmt, optional=frozenset(tied))
     if not any(k in files.weights.shapes for k in tied):
         raise ModelFilesError(f"{files.weights.where} lacks the token embedding (shared.weight); {REDOWNLOAD}.")
-    state_dict = load_tensors(files.weights, dtype, device)
+    state_dict = fmt.read(files, dtype, device)
     embedding = state_dict.get(tied[0], state_dict.get(tied[1]))
     state_dict.update(dict.fromkeys(tied, embedding))
     _assign_weights(model, state_dict)
@@ -270,7 +257,7 @@ def check_files(path: str | Path, component: Component) -> None:
         VAE: infer_vae_config,
         TEXT_ENCODER: infer_text_encoder_config,
     }[component]
-    check_quantisation(open_component(path, component, infer_config))
+    formats.detect(open_component(path, component, infer_config))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,10 +276,10 @@ def save_single_file(
     0.33+ and ``load_transformer`` read it), or ``scaled_fp8=True`` in the older scaled-fp8 format that ComfyUI 0.3.x
     also reads (its weights equal ``quant="float8_e4m3fn"``'s).
     """
-    if quant is not None and (scaled_fp8 or quant not in comfy_quant.WRITABLE):
+    if quant is not None and (scaled_fp8 or quant not in formats.comfy_quant.WRITABLE):
         raise InvalidInputError(
             f"quant={quant!r}{' with scaled_fp8=True' if scaled_fp8 else ''}: give one of "
-            f"{', '.join(comfy_quant.WRITABLE)}, or scaled_fp8=True alone."
+            f"{', '.join(formats.comfy_quant.WRITABLE)}, or scaled_fp8=True alone."
         )
     folder = Path(component_path)
     config_path = folder / "config.json"
@@ -322,6 +309,9 @@ def save_single_file(
         with torch.device("meta"):
             model = GlmImageTransformer2DModel(**kwargs)
         linear = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        tensors = quantise_scaled_fp8(tensors, linear) if scaled_fp8 else comfy_quant.quantise(tensors, linear, quant)
+        if scaled_fp8:
+            tensors = formats.scaled_fp8.quantise_state_dict(tensors, linear)
+        else:
+            tensors = formats.comfy_quant.quantise_state_dict(tensors, linear, quant)
     tensors = {k: t.contiguous() for k, t in tensors.items()}
     return save_safetensors(tensors, out_file, metadata={"format": "pt", "config": json.dumps(config)})

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import formats
+from .defaults import AR_DECODER_PROJECTIONS, NUM_VQ_CODES
+
 
 def ar_decode_modules(model) -> list[torch.nn.Module]:
     """The parts of a GlmImageForConditionalGeneration that decoding reads: text decoder, lm_head."""
@@ -49,13 +52,11 @@ def ar_bytes_by_component(model) -> dict[str, int]:
     ``decoder embedding`` (the embedding parameter: all rows, or the code rows when trimmed), ``lm_head``,
     ``decoder norms, biases, RoPE`` (the rest of the text decoder), ``vision encoder + VQ (edits only)``, and
     ``embedding table kept in CPU memory`` (0 unless trimmed). The first four are what decoding keeps resident."""
-    from .quant import QUANTIZED_PROJECTIONS
-
     lm = model.model.language_model
     projections = {  # their weights in any format: bf16, int8 + scale, 4-bit packed + scales and zeros
         id(p): p
         for layer in lm.layers
-        for name in QUANTIZED_PROJECTIONS
+        for name in AR_DECODER_PROJECTIONS
         for p in layer.get_submodule(name).parameters()
         if p is not getattr(layer.get_submodule(name), "bias", None)
     }
@@ -91,29 +92,27 @@ class ARWorkingMemory:
         return sum(self.persistent.values()) + max(sum(moment.values()) for moment in self.moments.values())
 
 
-FULL, INT8, W4 = "full", "int8", "4-bit"  # the AR's projection formats: model dtype, quant.Int8Linear, w4a16
-
-
 def ar_working_memory(
     text_config,
     batch: int,
     prompt_length: int,
     new_tokens: int,
     dtype_bytes: int = 2,
-    weights: str = FULL,
+    weights: formats.WeightFormat = formats.PLAIN,
     group_size: int = 128,
 ) -> ARWorkingMemory:
     """What ``fast_ar.decode`` allocates for ``batch`` samples of a ``prompt_length``-token prompt and ``new_tokens``
-    sampled tokens, with activations of ``dtype_bytes`` (the model's dtype) and projections in ``weights``' format
-    (FULL, INT8, or W4 with 4-bit groups of ``group_size`` inputs).
+    sampled tokens, with activations of ``dtype_bytes`` (the model's dtype) and projections in the weight format
+    ``weights`` (``group_size``: of 4-bit layers).
 
-    The prompt is prefilled once (batch 1), one layer at a time; its largest moments are in the MLP. Sampling is
-    counted as published (temperature != 1 and top-p < 1: its largest path). An int8 decode step's matmuls add less
-    than the prefill's (CUDA's fused kernel allocates only its output; elsewhere one small-batch matmul at a time).
-    On CUDA the decode step's buffers live in the CUDA graph's own pool; the caching allocator frees the prefill's
-    cached blocks for it when the device is full. Checked against the allocations of generations measured on the
-    CPU (``tests/test_memory.py``)."""
-    from .ar import NUM_VQ_CODES
+    The prompt is prefilled once (batch 1), one layer at a time; its largest moments are in the MLP, and for quantised
+    projections in their largest matmul (gate_up), as the format counts it. Sampling is counted as published
+    (temperature != 1 and top-p < 1: its largest path). A decode step's matmuls add less than the prefill's (CUDA's
+    fused int8 kernel allocates only its output; elsewhere one small-batch matmul at a time); the first decode step
+    may set up what its format needs on the device (the int4 matmul's repacked copy, counted for its largest layer
+    and kept for every layer). On CUDA the decode step's buffers live in the CUDA graph's own pool; the caching
+    allocator frees the prefill's cached blocks for it when the device is full. Checked against the allocations of
+    generations measured on the CPU (``tests/test_memory.py``)."""
     from .fast_ar import ATTENTION_CHUNK, CACHE_BLOCK
 
     c, n, t, b = text_config, batch, prompt_length, dtype_bytes
@@ -122,20 +121,27 @@ def ar_working_memory(
     kv = 2 * c.num_key_value_heads * head_dim  # one token's keys and values in one layer, elements
     slots = -(-(prompt_length + new_tokens) // CACHE_BLOCK) * CACHE_BLOCK  # the cache's length (fast_ar.FastDecoder)
     f32, i64, vocab = 4, 8, NUM_VQ_CODES
-    kv_weight = {  # bytes of one layer's fused k/v matrix, [kv, hidden], with its scales (and zeros)
-        FULL: kv * hidden * b,
-        INT8: kv * hidden + kv * f32,
-        W4: kv * hidden // 2 + -(-hidden // group_size) * kv * (2 + 0.5),  # 4-bit codes; float16 scales, 4-bit zeros
-    }[weights]
+    shapes = {  # one decoder layer's projections, (in, out)
+        "q/o": (hidden, hidden),
+        "k/v": (hidden, kv // 2),
+        "gate_up": (hidden, 2 * inter),
+        "down": (inter, hidden),
+    }
 
     persistent = {
         "K/V cache (model dtype)": layers * n * slots * kv * b,
-        "fused k/v projections and biases": layers * (int(kv_weight) + kv * b),
+        "fused k/v projections and biases": layers * (weights.joined_bytes(kv, hidden, b, group_size) + kv * b),
         "decode RoPE tables (cos, sin)": 2 * new_tokens * head_dim * b,
         "sampled tokens, uniforms": n * new_tokens * (i64 + f32),
         "cache slot index": slots * i64,
         "prompt ids and positions, decode positions": (4 * t + 3 * new_tokens) * i64,
     }
+    copies = layers * sum(
+        weights.device_copy_bytes(i, o, group_size) * (2 if name in ("q/o", "k/v") else 1)
+        for name, (i, o) in shapes.items()
+    )
+    if copies:
+        persistent["device copies the projections make for themselves"] = copies
     layer = {  # a prefill layer's tensors that live until its end (layer_forward's locals)
         "prompt RoPE tables (cos, sin)": 2 * t * head_dim * b,
         "residual stream in": t * hidden * b,
@@ -173,60 +179,30 @@ def ar_working_memory(
         },
     }
     gate_up_input = {**layer, "normed MLP input": t * hidden * b}
-    if weights == W4:  # the prefill's 4-bit matmuls (w4a16.dequantize, then F.linear): the largest is gate_up
-        moments["prefill: 4-bit gate_up matmul"] = {
-            **gate_up_input,
-            **w4_matmul_bytes(hidden, 2 * inter, t, b),
-        }
-    if weights == INT8:  # the prefill's int8 matmuls (quant.int8_linear, eager): the largest is gate_up
-        moments["prefill: int8 gate_up matmul"] = {
-            **gate_up_input,
-            "gate_up weight cast to the model dtype": 2 * inter * hidden * b,
-            "gate_up output": t * 2 * inter * b,
-        }
-        moments["prefill: int8 gate_up scale"] = {
-            **gate_up_input,
-            "gate_up output in float32, scaled": 2 * t * 2 * inter * f32,
-        }
+    for name, buffers in weights.many_rows_matmul_bytes(hidden, 2 * inter, t, b).items():
+        moments[f"prefill: {weights.name} gate_up {name}"] = {**gate_up_input, **buffers}
+    first_step = weights.first_step_bytes(hidden, 2 * inter, group_size)
+    if first_step:
+        moments[f"first decode step: {weights.name} gate_up set up"] = first_step
     return ARWorkingMemory(persistent, moments)
-
-
-def w4_matmul_bytes(in_features: int, out_features: int, rows: int, dtype_bytes: int) -> dict[str, int]:
-    """What a dequantising 4-bit matmul (``w4a16.W4A16Linear`` off the int4 path) allocates at its peak: the weight
-    in the activations' dtype, the scratch of one chunk (``DEQUANTIZE_CHUNK`` weights: the unpacked int32 codes,
-    int16 codes minus the zero points, their float32 copy and the float32 product; 14 bytes a weight, measured) and
-    the output. Checked against measured allocations in tests/test_memory.py."""
-    from .w4a16 import DEQUANTIZE_CHUNK
-
-    weights = in_features * out_features
-    return {
-        "weight dequantised to the model dtype": weights * dtype_bytes,
-        "dequantising scratch (one chunk)": min(DEQUANTIZE_CHUNK, weights) * (4 + 2 + 4 + 4),
-        "matmul output": rows * out_features * dtype_bytes,
-    }
-
-
-def ar_working_bytes(
-    text_config, batch: int, prompt_length: int, new_tokens: int, dtype_bytes: int = 2, weights: str = FULL
-) -> int:
-    """Device memory the AR decode needs beside its weights: the peak of ``ar_working_memory``."""
-    return ar_working_memory(text_config, batch, prompt_length, new_tokens, dtype_bytes, weights).total
 
 
 def ar_model_working_memory(model, batch: int, prompt_length: int, new_tokens: int) -> ARWorkingMemory:
     """``ar_working_memory`` for a loaded GlmImageForConditionalGeneration (its config, dtype and weight format)."""
-    from .quant import Int8Linear
-    from .w4a16 import W4A16Linear
-
     projection = model.model.language_model.layers[0].mlp.gate_up_proj
-    weights = INT8 if isinstance(projection, Int8Linear) else W4 if isinstance(projection, W4A16Linear) else FULL
-    group_size = getattr(projection, "group_size", 128)
     dtype_bytes = model.lm_head.weight.element_size()
     return ar_working_memory(
-        model.config.text_config, batch, prompt_length, new_tokens, dtype_bytes, weights, group_size
+        model.config.text_config,
+        batch,
+        prompt_length,
+        new_tokens,
+        dtype_bytes,
+        formats.of_layer(projection),
+        getattr(projection, "group_size", 128),
     )
 
 
 def ar_model_working_bytes(model, batch: int, prompt_length: int, new_tokens: int) -> int:
-    """``ar_working_bytes`` for a loaded GlmImageForConditionalGeneration: the peak of ``ar_model_working_memory``."""
+    """Device memory the AR decode of a loaded GlmImageForConditionalGeneration needs beside its weights: the peak of
+    ``ar_model_working_memory``."""
     return ar_model_working_memory(model, batch, prompt_length, new_tokens).total

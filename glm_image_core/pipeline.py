@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import ar, glyph, loading, memory, w4a16
+from . import ar, formats, glyph, loading, memory
 from .defaults import DEFAULT_SIDE, GUIDANCE, LATENT_CHANNELS, PATCH_STRIDE, STEPS, VAE_SCALE
 from .dit import GlmImageTransformer2DModel, ReferenceKV
 from .sampling import DitCondition, denoise
@@ -47,7 +47,7 @@ def load_models(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     offload: bool | None = None,
-    ar_quantization: str | None = None,
+    ar_quantisation: str | None = None,
     ar_path: str | Path | None = None,
 ) -> GlmImageModels:
     """Every component from the published GLM-Image folder. The VAE runs in float32 when dtype is float16.
@@ -55,17 +55,17 @@ def load_models(
     offload: keep the models on the CPU and move each stage's models to ``device`` only for that stage (AR vision
     encoder for edits, AR decoder, glyph encoder, VAE encode for edits, DiT, VAE decode). None (default): on a CUDA device whose free memory
     cannot hold all the weights at once (plus a margin for activations); never on the CPU.
-    ar_quantization: "int8" for 8-bit decoder weights (``loading.load_ar_model``); ar_path: the AR from this
+    ar_quantisation: "int8" for 8-bit decoder weights (``loading.load_ar_model``); ar_path: the AR from this
     folder or exported 8-bit file instead of ``folder``. The AR's embedding is always trimmed to its code rows on
     the device (``loading.trim_embedding``).
     """
     device = torch.device(device)
     if offload is None:
-        offload = device.type == "cuda" and not _fits_at_once(folder, dtype, device, ar_quantization == "int8")
+        offload = device.type == "cuda" and not _fits_at_once(folder, dtype, device, ar_quantisation == "int8")
     load_device = "cpu" if offload else device
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
     ar_model = loading.load_ar_model(
-        folder if ar_path is None else ar_path, dtype=dtype, device=load_device, quantization=ar_quantization, trim=True
+        folder if ar_path is None else ar_path, dtype=dtype, device=load_device, quantisation=ar_quantisation, trim=True
     )
     return GlmImageModels(
         ar_model=ar_model,
@@ -116,7 +116,7 @@ def stage(models: GlmImageModels, *modules: torch.nn.Module) -> Iterator[None]:
             tensor.data = data
         del kept
         for module in modules:
-            w4a16.release_repacked(module)  # device copies the stage's layers made for themselves
+            formats.release_device_copies(module)  # what the stage's layers made for themselves there
         if models.device.type == "cuda":
             torch.cuda.empty_cache()  # hand the stage's memory back before the next stage allocates
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .ar import NUM_VQ_CODES, ar_geometry
-from .defaults import AR_GRID_STRIDE, MAX_SIDE, PATCH_STRIDE
+from .ar import ar_geometry
+from .defaults import AR_GRID_STRIDE, MAX_SIDE, NUM_VQ_CODES, PATCH_STRIDE
 from .errors import GlmImageError, InvalidInputError
 from .files import save_safetensors
 from .sizes import check_image_size

@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..glm_image_core import ar, ar_lora, dependencies, loading, memory, preview, w4a16
+from ..glm_image_core import ar, ar_lora, dependencies, formats, loading, memory, preview
 from ..glm_image_core.defaults import PATCH_STRIDE, TEMPERATURE, TOP_P
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
@@ -25,7 +25,7 @@ from .common import SIZE_WIDGET, file_input, pick_dtype, schema, validate_size
 from .types import ARModel, GlmARModel, GlmTokens, ManagedHFModel, Reference, VisualTokens
 
 MAX_REFERENCE_INPUTS = 4
-AR_WEIGHTS = {"full": None, "int8": "int8"}  # the loader's weights options -> load_ar_model(quantization=...)
+AR_WEIGHTS = {"full": None, "int8": "int8"}  # the loader's weights options -> load_ar_model(quantisation=...)
 
 
 def devices() -> list[str]:
@@ -82,13 +82,13 @@ class ARModelLoader(io.ComfyNode):
     def execute(cls, model_folder, dtype, device, weights) -> io.NodeOutput:
         folder = paths.resolve(paths.AR_MODEL, model_folder)
         load_device = mm.get_torch_device() if device == "default" else torch.device(device)
-        source, quantization = (
+        source, quantisation = (
             (folder, AR_WEIGHTS[weights]) if weights in AR_WEIGHTS else (paths.resolve(paths.AR_INT8, weights), None)
         )
         model = loading.load_ar_model(
-            source, dtype=pick_dtype(dtype, load_device), device="cpu", quantization=quantization, trim=True
+            source, dtype=pick_dtype(dtype, load_device), device="cpu", quantisation=quantisation, trim=True
         )
-        report_packed_layers(model, model_folder, weights)
+        report_weight_format(model, model_folder, weights)
         offload = mm.unet_offload_device()
         decoder = ManagedHFModel.wrap(model, load_device, offload, parts=memory.ar_decode_modules(model))
         vision = ManagedHFModel.wrap(model, load_device, offload, parts=memory.ar_vision_modules(model))
@@ -97,15 +97,17 @@ class ARModelLoader(io.ComfyNode):
         return io.NodeOutput(ARModel(decoder, loading.load_ar_processor(folder), palette, vision))
 
 
-def report_packed_layers(model, model_folder: str, weights: str) -> None:
-    """Log that a 4-bit re-upload (AutoRound/GPTQ) loaded with its layers packed, whatever `weights` said."""
-    packed = [m for m in model.modules() if isinstance(m, w4a16.W4A16Linear)]
-    if packed:
+def report_weight_format(model, model_folder: str, weights: str) -> None:
+    """Log the format of the decoder's projections when the folder decided it (a quantised re-upload loads as
+    published, whatever `weights` said)."""
+    projection = model.model.language_model.layers[0].mlp.gate_up_proj
+    fmt = formats.of_layer(projection)
+    if fmt is formats.W4A16:
         logging.info(
-            "GLM-Image AR: %s holds %d layers in 4 bits (group size %d); they stay packed%s.",
+            "GLM-Image AR: %s holds its decoder's projections in 4 bits (%s, group size %d); they stay packed%s.",
             model_folder,
-            len(packed),
-            packed[0].group_size,
+            fmt.label,
+            projection.group_size,
             f" (the weights choice {weights!r} applies to full-precision folders)" if weights != "full" else "",
         )
 

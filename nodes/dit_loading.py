@@ -1,6 +1,6 @@
 """How the GLM-Image MODEL is built from a state dict, as ComfyUI builds a native diffusion model: the weight dtype,
-ComfyUI's quantised layers (scaled fp8, per-layer `comfy_quant`), AutoRound/GPTQ 4-bit layers, the patcher of the
-running version."""
+the layers of the state dict's weight format (``glm_image_core.formats``): ComfyUI's own quantised layers for its
+files (scaled fp8, per-layer `comfy_quant`), ours for AutoRound/GPTQ 4-bit; the patcher of the running version."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import comfy.patcher_extension
 import comfy.utils
 import torch
 
-from ..glm_image_core import w4a16
-from ..glm_image_core.comfy_quant import MARKER_SUFFIX as COMFY_QUANT_MARKER
+from ..glm_image_core import formats
+from ..glm_image_core.checkpoint import in_memory
 from ..glm_image_core.errors import InvalidInputError
-from ..glm_image_core.scaled_fp8 import SCALED_FP8_MARKER
+from ..glm_image_core.formats import comfy_quant, scaled_fp8, w4a16
 from .model import GlmImageDiTConfig
 
 WEIGHT_DTYPES = {
@@ -45,63 +45,61 @@ def cast_to_model_dtypes(model: torch.nn.Module, state_dict: dict, dtype: torch.
 
 
 def load_dit_patcher(
-    state_dict: dict, config: dict, weight_dtype: str = "default", model_options: dict | None = None
+    state_dict: dict,
+    config: dict,
+    weight_dtype: str = "default",
+    model_options: dict | None = None,
+    fmt: formats.WeightFormat | None = None,
 ) -> comfy.model_patcher.ModelPatcher:
     """The DiT under ComfyUI's model management, as UNETLoader would build it. `config`: the published
-    transformer/config.json keys. `model_options` as comfy.sd.load_diffusion_model_state_dict takes them ("dtype",
-    "custom_operations", "fp8_optimizations", "load_device", "offload_device"); they win over `weight_dtype`. A ComfyUI scaled-fp8 file (the
-    `scaled_fp8` marker) loads with ComfyUI's scaled-fp8 layers."""
+    transformer/config.json keys; `fmt`: the state dict's weight format (``loading.read_checked_weights`` gives it;
+    recognised from the tensors when None). `model_options` as comfy.sd.load_diffusion_model_state_dict takes them
+    ("dtype", "custom_operations", "fp8_optimizations", "load_device", "offload_device"); they win over
+    `weight_dtype`. Custom operations (a GGUF-style loader) get the state dict as it is, beside 4-bit layers."""
     model_options = model_options or {}
     mm = comfy.model_management
     load_device = model_options.get("load_device", mm.get_torch_device())
     offload_device = model_options.get("offload_device", mm.unet_offload_device())
     dtype, fp8_fast = WEIGHT_DTYPES[weight_dtype]
     dtype = model_options.get("dtype", dtype)
-    packing = w4a16.read_format(config, "the DiT's config")
+    fmt = fmt or formats.detect(in_memory(state_dict, config, "transformer"))
     model_config = GlmImageDiTConfig(
         {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
     )
-    state_dict, quantisation = use_quantisation(model_config, state_dict, model_options, packing)
+    layers = HostLayers.for_format(fmt, config, model_options)
+    state_dict = layers.prepare(model_config, state_dict)
     if dtype is None:
         dtype = mm.unet_dtype(
             model_params=comfy.utils.calculate_parameters(state_dict),
             supported_dtypes=model_config.supported_inference_dtypes,
-            weight_dtype=None if quantisation else comfy.utils.weight_dtype(state_dict),
+            weight_dtype=None if layers.quantised else comfy.utils.weight_dtype(state_dict),
         )
     model_config.set_inference_dtype(
         dtype,
         mm.unet_manual_cast(
-            None if quantisation == MIXED_OPS else dtype, load_device, model_config.supported_inference_dtypes
+            None if layers.mixed_precision else dtype, load_device, model_config.supported_inference_dtypes
         ),
     )
-    model_config.optimizations["fp8"] = fp8_fast or model_options.get("fp8_optimizations", False)
+    fp8 = fp8_fast or model_options.get("fp8_optimizations", False) or model_config.optimizations.get("fp8", False)
+    model_config.optimizations["fp8"] = fp8
     model_config.custom_operations = model_options.get("custom_operations", model_config.custom_operations)
     # As ComfyUI builds a native model: straight onto the GPU when it fits (never under dynamic VRAM), its patcher
     # the running version's core class (ModelPatcherDynamic when comfy-aimdo is on), whose dynamic weights are the
     # loaded tensors themselves (assign: no second copy in host RAM while loading).
     parameters = comfy.utils.calculate_parameters(state_dict)
-    if quantisation == W4A16:  # what the 4-bit tensors weigh, in parameters of the model's dtype
+    if layers.packed is not None:  # what the 4-bit tensors weigh, in parameters of the model's dtype
         parameters = sum(t.nbytes for t in state_dict.values()) // mm.dtype_size(dtype)
     initial_device = mm.unet_inital_load_device(parameters, dtype)
-    model = model_config.get_model(state_dict, "", device=initial_device)
-    if quantisation == W4A16:
-        # The packed layers replace the Linear modules ComfyUI built, before the patcher (ComfyUI 0.3.x measures
-        # the model's size when it is made) and before loading, rather than entering as
-        # model_options["custom_operations"]: an operations class builds every Linear alike and cannot tell which
-        # the checkpoint packs, and that seam stays free for the user's own (GGUF-style) operations.
-        w4a16.swap_linears(model.diffusion_model, state_dict, packing, dtype, "meta", ComfyW4A16Linear)
+    model = layers.build(model_config, state_dict, dtype, initial_device)
     patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
     patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
     assign = patcher.is_dynamic() if hasattr(patcher, "is_dynamic") else False
-    if quantisation == W4A16 and not assign:  # as comfy.ops layers: empty tensors the file's are copied into
-        for layer in model.diffusion_model.modules():
-            if isinstance(layer, ComfyW4A16Linear):
-                layer.to_empty(device=initial_device)
-    if quantisation in (None, W4A16) and "custom_operations" not in model_options:
-        # quantised layers of ComfyUI take fp8 + scales as is; 4-bit layers keep their int32 codes and float16 scales
+    if layers.packed is not None and not assign:  # as comfy.ops layers: empty tensors the file's are copied into
+        model.diffusion_model.to_empty(device=initial_device)
+    if layers.cast_to_model_dtypes:
         state_dict = cast_to_model_dtypes(model.diffusion_model, state_dict, dtype)
     missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False, assign=assign)
-    missing = [k for k in missing if not k.endswith(OPTIONAL_SCALES)]  # absent scales are 1
+    missing = [k for k in missing if not k.endswith(scaled_fp8.SCALE_SUFFIXES)]  # absent scales are 1
     if missing or unexpected:
         raise InvalidInputError(
             f"GLM-Image DiT weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -127,12 +125,14 @@ def release_run_state(executor, *args, **kwargs):
 
 
 class ComfyW4A16Linear(w4a16.W4A16Linear):
-    """A 4-bit layer (AutoRound/GPTQ packing, glm_image_core.w4a16) as ComfyUI's ModelPatcher handles comfy.ops
-    layers. `comfy_cast_weights` marks it as a layer whose tensors may stay on the offload device when a partial
-    (low-VRAM) load does not fit them: its forward reads the packed tensors and the bias on the input's device at each
-    call and leaves the parameters where ComfyUI put them. `weight_function`/`bias_function` are where the patcher hangs
-    low-VRAM patches; only a bias can be patched (LoRA keys for the weight find no `.weight` and are not loaded), and
-    `weight = None` is what the patchers of ComfyUI 0.33 find when they look up `<layer>.weight`. The forward
+    """A 4-bit layer (AutoRound/GPTQ packing, ``formats.w4a16``) as ComfyUI's ModelPatcher handles comfy.ops layers.
+    `comfy_cast_weights` marks it as a layer whose tensors may stay on the offload device when a partial (low-VRAM)
+    load does not fit them: its forward reads the packed tensors and the bias on the input's device at each call and
+    leaves the parameters where ComfyUI put them. The patcher hangs its patches of the bias where comfy.ops layers
+    read them (`bias_lowvram_function`, set by ComfyUI 0.33's dynamic VRAM, then the `bias_function` list); only a
+    bias can be patched (LoRA keys for the weight find no `.weight` and are not loaded), and `weight = None` is what
+    the patchers of ComfyUI 0.33 find when they look up `<layer>.weight`. Under dynamic VRAM the packed tensors are
+    loaded whole (they are no comfy.ops weight that comfy-aimdo could stream; the 4-bit DiT is 3.5 GiB). The forward
     dequantises (the DiT is compute-bound; and torch's int4 matmul would move the packed tensors itself, which is
     ComfyUI's to do)."""
 
@@ -149,49 +149,83 @@ class ComfyW4A16Linear(w4a16.W4A16Linear):
         out = self.project(x)
         if self.bias is None:
             return out
+        patches = [getattr(self, "bias_lowvram_function", None), *self.bias_function]  # comfy.ops' order
+        patches = [patch for patch in patches if patch is not None]
         # a copy when patched, as comfy.ops casts: the patches (comfy.lora.calculate_weight) work in place
-        bias = self.bias.to(x.device, x.dtype, copy=bool(self.bias_function))
-        for patch in self.bias_function:
+        bias = self.bias.to(x.device, x.dtype, copy=bool(patches))
+        for patch in patches:
             bias = patch(bias)
         return out + bias
 
 
-SCALED_OPS, MIXED_OPS, W4A16 = "scaled_fp8", "mixed_ops", w4a16.W4A16
-OPTIONAL_SCALES = (".scale_weight", ".scale_input")
 MIXED_OPS_VERSION = "0.33"  # the ComfyUI with mixed-precision layers (comfy/quant_ops.py) the pack is tested with
 
 
-def use_quantisation(
-    model_config, state_dict: dict, model_options: dict, packing: w4a16.W4A16Format | None = None
-) -> tuple[dict, str | None]:
-    """Set up ComfyUI's layers for a quantised file, as comfy.sd.load_diffusion_model_state_dict does. ComfyUI with
-    mixed-precision layers (comfy.utils.convert_old_quants) turns a scaled-fp8 file (`scaled_fp8` marker,
-    per-Linear `scale_weight`) into per-layer `comfy_quant` configs and runs those, in every format it knows; ComfyUI
-    0.3.x builds scaled-fp8 Linear layers from the marker and cannot read per-layer files. A 4-bit checkpoint
-    (`packing`, from its config's quantization_config) gets our 4-bit layers on every version. Returns the state dict
-    to load and which applies (None: not quantised). Custom operations (a GGUF-style loader) get the state dict as it
-    is, beside the 4-bit layers."""
-    if packing is not None:
-        return state_dict, W4A16
-    if "custom_operations" in model_options:
-        return state_dict, None
-    if hasattr(comfy.utils, "convert_old_quants"):
-        state_dict, _ = comfy.utils.convert_old_quants(state_dict, "", metadata={})
-        model_config.quant_config = comfy.utils.detect_layer_quantization(state_dict, "")
-        return state_dict, MIXED_OPS if model_config.quant_config else None
-    layer = next((k.removesuffix(COMFY_QUANT_MARKER) for k in state_dict if k.endswith(COMFY_QUANT_MARKER)), None)
-    if layer is not None:
-        raise InvalidInputError(
-            f"This DiT file is in ComfyUI's per-layer quantised format (comfy_quant markers, e.g. on {layer}), which "
-            f"needs ComfyUI's mixed-precision layers: this ComfyUI ({comfyui_version()}) has none. Update ComfyUI to "
-            f"{MIXED_OPS_VERSION} or newer, or load the bf16 weights or a scaled-fp8 file "
-            "(save_single_file(..., scaled_fp8=True)), which this ComfyUI reads."
-        )
-    if SCALED_FP8_MARKER not in state_dict:
-        return state_dict, None
-    marker = state_dict.pop(SCALED_FP8_MARKER)
-    model_config.scaled_fp8 = torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype
-    return state_dict, SCALED_OPS
+class HostLayers:
+    """Which ComfyUI layers a weight format's tensors are loaded into, and what that asks of the loader. One place
+    per format of ``glm_image_core.formats`` that ComfyUI runs with other layers than its plain ones:
+
+    - plain: comfy.ops' layers for the weight dtype;
+    - scaled_fp8 and comfy_quant: ComfyUI's own quantised layers, as comfy.sd sets them up for its files (0.33's
+      mixed-precision layers run both; 0.3.x has scaled-fp8 layers only, and refuses per-layer files);
+    - w4a16: ``ComfyW4A16Linear`` s in place of the Linear modules the checkpoint packs.
+    A GGUF-style loader's custom operations take the state dict as it is, beside 4-bit layers."""
+
+    def __init__(self, fmt: formats.WeightFormat, packed: w4a16.W4A16Settings | None, custom: bool):
+        self.format, self.packed, self.custom = fmt, packed, custom
+        self.mixed_precision = False  # ComfyUI 0.33's mixed-precision layers (they cast for themselves)
+
+    @classmethod
+    def for_format(cls, fmt: formats.WeightFormat, config: dict, model_options: dict) -> HostLayers:
+        packed = w4a16.read_settings(config, "the DiT's config") if fmt is formats.W4A16 else None
+        return cls(fmt, packed, "custom_operations" in model_options)
+
+    @property
+    def quantised(self) -> bool:
+        return self.format is not formats.PLAIN and not self.custom
+
+    @property
+    def cast_to_model_dtypes(self) -> bool:
+        """Quantised layers of ComfyUI take fp8 + scales as is; 4-bit layers keep their int32 codes and float16
+        scales (their other tensors are cast)."""
+        return not self.custom and self.format in (formats.PLAIN, formats.W4A16)
+
+    def prepare(self, model_config, state_dict: dict) -> dict:
+        """Set up ``model_config`` for these layers, as comfy.sd does for ComfyUI's own files; the state dict to
+        load."""
+        if self.custom or self.format in (formats.PLAIN, formats.W4A16):
+            return state_dict
+        if hasattr(comfy.utils, "convert_old_quants"):  # per-layer configs for both of ComfyUI's formats
+            state_dict, _ = comfy.utils.convert_old_quants(state_dict, "", metadata={})
+            model_config.quant_config = comfy.utils.detect_layer_quantization(state_dict, "")
+            self.mixed_precision = bool(model_config.quant_config)
+            return state_dict
+        if self.format is formats.COMFY_QUANT:
+            layer = next(k for k in state_dict if k.endswith(comfy_quant.MARKER_SUFFIX))
+            raise InvalidInputError(
+                f"This DiT file is in ComfyUI's per-layer quantised format (comfy_quant markers, e.g. on "
+                f"{layer.removesuffix(comfy_quant.MARKER_SUFFIX)}), which needs ComfyUI's mixed-precision layers: this "
+                f"ComfyUI ({comfyui_version()}) has none. Update ComfyUI to {MIXED_OPS_VERSION} or newer, or load the "
+                "bf16 weights or a scaled-fp8 file (save_single_file(..., scaled_fp8=True)), which this ComfyUI reads."
+            )
+        marker = state_dict.pop(scaled_fp8.MARKER)  # as comfy.model_detection reads it
+        model_config.scaled_fp8 = torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype
+        model_config.optimizations["fp8"] = not scaled_fp8.weight_only(marker)
+        return state_dict
+
+    def build(self, model_config, state_dict: dict, dtype: torch.dtype, device):
+        """The BaseModel with these layers, its weights not loaded yet. A 4-bit DiT is built on the meta device
+        and its packed layers are swapped in there, before anything is allocated: no full-precision weight of a
+        packed layer is ever made. They replace the Linear modules ComfyUI built, before the patcher (ComfyUI 0.3.x
+        measures the model's size when it is made), rather than entering as model_options["custom_operations"]: an
+        operations class builds every Linear alike and cannot tell which the checkpoint packs, and that seam stays
+        free for the user's own (GGUF-style) operations."""
+        if self.packed is None:
+            return model_config.get_model(state_dict, "", device=device)
+        model = model_config.get_model(state_dict, "", device="meta")
+        model.device = device
+        w4a16.swap_linears(model.diffusion_model, state_dict, self.packed, dtype, "meta", ComfyW4A16Linear)
+        return model
 
 
 def comfyui_version() -> str:

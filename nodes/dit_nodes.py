@@ -49,8 +49,8 @@ class DiTLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, dit, weight_dtype) -> io.NodeOutput:
-        config, state_dict = loading.read_checked_weights(paths.resolve(paths.DIT, dit), loading.TRANSFORMER)
-        return io.NodeOutput(load_dit_patcher(state_dict, config, weight_dtype))
+        weights = loading.read_checked_weights(paths.resolve(paths.DIT, dit), loading.TRANSFORMER)
+        return io.NodeOutput(load_dit_patcher(weights.state_dict, weights.config, weight_dtype, fmt=weights.format))
 
 
 class ModelSampling(io.ComfyNode):

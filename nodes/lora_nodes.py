@@ -17,7 +17,7 @@ import comfy.lora_convert
 import comfy.utils
 from comfy_api.latest import io
 
-from ..glm_image_core import ar_lora, w4a16
+from ..glm_image_core import ar_lora, formats
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.lora import diffusers_lora_names, layers_changed, unmatched_lora_keys
 from . import paths
@@ -63,7 +63,7 @@ def check_no_packed_layers(diffusion_model, lora: dict, source: str) -> None:
     """InvalidInputError when the LoRA changes a layer this DiT holds in 4 bits (AutoRound/GPTQ): a packed weight
     cannot take a patch (ComfyUI's patcher would find no `.weight` for it), and applying the rest of the LoRA would
     give an image the LoRA was never trained for."""
-    packed = [name for name, m in diffusion_model.named_modules() if isinstance(m, w4a16.W4A16Linear)]
+    packed = [name for name, m in diffusion_model.named_modules() if formats.of_layer(m) is formats.W4A16]
     changed = layers_changed(lora, packed)
     if changed:
         raise InvalidInputError(

@@ -36,5 +36,5 @@ class VAELoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae) -> io.NodeOutput:
-        config, state_dict = loading.read_checked_weights(paths.resolve(paths.VAE, vae), loading.VAE)
-        return io.NodeOutput(load_glm_image_vae(state_dict, config))
+        weights = loading.read_checked_weights(paths.resolve(paths.VAE, vae), loading.VAE, as_stored=False)
+        return io.NodeOutput(load_glm_image_vae(weights.state_dict, weights.config))

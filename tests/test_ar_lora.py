@@ -11,8 +11,9 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, GlmImageForConditionalGeneration, GlmImageProcessor
 
-from glm_image_core import ar, ar_lora, quant
+from glm_image_core import ar, ar_lora
 from glm_image_core.errors import InvalidInputError
+from glm_image_core.formats import int8
 from glm_image_core.loading import load_ar_model
 from tests.test_ar import PEAKED_SCALE, greedy_generate_logits, seeded
 
@@ -113,8 +114,8 @@ def dequantised_copy(model_int8, base):
     """transformers' model with the int8 model's decoder projections as float32 weights: what int8 stands for."""
     model = copy.deepcopy(base)
     for name, module in model_int8.named_modules():
-        if isinstance(module, quant.Int8Linear):
-            model.get_submodule(name).weight.data = quant.dequantize_int8(module.weight, module.weight_scale)
+        if isinstance(module, int8.Int8Linear):
+            model.get_submodule(name).weight.data = int8.dequantise_int8(module.weight, module.weight_scale)
     return model
 
 
@@ -129,7 +130,7 @@ def relative_l2_per_step(got, expected):
 
 
 def test_with_int8_weights_the_merge_gives_peft_over_the_int8_weights(tiny_model_dir, base, inputs, tmp_path):
-    model = load_ar_model(tiny_model_dir, dtype=torch.float32, quantization="int8")
+    model = load_ar_model(tiny_model_dir, dtype=torch.float32, quantisation="int8")
     peft_model = make_adapter(dequantised_copy(model, base), tmp_path, **ADAPTERS["attention, a list, dropout"])
     out, tokens, input_ids = greedy_generate_logits(peft_model, inputs, STEPS)
     expected = torch.cat(out.logits)
@@ -142,7 +143,7 @@ def test_with_int8_weights_the_merge_gives_peft_over_the_int8_weights(tiny_model
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_the_model_has_its_own_tensors_again_after_the_run(tiny_model_dir, base, tmp_path, quantization):
     make_adapter(base, tmp_path, **ADAPTERS["attention, a list, dropout"])
-    model = load_ar_model(tiny_model_dir, dtype=torch.float32, quantization=quantization)
+    model = load_ar_model(tiny_model_dir, dtype=torch.float32, quantisation=quantization)
     before = {name: (param, param.detach().clone()) for name, param in model.named_parameters()}
     with ar_lora.merged(model, with_adapter(tmp_path)):
         q_proj = model.model.language_model.layers[0].self_attn.q_proj

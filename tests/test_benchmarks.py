@@ -155,5 +155,5 @@ def test_the_benchmarks_4bit_packing_is_auto_rounds(tmp_path):
         getattr(library, name).copy_(getattr(ours, name))
     with torch.no_grad():
         library_weight = library.float()(torch.eye(256)).t()
-    assert torch.equal(ours.dequantize(torch.float32), library_weight)
+    assert torch.equal(ours.dequantise(torch.float32), library_weight)
     assert ((library_weight - linear.weight).norm() / linear.weight.norm()).item() < 0.15

@@ -62,8 +62,8 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def comfy_vae(reference):
     _, folder = reference
-    config, state_dict = loading.read_checked_weights(folder, loading.VAE)
-    return vae_module.load_glm_image_vae(state_dict, config, dtype=torch.float32)
+    weights = loading.read_checked_weights(folder, loading.VAE, as_stored=False)
+    return vae_module.load_glm_image_vae(weights.state_dict, weights.config, dtype=torch.float32)
 
 
 def report(what: str, value: float) -> None:
@@ -83,8 +83,8 @@ def test_published_checkpoint_keys_are_the_module_keys():
 def test_tiny_weights_load_into_a_stock_vae_without_leftovers(reference, comfy_vae, caplog):
     model, folder = reference
     with caplog.at_level(logging.WARNING):
-        config, state_dict = loading.read_checked_weights(folder, loading.VAE)
-        vae = vae_module.load_glm_image_vae(state_dict, config, dtype=torch.float32)
+        weights = loading.read_checked_weights(folder, loading.VAE, as_stored=False)
+        vae = vae_module.load_glm_image_vae(weights.state_dict, weights.config, dtype=torch.float32)
     assert not [r for r in caplog.records if "VAE keys" in r.getMessage()]
 
     assert isinstance(vae, comfy.sd.VAE)

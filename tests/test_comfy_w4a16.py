@@ -39,7 +39,7 @@ dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
 model_sampling = comfy_host.import_pack_module("nodes.model_sampling")
 lora_nodes = comfy_host.import_pack_module("nodes.lora_nodes")
 paths = comfy_host.import_pack_module("nodes.paths")
-w4a16 = comfy_host.import_pack_module("glm_image_core.w4a16")  # the pack's copy: the class its layers are
+w4a16 = comfy_host.import_pack_module("glm_image_core.formats.w4a16")  # the pack's copy: the class its layers are
 InvalidInputError = comfy_host.import_pack_module("glm_image_core.errors").InvalidInputError
 
 FOLDER = "GLM-Image-int4-AutoRound"  # under a glm_image root, as downloaded
@@ -96,14 +96,14 @@ def test_the_dit_loader_lists_and_loads_4bit_folders_in_diffusion_models_as_the_
     with torch.no_grad():
         expected = core_dit(*dit_inputs())
     assert relative_error(velocity(patcher), expected) <= 1e-6
-    assert next(iter(layers.values())).kernel == w4a16.W4A16Linear.DEQUANTIZE
+    assert next(iter(layers.values())).kernel == w4a16.W4A16Linear.DEQUANTISE
 
 
 def test_the_model_size_comfyui_sees_is_the_4bit_bytes(glm, autoround_model_dir, tiny_model_dir):
     """Every packed layer weighs its codes, zero points and float16 scales instead of its bf16 weight."""
     bf16 = {"dtype": torch.bfloat16}
-    config, state_dict = paths.loading.read_checked_weights(autoround_model_dir, paths.loading.TRANSFORMER)
-    patcher = dit_loading.load_dit_patcher(state_dict, config, model_options=bf16)
+    weights = paths.loading.read_checked_weights(autoround_model_dir, paths.loading.TRANSFORMER)
+    patcher = dit_loading.load_dit_patcher(weights.state_dict, weights.config, model_options=bf16, fmt=weights.format)
     full = tiny_patcher(tiny_model_dir, SIZE, SIZE, model_options=bf16)
     layers = packed_layers(patcher)
     packed_bytes = sum(m.qweight.nbytes + m.qzeros.nbytes + m.scales.nbytes for m in layers.values())

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.host
 import comfy.model_management  # noqa: E402
 import comfy.ops  # noqa: E402
 
-from glm_image_core import comfy_quant  # noqa: E402
+from glm_image_core.formats import comfy_quant  # noqa: E402
 from glm_image_core.loading import load_transformer, read_state_dict, save_single_file  # noqa: E402
 from tests.comfy_glm import dit_loading, model_sampling, sample, tiny_patcher  # noqa: E402
 from tests.test_scaled_fp8 import MAX_OUTPUT_ERROR, dit_inputs, relative_error  # noqa: E402
@@ -32,8 +32,10 @@ def float32_dit(tiny_model_dir):
 
 
 def load(path, weight_dtype="default", model_options=None):
-    config, state_dict = loading.read_checked_weights(path, loading.TRANSFORMER)
-    patcher = dit_loading.load_dit_patcher(state_dict, config, weight_dtype, model_options=model_options)
+    weights = loading.read_checked_weights(path, loading.TRANSFORMER)
+    patcher = dit_loading.load_dit_patcher(
+        weights.state_dict, weights.config, weight_dtype, model_options=model_options, fmt=weights.format
+    )
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     return patcher
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch._C._profiler import _EventType
 
-from glm_image_core import ar, loading, memory
+from glm_image_core import ar, formats, loading, memory
 from glm_image_core.errors import GenerationCancelled
 from tests.benchmark_scripts import import_script
 
@@ -31,7 +31,7 @@ def models(tiny_model_dir, autoround_model_dir):
     return {
         "fp32": loading.load_ar_model(tiny_model_dir, dtype=torch.float32, trim=True),
         "bf16": loading.load_ar_model(tiny_model_dir, dtype=torch.bfloat16, trim=True),
-        "int8": loading.load_ar_model(tiny_model_dir, dtype=torch.bfloat16, quantization="int8", trim=True),
+        "int8": loading.load_ar_model(tiny_model_dir, dtype=torch.bfloat16, quantisation="int8", trim=True),
         "4-bit": loading.load_ar_model(autoround_model_dir, dtype=torch.bfloat16, trim=True),
     }
 
@@ -120,5 +120,5 @@ def test_a_dequantising_4bit_matmul_allocates_what_the_estimate_counts(in_featur
     x = torch.randn(8, in_features, dtype=torch.bfloat16)
     with torch.no_grad():
         measured = allocation_peak(lambda: layer(x))
-    estimate = sum(memory.w4_matmul_bytes(in_features, out_features, 8, 2).values())
+    estimate = sum(formats.W4A16.many_rows_matmul_bytes(in_features, out_features, 8, 2)["matmul"].values())
     assert abs(estimate - measured) <= TOLERANCE * measured, (estimate, measured)

@@ -6,7 +6,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from glm_image_core import ar, memory, w4a16
+from glm_image_core import ar, memory
+from glm_image_core.formats import w4a16
 from glm_image_core.pipeline import generate, initial_noise, load_models
 
 HEIGHT, WIDTH, STEPS, SEED = 512, 768, 3, 7
@@ -122,7 +123,7 @@ def test_an_offloaded_edit_runs_the_vision_encoder_in_a_turn_of_its_own(core_mod
 
 
 def test_the_pipeline_runs_with_an_8bit_ar_and_trims_the_decoders_embedding(tiny_model_dir):
-    models = load_models(tiny_model_dir, dtype=torch.float32, ar_quantization="int8")
+    models = load_models(tiny_model_dir, dtype=torch.float32, ar_quantisation="int8")
     parts = memory.ar_bytes_by_component(models.ar_model)
     assert parts["decoder embedding"] == 16384 * 64 * 4  # the code rows only; the table stays in CPU memory
     assert parts["embedding table kept in CPU memory"] == 168064 * 64 * 4

@@ -23,8 +23,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
-from glm_image_core import ar, fast_ar, int8_kernel, loading, quant
+from glm_image_core import ar, fast_ar, loading
 from glm_image_core.errors import ModelFilesError
+from glm_image_core.formats import int8, int8_kernel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def fp32_model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def int8_model(tiny_model_dir):
-    return loading.load_ar_model(tiny_model_dir, dtype=torch.float32, quantization="int8")
+    return loading.load_ar_model(tiny_model_dir, dtype=torch.float32, quantisation="int8")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def projections(model):
     return {
         name: module
         for name, module in model.named_modules()
-        if quant.is_quantized_weight(name + ".weight") and hasattr(module, "weight")
+        if int8.is_quantised_weight(name + ".weight") and hasattr(module, "weight")
     }
 
 
@@ -82,7 +83,7 @@ def test_int8_layers_take_at_most_055_of_their_bf16_bytes(int8_model, fp32_model
 def test_quantize_int8_is_symmetric_per_output_channel():
     weight = torch.tensor([[0.5, -1.0, 0.25], [0.0, 0.0, 0.0], [2.54, 1.27, -0.01]])
     original = weight.clone()
-    q, scale = quant.quantize_int8(weight)
+    q, scale = int8.quantise_int8(weight)
     assert torch.equal(weight, original)  # float32 input: the scratch is a copy
     torch.testing.assert_close(scale, torch.tensor([1 / 127, 1.0, 0.02]))
     assert q.tolist() == [[64, -127, 32], [0, 0, 0], [127, 64, -0]]  # round half to even: 63.5 -> 64, 0.5 -> 0
@@ -93,7 +94,7 @@ def test_int8_per_channel_error_is_a_quarter_of_fp8_e4m3s(fp32_model):
     int8_errors, fp8_errors = [], []
     for module in projections(fp32_model).values():
         w = module.weight.float()
-        int8_errors.append((quant.dequantize_int8(*quant.quantize_int8(w)) - w).norm() / w.norm())
+        int8_errors.append((int8.dequantise_int8(*int8.quantise_int8(w)) - w).norm() / w.norm())
         scale = w.abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max
         fp8_errors.append(((w / scale).to(torch.float8_e4m3fn).float() * scale - w).norm() / w.norm())
     assert max(int8_errors) < 0.01
@@ -131,7 +132,7 @@ def test_fast_decoder_reads_int8_weights_like_the_transformers_loop(int8_model, 
     inputs = ar.build_ar_inputs(processor, "a red 'sign'", 256, 384)
     steps = 6
     decoder = fast_ar.FastDecoder(int8_model, batch=1, max_length=inputs.input_ids.shape[1] + steps)
-    assert decoder.layers[0].kv_weight.dtype == torch.int8 and decoder.layers[0].kv_scale.dtype == torch.float32
+    assert decoder.layers[0].kv.q.dtype == torch.int8 and decoder.layers[0].kv.scale.dtype == torch.float32
     cos, sin = decoder.rope(inputs.decode_position_ids)
     cache = DynamicCache(config=int8_model.config)
     prompt_length = inputs.input_ids.shape[1]
@@ -181,7 +182,7 @@ def test_trimmed_embedding_keeps_only_the_code_rows_as_a_parameter_and_embeds_th
 def test_exported_file_round_trips(exported, int8_model):
     with safe_open(exported, framework="pt") as f:
         metadata = f.metadata()
-    assert metadata["glm_image_ar"] == loading.AR_INT8_FORMAT
+    assert metadata["glm_image_ar"] == int8.EXPORT_TAG
     assert json.loads(metadata["config"])["model_type"] == "glm_image"
     again = loading.load_ar_model(exported, dtype=torch.float32)
     ours, theirs = dict(again.named_parameters()), dict(int8_model.named_parameters())
@@ -254,7 +255,8 @@ PEAK_SCRIPT = textwrap.dedent(
     import json, sys, threading, time
     import torch
     from transformers import GenerationConfig, GlmImageConfig, GlmImageForConditionalGeneration
-    from glm_image_core import loading, quant
+    from glm_image_core import loading
+    from glm_image_core.formats import int8
 
     def rss_kb():  # (anonymous, anonymous + file-backed): safetensors tensors may stay mmap-backed
         with open("/proc/self/status") as f:
@@ -269,7 +271,7 @@ PEAK_SCRIPT = textwrap.dedent(
             peak[:] = [max(a, b) for a, b in zip(peak, now)]
             time.sleep(0.0005)
     thread = threading.Thread(target=watch); thread.start()
-    model = loading.load_ar_model(sys.argv[1], dtype=torch.bfloat16, quantization=sys.argv[2] or None)
+    model = loading.load_ar_model(sys.argv[1], dtype=torch.bfloat16, quantisation=sys.argv[2] or None)
     done.set(); thread.join()
     resident = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     print(json.dumps({"anon": (peak[0] - base[0]) * 1024, "total": (peak[1] - base[1]) * 1024, "model": resident}))
@@ -342,7 +344,7 @@ def test_quantising_while_reading_keeps_the_memory_peak_near_the_8bit_size(mediu
 
 def test_quantising_a_loaded_model_in_place_equals_quantising_while_reading(tiny_model_dir, int8_model):
     model = loading.load_ar_model(tiny_model_dir, dtype=torch.float32)
-    assert len(quant.quantize_model_(model)) == 12
+    assert len(int8.quantise_model_(model)) == 12
     ours, theirs = dict(model.named_parameters()), dict(int8_model.named_parameters())
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -352,7 +354,7 @@ def test_quantising_a_loaded_model_in_place_equals_quantising_while_reading(tiny
 def test_text_to_image_decoding_never_reads_the_vision_encoder(tiny_model_dir, processor, fast):
     """The vision encoder and VQ model on the meta device (no data: any read fails): both decode loops still run,
     so text to image needs only the decoder on the GPU."""
-    model = loading.load_ar_model(tiny_model_dir, dtype=torch.float32, quantization="int8", trim=True)
+    model = loading.load_ar_model(tiny_model_dir, dtype=torch.float32, quantisation="int8", trim=True)
     model.model.visual.to("meta")
     model.model.vqmodel.to("meta")
     inputs = ar.build_ar_inputs(processor, "a cat", 256, 256)
@@ -372,9 +374,9 @@ def test_an_export_with_a_broken_generation_config_is_refused(exported, tmp_path
 def int8_case(rows: int, seed: int = 0, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(96, 256, generator=g) * torch.rand(96, 1, generator=g)  # rows of different scales
-    q, scale = quant.quantize_int8(weight)
+    q, scale = int8.quantise_int8(weight)
     x = torch.randn(rows, 256, generator=g).to(dtype)
-    exact = x.float() @ quant.dequantize_int8(q, scale).T  # float32 product with the weight the layer stands for
+    exact = x.float() @ int8.dequantise_int8(q, scale).T  # float32 product with the weight the layer stands for
     return x, q, scale, exact
 
 
@@ -394,7 +396,7 @@ def test_the_eager_int8_matmul_applies_the_scale_in_float32():
     """bf16 in and out: the bf16 matmul output rounded once more after the float32 scale (measured ~1.4x the error of
     rounding the exact product to bf16 once); with the scale rounded to bf16 first (what this replaced) ~1.7x."""
     x, q, scale, exact = int8_case(64, seed=1)
-    ours = relative_error(quant.int8_linear(x, q, scale), exact)
+    ours = relative_error(int8.int8_linear(x, q, scale), exact)
     one_rounding = relative_error(exact.to(torch.bfloat16), exact)
     bf16_scale = relative_error(F.linear(x, q.to(x.dtype)) * scale.to(x.dtype), exact)
     assert ours <= 1.55 * one_rounding, (ours, one_rounding)

@@ -10,7 +10,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from glm_image_core.errors import ModelFilesError
-from glm_image_core.loading import SCALED_FP8_MARKER, load_transformer, read_state_dict, save_single_file
+from glm_image_core.formats.scaled_fp8 import MARKER as SCALED_FP8_MARKER
+from glm_image_core.loading import load_transformer, read_state_dict, save_single_file
 
 # fp8 e4m3 keeps 3 mantissa bits: each weight within 2^-4 of itself (relative, ~3.6% RMS); through the tiny DiT the
 # velocity is 5.1% off the float32 model's (relative L2, measured). Bounded at 8%: rounding, not a wrong scale (every
@@ -79,5 +80,5 @@ def test_quantisations_it_cannot_use_are_refused_by_name(tiny_model_dir, tmp_pat
     state = read_state_dict(tiny_model_dir / "transformer") | extra
     config = (tiny_model_dir / "transformer" / "config.json").read_text()
     save_file(state, tmp_path / "quantised.safetensors", metadata={"config": config})
-    with pytest.raises(ModelFilesError, match=f"holds {named} weights .*proj_out.*scaled-fp8, comfy_quant"):
+    with pytest.raises(ModelFilesError, match=f"holds {named} weights .*proj_out.*scaled fp8, comfy_quant"):
         load_transformer(tmp_path / "quantised.safetensors")

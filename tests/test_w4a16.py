@@ -15,8 +15,9 @@ from diffusers import GlmImageTransformer2DModel as ReferenceDiT
 from safetensors.torch import load_file
 from transformers import DynamicCache, GlmImageForConditionalGeneration
 
-from glm_image_core import ar, fast_ar, w4a16
+from glm_image_core import ar, fast_ar
 from glm_image_core.errors import ModelFilesError
+from glm_image_core.formats import w4a16
 from glm_image_core.loading import (
     AR_MODEL,
     TRANSFORMER,
@@ -118,7 +119,7 @@ def test_dequantised_weights_equal_auto_rounds_own_bit_for_bit(request, model, d
     )
     library = packed_modules(reference, QuantLinear)
     for name, layer in packed_modules(ours, w4a16.W4A16Linear).items():
-        assert torch.equal(layer.dequantize(dtype), library_weight(library[name], dtype)), name
+        assert torch.equal(layer.dequantise(dtype), library_weight(library[name], dtype)), name
 
 
 def test_the_dit_forward_matches_diffusers_with_auto_round(dit, reference_dit):
@@ -157,7 +158,7 @@ def test_the_fast_decoder_reads_4bit_layers_like_the_transformers_loop(ar_model,
     inputs = ar.build_ar_inputs(processor, "a red 'sign'", 256, 384)
     steps = 6
     decoder = fast_ar.FastDecoder(ar_model, batch=1, max_length=inputs.input_ids.shape[1] + steps)
-    assert isinstance(decoder.layers[0].kv_weight, w4a16.W4A16Linear)  # k and v joined, still packed
+    assert isinstance(decoder.layers[0].kv.__self__, w4a16.W4A16Linear)  # k and v joined, still packed
     cos, sin = decoder.rope(inputs.decode_position_ids)
     cache = DynamicCache(config=ar_model.config)
     prompt_length = inputs.input_ids.shape[1]
@@ -184,7 +185,7 @@ def test_4bit_dit_output_error_against_the_unquantised_dit(dit, tiny_model_dir, 
     zero point gives errors near 100%."""
     full = load_transformer(tiny_model_dir, dtype=torch.float32)
     weights = [
-        relative_error(layer.dequantize(), full.get_submodule(name).weight)
+        relative_error(layer.dequantise(), full.get_submodule(name).weight)
         for name, layer in packed_modules(dit, w4a16.W4A16Linear).items()
     ]
     latent, glyph, prior, timestep, target, crop = make_inputs(reference_dit, 2, 512, 512, text_len=7)
@@ -225,7 +226,7 @@ def test_act_order_g_idx_dequantises_like_auto_round():
     groups = 256 // GROUP_SIZE
     g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(1)).to(torch.int32) % groups
     library = random_layer(g_idx=g_idx)
-    ours = w4a16.dequantize(library.qweight, library.qzeros, library.scales, GROUP_SIZE, g_idx, torch.float32)
+    ours = w4a16.dequantise(library.qweight, library.qzeros, library.scales, GROUP_SIZE, g_idx, torch.float32)
     assert torch.equal(ours, library_weight(library, torch.float32))
     assert not w4a16.int4pack_supported(256, 64, GROUP_SIZE, g_idx)  # permuted groups: the dequantising path
 
@@ -247,25 +248,77 @@ def layer_from(library: QuantLinear) -> w4a16.W4A16Linear:
     return layer
 
 
-def test_few_rows_take_the_int4_matmul_where_it_is_enabled_and_many_rows_dequantise(monkeypatch):
-    """CUDA's path, run on the CPU twin of torch's int4 matmul: decode-sized inputs (at most INT4PACK_MAX_ROWS rows)
-    take it, prefill-sized ones the dequantised weight; both compute the layer."""
+def test_a_decode_sized_input_repacks_the_layer_and_every_later_input_takes_the_int4_matmul(monkeypatch):
+    """CUDA's path, run on the CPU twin of torch's int4 matmul: a prefill-sized input before any decode step takes
+    the dequantised weight; the first decode-sized input (at most INT4PACK_MAX_ROWS rows) repacks the layer, whose
+    packed tensors then leave the device; every later input, a prefill's too, takes the repacked copy, so no packed
+    tensor travels to the device again. Every path computes the layer."""
     monkeypatch.setattr(w4a16, "INT4PACK_DEVICES", ("cpu",))
     library = random_layer()
     layer = layer_from(library)
     exact = library_weight(library, torch.float32)
     generator = torch.Generator().manual_seed(3)
-    for rows, kernel in ((1, "int4pack"), (w4a16.INT4PACK_MAX_ROWS, "int4pack"), (40, "dequantize")):
+    for rows, kernel in ((40, "dequantise"), (1, "int4pack"), (w4a16.INT4PACK_MAX_ROWS, "int4pack"), (40, "int4pack")):
         x = torch.randn(rows, 256, generator=generator).to(torch.bfloat16)
         got = layer(x)
         assert layer.kernel == kernel and got.dtype == torch.bfloat16
         assert relative_error(got.float(), x.float() @ exact.t()) <= 0.01
 
 
+def test_a_group_size_that_does_not_divide_the_inputs_dequantises(monkeypatch):
+    """Group size 256 on 384 inputs (the AR's down_proj: 13696 = 53.5 x 256) passes the tiling check (384 = 3 x 128)
+    but not torch's int4 matmul ("K divisible by qGroupSize"): such a layer takes the dequantising path, right.
+    (auto-round's own layer cannot dequantise an incomplete last group; the weight is written out here.)"""
+    monkeypatch.setattr(w4a16, "INT4PACK_DEVICES", ("cpu",))
+    g = torch.Generator().manual_seed(4)
+    layer = w4a16.W4A16Linear(384, 64, False, 256)
+    codes = torch.randint(0, 16, (384, 64), generator=g, dtype=torch.int32)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    layer.qweight.data.copy_((codes.view(48, 8, 64) << shifts[None, :, None]).sum(dim=1, dtype=torch.int32))
+    layer.qzeros.data.fill_(0x77777777)  # zero point 8
+    layer.scales.data.copy_(torch.rand(2, 64, generator=g) * 0.02 + 0.001)
+    weight = (codes - 8).float() * layer.scales.float().repeat_interleave(256, dim=0)[:384]  # [in, out]
+    x = torch.randn(1, 384, generator=g).to(torch.bfloat16)
+    got = layer(x)
+    assert layer.kernel == w4a16.W4A16Linear.DEQUANTISE
+    assert relative_error(got.float(), x.float() @ weight) <= 0.01
+
+
+def test_whether_a_layer_fits_the_int4_matmul_is_decided_once_not_per_call(monkeypatch):
+    """An act-order layer cannot take the int4 matmul; deciding that reads its g_idx back to the host, which a decode
+    step must not do per call (a sync per projection per token, and no CUDA-graph capture)."""
+    monkeypatch.setattr(w4a16, "INT4PACK_DEVICES", ("cpu",))
+    groups = 256 // GROUP_SIZE
+    g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(1)).to(torch.int32) % groups
+    library = random_layer(g_idx=g_idx)
+    layer = w4a16.W4A16Linear(256, 64, False, GROUP_SIZE, g_idx=True)
+    for name in ("qweight", "qzeros", "scales", "g_idx"):
+        getattr(layer, name).data.copy_(getattr(library, name))
+    decided = []
+    supported = w4a16.int4pack_supported
+    monkeypatch.setattr(w4a16, "int4pack_supported", lambda *a: decided.append(1) or supported(*a))
+    for _ in range(5):
+        layer(torch.randn(1, 256).to(torch.bfloat16))
+    assert layer.kernel == w4a16.W4A16Linear.DEQUANTISE and len(decided) == 1
+
+
+def test_gpus_older_than_ampere_dequantise_instead_of_launching_the_int4_matmul(monkeypatch):
+    """torch's CUDA int4 matmul needs compute capability 8.0: on a Turing/Volta/Pascal card the 4-bit layers
+    dequantise (logged once), instead of failing at the first decode step."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    w4a16._cuda_capability_problem.cache_clear()
+    problem = w4a16.device_problem(torch.device("cuda", 0))
+    w4a16._cuda_capability_problem.cache_clear()
+    assert problem is not None and "7.5" in problem
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 6))
+    assert w4a16.device_problem(torch.device("cuda", 0)) is None
+    w4a16._cuda_capability_problem.cache_clear()
+
+
 def test_the_cpu_runs_the_dequantising_path_and_says_so(dit):
     layer = next(iter(packed_modules(dit, w4a16.W4A16Linear).values()))
     layer(torch.randn(2, layer.in_features))
-    assert layer.kernel == w4a16.W4A16Linear.DEQUANTIZE
+    assert layer.kernel == w4a16.W4A16Linear.DEQUANTISE
 
 
 # --- what is refused -------------------------------------------------------------------------------------------------

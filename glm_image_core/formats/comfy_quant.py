@@ -7,9 +7,13 @@ without either are plain weights.
 
 Here: which layers a file marks, the file-level block turned into per-layer markers (what
 comfy.utils.convert_old_quants does, so hosts see one form), the writer for float8_e4m3fn and int8_tensorwise, and
-the dequantisation of the formats whose weight is one stored number per element times a scale, for the host-free
+the dequantisation of the formats whose weight is one stored number per element times a scale, for the core
 loaders. ComfyUI's own layers run every format (nodes/dit_loading.py).
-"""
+
+What the writer's layers ask of ComfyUI's activations: int8_tensorwise layers quantise them per row on the fly
+(W8A8, ComfyUI's int8 kernel); float8 layers are written with `full_precision_matrix_mult`, weight-only (the weight
+is cast for a full-precision matmul), because the writer stores no `input_scale` and ComfyUI would otherwise cast
+the activations to fp8 as they are, clamped at +-448."""
 
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ from collections.abc import Iterable
 
 import torch
 
-from .errors import ModelFilesError
+from ..checkpoint import ComponentFiles, load_tensors
+from ..errors import ModelFilesError
+from .base import WeightFormat
 
 MARKER_SUFFIX = ".comfy_quant"
 FILE_METADATA_KEY = "_quantization_metadata"
@@ -36,6 +42,37 @@ PARAMETER_SUFFIXES = (
 ELEMENTWISE = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2, "int8_tensorwise": torch.int8}
 WRITABLE = ("float8_e4m3fn", "int8_tensorwise")  # what save_single_file(..., quant=...) writes
 LARGEST = {"float8_e4m3fn": 448.0, "int8_tensorwise": 127.0}
+WEIGHT_ONLY = {"full_precision_matrix_mult": True}  # a layer config's key for weight-only layers
+
+
+class ComfyQuantFormat(WeightFormat):
+    name = "comfy_quant"
+    label = "ComfyUI per-layer quantised (comfy_quant)"
+    components = ("transformer", "vae")
+
+    def recognise(self, files: ComponentFiles) -> bool:
+        return bool(marked_layers(files.weights.shapes, files.weights.metadata, files.weights.where))
+
+    def extra_key(self, key: str, expected) -> bool:
+        suffix = next((s for s in (MARKER_SUFFIX, *PARAMETER_SUFFIXES) if key.endswith(s)), None)
+        return suffix is not None and f"{key[: -len(suffix)]}.weight" in expected
+
+    def rows_only(self, files: ComponentFiles) -> set[str]:
+        # 4-bit formats among them pack a weight along its inputs; ComfyUI's layers check those shapes
+        return {
+            f"{layer}.weight"
+            for layer in marked_layers(files.weights.shapes, files.weights.metadata, files.weights.where)
+        }
+
+    def read(self, files: ComponentFiles, dtype: torch.dtype | None, device="cpu") -> dict[str, torch.Tensor]:
+        state_dict = with_file_markers(
+            load_tensors(files.weights, None, device), files.weights.metadata, files.weights.where
+        )
+        return dequantise_state_dict(state_dict, dtype, files.weights.where)
+
+    def read_as_stored(self, files: ComponentFiles, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        # a file-level block becomes per-layer markers, as ComfyUI's loader makes it
+        return with_file_markers(load_tensors(files.weights), files.weights.metadata, files.weights.where)
 
 
 def file_layers(metadata: dict[str, str], where: str) -> dict[str, dict]:
@@ -58,12 +95,6 @@ def marked_layers(keys: Iterable[str], metadata: dict[str, str], where: str) -> 
     return marked | set(file_layers(metadata, where))
 
 
-def is_quantisation_key(key: str, expected) -> bool:
-    """A marker or a scale of a layer whose weight the model has."""
-    suffix = next((s for s in (MARKER_SUFFIX, *PARAMETER_SUFFIXES) if key.endswith(s)), None)
-    return suffix is not None and f"{key[: -len(suffix)]}.weight" in expected
-
-
 def marker(config: dict) -> torch.Tensor:
     """A layer's `.comfy_quant` tensor: its config as JSON bytes, as ComfyUI writes it."""
     return torch.tensor(list(json.dumps(config).encode("utf-8")), dtype=torch.uint8)
@@ -84,7 +115,7 @@ def layer_configs(state_dict: dict[str, torch.Tensor]) -> dict[str, dict]:
     }
 
 
-def dequantise(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None, where: str) -> dict:
+def dequantise_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None, where: str) -> dict:
     """Plain weights from a marked state dict: weight = storage * weight_scale in float32, then ``dtype`` (None:
     float32 for them, the rest as stored). Formats that pack or rotate their weights are refused: ComfyUI's layers
     run them."""
@@ -104,12 +135,13 @@ def dequantise(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None, w
     return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in out.items()}
 
 
-def quantise(state_dict: dict[str, torch.Tensor], layers: Iterable[str], fmt: str) -> dict:
+def quantise_state_dict(state_dict: dict[str, torch.Tensor], layers: Iterable[str], fmt: str) -> dict:
     """ComfyUI's per-layer format: the weight of each of ``layers`` (module names) stored as ``fmt`` with one float32
     `weight_scale` per layer (its largest magnitude / the format's largest value; int8 rounds to nearest) and its
-    marker; the rest as given."""
+    marker (float8: weight-only, see the module's docstring); the rest as given."""
     if fmt not in WRITABLE:
         raise ValueError(f"quant={fmt!r}: the writer makes {' or '.join(WRITABLE)}")
+    config = {"format": fmt, **(WEIGHT_ONLY if fmt.startswith("float8") else {})}
     out = dict(state_dict)
     for layer in layers:
         weight = state_dict[f"{layer}.weight"].float()
@@ -119,5 +151,5 @@ def quantise(state_dict: dict[str, torch.Tensor], layers: Iterable[str], fmt: st
             scaled = scaled.round().clamp(-LARGEST[fmt], LARGEST[fmt])
         out[f"{layer}.weight"] = scaled.to(ELEMENTWISE[fmt])
         out[f"{layer}.weight_scale"] = scale.reshape(())
-        out[f"{layer}{MARKER_SUFFIX}"] = marker({"format": fmt})
+        out[f"{layer}{MARKER_SUFFIX}"] = marker(config)
     return out

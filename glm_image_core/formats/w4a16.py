@@ -12,26 +12,31 @@ The format (``packing_format "auto_round:auto_gptq"``, also GPTQ's own ``quant_m
 - ``bias`` as the layer had it.
 
 The weight is ``w[o, i] = scales[G, o] * (q[i, o] - zero[G, o])`` with ``G = g_idx[i]``. Layers keep these tensors
-(4 bits per weight plus a scale and zero per group) and compute in one of two ways: ``dequantize`` then a matmul
-(CPU, MPS, and on CUDA inputs of many rows such as a prefill or a DiT step, which are compute-bound), or, on CUDA for
-inputs of at most ``INT4PACK_MAX_ROWS`` rows (AR decode steps, bound by reading the weights), torch's int4
-weight-only matmul (``_weight_int4pack_mm``) on a copy repacked at the first call, which reads 4 bits per weight
-and replaces the packed tensors on the device. ``W4A16Linear.kernel`` says which path ran last.
+(4 bits per weight plus a scale and zero per group) and compute in one of two ways: ``dequantise`` then a matmul
+(CPU, MPS, and on CUDA inputs of many rows such as a DiT step, which are compute-bound), or, on CUDA GPUs of compute
+capability 8.0 or newer, torch's int4 weight-only matmul (``_weight_int4pack_mm``, 4 bits read per weight) on a copy
+repacked at the first call of at most ``INT4PACK_MAX_ROWS`` rows (an AR decode step, bound by reading the weights).
+The repacked copy then replaces the packed tensors on the device and serves every later input there (the next
+prefill too: no packed tensor travels to the device again). ``W4A16Linear.kernel`` says which path ran last.
 
 Only what this describes is read: 4 bits, integer, symmetric, weight-only; anything else is refused by name.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelFilesError
+from ..checkpoint import ComponentFiles, load_tensors
+from ..errors import ModelFilesError
+from .base import Projection, WeightFormat
 
-W4A16 = "w4a16"  # check_quantisation's name for these checkpoints
 CODES_PER_WORD = 8
 PACKINGS = {  # quant_method -> the packing formats read here (the first: what a config without one means)
     "auto-round": ("auto_round:auto_gptq", "auto_round:gptq"),
@@ -42,23 +47,30 @@ INT4PACK_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 matmul
 INT4PACK_INNER_K_TILES = 8  # torch's int4 layout: inputs in tiles of 16 x this
 INT4PACK_MAX_ROWS = 16  # inputs of at most this many rows (AR decode steps: one per sample) take the int4 matmul
 INT4PACK_DEVICES = ("cuda",)  # where it runs by default (torch's CPU version is slower than dequantising there)
-DEQUANTIZE_CHUNK = 2**22  # weights dequantised at a time: 16 MB of float32 scratch whatever the layer
+INT4PACK_MIN_CAPABILITY = (8, 0)  # torch's CUDA int4 matmul: Ampere or newer
+DEQUANTISE_CHUNK = 2**22  # weights dequantised (or repacked) at a time: 16 MB of float32 scratch whatever the layer
 
 
 @dataclass(frozen=True)
-class W4A16Format:
+class W4A16Settings:
     """What a checkpoint's ``quantization_config`` says, once checked."""
 
     group_size: int
 
 
-def read_format(config: dict, source: str) -> W4A16Format | None:
+def quant_method(config: dict) -> str | None:
+    """The ``quant_method`` of a model config's ``quantization_config`` ("?" without one; None without the block)."""
+    quant = config.get("quantization_config")
+    return None if quant is None else quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+
+
+def read_settings(config: dict, source: str) -> W4A16Settings | None:
     """The W4A16 format of a model config's ``quantization_config`` (None without one); a ModelFilesError naming
     what is not supported for any other quantisation."""
     quant = config.get("quantization_config")
     if quant is None:
         return None
-    method = quant.get("quant_method", "?")
+    method = quant_method(config)
     quant = {**DEFAULTS, **quant}
     default_packing = PACKINGS.get(method, ("?",))[0]
     packing = quant.get("checkpoint_format" if method == "gptq" else "packing_format", default_packing)
@@ -88,7 +100,7 @@ def read_format(config: dict, source: str) -> W4A16Format | None:
             "symmetric 4-bit integer weights in AutoRound's auto_round:auto_gptq packing or GPTQ's (W4A16, e.g. "
             "Intel/GLM-Image-int4-AutoRound), ComfyUI's quantised files, and the bf16 weights of zai-org/GLM-Image."
         )
-    return W4A16Format(group_size)
+    return W4A16Settings(group_size)
 
 
 def packed_layers(keys) -> list[str]:
@@ -117,7 +129,7 @@ def group_index(in_features: int, group_size: int, g_idx: torch.Tensor | None, d
     return torch.arange(in_features, device=device) // group_size
 
 
-def dequantize(
+def dequantise(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
     scales: torch.Tensor,
@@ -128,13 +140,13 @@ def dequantize(
     """The weight [out, in] a packed layer stands for, in ``dtype`` (a transposed view of an [in, out] tensor, which
     ``F.linear`` reads as is). The product of the float16 scale and the integer code is exact in float32 and is
     rounded once, to ``dtype`` (for float16 and float32 this is AutoRound's own dequantisation, bit for bit). Rows
-    are dequantised ``DEQUANTIZE_CHUNK`` weights at a time, so the float32 scratch stays small whatever the layer."""
+    are dequantised ``DEQUANTISE_CHUNK`` weights at a time, so the float32 scratch stays small whatever the layer."""
     in_features, out_features = qweight.shape[0] * CODES_PER_WORD, qweight.shape[1]
     zeros = unpack_codes(qzeros, 1)[:, :out_features].to(torch.int16) + 1  # the stored value is zero - 1
     scales = scales.float()
     groups = group_index(in_features, group_size, g_idx, qweight.device)
     weight = torch.empty(in_features, out_features, dtype=dtype, device=qweight.device)
-    words = max(1, DEQUANTIZE_CHUNK // (CODES_PER_WORD * out_features))
+    words = max(1, DEQUANTISE_CHUNK // (CODES_PER_WORD * out_features))
     for start in range(0, qweight.shape[0], words):
         rows = slice(start * CODES_PER_WORD, (start + words) * CODES_PER_WORD)
         codes = unpack_codes(qweight[start : start + words], 0).to(torch.int16)
@@ -145,17 +157,23 @@ def dequantize(
 def int4pack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int):
     """(packed weight, scales_and_zeros) for torch's int4 weight-only matmul on qweight's device, which computes
     ``w = (code - 8) * scale + zero`` per group: the codes as stored, and ``zero = (8 - zero point) * scale``
-    (0 for a symmetric checkpoint's zero point 8). Scales become bfloat16, the matmul's only dtype."""
-    codes = unpack_codes(qweight, 0).t().contiguous().to(torch.int32)  # [out, in]
+    (0 for a symmetric checkpoint's zero point 8). Scales become bfloat16, the matmul's only dtype. On CUDA the
+    codes are laid out as the matmul's input, two per byte, for ``DEQUANTISE_CHUNK`` weights at a time: the repack
+    needs about one byte per weight beside the layer (that layout and the packed result), not a copy of the codes
+    in int32."""
     zeros = unpack_codes(qzeros, 1)[:, : scales.shape[1]].float() + 1
     offsets = (8 - zeros) * scales.float()
     scales_and_zeros = torch.stack([scales.float(), offsets], dim=-1).to(torch.bfloat16).contiguous()
-    if codes.is_cuda:
-        pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-        packed = torch.ops.aten._convert_weight_to_int4pack(pairs, INT4PACK_INNER_K_TILES)
-    else:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4PACK_INNER_K_TILES)
-    return packed, scales_and_zeros
+    if not qweight.is_cuda:  # torch's CPU twin takes the codes in int32 [out, in]
+        codes = unpack_codes(qweight, 0).t().contiguous().to(torch.int32)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4PACK_INNER_K_TILES), scales_and_zeros
+    in_features, out_features = qweight.shape[0] * CODES_PER_WORD, qweight.shape[1]
+    pairs = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=qweight.device)
+    step = max(1, DEQUANTISE_CHUNK // in_features)
+    for start in range(0, out_features, step):
+        codes = unpack_codes(qweight[:, start : start + step], 0).t()  # [rows, in] uint8
+        pairs[start : start + step] = codes[:, ::2] << 4 | codes[:, 1::2]
+    return torch.ops.aten._convert_weight_to_int4pack(pairs, INT4PACK_INNER_K_TILES), scales_and_zeros
 
 
 def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor):
@@ -166,13 +184,33 @@ def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_a
 
 
 def int4pack_supported(in_features: int, out_features: int, group_size: int, g_idx: torch.Tensor | None) -> bool:
-    """Whether torch's int4 matmul can run this layer: its group sizes, inputs in whole tiles, outputs by 8, and
-    groups in input order (an act-order ``g_idx`` that permutes them dequantises instead)."""
-    if group_size not in INT4PACK_GROUP_SIZES or in_features % (16 * INT4PACK_INNER_K_TILES) or out_features % 8:
+    """Whether torch's int4 matmul can run this layer: its group sizes, whole groups and whole tiles of inputs,
+    outputs by 8, and groups in input order (an act-order ``g_idx`` that permutes them dequantises instead)."""
+    if group_size not in INT4PACK_GROUP_SIZES or in_features % group_size or out_features % 8:
+        return False
+    if in_features % (16 * INT4PACK_INNER_K_TILES):
         return False
     if g_idx is None:
         return True
     return bool(torch.equal(g_idx.cpu().long(), torch.arange(in_features) // group_size))
+
+
+def device_problem(device: torch.device) -> str | None:
+    """Why torch's int4 matmul cannot run on ``device`` (None when it can)."""
+    if device.type not in INT4PACK_DEVICES:
+        return f"{device.type} is not one of {INT4PACK_DEVICES}"
+    return _cuda_capability_problem(device.index) if device.type == "cuda" else None
+
+
+@functools.cache
+def _cuda_capability_problem(index: int | None) -> str | None:
+    """The compute capability of a CUDA GPU, when too old for torch's int4 matmul; asked and logged once per GPU."""
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) >= INT4PACK_MIN_CAPABILITY:
+        return None
+    problem = f"compute capability {major}.{minor} (torch's int4 matmul needs 8.0 or newer)"
+    logging.warning("GLM-Image: 4-bit layers on cuda:%s dequantise for every matmul: %s.", index, problem)
+    return problem
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,12 +222,14 @@ class W4A16Linear(nn.Module):
     optional ``g_idx``, ``bias``: frozen parameters, so everything that moves or counts a model's parameters sees
     them).
 
-    ``forward``: inputs of at most ``INT4PACK_MAX_ROWS`` rows on a device of ``INT4PACK_DEVICES`` take torch's int4
-    matmul. The layer is repacked for it at the first such call; the repacked copy then stands in for the packed
-    tensors on that device (they go to the CPU, where they stay for the state dict and the next move), so the
-    device holds 4 bits per weight once. Any other input takes the dequantised weight in its dtype."""
+    ``forward``: on a device where torch's int4 matmul runs (``device_problem``), the first input of at most
+    ``INT4PACK_MAX_ROWS`` rows repacks the layer for it; the repacked copy then stands in for the packed tensors on
+    that device (they go to the CPU, where they stay for the state dict and the next move), so the device holds 4
+    bits per weight once, and every later input there takes the int4 matmul. Any other input takes the dequantised
+    weight in its dtype. Whether the int4 matmul can run the layer at all is decided once, not per call (an
+    act-order ``g_idx`` is read back from the device to decide)."""
 
-    DEQUANTIZE, INT4PACK = "dequantize", "int4pack"
+    DEQUANTISE, INT4PACK = "dequantise", "int4pack"
 
     def __init__(
         self,
@@ -218,12 +258,13 @@ class W4A16Linear(nn.Module):
         self.use_int4pack = True
         self.kernel = None  # the path the last forward took
         self._int4pack = None  # (device, packed, scales_and_zeros), made at the first int4 matmul call
+        self._int4pack_fits = None  # whether int4pack_supported holds, once asked
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    def dequantise(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
         device = device or self.qweight.device
         g_idx = None if self.g_idx is None else self.g_idx.to(device)
         tensors = (t.to(device) for t in (self.qweight, self.qzeros, self.scales))
-        return dequantize(*tensors, self.group_size, g_idx, dtype)
+        return dequantise(*tensors, self.group_size, g_idx, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(x)
@@ -232,21 +273,25 @@ class W4A16Linear(nn.Module):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T`` without the bias, in x's dtype."""
         rows = x.numel() // self.in_features
-        if self.use_int4pack and x.device.type in INT4PACK_DEVICES and rows <= INT4PACK_MAX_ROWS:
-            repacked = self._repacked(x.device)
-            if repacked is not None:
-                flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
-                self.kernel = self.INT4PACK
-                out = int4pack_mm(flat, repacked[0], self.group_size, repacked[1])
-                return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        self.kernel = self.DEQUANTIZE
-        return F.linear(x, self.dequantize(x.dtype, x.device))
+        repacked = self._repacked(x.device, may_make=rows <= INT4PACK_MAX_ROWS) if self.use_int4pack else None
+        if repacked is not None:
+            flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
+            self.kernel = self.INT4PACK
+            out = int4pack_mm(flat, repacked[0], self.group_size, repacked[1])
+            return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        self.kernel = self.DEQUANTISE
+        return F.linear(x, self.dequantise(x.dtype, x.device))
 
-    def _repacked(self, device: torch.device):
-        """(packed, scales_and_zeros) on ``device``, made once; None where torch's int4 matmul cannot run the layer."""
+    def _repacked(self, device: torch.device, may_make: bool):
+        """(packed, scales_and_zeros) on ``device``: the copy made there before, or, if ``may_make``, made now; None
+        where torch's int4 matmul cannot run the layer or the device."""
         if self._int4pack is not None and self._int4pack[0] == device:
             return self._int4pack[1:]
-        if not int4pack_supported(self.in_features, self.out_features, self.group_size, self.g_idx):
+        if not may_make or device_problem(device) is not None:
+            return None
+        if self._int4pack_fits is None:
+            self._int4pack_fits = int4pack_supported(self.in_features, self.out_features, self.group_size, self.g_idx)
+        if not self._int4pack_fits:
             return None
         tensors = (t.to(device) for t in (self.qweight, self.qzeros, self.scales))
         self._int4pack = (device, *int4pack(*tensors, self.group_size))
@@ -254,23 +299,22 @@ class W4A16Linear(nn.Module):
             param.data = param.data.cpu()
         return self._int4pack[1:]
 
+    def release_repacked(self) -> None:
+        self._int4pack = None
+
     def _apply(self, fn, recurse=True):
         self._int4pack = None  # a move or cast of the parameters makes the repacked copy stale
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._int4pack = self._int4pack_fits = None  # new tensors: another g_idx, another copy
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"4-bit, group size {self.group_size}"
         )
-
-
-def release_repacked(module: nn.Module) -> None:
-    """Drop the repacked copies made under ``module``: a host that lends a model to the device by swapping tensors'
-    ``.data`` (the core pipeline's stages) never calls ``_apply``, so the copies would outlive the loan."""
-    for layer in module.modules():
-        if isinstance(layer, W4A16Linear):
-            layer._int4pack = None
 
 
 def concat_outputs(layers: list[W4A16Linear]) -> W4A16Linear:
@@ -298,7 +342,7 @@ def concat_outputs(layers: list[W4A16Linear]) -> W4A16Linear:
 def swap_linears(
     model: nn.Module,
     keys,
-    fmt: W4A16Format,
+    settings: W4A16Settings,
     dtype: torch.dtype | None = None,
     device="meta",
     layer_class: type[W4A16Linear] = W4A16Linear,
@@ -319,7 +363,7 @@ def swap_linears(
             linear.in_features,
             linear.out_features,
             f"{name}.bias" in keys,
-            fmt.group_size,
+            settings.group_size,
             f"{name}.g_idx" in keys,
             dtype,
             device,
@@ -334,3 +378,76 @@ def cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | No
     if dtype is None:
         return state_dict
     return {k: t.to(dtype) if t.is_floating_point() and not k.endswith(".scales") else t for k, t in state_dict.items()}
+
+
+class W4A16Format(WeightFormat):
+    name = "w4a16"
+    label = "AutoRound/GPTQ 4-bit (W4A16)"
+    components = ("transformer", "vision_language_encoder")
+    layer_class = W4A16Linear
+
+    def recognise(self, files: ComponentFiles) -> bool:
+        return quant_method(files.config) in PACKINGS
+
+    def check(self, files: ComponentFiles) -> None:
+        read_settings(files.config, files.config_source)
+        if not packed_layers(files.weights.shapes):
+            raise ModelFilesError(
+                f"{files.config_source} describes 4-bit weights, but {files.weights.where} holds no packed layer "
+                "(no `.qweight` tensor). Download the folder again: its config and weights come from different models."
+            )
+
+    def extra_key(self, key: str, expected) -> bool:
+        return False  # the packed layers' tensors are the model's own (build_layers makes them)
+
+    def build_layers(self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None) -> None:
+        swap_linears(model, files.weights.shapes, read_settings(files.config, files.config_source), dtype)
+
+    def read(self, files: ComponentFiles, dtype: torch.dtype | None, device="cpu") -> dict[str, torch.Tensor]:
+        return cast_state_dict(load_tensors(files.weights, None, device), dtype)
+
+    def read_as_stored(self, files: ComponentFiles, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        return load_tensors(files.weights)
+
+    def dequantise(self, layer: nn.Module, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        return layer.dequantise(dtype, device)
+
+    def projection(self, layers: Sequence[nn.Module]) -> Projection:
+        return (layers[0] if len(layers) == 1 else concat_outputs(list(layers))).project
+
+    def release_device_copies(self, layer: nn.Module) -> None:
+        layer.release_repacked()
+
+    def joined_bytes(self, out_features: int, in_features: int, dtype_bytes: int, group_size: int) -> int:
+        groups = -(-in_features // group_size)
+        return out_features * in_features // 2 + int(groups * out_features * (2 + 0.5))  # codes; fp16 scales, zeros
+
+    def many_rows_matmul_bytes(self, in_features: int, out_features: int, rows: int, dtype_bytes: int) -> dict:
+        """A dequantising matmul (before the first decode step made the repacked copy): the weight in the
+        activations' dtype, the scratch of one chunk (the unpacked int32 codes, int16 codes minus the zero points,
+        their float32 copy and the float32 product; 14 bytes a weight, measured) and the output. Checked against
+        measured allocations in tests/test_memory.py."""
+        weights = in_features * out_features
+        return {
+            "matmul": {
+                "weight dequantised to the model dtype": weights * dtype_bytes,
+                "dequantising scratch (one chunk)": min(DEQUANTISE_CHUNK, weights) * (4 + 2 + 4 + 4),
+                "matmul output": rows * out_features * dtype_bytes,
+            }
+        }
+
+    def first_step_bytes(self, in_features: int, out_features: int, group_size: int) -> dict:
+        """The repack of one layer for torch's int4 matmul (``int4pack`` on CUDA), beside its packed tensors."""
+        weights = in_features * out_features
+        chunk = min(DEQUANTISE_CHUNK // in_features, out_features) * in_features
+        return {
+            "codes two per byte": weights // 2,
+            "the repacked copy": weights // 2,
+            "unpacking scratch (one chunk)": chunk * (4 + 4 + 1 + 1),  # shifted int32, masked int32, uint8, transposed
+            "scales and zeros (bf16)": self.device_copy_bytes(in_features, out_features, group_size),
+        }
+
+    def device_copy_bytes(self, in_features: int, out_features: int, group_size: int) -> int:
+        """The repacked copy's scales and zeros (bf16 pairs) beside the layer's own tensors; its codes replace the
+        packed ones on the device, the same bytes."""
+        return -(-in_features // group_size) * out_features * 2 * 2

@@ -1,6 +1,6 @@
 """The int8 decode matmul as one compiled CUDA kernel, with the care a shared process needs: a failure costs one call
 or one generation, never the process, and its reason is kept (``FUSED_KERNEL.unavailable``). The int8 format and
-the layer that calls it are in ``quant``; the kernel runs for decode steps (a few rows) on CUDA only."""
+the layer that calls it are in ``formats.int8``; the kernel runs for decode steps (a few rows) on CUDA only."""
 
 from __future__ import annotations
 
