@@ -166,6 +166,50 @@ def test_a_bias_patch_on_a_packed_layer_applies_alike_in_a_full_and_a_low_vram_l
     assert relative_error(full_load, velocity(patcher)) > 1e-3  # the patch changed the output
 
 
+def test_a_bias_patch_that_dynamic_vram_hangs_on_a_packed_layer_applies(glm):
+    """ComfyUI 0.33's dynamic VRAM (ModelPatcherDynamic, on GPUs only) hangs a layer's bias patch on
+    `bias_lowvram_function` rather than in its bias_function list: the packed layer applies it there too. Hung by
+    hand as ModelPatcherDynamic.load does, the CPU having no dynamic VRAM."""
+    patcher = load_dit(glm)
+    delta = torch.randn(packed_layers(patcher)[PACKED].out_features, generator=torch.Generator().manual_seed(0))
+    patched = patcher.clone()
+    assert patched.add_patches({f"diffusion_model.{PACKED}.bias": (delta,)}, 0.5)
+    comfy.model_management.load_models_gpu([patched], force_full_load=True)
+    full_load = velocity(patched)
+    comfy.model_management.unload_all_models()
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    layer = packed_layers(patcher)[PACKED]
+    key = f"diffusion_model.{PACKED}.bias"
+    layer.bias_lowvram_function = comfy.model_patcher.LowVramPatch(key, patched.patches)
+    try:
+        assert torch.allclose(velocity(patcher), full_load, rtol=1e-5, atol=1e-6)
+    finally:
+        del layer.bias_lowvram_function
+
+
+def test_the_4bit_dit_is_built_on_the_meta_device_and_its_layers_swapped_before_anything_is_allocated(
+    glm, autoround_model_dir, monkeypatch
+):
+    """With the GPU as the first device (--highvram, or more free VRAM than RAM), building the DiT's Linear layers
+    on it before swapping in the 4-bit ones would allocate the whole bf16 DiT on an 8-12 GB card: it is built on the
+    meta device, the packed layers swapped in there, and only then is anything allocated."""
+    built_on = []
+    get_model = dit_loading.GlmImageDiTConfig.get_model
+
+    def watched(self, state_dict, prefix="", device=None):
+        built_on.append(str(device))
+        return get_model(self, state_dict, prefix, device)
+
+    monkeypatch.setattr(dit_loading.GlmImageDiTConfig, "get_model", watched)
+    monkeypatch.setattr(comfy.model_management, "unet_inital_load_device", lambda *a: torch.device("cpu"))
+    weights = paths.loading.read_checked_weights(autoround_model_dir, paths.loading.TRANSFORMER)
+    patcher = dit_loading.load_dit_patcher(weights.state_dict, weights.config, fmt=weights.format)
+    assert built_on == ["meta"]
+    model = patcher.model.diffusion_model
+    assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert packed_layers(patcher)[PACKED].qweight.dtype == torch.int32
+
+
 def test_stock_easycache_skips_dit_calls_on_the_4bit_model_and_stays_near_the_uncached_run(glm):
     patcher = load_dit(glm)
     with torch.no_grad():  # damped as in test_comfy_easycache (a trained DiT's velocity changes slowly)
