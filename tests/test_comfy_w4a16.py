@@ -144,16 +144,22 @@ def test_a_low_vram_load_streams_the_packed_layers_and_computes_the_same(glm):
         patcher.unpatch_model()
 
 
-def test_a_bias_patch_on_a_packed_layer_applies_alike_in_a_full_and_a_low_vram_load(glm):
-    """What ComfyUI's patcher can patch on a 4-bit layer: its bias, in place on a full load, through the layer's
-    bias_function on a partial one."""
-    patcher = load_dit(glm)
+def bias_patched(patcher):
+    """(a clone with a bias patch on a packed layer, its output on a full load)."""
     delta = torch.randn(packed_layers(patcher)[PACKED].out_features, generator=torch.Generator().manual_seed(0))
     patched = patcher.clone()
     assert patched.add_patches({f"diffusion_model.{PACKED}.bias": (delta,)}, 0.5)
     comfy.model_management.load_models_gpu([patched], force_full_load=True)
     full_load = velocity(patched)
     comfy.model_management.unload_all_models()
+    return patched, full_load
+
+
+def test_a_bias_patch_on_a_packed_layer_applies_alike_in_a_full_and_a_low_vram_load(glm):
+    """What ComfyUI's patcher can patch on a 4-bit layer: its bias, in place on a full load, through the layer's
+    bias_function on a partial one."""
+    patcher = load_dit(glm)
+    patched, full_load = bias_patched(patcher)
     bias = packed_layers(patched)[PACKED].bias
     stored = bias.clone()
     low_vram_load(patched)
@@ -171,12 +177,7 @@ def test_a_bias_patch_that_dynamic_vram_hangs_on_a_packed_layer_applies(glm):
     `bias_lowvram_function` rather than in its bias_function list: the packed layer applies it there too. Hung by
     hand as ModelPatcherDynamic.load does, the CPU having no dynamic VRAM."""
     patcher = load_dit(glm)
-    delta = torch.randn(packed_layers(patcher)[PACKED].out_features, generator=torch.Generator().manual_seed(0))
-    patched = patcher.clone()
-    assert patched.add_patches({f"diffusion_model.{PACKED}.bias": (delta,)}, 0.5)
-    comfy.model_management.load_models_gpu([patched], force_full_load=True)
-    full_load = velocity(patched)
-    comfy.model_management.unload_all_models()
+    patched, full_load = bias_patched(patcher)
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     layer = packed_layers(patcher)[PACKED]
     key = f"diffusion_model.{PACKED}.bias"
