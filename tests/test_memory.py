@@ -122,3 +122,20 @@ def test_a_dequantising_4bit_matmul_allocates_what_the_estimate_counts(in_featur
         measured = allocation_peak(lambda: layer(x))
     estimate = sum(formats.W4A16.many_rows_matmul_bytes(in_features, out_features, 8, 2)["matmul"].values())
     assert abs(estimate - measured) <= TOLERANCE * measured, (estimate, measured)
+
+
+def test_the_first_decode_steps_4bit_repack_allocates_what_the_estimate_counts():
+    """The repack of a 4-bit layer for CUDA's int4 matmul (a gate_up-sized layer: 1024 x 8192, four chunks): the code
+    pairs and their scales and zeros are made here as on CUDA; torch's CUDA-only conversion is stood in by an
+    allocation of its output's size (as many bytes as the pairs). The estimate of ``first_step_bytes``, within 10%."""
+    w4a16_layer = import_script("common").w4a16_layer
+    layer = w4a16_layer(torch.nn.Linear(1024, 8192, bias=False))
+    w4a16 = formats.w4a16
+
+    def repack():
+        packed = torch.empty_like(w4a16.code_pairs(layer.qweight))  # _convert_weight_to_int4pack's output
+        return packed, w4a16.int4pack_scales_and_zeros(layer.qzeros, layer.scales)
+
+    measured = allocation_peak(repack)
+    estimate = sum(formats.W4A16.first_step_bytes(1024, 8192, layer.group_size).values())
+    assert abs(estimate - measured) <= TOLERANCE * measured, (estimate, measured)

@@ -157,23 +157,32 @@ def dequantise(
 def int4pack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int):
     """(packed weight, scales_and_zeros) for torch's int4 weight-only matmul on qweight's device, which computes
     ``w = (code - 8) * scale + zero`` per group: the codes as stored, and ``zero = (8 - zero point) * scale``
-    (0 for a symmetric checkpoint's zero point 8). Scales become bfloat16, the matmul's only dtype. On CUDA the
-    codes are laid out as the matmul's input, two per byte, for ``DEQUANTISE_CHUNK`` weights at a time: the repack
-    needs about one byte per weight beside the layer (that layout and the packed result), not a copy of the codes
-    in int32."""
-    zeros = unpack_codes(qzeros, 1)[:, : scales.shape[1]].float() + 1
-    offsets = (8 - zeros) * scales.float()
-    scales_and_zeros = torch.stack([scales.float(), offsets], dim=-1).to(torch.bfloat16).contiguous()
+    (0 for a symmetric checkpoint's zero point 8). Scales become bfloat16, the matmul's only dtype."""
+    scales_and_zeros = int4pack_scales_and_zeros(qzeros, scales)
     if not qweight.is_cuda:  # torch's CPU twin takes the codes in int32 [out, in]
         codes = unpack_codes(qweight, 0).t().contiguous().to(torch.int32)
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4PACK_INNER_K_TILES), scales_and_zeros
+    return torch.ops.aten._convert_weight_to_int4pack(code_pairs(qweight), INT4PACK_INNER_K_TILES), scales_and_zeros
+
+
+def int4pack_scales_and_zeros(qzeros: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """bfloat16 [groups, out, 2]: each group's scale and ``(8 - zero point) * scale``."""
+    zeros = unpack_codes(qzeros, 1)[:, : scales.shape[1]].float() + 1
+    offsets = (8 - zeros) * scales.float()
+    return torch.stack([scales.float(), offsets], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def code_pairs(qweight: torch.Tensor) -> torch.Tensor:
+    """The codes as CUDA's int4 repacking takes them: uint8 [out, in / 2], two codes a byte (the even input in the
+    high bits), made ``DEQUANTISE_CHUNK`` weights at a time: about one byte per weight beside the layer (this and
+    the packed result), not a copy of the codes in int32."""
     in_features, out_features = qweight.shape[0] * CODES_PER_WORD, qweight.shape[1]
     pairs = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=qweight.device)
     step = max(1, DEQUANTISE_CHUNK // in_features)
     for start in range(0, out_features, step):
         codes = unpack_codes(qweight[:, start : start + step], 0).t()  # [rows, in] uint8
         pairs[start : start + step] = codes[:, ::2] << 4 | codes[:, 1::2]
-    return torch.ops.aten._convert_weight_to_int4pack(pairs, INT4PACK_INNER_K_TILES), scales_and_zeros
+    return pairs
 
 
 def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor):
