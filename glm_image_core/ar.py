@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fast_ar, memory
+from . import ar_lora, fast_ar, memory
 from .defaults import AR_GRID_STRIDE, IMAGE_END_ID, IMAGE_START_ID, NUM_VQ_CODES
 from .errors import InvalidInputError
 
@@ -218,7 +218,7 @@ def generate_staged(
             reference_ids = [ids.cpu() for ids in encode_reference_images(model, inputs)]
     working = memory.ar_model_working_bytes(
         model, len(seeds), inputs.input_ids.shape[1], inputs.geometry.num_grid_tokens
-    )
+    ) + ar_lora.update_bytes(sampling.get("loras", ()))
     with decoder_stage(working):
         device = decoder_device(model)
         generators = [torch.Generator(device).manual_seed(seed % 2**64) for seed in seeds]
@@ -339,6 +339,7 @@ def generate_prior_tokens(
     compile_decoder: bool = False,
     cuda_graph: bool | None = None,
     reference_ids: Sequence[torch.Tensor] | None = None,
+    loras: Sequence[ar_lora.ArLora] = (),
 ) -> ARResult:
     """Sample ``len(generators)`` token grids for one prompt, decoded together as a batch.
 
@@ -366,10 +367,9 @@ def generate_prior_tokens(
     e.g. ComfyUI's --disable-cuda-graphs).
     reference_ids: the references' VQ ids from ``encode_reference_images``, when the caller ran the vision encoder
     in a stage of its own (None: encoded here). Only the text decoder and the lm_head need to be on the device for
-    text-to-image, or when ``reference_ids`` are given.
+    text-to-image, or when ``reference_ids`` are given. loras: adapters of the text decoder (``ar_lora``), applied
+    unmerged for this generation; the model is not changed.
     """
-    from transformers import DynamicCache, StaticCache
-
     if not generators:
         raise InvalidInputError("generate_prior_tokens needs at least one torch.Generator (one per sample).")
     config = model.generation_config
@@ -389,7 +389,6 @@ def generate_prior_tokens(
 
     geometry = inputs.geometry
     total = geometry.num_grid_tokens
-    n = len(generators)
     device = decoder_device(model)
 
     if reference_ids is None:
@@ -399,12 +398,12 @@ def generate_prior_tokens(
     if reference_ids:  # the placeholders become the references' VQ ids, as in GlmImageModel.forward
         image_mask = input_ids == model.config.image_token_id
         input_ids = input_ids.masked_scatter(image_mask, torch.cat(reference_ids))
-    prompt_length = input_ids.shape[1]
     position_ids = inputs.position_ids.to(device)  # [3, 1, L]: the prompt is prefilled once for the whole batch
     decode_position_ids = inputs.decode_position_ids.to(device)  # [3, 1, total], the same for every sample
 
     uniforms = torch.stack([torch.rand(total, generator=g, device=g.device).to(device) for g in generators])
     pick = token_picker(temperature, top_k, top_p)
+    updates = ar_lora.projection_updates(loras, device)
     if use_fast_decoder(model, fast):
         tokens = fast_ar.decode(
             model,
@@ -418,14 +417,28 @@ def generate_prior_tokens(
             callback_every=callback_every,
             compile=compile_decoder,
             cuda_graph=cuda_graph,
+            updates=updates,
         )
         return _result(tokens, geometry, inputs, reference_ids)
+    with ar_lora.hooked(model, updates):
+        tokens = _transformers_loop(
+            model, input_ids, position_ids, decode_position_ids, uniforms, pick, callback, static_cache
+        )
+    return _result(tokens, geometry, inputs, reference_ids)
+
+
+def _transformers_loop(model, input_ids, position_ids, decode_position_ids, uniforms, pick, callback, static_cache):
+    """The reference decoder: transformers' forward one token at a time, with its own cache; tokens [N, total]."""
+    from transformers import DynamicCache, StaticCache
+
+    n, total = uniforms.shape
+    prompt_length = input_ids.shape[1]
 
     if static_cache:
         cache = StaticCache(config=model.config, max_cache_len=prompt_length + total)
     else:
         cache = DynamicCache(config=model.config)
-    tokens = torch.empty(n, total, dtype=torch.long, device=device)
+    tokens = torch.empty(n, total, dtype=torch.long, device=input_ids.device)
 
     logits = next_token_logits(model, input_ids, position_ids, cache).expand(n, -1)  # [N, 16512]
     expand_cache(cache, n)
@@ -437,7 +450,7 @@ def generate_prior_tokens(
         if step + 1 < total:  # the last grid token is never fed back: the EOS after it is not sampled
             position = decode_position_ids[:, :, step : step + 1].expand(3, n, 1)
             logits = next_token_logits(model, token[:, None], position, cache)
-    return _result(tokens, geometry, inputs, reference_ids)
+    return tokens
 
 
 def expand_cache(cache, n: int) -> None:

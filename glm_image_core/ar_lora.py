@@ -10,11 +10,11 @@ name modules of ``GlmImageForConditionalGeneration`` behind PEFT's ``base_model.
 (q/k/v/o, gate_up, down) take an update: anything else (``modules_to_save``, DoRA, LoRA biases, other modules) is
 refused by name.
 
-Applied by merging, for the time of a run (``merged``): the fast decoder (``fast_ar``) reads the projection weights
-directly, so a side path beside the weights would need a second code path there, while a merge costs nothing per
-token. The original tensors are put back afterwards: the loaded model is shared (ComfyUI caches it). An int8
-projection (``quant``) is dequantised, merged and quantised again with new per-row scales, as ComfyUI's own
-quantised layers take a LoRA (requantize_from_float with the scale recalculated): one more int8 rounding.
+Applied unmerged, as PEFT computes it: each projection's output gains ``(x @ A.T) @ B.T`` (two thin matmuls, in
+float32, the adapters stacked along the rank), never merged into the weights. So every weight format takes an adapter
+alike (bf16, int8, 4-bit: nothing is rounded back into the stored weights, nothing requantised, however small the
+update), and the loaded model, which ComfyUI caches and shares, is never changed. The fast decoder multiplies with
+the update beside each projection (``updated``); the transformers loop gets it from forward hooks (``hooked``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from . import formats
 from .defaults import AR_DECODER_LAYERS_PREFIX, AR_DECODER_PROJECTIONS
 from .errors import InvalidInputError
 
@@ -47,9 +47,9 @@ class LayerLora:
     up: torch.Tensor  # B [out, rank]
     scaling: float  # alpha / rank, or alpha / sqrt(rank)
 
-    def delta(self, device) -> torch.Tensor:
-        """scaling * B @ A in float32, [out, in]."""
-        return (self.up.to(device, torch.float32) @ self.down.to(device, torch.float32)) * self.scaling
+    def delta(self) -> torch.Tensor:
+        """scaling * B @ A in float32, [out, in] (what merging would add; for tests and measurements)."""
+        return (self.up.float() @ self.down.float()) * self.scaling
 
 
 @dataclass(frozen=True)
@@ -193,11 +193,6 @@ def check_fits(model, layers: dict[str, LayerLora], source: str) -> None:
                 f"{source} updates {module}, which this AR model does not have (an adapter for a model with more "
                 "layers)."
             ) from None
-        if formats.of_layer(linear) is formats.W4A16:
-            raise InvalidInputError(
-                f"{source} updates {module}, which this AR model holds in 4 bits (AutoRound/GPTQ): an adapter cannot "
-                "be merged into packed weights. Load the AR from the bf16 folder (weights full or int8) to use it."
-            )
         shape = (linear.out_features, linear.in_features)
         if (lora.up.shape[0], lora.down.shape[1]) != shape:
             raise InvalidInputError(
@@ -206,40 +201,89 @@ def check_fits(model, layers: dict[str, LayerLora], source: str) -> None:
             )
 
 
-def _merge(linear: torch.nn.Module, parts: list[tuple[LayerLora, float]]) -> None:
-    """Give ``linear`` new weight tensors: its weight plus the updates (an int8 layer requantised per row)."""
-    weight = linear.weight
-    delta = sum(strength * lora.delta(weight.device) for lora, strength in parts)
-    if formats.of_layer(linear) is formats.INT8:
-        q, new_scale = formats.int8.quantise_int8(formats.dequantised_weight(linear) + delta)
-        linear.weight, linear.weight_scale = (torch.nn.Parameter(t, False) for t in (q, new_scale))
-    else:
-        linear.weight = torch.nn.Parameter((weight.float() + delta).to(weight.dtype), weight.requires_grad)
+@dataclass(frozen=True)
+class ProjectionUpdate:
+    """The low-rank update of one projection for a run: x -> (x @ down.T) @ up.T, in float32, on the projection's
+    device; several adapters stacked along the rank, each one's strength * scaling folded into its part of ``up``."""
+
+    down: torch.Tensor  # [R, in] float32
+    up: torch.Tensor  # [out, R] float32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x.float(), self.down), self.up).to(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.down.nbytes + self.up.nbytes
 
 
-@contextmanager
-def merged(model, loras: Sequence[ArLora], backup_device: torch.device | str = "cpu") -> Iterator[None]:
-    """The adapters merged into ``model`` (a GlmImageForConditionalGeneration) while the block runs; afterwards its
-    modules hold their original tensors again, exactly. The originals wait on ``backup_device`` meanwhile, so the
-    device holds one copy of each projection."""
-    updates: dict[str, list[tuple[LayerLora, float]]] = {}
+def projection_updates(loras: Sequence[ArLora], device) -> dict[str, ProjectionUpdate]:
+    """{module name: its update} of every adapter with a strength other than 0, on ``device``."""
+    parts: dict[str, list[tuple[LayerLora, float]]] = {}
     for lora in loras:
         if lora.strength != 0:
             for module, layer in lora.layers.items():
-                updates.setdefault(module, []).append((layer, lora.strength))
-    saved: dict[str, tuple[torch.device, dict[str, torch.nn.Parameter]]] = {}
+                parts.setdefault(module, []).append((layer, lora.strength))
+    return {
+        module: ProjectionUpdate(
+            torch.cat([layer.down for layer, _ in stacked]).to(device, torch.float32),
+            torch.cat([layer.up.float() * (strength * layer.scaling) for layer, strength in stacked], dim=1).to(device),
+        )
+        for module, stacked in parts.items()
+    }
+
+
+def joined(updates: Sequence[ProjectionUpdate | None], out_features: Sequence[int]) -> ProjectionUpdate | None:
+    """One update for projections joined side by side (the fast decoder's k and v): their ``down`` s stacked, their
+    ``up`` s along the diagonal (a projection without an update adds zero rows)."""
+    present = [u for u in updates if u is not None]
+    if not present:
+        return None
+    down = torch.cat([u.down for u in present])
+    up = down.new_zeros(sum(out_features), down.shape[0])
+    row = column = 0
+    for update, out in zip(updates, out_features):
+        if update is not None:
+            up[row : row + out, column : column + update.down.shape[0]] = update.up
+            column += update.down.shape[0]
+        row += out
+    return ProjectionUpdate(down, up)
+
+
+class Updated:
+    """A projection (``formats.Projection``: x -> x @ W.T) with its low-rank update beside it."""
+
+    def __init__(self, projection, update: ProjectionUpdate):
+        self.projection, self.update = projection, update
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(x) + self.update(x)
+
+
+def updated(projection, update: ProjectionUpdate | None):
+    return projection if update is None else Updated(projection, update)
+
+
+@contextmanager
+def hooked(model, updates: dict[str, ProjectionUpdate]) -> Iterator[None]:
+    """The updates added to their modules' outputs by forward hooks while the block runs (the transformers loop, and
+    teacher-forced checks); the hooks are gone afterwards."""
+    handles = [
+        model.get_submodule(module).register_forward_hook(lambda _, args, out, update=update: out + update(args[0]))
+        for module, update in updates.items()
+    ]
     try:
-        for module, parts in updates.items():
-            linear = model.get_submodule(module)
-            originals = {name: getattr(linear, name) for name in ("weight", "weight_scale") if hasattr(linear, name)}
-            saved[module] = (linear.weight.device, originals)
-            _merge(linear, parts)
-            for param in originals.values():
-                param.data = param.data.to(backup_device)
         yield
     finally:
-        for module, (device, originals) in saved.items():
-            linear = model.get_submodule(module)
-            for name, param in originals.items():
-                param.data = param.data.to(device)
-                setattr(linear, name, param)
+        for handle in handles:
+            handle.remove()
+
+
+def update_bytes(loras: Sequence[ArLora]) -> int:
+    """Device bytes of the updates of ``loras`` (float32 ``down`` and ``up``), for the AR's memory estimate."""
+    return sum(
+        (layer.down.numel() + layer.up.numel()) * 4
+        for lora in loras
+        if lora.strength != 0
+        for layer in lora.layers.values()
+    )

@@ -34,8 +34,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import formats
+from . import ar_lora, formats
 from .cuda_graph import StepGraph
+from .defaults import AR_DECODER_LAYERS_PREFIX
 from .errors import InvalidInputError
 from .formats import int8_kernel
 
@@ -212,20 +213,30 @@ def attend_cache(
     return out.reshape(n, heads * d).to(q.dtype)
 
 
-def layer_weights(layer) -> LayerWeights:
-    """The weights of one transformers GlmImageTextDecoderLayer, in any weight format (``formats``)."""
-    attn, mlp = layer.self_attn, layer.mlp
+def layer_weights(layer, name: str, updates: dict[str, ar_lora.ProjectionUpdate]) -> LayerWeights:
+    """The weights of one transformers GlmImageTextDecoderLayer (module ``name``), in any weight format
+    (``formats``), each projection with its adapters' update beside it (``updates``, by module name)."""
+    attn = layer.self_attn
+
+    def projection(*parts: str):
+        modules = [layer.get_submodule(part) for part in parts]
+        parts_updates = [updates.get(f"{name}.{part}") for part in parts]
+        update = (
+            parts_updates[0] if len(parts) == 1 else ar_lora.joined(parts_updates, [m.out_features for m in modules])
+        )
+        return ar_lora.updated(formats.projection(modules), update)
+
     return LayerWeights(
         input_norm=layer.input_layernorm.weight,
-        q=formats.projection([attn.q_proj]),
+        q=projection("self_attn.q_proj"),
         q_bias=attn.q_proj.bias,
-        kv=formats.projection([attn.k_proj, attn.v_proj]),
+        kv=projection("self_attn.k_proj", "self_attn.v_proj"),
         kv_bias=torch.cat([attn.k_proj.bias, attn.v_proj.bias]),
-        o=formats.projection([attn.o_proj]),
+        o=projection("self_attn.o_proj"),
         post_attn_norm=layer.post_self_attn_layernorm.weight,
         mlp_norm=layer.post_attention_layernorm.weight,
-        gate_up=formats.projection([mlp.gate_up_proj]),
-        down=formats.projection([mlp.down_proj]),
+        gate_up=projection("mlp.gate_up_proj"),
+        down=projection("mlp.down_proj"),
         post_mlp_norm=layer.post_mlp_layernorm.weight,
     )
 
@@ -233,10 +244,17 @@ def layer_weights(layer) -> LayerWeights:
 class FastDecoder:
     """The text decoder of one ``GlmImageForConditionalGeneration`` with a static K/V cache in the model's dtype for
     ``batch`` sequences of at most ``max_length`` tokens (prompt + decoded). Holds views of the model's weights (and
-    the fused k/v projections); build one per generation (it is cheap) and drop it afterwards to free the cache and
-    the captured graph."""
+    the fused k/v projections), and the adapters' updates beside them (``updates``: ``ar_lora.projection_updates``);
+    build one per generation (it is cheap) and drop it afterwards to free the cache and the captured graph."""
 
-    def __init__(self, model, batch: int, max_length: int, compile: bool = False):
+    def __init__(
+        self,
+        model,
+        batch: int,
+        max_length: int,
+        compile: bool = False,
+        updates: dict[str, ar_lora.ProjectionUpdate] | None = None,
+    ):
         lm = model.model.language_model
         config = lm.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -249,7 +267,9 @@ class FastDecoder:
         self.embed = lm.embed_tokens.weight  # decode steps feed back VQ codes: rows 0..16383
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.final_norm = lm.norm.weight
-        self.layers = [layer_weights(layer) for layer in lm.layers]
+        self.layers = [
+            layer_weights(layer, f"{AR_DECODER_LAYERS_PREFIX}{i}", updates or {}) for i, layer in enumerate(lm.layers)
+        ]
         self.lm_head = model.lm_head.weight
         self.batch = batch
         self.max_length = math.ceil(max_length / CACHE_BLOCK) * CACHE_BLOCK
@@ -360,6 +380,7 @@ def decode(
     callback_every: int = 16,
     cuda_graph: bool | None = None,
     compile: bool = False,
+    updates: dict[str, ar_lora.ProjectionUpdate] | None = None,
 ) -> torch.Tensor:
     """Sample ``uniforms.shape[1]`` tokens per sample after the prompt; returns them, long [N, total].
 
@@ -368,14 +389,15 @@ def decode(
     fed back), uniforms [N, total] on the model's device, one per token. ``pick(logits[:, :rows], uniforms[:, k])`` chooses token k. callback(step, total, tokens[:, :step]) runs
     every ``callback_every`` tokens and after the last (step = tokens so far); an exception raised in it stops the
     generation. cuda_graph: None = on CUDA devices (False, e.g., for ComfyUI's --disable-cuda-graphs). compile: fuse
-    each decode layer's small kernels with ``torch.compile`` (see ``FastDecoder``).
+    each decode layer's small kernels with ``torch.compile`` (see ``FastDecoder``). updates: adapters' updates of
+    projections, by module name (``ar_lora.projection_updates``).
 
     On CUDA the host queues up to two chunks of ``callback_every`` tokens and reports a chunk once the GPU has
     finished it, so the callback trails the GPU by at most one chunk and a cancel lands within two.
     """
     n, total = uniforms.shape
     int8_kernel.FUSED_KERNEL.retry()  # a kernel error of an earlier generation (a capture, say) does not last
-    decoder = FastDecoder(model, n, input_ids.shape[1] + total, compile=compile)
+    decoder = FastDecoder(model, n, input_ids.shape[1] + total, compile=compile, updates=updates)
     loop = _DecodeLoop(decoder, input_ids.shape[1], decode_position_ids, uniforms, pick, rows)
     loop.first(decoder.prefill(input_ids, position_ids, rows).expand(n, -1))
     cuda_device = decoder.device if decoder.device.type == "cuda" else None

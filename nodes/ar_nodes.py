@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image
 
-from ..glm_image_core import ar, ar_lora, dependencies, formats, loading, memory, preview
+from ..glm_image_core import ar, dependencies, formats, loading, memory, preview
 from ..glm_image_core.defaults import PATCH_STRIDE, TEMPERATURE, TOP_P
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
@@ -198,11 +198,8 @@ class GenerateTokens(io.ComfyNode):
             shown = None if image is None else ("JPEG", image, preview.PREVIEW_MAX_SIDE)
             progress.update_absolute(step, total, preview=shown)
 
-        @contextlib.contextmanager
         def decoder_stage(working_bytes):  # ComfyUI evicts what does not fit beside the decoder and its working memory
-            model = ar_model.decoder.loaded(working_bytes)
-            with ar_lora.merged(model, ar_model.loras, backup_device=mm.unet_offload_device()):  # for this run
-                yield
+            return contextlib.nullcontext(ar_model.decoder.loaded(working_bytes))
 
         result = ar.generate_staged(
             ar_model.decoder.hf_model,
@@ -210,6 +207,7 @@ class GenerateTokens(io.ComfyNode):
             [seed + i for i in range(batch_size)],
             vision_stage=lambda: contextlib.nullcontext(ar_model.vision.loaded()),
             decoder_stage=decoder_stage,
+            loras=ar_model.loras,  # applied unmerged for this run: the cached model is not changed
             temperature=temperature,
             top_p=top_p,
             top_k=top_k or None,

@@ -1,5 +1,5 @@
 """Load GLM-Image LoRA: LoRAs in diffusers/PEFT key names (and ComfyUI's) on the GLM-Image MODEL. Load GLM-Image AR
-LoRA: PEFT adapters for the AR model (glm_image_core.ar_lora), merged into its decoder for each run.
+LoRA: PEFT adapters for the AR model (glm_image_core.ar_lora), applied beside its decoder's projections for each run.
 
 ComfyUI's key map (comfy.lora.model_lora_keys_unet) knows diffusers LoRA names only for the model classes it lists,
 with no hook for a custom model, so the stock LoraLoaderModelOnly reads ComfyUI/kohya LoRAs (`diffusion_model.*`,
@@ -125,7 +125,8 @@ class ARLoraLoader(io.ComfyNode):
             display_name="Load GLM-Image AR LoRA",
             category="GLM-Image",
             description="A PEFT LoRA adapter for the AR model (GLM-Image's fine-tuning path): its updates of the "
-            "decoder's projections are merged in for each Generate Visual Tokens run, with full or int8 weights.",
+            "decoder's projections are applied beside them for each Generate Visual Tokens run, in every weight "
+            "format (full, int8, 4-bit).",
             inputs=[
                 GlmARModel.Input("ar_model", tooltip="From Load GLM-Image AR Model (or after other AR LoRAs)."),
                 file_input(
