@@ -41,15 +41,3 @@ def lora_layer_of(key: str, known: Mapping[str, str] | set[str]) -> str | None:
 def unmatched_lora_keys(lora_keys: Iterable[str], known: Mapping[str, str] | set[str]) -> list[str]:
     """The LoRA tensor keys that belong to no known layer (a LoRA for another model, or other key names)."""
     return [key for key in lora_keys if lora_layer_of(key, known) is None]
-
-
-def layers_changed(lora_keys: Iterable[str], layers: Iterable[str]) -> list[str]:
-    """Which of ``layers`` (module names of the DiT) a LoRA changes, under any name a LoRA gives a layer: diffusers/
-    PEFT's (behind their prefixes), ComfyUI's (``diffusion_model.<name>``) and kohya's (``lora_unet_<name>`` with
-    ``_`` for ``.``)."""
-    known = {}
-    for layer in layers:
-        for prefix in (*DIFFUSERS_LORA_PREFIXES, "diffusion_model."):
-            known[prefix + layer] = layer
-        known["lora_unet_" + layer.replace(".", "_")] = layer
-    return sorted({known[name] for key in lora_keys if (name := lora_layer_of(key, known)) is not None})

@@ -124,29 +124,38 @@ def release_run_state(executor, *args, **kwargs):
         raise
 
 
-class ComfyW4A16Linear(w4a16.W4A16Linear):
-    """A 4-bit layer (AutoRound/GPTQ packing, ``formats.w4a16``) as ComfyUI's ModelPatcher handles comfy.ops layers.
+class ComfyPackedLayer:
+    """What ComfyUI's patchers need of a layer whose weight is packed (4-bit, and the like: a format module's layer
+    with ``project(x)`` and ``dequantise(dtype, device)``), mixed into that layer's class.
+
     `comfy_cast_weights` marks it as a layer whose tensors may stay on the offload device when a partial (low-VRAM)
     load does not fit them: its forward reads the packed tensors and the bias on the input's device at each call and
-    leaves the parameters where ComfyUI put them. The patcher hangs its patches of the bias where comfy.ops layers
-    read them (`bias_lowvram_function`, set by ComfyUI 0.33's dynamic VRAM, then the `bias_function` list); only a
-    bias can be patched (LoRA keys for the weight find no `.weight` and are not loaded), and `weight = None` is what
-    the patchers of ComfyUI 0.33 find when they look up `<layer>.weight`. Under dynamic VRAM the packed tensors are
-    loaded whole (they are no comfy.ops weight that comfy-aimdo could stream; the 4-bit DiT is 3.5 GiB). The forward
-    dequantises (the DiT is compute-bound; and torch's int4 matmul would move the packed tensors itself, which is
-    ComfyUI's to do)."""
+    leaves the parameters where ComfyUI put them. `weight = None` is what ComfyUI's patchers find when they look up
+    `<layer>.weight`: they have nothing to patch or page there. So the weight's LoRA patches come in as an object
+    patch of the patcher (`lora_patches`, set by Load GLM-Image LoRA, restored on unpatching: every patcher applies
+    object patches, dynamic VRAM's too): the forward dequantises the weight in float32, applies each patch to it
+    (ComfyUI's LowVramPatch: comfy.lora.calculate_weight, whatever the adapter's kind) and multiplies; the packed bits
+    never change. The bias is patched where comfy.ops layers read it (`bias_lowvram_function`, set by ComfyUI 0.33's
+    dynamic VRAM, then the `bias_function` list). Under dynamic VRAM the packed tensors are loaded whole (they are no
+    comfy.ops weights that comfy-aimdo could stream)."""
 
     comfy_cast_weights = False
     weight = None
+    lora_patches: tuple = ()
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.use_int4pack = False
         self.weight_function = []
         self.bias_function = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.project(x)
+        if self.lora_patches:
+            weight = self.dequantise(torch.float32, x.device)
+            for patch in self.lora_patches:
+                weight = patch(weight)
+            out = torch.nn.functional.linear(x, weight.to(x.dtype))
+        else:
+            out = self.project(x)
         if self.bias is None:
             return out
         patches = [getattr(self, "bias_lowvram_function", None), *self.bias_function]  # comfy.ops' order
@@ -156,6 +165,16 @@ class ComfyW4A16Linear(w4a16.W4A16Linear):
         for patch in patches:
             bias = patch(bias)
         return out + bias
+
+
+class ComfyW4A16Linear(ComfyPackedLayer, w4a16.W4A16Linear):
+    """A 4-bit layer (AutoRound/GPTQ packing, ``formats.w4a16``) under ComfyUI's patchers. It dequantises for every
+    matmul (the DiT is compute-bound; and torch's int4 matmul would move the packed tensors itself, which is
+    ComfyUI's to do)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_int4pack = False
 
 
 MIXED_OPS_VERSION = "0.33"  # the ComfyUI with mixed-precision layers (comfy/quant_ops.py) the pack is tested with

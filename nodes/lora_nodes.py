@@ -1,10 +1,15 @@
-"""Load GLM-Image LoRA: LoRAs in diffusers/PEFT key names (and ComfyUI's) on the GLM-Image MODEL. Load GLM-Image AR
-LoRA: PEFT adapters for the AR model (glm_image_core.ar_lora), applied beside its decoder's projections for each run.
+"""Load GLM-Image LoRA: LoRAs in diffusers/PEFT key names (and ComfyUI's) on the GLM-Image MODEL, in every weight
+format. Load GLM-Image AR LoRA: PEFT adapters for the AR model (glm_image_core.ar_lora), applied beside its decoder's
+projections for each run.
 
 ComfyUI's key map (comfy.lora.model_lora_keys_unet) knows diffusers LoRA names only for the model classes it lists,
 with no hook for a custom model, so the stock LoraLoaderModelOnly reads ComfyUI/kohya LoRAs (`diffusion_model.*`,
-`lora_unet_*`) of this model but not diffusers/PEFT ones (`transformer.*.lora_A/lora_B`). This node uses ComfyUI's
-map plus ours, and ComfyUI's own LoRA machinery (comfy.lora.load_lora, ModelPatcher.add_patches).
+`lora_unet_*`) of this model but not diffusers/PEFT ones (`transformer.*.lora_A/lora_B`), nor the layers a 4-bit
+checkpoint packs. This node uses ComfyUI's map plus ours, and ComfyUI's own LoRA machinery (comfy.lora.load_lora,
+its patches): merged into plain weights as ComfyUI merges them; applied to the dequantised weight in the forward,
+never rewriting the stored bits, where weights are quantised (fp8, ComfyUI's quantised files: a weight function, as
+comfy.ops applies low-VRAM patches) or packed (4-bit: an object patch of the layer's LoRA patches,
+`dit_loading.ComfyPackedLayer`).
 """
 
 from __future__ import annotations
@@ -14,29 +19,35 @@ import logging
 
 import comfy.lora
 import comfy.lora_convert
+import comfy.model_patcher
 import comfy.utils
+import torch
 from comfy_api.latest import io
 
 from ..glm_image_core import ar_lora, formats
 from ..glm_image_core.errors import InvalidInputError
-from ..glm_image_core.lora import diffusers_lora_names, layers_changed, unmatched_lora_keys
+from ..glm_image_core.lora import diffusers_lora_names, unmatched_lora_keys
 from . import paths
 from .common import file_input, schema
 from .types import GlmARModel
 
+FULL_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def glm_lora_key_map(model) -> dict[str, str]:
-    """ComfyUI's LoRA key map for this BaseModel plus the diffusers/PEFT names of the DiT's layers."""
+    """ComfyUI's LoRA key map for this BaseModel plus the diffusers/PEFT names of the DiT's layers, packed ones
+    included."""
     key_map = comfy.lora.model_lora_keys_unet(model, {})
-    weights = model.diffusion_model.state_dict().keys()
+    diffusion_model = model.diffusion_model
+    weights = [*diffusion_model.state_dict().keys()]
+    weights += [f"{n}.weight" for n, m in diffusion_model.named_modules() if formats.of_layer(m).packed]
     key_map.update({name: f"diffusion_model.{key}" for name, key in diffusers_lora_names(weights).items()})
     return key_map
 
 
 def apply_lora(patcher, lora: dict, strength: float, source: str = "this LoRA"):
-    """A clone of ``patcher`` with the LoRA added at ``strength``. Refuses a LoRA none of whose keys name a layer of
-    the DiT, and one that changes layers the DiT holds in 4 bits; warns with the names of the keys it cannot place."""
-    check_no_packed_layers(patcher.model.diffusion_model, lora, source)
+    """A clone of ``patcher`` with the LoRA added at ``strength``; the input stays as it was. Refuses a LoRA none of
+    whose keys name a layer of the DiT; warns with the names of the keys it cannot place."""
     key_map = glm_lora_key_map(patcher.model)
     unmatched = unmatched_lora_keys(lora, key_map)
     if unmatched and len(unmatched) == len(lora):
@@ -53,25 +64,45 @@ def apply_lora(patcher, lora: dict, strength: float, source: str = "this LoRA"):
             source,
             ", ".join(unmatched[:10]),
         )
-    patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map)
     patched = patcher.clone()
-    patched.add_patches(patches, strength)
+    merged = {}
+    for key, adapter in comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map).items():
+        layer_name, _, param = key.removeprefix("diffusion_model.").rpartition(".")
+        layer = patched.model.diffusion_model.get_submodule(layer_name)
+        # the patch as ModelPatcher.add_patches stores it, (strength, adapter, strength_model, offset, function), as
+        # ComfyUI's low-VRAM loads apply it: to the weight the layer computes with (its convert_func: a scaled-fp8
+        # layer's weight times its scale), then back into the layer's form (set_func) where it has one
+        _, set_func, convert_func = comfy.model_patcher.get_key_weight(patched.model, key)
+        if set_func is not None and hasattr(layer, "scale_weight"):
+            set_func = divided_by_scale(layer)
+        patch = {key: [(strength, adapter, 1.0, None, None)]}
+        in_forward = comfy.model_patcher.LowVramPatch(key, patch, convert_func, set_func)
+        if formats.of_layer(layer).packed and param == "weight":
+            name = f"diffusion_model.{layer_name}.lora_patches"
+            patched.add_object_patch(name, (*patched.object_patches.get(name, ()), in_forward))
+        elif param == "weight" and stores_quantised(layer.weight):
+            patched.add_weight_wrapper(key, in_forward)
+        else:
+            merged[key] = adapter
+    patched.add_patches(merged, strength)
     return patched
 
 
-def check_no_packed_layers(diffusion_model, lora: dict, source: str) -> None:
-    """InvalidInputError when the LoRA changes a layer this DiT holds in 4 bits (AutoRound/GPTQ): a packed weight
-    cannot take a patch (ComfyUI's patcher would find no `.weight` for it), and applying the rest of the LoRA would
-    give an image the LoRA was never trained for."""
-    packed = [name for name, m in diffusion_model.named_modules() if formats.of_layer(m) is formats.W4A16]
-    changed = layers_changed(lora, packed)
-    if changed:
-        raise InvalidInputError(
-            f"{source} changes {len(changed)} layers that this GLM-Image DiT holds in 4 bits (e.g. "
-            f"{', '.join(changed[:3])}), and a LoRA cannot be applied to 4-bit (AutoRound/GPTQ) weights. Use it with "
-            "the bf16 DiT or an 8-bit file made from it (Weight formats in the README). The stock "
-            "LoraLoaderModelOnly would skip these layers ('lora key not loaded') and apply only the rest."
-        )
+def divided_by_scale(layer):
+    """The set_func for a LoRA on a scaled-fp8 layer of ComfyUI 0.3.x: the layer multiplies by its scale after its
+    weight functions run, so the patched weight goes back divided by it; its own set_weight would round it into the
+    stored fp8 weight instead (and keep it there)."""
+
+    def set_func(weight, **_):
+        return weight / layer.scale_weight.to(weight.device, weight.dtype)
+
+    return set_func
+
+
+def stores_quantised(weight) -> bool:
+    """Whether a comfy.ops layer's weight is stored in another form than it computes with (fp8; ComfyUI's quantised
+    tensors), so a LoRA must reach the dequantised weight in the forward rather than be merged into the stored one."""
+    return weight is not None and (weight.dtype not in FULL_PRECISION or hasattr(weight, "_layout_cls"))
 
 
 class LoraLoader(io.ComfyNode):
@@ -83,7 +114,9 @@ class LoraLoader(io.ComfyNode):
             category="GLM-Image",
             search_aliases=["lora"],
             description="A LoRA for the GLM-Image DiT, in diffusers/PEFT key names (transformer.*.lora_A/lora_B, as "
-            "diffusers-based trainers write them) or ComfyUI's (which the stock LoraLoaderModelOnly also reads).",
+            "diffusers-based trainers write them) or ComfyUI's (which the stock LoraLoaderModelOnly also reads), on "
+            "every weight format: merged into bf16 weights, applied to the dequantised weight at each step for fp8, "
+            "ComfyUI's quantised files and 4-bit checkpoints.",
             inputs=[
                 io.Model.Input("model", tooltip="The GLM-Image MODEL (from Load GLM-Image DiT, or after other LoRAs)."),
                 file_input(

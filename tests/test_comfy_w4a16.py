@@ -240,11 +240,15 @@ def peft_lora(patcher, layers, seed=0) -> dict[str, torch.Tensor]:
     return lora
 
 
-def test_the_glm_lora_loader_refuses_a_lora_for_packed_layers_naming_them(glm):
+def test_the_glm_lora_loader_patches_a_packed_layer_through_the_layer_and_the_rest_as_comfyui_does(glm):
+    """A packed layer has no weight tensor to patch: its LoRA patch goes to the layer (an object patch of the clone,
+    applied to the dequantised weight in its forward); a layer kept in full precision takes ComfyUI's patch. The
+    arithmetic is checked in tests/test_comfy_lora_formats.py."""
     patcher = load_dit(glm)
-    lora = peft_lora(patcher, [PACKED, NOT_PACKED])
-    with pytest.raises(InvalidInputError, match=rf"changes 1 layers .* in 4 bits \(e\.g\. {PACKED}\).*bf16 DiT"):
-        lora_nodes.apply_lora(patcher, lora, 1.0, "style.safetensors")
+    patched = lora_nodes.apply_lora(patcher, peft_lora(patcher, [PACKED, NOT_PACKED]), 1.0, "style.safetensors")
+    assert set(patched.patches) == {f"diffusion_model.{NOT_PACKED}.weight"}
+    assert len(patched.object_patches[f"diffusion_model.{PACKED}.lora_patches"]) == 1
+    assert not patcher.patches and f"diffusion_model.{PACKED}.lora_patches" not in patcher.object_patches
 
 
 def test_a_lora_of_the_layers_kept_in_full_precision_applies(glm):

@@ -30,12 +30,15 @@ class WeightFormat:
     """One way of storing the weights of a model's linear layers, for the DiT and the AR model alike.
 
     ``components``: the folder names (published layout) of the components whose files may be in this format.
-    ``layer_class``: the core layer that holds a weight in this format (None: torch's ``nn.Linear``)."""
+    ``layer_class``: the core layer that holds a weight in this format (None: torch's ``nn.Linear``).
+    ``packed``: its layers hold no ``weight`` tensor at all (the weight is packed into other tensors): a host can
+    neither patch nor page it, and a LoRA reaches the weight through the layer, dequantised."""
 
     name = "plain"
     label = "full-precision weights"
     components: tuple[str, ...] = ("transformer", "vae", "text_encoder", "vision_language_encoder")
     layer_class: type[nn.Module] | None = None
+    packed = False
 
     # --- files: recognised and checked from headers and configs alone (cheap enough for queue time) --------------
 
