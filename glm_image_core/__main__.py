@@ -54,6 +54,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     gen.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     gen.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
     gen.add_argument("--ar-int8", action="store_true", help="quantise the AR decoder's weights to int8 while loading")
+    gen.add_argument(
+        "--lora",
+        type=lora_choice,
+        action="append",
+        default=[],
+        metavar="PATH[:STRENGTH]",
+        help="a LoRA for the DiT (.safetensors, diffusers/PEFT, ComfyUI or kohya key names); strength 1 when not given "
+        "(repeatable)",
+    )
+    gen.add_argument(
+        "--ar-lora",
+        type=lora_choice,
+        action="append",
+        default=[],
+        metavar="PATH[:STRENGTH]",
+        help="a PEFT adapter for the AR model (its folder or .safetensors); strength 1 when not given (repeatable)",
+    )
     export = commands.add_parser("export-ar-int8", help="write the AR with int8 decoder weights as one file")
     export.add_argument("--model", type=Path, required=True, help="the GLM-Image folder (or vision_language_encoder/)")
     export.add_argument(
@@ -66,6 +83,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     dit.add_argument("-o", "--output", type=Path, required=True, help="the .safetensors file to write")
     return parser.parse_args(argv)
+
+
+def lora_choice(text: str) -> tuple[Path, float]:
+    """``PATH[:STRENGTH]`` -> (path, strength); a colon that belongs to the path (``C:\\loras\\x``) stays in it."""
+    path, _, strength = text.rpartition(":")
+    try:
+        return (Path(path), float(strength)) if path else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
 
 
 def progress(label: str):
@@ -97,7 +123,12 @@ def main(argv=None) -> int:
                 folder = write_tiny_model(Path(scratch) / "GLM-Image")
             start = time.perf_counter()
             models = load_models(
-                folder, dtype=dtype, device=args.device, ar_quantisation="int8" if args.ar_int8 else None
+                folder,
+                dtype=dtype,
+                device=args.device,
+                ar_quantisation="int8" if args.ar_int8 else None,
+                loras=args.lora,
+                ar_loras=args.ar_lora,
             )
             print(f"loaded {folder} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
             references = [Image.open(path) for path in args.image]

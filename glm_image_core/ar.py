@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ar_lora, fast_ar, memory
+from . import fast_ar, lora, memory
 from .defaults import AR_GRID_STRIDE, IMAGE_END_ID, IMAGE_START_ID, NUM_VQ_CODES
 from .errors import InvalidInputError
 
@@ -218,7 +218,7 @@ def generate_staged(
             reference_ids = [ids.cpu() for ids in encode_reference_images(model, inputs)]
     working = memory.ar_model_working_bytes(
         model, len(seeds), inputs.input_ids.shape[1], inputs.geometry.num_grid_tokens
-    ) + ar_lora.update_bytes(sampling.get("loras", ()))
+    ) + lora.update_bytes(sampling.get("loras", ()))
     with decoder_stage(working):
         device = decoder_device(model)
         generators = [torch.Generator(device).manual_seed(seed % 2**64) for seed in seeds]
@@ -339,7 +339,7 @@ def generate_prior_tokens(
     compile_decoder: bool = False,
     cuda_graph: bool | None = None,
     reference_ids: Sequence[torch.Tensor] | None = None,
-    loras: Sequence[ar_lora.ArLora] = (),
+    loras: Sequence[lora.Lora] = (),
 ) -> ARResult:
     """Sample ``len(generators)`` token grids for one prompt, decoded together as a batch.
 
@@ -403,7 +403,7 @@ def generate_prior_tokens(
 
     uniforms = torch.stack([torch.rand(total, generator=g, device=g.device).to(device) for g in generators])
     pick = token_picker(temperature, top_k, top_p)
-    updates = ar_lora.projection_updates(loras, device)
+    updates = lora.projection_updates(loras, device)
     if use_fast_decoder(model, fast):
         tokens = fast_ar.decode(
             model,
@@ -420,7 +420,7 @@ def generate_prior_tokens(
             updates=updates,
         )
         return _result(tokens, geometry, inputs, reference_ids)
-    with ar_lora.hooked(model, updates):
+    with lora.hooked(model, updates):
         tokens = _transformers_loop(
             model, input_ids, position_ids, decode_position_ids, uniforms, pick, callback, static_cache
         )

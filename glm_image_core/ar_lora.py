@@ -10,11 +10,8 @@ name modules of ``GlmImageForConditionalGeneration`` behind PEFT's ``base_model.
 (q/k/v/o, gate_up, down) take an update: anything else (``modules_to_save``, DoRA, LoRA biases, other modules) is
 refused by name.
 
-Applied unmerged, as PEFT computes it: each projection's output gains ``(x @ A.T) @ B.T`` (two thin matmuls, in
-float32, the adapters stacked along the rank), never merged into the weights. So every weight format takes an adapter
-alike (bf16, int8, 4-bit: nothing is rounded back into the stored weights, nothing requantised, however small the
-update), and the loaded model, which ComfyUI caches and shares, is never changed. The fast decoder multiplies with
-the update beside each projection (``updated``); the transformers loop gets it from forward hooks (``hooked``).
+Applied unmerged, beside each projection (``lora``: the fast decoder multiplies with the update beside each
+projection, the transformers loop gets it from forward hooks), on every weight format.
 """
 
 from __future__ import annotations
@@ -22,43 +19,20 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 from .defaults import AR_DECODER_LAYERS_PREFIX, AR_DECODER_PROJECTIONS
 from .errors import InvalidInputError
+from .lora import LayerLora
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 DOWN, UP, ALPHA = ".lora_A.weight", ".lora_B.weight", ".alpha"
 TARGETS = "the decoder's projections (model.language_model.layers.N.self_attn.q/k/v/o_proj, mlp.gate_up_proj/down_proj)"
-
-
-@dataclass(frozen=True)
-class LayerLora:
-    down: torch.Tensor  # A [rank, in]
-    up: torch.Tensor  # B [out, rank]
-    scaling: float  # alpha / rank, or alpha / sqrt(rank)
-
-    def delta(self) -> torch.Tensor:
-        """scaling * B @ A in float32, [out, in] (what merging would add; for tests and measurements)."""
-        return (self.up.float() @ self.down.float()) * self.scaling
-
-
-@dataclass(frozen=True)
-class ArLora:
-    """One adapter at one strength, as the AR LoRA node adds it to an AR model."""
-
-    layers: dict[str, LayerLora]  # module name in GlmImageForConditionalGeneration -> its update
-    strength: float
-    source: str
 
 
 def adapter_files(path: str | Path) -> tuple[Path, Path | None]:
@@ -199,91 +173,3 @@ def check_fits(model, layers: dict[str, LayerLora], source: str) -> None:
                 f"{source} updates {module} as [{lora.up.shape[0]}, {lora.down.shape[1]}], the model's is "
                 f"{list(shape)}: the adapter is for another model."
             )
-
-
-@dataclass(frozen=True)
-class ProjectionUpdate:
-    """The low-rank update of one projection for a run: x -> (x @ down.T) @ up.T, in float32, on the projection's
-    device; several adapters stacked along the rank, each one's strength * scaling folded into its part of ``up``."""
-
-    down: torch.Tensor  # [R, in] float32
-    up: torch.Tensor  # [out, R] float32
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x.float(), self.down), self.up).to(x.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.down.nbytes + self.up.nbytes
-
-
-def projection_updates(loras: Sequence[ArLora], device) -> dict[str, ProjectionUpdate]:
-    """{module name: its update} of every adapter with a strength other than 0, on ``device``."""
-    parts: dict[str, list[tuple[LayerLora, float]]] = {}
-    for lora in loras:
-        if lora.strength != 0:
-            for module, layer in lora.layers.items():
-                parts.setdefault(module, []).append((layer, lora.strength))
-    return {
-        module: ProjectionUpdate(
-            torch.cat([layer.down for layer, _ in stacked]).to(device, torch.float32),
-            torch.cat([layer.up.float() * (strength * layer.scaling) for layer, strength in stacked], dim=1).to(device),
-        )
-        for module, stacked in parts.items()
-    }
-
-
-def joined(updates: Sequence[ProjectionUpdate | None], out_features: Sequence[int]) -> ProjectionUpdate | None:
-    """One update for projections joined side by side (the fast decoder's k and v): their ``down`` s stacked, their
-    ``up`` s along the diagonal (a projection without an update adds zero rows)."""
-    present = [u for u in updates if u is not None]
-    if not present:
-        return None
-    down = torch.cat([u.down for u in present])
-    up = down.new_zeros(sum(out_features), down.shape[0])
-    row = column = 0
-    for update, out in zip(updates, out_features):
-        if update is not None:
-            up[row : row + out, column : column + update.down.shape[0]] = update.up
-            column += update.down.shape[0]
-        row += out
-    return ProjectionUpdate(down, up)
-
-
-class Updated:
-    """A projection (``formats.Projection``: x -> x @ W.T) with its low-rank update beside it."""
-
-    def __init__(self, projection, update: ProjectionUpdate):
-        self.projection, self.update = projection, update
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection(x) + self.update(x)
-
-
-def updated(projection, update: ProjectionUpdate | None):
-    return projection if update is None else Updated(projection, update)
-
-
-@contextmanager
-def hooked(model, updates: dict[str, ProjectionUpdate]) -> Iterator[None]:
-    """The updates added to their modules' outputs by forward hooks while the block runs (the transformers loop, and
-    teacher-forced checks); the hooks are gone afterwards."""
-    handles = [
-        model.get_submodule(module).register_forward_hook(lambda _, args, out, update=update: out + update(args[0]))
-        for module, update in updates.items()
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def update_bytes(loras: Sequence[ArLora]) -> int:
-    """Device bytes of the updates of ``loras`` (float32 ``down`` and ``up``), for the AR's memory estimate."""
-    return sum(
-        (layer.down.numel() + layer.up.numel()) * 4
-        for lora in loras
-        if lora.strength != 0
-        for layer in lora.layers.values()
-    )

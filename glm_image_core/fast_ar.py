@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import ar_lora, formats
+from . import formats, lora
 from .cuda_graph import StepGraph
 from .defaults import AR_DECODER_LAYERS_PREFIX
 from .errors import InvalidInputError
@@ -213,7 +213,7 @@ def attend_cache(
     return out.reshape(n, heads * d).to(q.dtype)
 
 
-def layer_weights(layer, name: str, updates: dict[str, ar_lora.ProjectionUpdate]) -> LayerWeights:
+def layer_weights(layer, name: str, updates: dict[str, lora.ProjectionUpdate]) -> LayerWeights:
     """The weights of one transformers GlmImageTextDecoderLayer (module ``name``), in any weight format
     (``formats``), each projection with its adapters' update beside it (``updates``, by module name)."""
     attn = layer.self_attn
@@ -221,10 +221,8 @@ def layer_weights(layer, name: str, updates: dict[str, ar_lora.ProjectionUpdate]
     def projection(*parts: str):
         modules = [layer.get_submodule(part) for part in parts]
         parts_updates = [updates.get(f"{name}.{part}") for part in parts]
-        update = (
-            parts_updates[0] if len(parts) == 1 else ar_lora.joined(parts_updates, [m.out_features for m in modules])
-        )
-        return ar_lora.updated(formats.projection(modules), update)
+        update = parts_updates[0] if len(parts) == 1 else lora.joined(parts_updates, [m.out_features for m in modules])
+        return lora.updated(formats.projection(modules), update)
 
     return LayerWeights(
         input_norm=layer.input_layernorm.weight,
@@ -244,7 +242,7 @@ def layer_weights(layer, name: str, updates: dict[str, ar_lora.ProjectionUpdate]
 class FastDecoder:
     """The text decoder of one ``GlmImageForConditionalGeneration`` with a static K/V cache in the model's dtype for
     ``batch`` sequences of at most ``max_length`` tokens (prompt + decoded). Holds views of the model's weights (and
-    the fused k/v projections), and the adapters' updates beside them (``updates``: ``ar_lora.projection_updates``);
+    the fused k/v projections), and the adapters' updates beside them (``updates``: ``lora.projection_updates``);
     build one per generation (it is cheap) and drop it afterwards to free the cache and the captured graph."""
 
     def __init__(
@@ -253,7 +251,7 @@ class FastDecoder:
         batch: int,
         max_length: int,
         compile: bool = False,
-        updates: dict[str, ar_lora.ProjectionUpdate] | None = None,
+        updates: dict[str, lora.ProjectionUpdate] | None = None,
     ):
         lm = model.model.language_model
         config = lm.config
@@ -380,7 +378,7 @@ def decode(
     callback_every: int = 16,
     cuda_graph: bool | None = None,
     compile: bool = False,
-    updates: dict[str, ar_lora.ProjectionUpdate] | None = None,
+    updates: dict[str, lora.ProjectionUpdate] | None = None,
 ) -> torch.Tensor:
     """Sample ``uniforms.shape[1]`` tokens per sample after the prompt; returns them, long [N, total].
 
@@ -390,7 +388,7 @@ def decode(
     every ``callback_every`` tokens and after the last (step = tokens so far); an exception raised in it stops the
     generation. cuda_graph: None = on CUDA devices (False, e.g., for ComfyUI's --disable-cuda-graphs). compile: fuse
     each decode layer's small kernels with ``torch.compile`` (see ``FastDecoder``). updates: adapters' updates of
-    projections, by module name (``ar_lora.projection_updates``).
+    projections, by module name (``lora.projection_updates``).
 
     On CUDA the host queues up to two chunks of ``callback_every`` tokens and reports a chunk once the GPU has
     finished it, so the callback trails the GPU by at most one chunk and a cancel lands within two.

@@ -1,17 +1,62 @@
-"""LoRA key names for the GLM-Image DiT.
+"""LoRA in the core: low-rank updates of linear layers applied unmerged, and the DiT's LoRA files.
 
-Our module names are diffusers' (`transformer_blocks.0.attn1.to_q`, ...), so a LoRA trained with diffusers or PEFT
-names its layers as we do, behind the prefix its trainer wrote: `transformer.` (diffusers' save_lora_weights),
-`base_model.model.` (PEFT's save_pretrained) or none (get_peft_model_state_dict). Each layer's tensors are
-`<layer>.lora_A.weight` (down, [rank, in]), `<layer>.lora_B.weight` (up, [out, rank]) and optionally `<layer>.alpha`;
-the update is W + strength * alpha / rank * B @ A (alpha = rank when absent).
+An update ``strength * scaling * B @ A`` (A: down, [rank, in]; B: up, [out, rank]; scaling = alpha / rank) is applied
+as PEFT computes it, beside the layer: its output gains ``(x @ A.T) @ B.T`` in float32 (``ProjectionUpdate``: two thin
+matmuls, several LoRAs stacked along the rank). Nothing is merged into the weights, so every weight format takes a
+LoRA alike (nothing is rounded back into stored weights or requantised, however small the update), and a loaded model
+(which ComfyUI caches and shares) is never changed: the AR's fast decoder multiplies with the update beside each
+projection (``updated``), other code gets it from forward hooks for the time of a run (``hooked``). The AR's adapters
+are read by ``ar_lora``; the ComfyUI nodes apply DiT LoRAs with ComfyUI's own LoRA code (nodes/lora_nodes.py).
+
+DiT LoRA files: our module names are diffusers' (`transformer_blocks.0.attn1.to_q`, ...), so a LoRA trained with
+diffusers or PEFT names its layers as we do, behind the prefix its trainer wrote: `transformer.` (diffusers'
+save_lora_weights), `base_model.model.` (PEFT's save_pretrained) or none (get_peft_model_state_dict). Each layer's
+tensors are `<layer>.lora_A.weight` (down), `<layer>.lora_B.weight` (up) and optionally `<layer>.alpha` (alpha = rank
+when absent); ComfyUI's (`diffusion_model.<layer>`) and kohya's (`lora_unet_<layer, _ for .>`, `lora_down`/`lora_up`)
+names are read too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+
+from . import formats
+from .errors import InvalidInputError
 
 DIFFUSERS_LORA_PREFIXES = ("transformer.", "base_model.model.", "")
+DOWN_SUFFIXES, UP_SUFFIXES, ALPHA_SUFFIX = (
+    (".lora_A.weight", ".lora_down.weight"),
+    (".lora_B.weight", ".lora_up.weight"),
+    ".alpha",
+)
+
+
+@dataclass(frozen=True)
+class LayerLora:
+    down: torch.Tensor  # A [rank, in]
+    up: torch.Tensor  # B [out, rank]
+    scaling: float  # alpha / rank, or alpha / sqrt(rank)
+
+    def delta(self) -> torch.Tensor:
+        """scaling * B @ A in float32, [out, in] (what merging would add; for tests and measurements)."""
+        return (self.up.float() @ self.down.float()) * self.scaling
+
+
+@dataclass(frozen=True)
+class Lora:
+    """One LoRA file at one strength, as a LoRA node adds it to a model."""
+
+    layers: dict[str, LayerLora]  # module name in the model -> its update
+    strength: float
+    source: str
 
 
 def diffusers_lora_names(weight_keys: Iterable[str]) -> dict[str, str]:
@@ -41,3 +86,149 @@ def lora_layer_of(key: str, known: Mapping[str, str] | set[str]) -> str | None:
 def unmatched_lora_keys(lora_keys: Iterable[str], known: Mapping[str, str] | set[str]) -> list[str]:
     """The LoRA tensor keys that belong to no known layer (a LoRA for another model, or other key names)."""
     return [key for key in lora_keys if lora_layer_of(key, known) is None]
+
+
+def dit_layer_names(model: torch.nn.Module) -> dict[str, str]:
+    """{every name a DiT LoRA file gives a linear layer of ``model`` (the core DiT): the layer}: diffusers/PEFT's
+    (behind their prefixes), ComfyUI's (``diffusion_model.<name>``) and kohya's (``lora_unet_<name with _>``)."""
+    names = {}
+    for layer, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or formats.of_layer(module) is not formats.PLAIN:
+            for prefix in (*DIFFUSERS_LORA_PREFIXES, "diffusion_model."):
+                names[prefix + layer] = layer
+            names["lora_unet_" + layer.replace(".", "_")] = layer
+    return names
+
+
+def read_dit_lora(path: str | Path, model: torch.nn.Module) -> dict[str, LayerLora]:
+    """{layer of ``model`` (the core DiT): its update} from a LoRA file in diffusers/PEFT, ComfyUI or kohya key names.
+    A file none of whose keys names a layer is refused; keys of other layers are named in a warning."""
+    path, known = Path(path), dit_layer_names(model)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise InvalidInputError(f"{path.name} is not a readable safetensors LoRA ({e}).") from e
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched = []
+    for key, tensor in tensors.items():
+        name = lora_layer_of(key, known)
+        kind = "down" if key.endswith(DOWN_SUFFIXES) else "up" if key.endswith(UP_SUFFIXES) else "alpha"
+        if name is None or (kind == "alpha" and not key.endswith(ALPHA_SUFFIX)):
+            unmatched.append(key)
+        else:
+            parts.setdefault(known[name], {})[kind] = tensor
+    if not parts:
+        raise InvalidInputError(
+            f"{path.name} matches no layer of the GLM-Image DiT ({len(tensors)} keys, e.g. {', '.join(unmatched[:3])}): "
+            "it is for another model."
+        )
+    if unmatched:
+        logging.warning(
+            "GLM-Image LoRA: %d keys of %s match no layer of the DiT: %s", len(unmatched), path.name, unmatched[:10]
+        )
+    layers = {}
+    for layer, found in parts.items():
+        module = model.get_submodule(layer)
+        down, up = found.get("down"), found.get("up")
+        if (
+            down is None
+            or up is None
+            or up.shape != (module.out_features, down.shape[0])
+            or down.shape[1:] != (module.in_features,)
+        ):
+            raise InvalidInputError(
+                f"{path.name}: {layer} has lora_A {None if down is None else list(down.shape)} and lora_B "
+                f"{None if up is None else list(up.shape)}; the layer is [{module.out_features}, {module.in_features}]."
+            )
+        alpha = found["alpha"].item() if "alpha" in found else down.shape[0]
+        layers[layer] = LayerLora(down, up, alpha / down.shape[0])
+    return layers
+
+
+@dataclass(frozen=True)
+class ProjectionUpdate:
+    """The low-rank update of one projection for a run: x -> (x @ down.T) @ up.T, in float32, on the projection's
+    device; several adapters stacked along the rank, each one's strength * scaling folded into its part of ``up``."""
+
+    down: torch.Tensor  # [R, in] float32
+    up: torch.Tensor  # [out, R] float32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x.float(), self.down), self.up).to(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.down.nbytes + self.up.nbytes
+
+
+def projection_updates(loras: Sequence[Lora], device) -> dict[str, ProjectionUpdate]:
+    """{module name: its update} of every adapter with a strength other than 0, on ``device``."""
+    parts: dict[str, list[tuple[LayerLora, float]]] = {}
+    for lora in loras:
+        if lora.strength != 0:
+            for module, layer in lora.layers.items():
+                parts.setdefault(module, []).append((layer, lora.strength))
+    return {
+        module: ProjectionUpdate(
+            torch.cat([layer.down for layer, _ in stacked]).to(device, torch.float32),
+            torch.cat([layer.up.float() * (strength * layer.scaling) for layer, strength in stacked], dim=1).to(device),
+        )
+        for module, stacked in parts.items()
+    }
+
+
+def joined(updates: Sequence[ProjectionUpdate | None], out_features: Sequence[int]) -> ProjectionUpdate | None:
+    """One update for projections joined side by side (the fast decoder's k and v): their ``down`` s stacked, their
+    ``up`` s along the diagonal (a projection without an update adds zero rows)."""
+    present = [u for u in updates if u is not None]
+    if not present:
+        return None
+    down = torch.cat([u.down for u in present])
+    up = down.new_zeros(sum(out_features), down.shape[0])
+    row = column = 0
+    for update, out in zip(updates, out_features):
+        if update is not None:
+            up[row : row + out, column : column + update.down.shape[0]] = update.up
+            column += update.down.shape[0]
+        row += out
+    return ProjectionUpdate(down, up)
+
+
+class Updated:
+    """A projection (``formats.Projection``: x -> x @ W.T) with its low-rank update beside it."""
+
+    def __init__(self, projection, update: ProjectionUpdate):
+        self.projection, self.update = projection, update
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(x) + self.update(x)
+
+
+def updated(projection, update: ProjectionUpdate | None):
+    return projection if update is None else Updated(projection, update)
+
+
+@contextmanager
+def hooked(model, updates: dict[str, ProjectionUpdate]) -> Iterator[None]:
+    """The updates added to their modules' outputs by forward hooks while the block runs (the AR's transformers loop,
+    the core DiT); the hooks are gone afterwards."""
+    handles = [
+        model.get_submodule(module).register_forward_hook(lambda _, args, out, update=update: out + update(args[0]))
+        for module, update in updates.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def update_bytes(loras: Sequence[Lora]) -> int:
+    """Device bytes of the updates of ``loras`` (float32 ``down`` and ``up``), for memory estimates."""
+    return sum(
+        (layer.down.numel() + layer.up.numel()) * 4
+        for lora in loras
+        if lora.strength != 0
+        for layer in lora.layers.values()
+    )

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import ar, formats, glyph, loading, memory
+from . import ar, ar_lora, formats, glyph, loading, lora, memory
 from .defaults import DEFAULT_SIDE, GUIDANCE, LATENT_CHANNELS, PATCH_STRIDE, STEPS, VAE_SCALE
 from .dit import GlmImageTransformer2DModel, ReferenceKV
 from .sampling import DitCondition, denoise
@@ -40,6 +40,11 @@ class GlmImageModels:
     vae: AutoencoderKL
     device: torch.device | None = None  # where the stages run when offloading (None: where each model is)
     offload: bool = False  # models live on the CPU; each stage copies its models to `device` and drops them after
+    dit_loras: tuple[lora.Lora, ...] = ()  # applied beside the DiT's layers for each generation (``lora``)
+    ar_loras: tuple[lora.Lora, ...] = ()  # applied beside the AR decoder's projections for each generation
+
+
+LoraChoice = tuple[str | Path, float]  # a LoRA file (or AR adapter folder) and its strength
 
 
 def load_models(
@@ -49,6 +54,8 @@ def load_models(
     offload: bool | None = None,
     ar_quantisation: str | None = None,
     ar_path: str | Path | None = None,
+    loras: Sequence[LoraChoice] = (),
+    ar_loras: Sequence[LoraChoice] = (),
 ) -> GlmImageModels:
     """Every component from the published GLM-Image folder. The VAE runs in float32 when dtype is float16.
 
@@ -57,7 +64,9 @@ def load_models(
     cannot hold all the weights at once (plus a margin for activations); never on the CPU.
     ar_quantisation: "int8" for 8-bit decoder weights (``loading.load_ar_model``); ar_path: the AR from this
     folder or exported 8-bit file instead of ``folder``. The AR's embedding is always trimmed to its code rows on
-    the device (``loading.trim_embedding``).
+    the device (``loading.trim_embedding``). loras / ar_loras: (file, strength) of LoRAs for the DiT (diffusers/PEFT,
+    ComfyUI or kohya key names) and PEFT adapters for the AR, checked against the models here and applied unmerged
+    for each generation (``lora``: on every weight format, the weights never changed).
     """
     device = torch.device(device)
     if offload is None:
@@ -67,16 +76,26 @@ def load_models(
     ar_model = loading.load_ar_model(
         folder if ar_path is None else ar_path, dtype=dtype, device=load_device, quantisation=ar_quantisation, trim=True
     )
+    dit = loading.load_transformer(folder, dtype=dtype, device=load_device)
     return GlmImageModels(
         ar_model=ar_model,
         processor=loading.load_ar_processor(folder),
         glyph_encoder=loading.load_glyph_encoder(folder, dtype=dtype, device=load_device),
         glyph_tokenizer=loading.load_glyph_tokenizer(folder),
-        dit=loading.load_transformer(folder, dtype=dtype, device=load_device),
+        dit=dit,
         vae=loading.load_vae(folder, dtype=vae_dtype, device=load_device),
         device=device,
         offload=offload,
+        dit_loras=tuple(lora.Lora(lora.read_dit_lora(path, dit), strength, str(path)) for path, strength in loras),
+        ar_loras=tuple(read_ar_lora(ar_model, path, strength) for path, strength in ar_loras),
     )
+
+
+def read_ar_lora(ar_model, path: str | Path, strength: float) -> lora.Lora:
+    """An AR adapter, checked against the model, as Load GLM-Image AR LoRA reads it."""
+    layers = ar_lora.read_adapter(path)
+    ar_lora.check_fits(ar_model, layers, Path(path).name)
+    return lora.Lora(layers, strength, str(path))
 
 
 ACTIVATION_MARGIN = 6 * 2**30  # bytes kept free for activations, caches and the CUDA context (2048x2048, CFG)
@@ -210,6 +229,7 @@ def generate(
         [seed],
         vision_stage=lambda: stage(models, *memory.ar_vision_modules(models.ar_model)),
         decoder_stage=lambda working: stage(models, *memory.ar_decode_modules(models.ar_model)),
+        loras=models.ar_loras,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
@@ -224,12 +244,13 @@ def generate(
             latents = reference_latents(models.vae, list(references), tokens)
     with stage(models, models.dit):
         dit_device = next(models.dit.parameters()).device
-        reference_kv = encode_references(models.dit, latents, tokens)
-        cond, uncond = (_to(c, dit_device) for c in (cond, uncond))
-        cond.reference_kv = reference_kv
-        sigmas, timesteps = glm_schedule(steps, height, width)
-        noise = initial_noise(1, height, width, seed).to(dit_device)
-        latent = denoise(models.dit, noise, sigmas.to(dit_device), timesteps, cond, uncond, guidance, on_step)
+        with lora.hooked(models.dit, lora.projection_updates(models.dit_loras, dit_device)):
+            reference_kv = encode_references(models.dit, latents, tokens)
+            cond, uncond = (_to(c, dit_device) for c in (cond, uncond))
+            cond.reference_kv = reference_kv
+            sigmas, timesteps = glm_schedule(steps, height, width)
+            noise = initial_noise(1, height, width, seed).to(dit_device)
+            latent = denoise(models.dit, noise, sigmas.to(dit_device), timesteps, cond, uncond, guidance, on_step)
     with stage(models, models.vae):
         vae_device = next(models.vae.parameters()).device
         pixels = models.vae.decode(models.vae.denormalize(latent.to(vae_device)).to(models.vae.dtype or torch.float32))

@@ -24,7 +24,7 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..glm_image_core import ar_lora, formats
+from ..glm_image_core import ar_lora, formats, lora
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.lora import diffusers_lora_names, unmatched_lora_keys
 from . import paths
@@ -196,5 +196,5 @@ class ARLoraLoader(io.ComfyNode):
             return io.NodeOutput(ar_model)
         layers = ar_lora.read_adapter(path)
         ar_lora.check_fits(ar_model.decoder.hf_model, layers, lora_name)
-        lora = ar_lora.ArLora(layers, strength, lora_name)
-        return io.NodeOutput(dataclasses.replace(ar_model, loras=(*ar_model.loras, lora)))
+        adapter = lora.Lora(layers, strength, lora_name)
+        return io.NodeOutput(dataclasses.replace(ar_model, loras=(*ar_model.loras, adapter)))

@@ -65,7 +65,7 @@ class ARModel:
     processor: object  # GlmImageProcessor
     preview_palette: torch.Tensor  # [16384, 3] uint8 live-preview colours (preview.model_palette), made at load
     vision: ManagedHFModel | None = None  # the same model: its ViT and VQ model
-    loras: tuple = ()  # glm_image_core.ar_lora.ArLora each, applied unmerged for each run (Load AR LoRA)
+    loras: tuple = ()  # glm_image_core.lora.Lora each, applied unmerged for each run (Load AR LoRA)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import DynamicCache, GlmImageForConditionalGeneration, GlmImageProcessor
 
-from glm_image_core import ar, ar_lora, formats
+from glm_image_core import ar, ar_lora, formats, lora
 from glm_image_core.errors import InvalidInputError
 from glm_image_core.loading import load_ar_model
 from tests.test_ar import PEAKED_SCALE, greedy_generate_logits, seeded
@@ -77,13 +77,13 @@ def forced_logits(model, input_ids, inputs, tokens):
 
 
 def with_adapter(path, strength=1.0):
-    return [ar_lora.ArLora(ar_lora.read_adapter(path), strength, str(path))]
+    return [lora.Lora(ar_lora.read_adapter(path), strength, str(path))]
 
 
 def applied(model, loras):
     """The adapters on the transformers forward of ``model`` (teacher forcing), as the transformers loop applies
     them."""
-    return ar_lora.hooked(model, ar_lora.projection_updates(loras, model.lm_head.weight.device))
+    return lora.hooked(model, lora.projection_updates(loras, model.lm_head.weight.device))
 
 
 def dequantised_copy(model, base, registry=formats):
@@ -205,7 +205,7 @@ def test_the_update_beside_a_bf16_projection_keeps_what_a_merge_would_round_away
     weight = torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
     down, up = torch.randn(16, 1024, generator=g), torch.randn(1024, 16, generator=g)
     scale = 0.002 * weight.float().norm() / (up @ down).norm()
-    update = ar_lora.ProjectionUpdate(down, up * scale)
+    update = lora.ProjectionUpdate(down, up * scale)
     x = torch.randn(8, 1024, generator=g)
     exact = x @ (up @ down * scale).t()
     merged = (weight.float() + up @ down * scale).to(torch.bfloat16).float() - weight.float()
@@ -233,11 +233,11 @@ def test_strength_zero_is_the_unadapted_model_and_strength_scales_the_update(bas
     make_adapter(base, tmp_path, **ADAPTERS["attention, a list, dropout"])
     module = "model.language_model.layers.1.self_attn.o_proj"
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
-    assert ar_lora.projection_updates(with_adapter(tmp_path, 0.0), "cpu") == {}
-    once = ar_lora.projection_updates(with_adapter(tmp_path, 1.0), "cpu")[module](x)
-    half = ar_lora.projection_updates(with_adapter(tmp_path, -0.5), "cpu")[module](x)
+    assert lora.projection_updates(with_adapter(tmp_path, 0.0), "cpu") == {}
+    once = lora.projection_updates(with_adapter(tmp_path, 1.0), "cpu")[module](x)
+    half = lora.projection_updates(with_adapter(tmp_path, -0.5), "cpu")[module](x)
     torch.testing.assert_close(half, -0.5 * once, rtol=1e-5, atol=1e-7)
-    stacked = ar_lora.projection_updates(with_adapter(tmp_path, 1.0) * 2, "cpu")[module](x)
+    stacked = lora.projection_updates(with_adapter(tmp_path, 1.0) * 2, "cpu")[module](x)
     torch.testing.assert_close(stacked, 2 * once, rtol=1e-5, atol=1e-7)
 
 

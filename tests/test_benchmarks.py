@@ -157,3 +157,26 @@ def test_the_benchmarks_4bit_packing_is_auto_rounds(tmp_path):
         library_weight = library.float()(torch.eye(256)).t()
     assert torch.equal(ours.dequantise(torch.float32), library_weight)
     assert ((library_weight - linear.weight).norm() / linear.weight.norm()).item() < 0.15
+
+
+def test_the_ar_lora_cost_script_measures_both_decoders_in_one_run(tmp_path):
+    """benchmarks/bench_ar_lora.py on the tiny model (its numbers say nothing: the tiny decode step is all overhead;
+    the README's ratio comes from the published widths)."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_ar_lora.py",
+            "--tiny",
+            "--tokens",
+            "8",
+            "--json",
+            str(tmp_path / "lora.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "lora.json").read_text())
+    assert result["ms_per_token"] > 0 and result["ms_per_token_with_lora"] > 0 and result["rank"] == 16

@@ -1,5 +1,6 @@
 """`python -m glm_image_core generate`: the smoke run a newcomer starts with, and its error path."""
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -43,3 +44,24 @@ def test_export_dit_writes_a_per_layer_file_the_loader_reads(tiny_model_dir, tmp
     with safe_open(out, "pt") as f:
         assert f.get_tensor("proj_out.weight").dtype == torch.int8 and "proj_out.comfy_quant" in f.keys()
     assert load_transformer(out).proj_out.weight.dtype == torch.bfloat16
+
+
+def test_generate_takes_dit_and_ar_loras_with_their_strengths(tiny_model_dir, tmp_path):
+    from glm_image_core.loading import load_ar_model, load_transformer
+    from tests.test_ar_lora import ADAPTERS, make_adapter
+    from tests.test_pipeline import dit_lora_file
+
+    dit_lora_file(load_transformer(tiny_model_dir, dtype=torch.float32), tmp_path / "style.safetensors")
+    make_adapter(
+        load_ar_model(tiny_model_dir, dtype=torch.float32),
+        tmp_path / "ar_style",
+        **ADAPTERS["attention, a list, dropout"],
+    )
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", "A 'sign'", "--width", "512", "--height", "512"]
+    args += ["--steps", "2", "--seed", "3"]
+    plain, adapted = tmp_path / "plain.png", tmp_path / "adapted.png"
+    assert main([*args, "-o", str(plain)]) == 0
+    loras = ["--lora", f"{tmp_path / 'style.safetensors'}:0.5", "--ar-lora", str(tmp_path / "ar_style")]
+    assert main([*args, *loras, "-o", str(adapted)]) == 0
+    differ = np.abs(np.asarray(Image.open(plain), np.float32) - np.asarray(Image.open(adapted), np.float32)).max()
+    assert differ > 10

@@ -75,3 +75,50 @@ def test_text_to_image_graph_equals_glm_image_pipeline(comfy_models, tiny_model_
     diff = np.abs(ours - np.floor(expected * 255)).max()  # SaveImage truncates to uint8
     assert diff <= 1, diff
     assert ours.std() > 1
+
+
+def test_the_graph_with_a_dit_lora_and_an_ar_lora_gives_the_core_pipelines_image_with_them(
+    comfy_models, tiny_model_dir, tmp_path
+):
+    """Load GLM-Image LoRA (ComfyUI's LoRA code, merged into the float32 weights) and Load GLM-Image AR LoRA in the
+    graph; load_models(loras=..., ar_loras=...) in the core (applied beside the layers): the same image."""
+    from glm_image_core.loading import load_transformer
+    from glm_image_core.pipeline import generate, load_models
+    from tests.test_ar_lora import ADAPTERS, make_adapter
+    from tests.test_pipeline import dit_lora_file
+
+    dit_lora_file(load_transformer(tiny_model_dir, dtype=torch.float32), tmp_path / "glm_style.safetensors")
+    make_adapter(
+        load_ar_model(tiny_model_dir, dtype=torch.float32),
+        tmp_path / "glm_ar_style",
+        **ADAPTERS["attention, a list, dropout"],
+    )
+    prompt = 'A neon sign "BAR"'
+    graph = small_text_to_image(prompt)
+    graph["20"] = {
+        "class_type": "GLMImageARLoraLoader",
+        "inputs": {"ar_model": ["1", 0], "lora_name": "glm_ar_style", "strength": 0.6},
+    }
+    graph["21"] = {
+        "class_type": "GLMImageLoraLoader",
+        "inputs": {"model": ["5", 0], "lora_name": "glm_style.safetensors", "strength_model": 0.8},
+    }
+    graph["2"]["inputs"]["ar_model"] = ["20", 0]
+    graph["8"]["inputs"]["seed"] = AR_SEED  # the core pipeline draws the noise from the AR's seed
+    graph["6"]["inputs"]["model"] = ["21", 0]
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    try:
+        run = comfy_host.run_prompt(graph)
+    finally:
+        folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))
+    assert run.success, run.execution_error()
+    ours = saved_image(run, comfy_models)
+
+    models = load_models(
+        tiny_model_dir,
+        dtype=torch.float32,
+        loras=[(tmp_path / "glm_style.safetensors", 0.8)],
+        ar_loras=[(tmp_path / "glm_ar_style", 0.6)],
+    )
+    expected = np.asarray(generate(models, prompt, HEIGHT, WIDTH, steps=STEPS, seed=AR_SEED), dtype=np.float32)
+    assert np.abs(ours - expected).max() <= 1

@@ -130,3 +130,60 @@ def test_the_pipeline_runs_with_an_8bit_ar_and_trims_the_decoders_embedding(tiny
     assert models.ar_model.lm_head.weight.dtype == torch.float32
     image = generate(dataclasses.replace(models, offload=True), PROMPT, 512, 512, steps=2, seed=SEED)
     assert np.asarray(image, dtype=np.float32).std() > 1
+
+
+def dit_lora_file(dit, path, seed=0, rank=4, alpha=2.0):
+    """A DiT LoRA in diffusers/PEFT key names (``transformer.<layer>.lora_A/B.weight``, ``.alpha``) for every Linear
+    layer, random; returns {layer: (down, up)}."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    pairs = {
+        name: (
+            torch.randn(rank, m.in_features, generator=g) * 0.1,
+            torch.randn(m.out_features, rank, generator=g) * 0.1,
+        )
+        for name, m in dit.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    tensors = {}
+    for name, (down, up) in pairs.items():
+        tensors |= {
+            f"transformer.{name}.lora_A.weight": down,
+            f"transformer.{name}.lora_B.weight": up,
+            f"transformer.{name}.alpha": torch.tensor(alpha),
+        }
+    save_file(tensors, path)
+    return pairs
+
+
+def test_a_dit_lora_in_the_pipeline_equals_its_update_merged_into_float32_weights(tiny_model_dir, tmp_path):
+    """load_models(loras=...) applies a DiT LoRA unmerged, beside each layer; the reference merges W + s * alpha / rank
+    * B A into the float32 weights."""
+    plain = load_models(tiny_model_dir, dtype=torch.float32)
+    pairs = dit_lora_file(plain.dit, tmp_path / "style.safetensors")
+    adapted = load_models(tiny_model_dir, dtype=torch.float32, loras=[(tmp_path / "style.safetensors", 0.8)])
+    got = np.asarray(generate(adapted, PROMPT, 512, 512, steps=2, seed=SEED), dtype=np.float32)
+    unadapted = np.asarray(generate(plain, PROMPT, 512, 512, steps=2, seed=SEED), dtype=np.float32)
+    with torch.no_grad():
+        for name, (down, up) in pairs.items():
+            plain.dit.get_submodule(name).weight += 0.8 * 2.0 / 4 * up @ down
+    expected = np.asarray(generate(plain, PROMPT, 512, 512, steps=2, seed=SEED), dtype=np.float32)
+    assert np.abs(got - expected).max() <= 1 and np.abs(got - unadapted).max() > 10
+    assert not [m for m in adapted.dit.modules() if m._forward_hooks]  # the model is as loaded again
+
+
+def test_an_ar_lora_in_the_pipeline_samples_what_the_ar_samples_with_it(tiny_model_dir, tmp_path):
+    from tests.test_ar_lora import ADAPTERS, make_adapter
+
+    base = load_models(tiny_model_dir, dtype=torch.float32)
+    make_adapter(base.ar_model, tmp_path / "ar_style", **ADAPTERS["attention, a list, dropout"])
+    models = load_models(tiny_model_dir, dtype=torch.float32, ar_loras=[(tmp_path / "ar_style", 0.5)])
+    seen = []
+    generate(models, PROMPT, 512, 512, steps=1, seed=SEED, on_token=lambda step, total, ids: seen.append(ids.clone()))
+    inputs = ar.build_ar_inputs(models.processor, PROMPT, 512, 512)
+    generator = torch.Generator().manual_seed(SEED)
+    expected = ar.generate_prior_tokens(models.ar_model, inputs, [generator], loras=models.ar_loras)
+    unadapted = ar.generate_prior_tokens(models.ar_model, inputs, [torch.Generator().manual_seed(SEED)])
+    sampled = seen[-1][:, -expected.target_ids.shape[1] :]  # the callback's tokens end with the target grid's
+    assert torch.equal(sampled, expected.target_ids) and not torch.equal(sampled, unadapted.target_ids)
