@@ -193,10 +193,11 @@ def check_fits(model, layers: dict[str, LayerLora], source: str) -> None:
                 f"{source} updates {module}, which this AR model does not have (an adapter for a model with more "
                 "layers)."
             ) from None
-        if formats.of_layer(linear) is formats.W4A16:
+        fmt = formats.of_layer(linear)
+        if not fmt.mergeable:
             raise InvalidInputError(
-                f"{source} updates {module}, which this AR model holds in 4 bits (AutoRound/GPTQ): an adapter cannot "
-                "be merged into packed weights. Load the AR from the bf16 folder (weights full or int8) to use it."
+                f"{source} updates {module}, which this AR model holds packed ({fmt.label}): an adapter cannot be "
+                "merged into packed weights. Load the AR from the bf16 folder (weights full or int8) to use it."
             )
         shape = (linear.out_features, linear.in_features)
         if (lora.up.shape[0], lora.down.shape[1]) != shape:

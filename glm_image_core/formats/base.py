@@ -30,12 +30,14 @@ class WeightFormat:
     """One way of storing the weights of a model's linear layers, for the DiT and the AR model alike.
 
     ``components``: the folder names (published layout) of the components whose files may be in this format.
-    ``layer_class``: the core layer that holds a weight in this format (None: torch's ``nn.Linear``)."""
+    ``layer_class``: the core layer that holds a weight in this format (None: torch's ``nn.Linear``).
+    ``mergeable``: whether an adapter's update can be merged into a layer's weight (packed codes cannot take one)."""
 
     name = "plain"
     label = "full-precision weights"
     components: tuple[str, ...] = ("transformer", "vae", "text_encoder", "vision_language_encoder")
     layer_class: type[nn.Module] | None = None
+    mergeable = True
 
     # --- files: recognised and checked from headers and configs alone (cheap enough for queue time) --------------
 

@@ -394,6 +394,7 @@ class W4A16Format(WeightFormat):
     label = "AutoRound/GPTQ 4-bit (W4A16)"
     components = ("transformer", "vision_language_encoder")
     layer_class = W4A16Linear
+    mergeable = False
 
     def recognise(self, files: ComponentFiles) -> bool:
         return quant_method(files.config) in PACKINGS
