@@ -6,11 +6,12 @@ Writes two folders under the output folder:
 
 - GLM-Image-SDNQ-4bit-dynamic: a copy of the root whose transformer/ and vision_language_encoder/ are what sdnq
   writes for them (``save_sdnq_model``: config.json with its quantization_config, quantization_config.json beside it,
-  the weights), with the settings of Disty0/GLM-Image-SDNQ-4bit-dynamic's model card: dynamic per-layer dtypes from
-  uint4 up, no SVD, and the scales in the model's dtype (``dequantize_fp32`` False, sdnq's default when it was made).
-  The model card lists uint4, int5 and float5_e3m1fn layers; on the tiny model's Gaussian weights every layer passes
-  at uint4, so a few layers start their dynamic search at int5 or float5_e3m1fn (``SEEDS``, sdnq's
-  ``modules_dtype_dict``), and the threshold is the one at which float5_e3m1fn passes on them.
+  the weights: one file for the DiT, shards and their index for the AR), with the settings of
+  Disty0/GLM-Image-SDNQ-4bit-dynamic's model card: dynamic per-layer dtypes from uint4 up, no SVD, and the scales in
+  the model's dtype (``dequantize_fp32`` False, sdnq's default before 0.1.7). The model card lists uint4, int5 and
+  float5_e3m1fn layers; on the tiny model's Gaussian weights every layer passes at uint4, so a few layers start their
+  dynamic search at int5 or float5_e3m1fn (``SEEDS``, sdnq's ``modules_dtype_dict``), and the threshold is the one
+  at which float5_e3m1fn passes on them.
 - GLM-Image-SDNQ-4bit-dynamic-svd/transformer: the DiT with SVD (rank 8) and float32 scales (sdnq 0.2.8's defaults).
 
 sdnq skips layers of fewer than 16384 weights by default; the tiny model's have 1024 to 24576, so the limit is
@@ -30,6 +31,7 @@ PUBLISHED = dict(
 )
 DYNAMIC_LOSS_THRESHOLD = 2e-2  # the published 1e-2 turns the seeded float5_e3m1fn layers of the tiny model into uint5
 TINY = dict(minimum_allowed_numel=1024)
+AR_SHARD = "8MB"  # the published AR (~6.5 GB) is over sdnq's 5 GB shards: the tiny one (~25 MB) in shards too
 SEEDS = {  # layer -> the dtype its dynamic search starts at (and, the threshold being met, keeps)
     "transformer": {
         "int5": ["transformer_blocks.0.attn1.to_v.weight", "transformer_blocks.1.ff.net.2.weight"],
@@ -90,7 +92,7 @@ def quantise_ar(source: Path, out: Path) -> None:
     config = sdnq_config("vision_language_encoder")
     model = GlmImageForConditionalGeneration.from_pretrained(source, quantization_config=config, dtype=torch.bfloat16)
     check_seeds(model, "vision_language_encoder")
-    save_sdnq_model(model, str(out))
+    save_sdnq_model(model, str(out), max_shard_size=AR_SHARD)
 
 
 def quantise(source: Path, out: Path) -> None:

@@ -225,7 +225,7 @@ def read_settings(config: dict, source: str) -> SdnqSettings:
     return SdnqSettings(
         weights_dtype,
         dict(modules_dtype),
-        bool(quant.get("dequantize_fp32", False)),  # False: sdnq's default before 0.2
+        bool(quant.get("dequantize_fp32", False)),  # False: sdnq's default before 0.1.7
         version(quant.get("sdnq_version", "0")) >= SUBNORMALS_SINCE,
     )
 
