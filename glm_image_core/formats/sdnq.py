@@ -135,6 +135,12 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat((packed & 31, codes_5_to_7), dim=-1).view(-1)
 
 
+def chunk_rows(in_features: int) -> int:
+    """How many rows ``SDNQLinear.dequantise`` makes at a time: about ``DEQUANTISE_CHUNK`` weights, in multiples of 8
+    rows (whole 5-bit packs, and the row counts for which the CPU's SVD product rounds as for the whole matrix)."""
+    return max(8, DEQUANTISE_CHUNK // in_features // 8 * 8)
+
+
 def packed_shape(dtype: CodeDtype, out_features: int, in_features: int, groups: int) -> tuple[int, ...]:
     """The shape of a layer's ``weight`` as sdnq stores it."""
     if dtype.bits == 4:
@@ -240,6 +246,11 @@ def quantised_layers(files: ComponentFiles) -> list[str]:
     )
 
 
+def quantised_keys(files: ComponentFiles) -> set[str]:
+    """The keys of the quantised layers' own tensors (``LAYER_TENSORS``), which stay in sdnq's dtypes."""
+    return {f"{name}.{t}" for name in quantised_layers(files) for t in LAYER_TENSORS}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The layer
 
@@ -291,7 +302,7 @@ class SDNQLinear(nn.Module):
         then cast."""
         device = device or self.scale.device
         weight = torch.empty(self.out_features, self.in_features, dtype=dtype, device=device)
-        rows = max(8, DEQUANTISE_CHUNK // self.in_features // 8 * 8)  # whole rows of 5-bit packs
+        rows = chunk_rows(self.in_features)
         for start in range(0, self.out_features, rows):
             weight[start : start + rows] = self._rows(start, min(start + rows, self.out_features), dtype, device)
         return weight
@@ -422,7 +433,7 @@ def cast_state_dict(state_dict: dict[str, torch.Tensor], files: ComponentFiles, 
     zero points and SVD factors in float32 where the config says ``dequantize_fp32``, else in ``dtype``; every other
     floating tensor in ``dtype`` (None: as stored)."""
     settings = read_settings(files.config, files.config_source)
-    quantised = {f"{name}.{t}" for name in quantised_layers(files) for t in LAYER_TENSORS}
+    quantised = quantised_keys(files)
     out = {}
     for key, tensor in state_dict.items():
         if key in quantised:
@@ -462,7 +473,7 @@ class SdnqFormat(WeightFormat):
         return cast_state_dict(load_tensors(files.weights, None, device), files, dtype)
 
     def read_as_stored(self, files: ComponentFiles, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        quantised = {f"{name}.{t}" for name in quantised_layers(files) for t in LAYER_TENSORS}
+        quantised = quantised_keys(files)
         stored = load_tensors(files.weights)
         return {
             k: t if k in quantised or dtype is None or not t.is_floating_point() else t.to(dtype)
@@ -484,7 +495,7 @@ class SdnqFormat(WeightFormat):
         dtype, measured; scales in bf16 take less) and the output. Checked against measured allocations in
         tests/test_sdnq.py."""
         weights = in_features * out_features
-        chunk = min(max(8, DEQUANTISE_CHUNK // in_features // 8 * 8), out_features) * in_features
+        chunk = min(chunk_rows(in_features), out_features) * in_features
         return {
             "matmul": {
                 "weight dequantised to the model dtype": weights * dtype_bytes,
