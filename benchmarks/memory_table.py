@@ -34,7 +34,7 @@ from common import CONFIGS, GLYPH_ENCODER_CONFIG
 
 from glm_image_core import memory
 from glm_image_core.defaults import NUM_VQ_CODES
-from glm_image_core.formats import int8, w4a16
+from glm_image_core.formats import int8, sdnq, w4a16
 
 GiB = 2**30
 CONTEXT = int(0.75 * GiB)  # CUDA context (~0.3-0.5 GiB) + caching-allocator slack: assumed
@@ -46,8 +46,16 @@ PROMPT_TOKENS = 128  # a long prompt with GLM-4's tokenizer (the chat template a
 GLYPH_TOKENS = 256  # quoted text, ByT5 bytes
 
 
-BF16, INT8, FP8, W4 = "bf16", "int8", "fp8", "4-bit"  # the weight formats of the recipes
+BF16, INT8, FP8, W4, SDNQ = "bf16", "int8", "fp8", "4-bit", "SDNQ"  # the weight formats of the recipes
 W4_GROUP_SIZE = 128  # Intel/GLM-Image-int4-AutoRound's
+# Disty0/GLM-Image-SDNQ-4bit-dynamic's layers are uint4 (groups of 64), int5 or float5_e3m1fn (groups of 128), with
+# bf16 scales; which layer is which is in its config, not here: it is counted as all uint4 and as all 5-bit, the
+# bounds of its size, and its recipe as all 5-bit.
+SDNQ_BOUNDS = ("uint4", "int5")
+SDNQ_QUANTISED = {  # what sdnq quantises (its skip keys for these classes): ``(prefixes, skipped)``
+    "ar": (("model.language_model.layers.", "model.visual.blocks."), ()),
+    "dit": (("transformer_blocks.",), ("transformer_blocks.0.norm1.linear",)),
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,13 @@ class Recipe:
 
 RECIPES = [
     Recipe("8 GB", 7, W4, W4, "Intel/GLM-Image-int4-AutoRound: AR and DiT 4-bit (W4A16); stages take turns"),
+    Recipe(
+        "8 GB (SDNQ)",
+        7,
+        SDNQ,
+        SDNQ,
+        "Disty0/GLM-Image-SDNQ-4bit-dynamic: AR and DiT in SDNQ's 4- and 5-bit layers (counted as all 5-bit)",
+    ),
     Recipe("12 GB", 11, INT8, FP8, "AR weights int8, DiT fp8 file with per-layer scales"),
     Recipe("16 GB", 15, INT8, BF16, "AR weights int8, DiT bf16 (ComfyUI loads what fits, streams the rest)"),
     Recipe("24 GB", 22, BF16, BF16, "AR weights full (bf16), DiT bf16; stages take turns"),
@@ -88,9 +103,29 @@ def w4_layers(model, prefix: str, group_size: int = W4_GROUP_SIZE) -> None:
     w4a16.swap_linears(model, keys, w4a16.W4A16Settings(group_size), torch.bfloat16)
 
 
-def ar_meta_model(weights: str):
+def sdnq_layers(model, part: str, dtype_name: str) -> None:
+    """The ``nn.Linear`` s that sdnq quantises in ``part`` ("ar" or "dit") as SDNQ layers of ``dtype_name``, in sdnq's
+    groups for it (2^(bits + 2) inputs, one group for fewer), scales and zero points in bf16, as published."""
+    prefixes, skipped = SDNQ_QUANTISED[part]
+    group = 2 ** (sdnq.code_dtype(dtype_name).bits + 2)
+    linears = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.startswith(prefixes) and name not in skipped
+    ]
+    for name, linear in linears:
+        groups = max(1, linear.in_features // group)
+        layer = sdnq.SDNQLinear(
+            linear.in_features, linear.out_features, linear.bias is not None, dtype_name, groups, dtype=torch.bfloat16
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to("meta"))
+
+
+def ar_meta_model(weights: str, sdnq_dtype: str = SDNQ_BOUNDS[1]):
     """GlmImageForConditionalGeneration at full size on the meta device, bf16, embedding trimmed to its code rows;
-    INT8: the decoder projections int8; W4: 4-bit, as AutoRound quantises its text decoder's layers."""
+    INT8: the decoder projections int8; W4: 4-bit, as AutoRound quantises its text decoder's layers; SDNQ: the
+    decoder's and the ViT's layers in ``sdnq_dtype``."""
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration
 
     config = read_config("vision_language_encoder__config.RECONSTRUCTED.json")
@@ -100,14 +135,17 @@ def ar_meta_model(weights: str):
             int8.replace_decoder_linears(model)
         elif weights == W4:
             w4_layers(model, "model.language_model.layers.")
+        elif weights == SDNQ:
+            sdnq_layers(model, "ar", sdnq_dtype)
         lm = model.model.language_model
         lm.embed_tokens.weight = torch.nn.Parameter(lm.embed_tokens.weight[:NUM_VQ_CODES], requires_grad=False)
     return model
 
 
-def dit_meta_model(weights: str = BF16):
+def dit_meta_model(weights: str = BF16, sdnq_dtype: str = SDNQ_BOUNDS[1]):
     """The DiT on the meta device in bf16; W4: its transformer blocks' layers 4-bit, as in
-    Intel/GLM-Image-int4-AutoRound (``block_name_to_quantize: transformer_blocks``)."""
+    Intel/GLM-Image-int4-AutoRound (``block_name_to_quantize: transformer_blocks``); SDNQ: its blocks' layers but the
+    first block's adaLN in ``sdnq_dtype``."""
     from glm_image_core.dit import GlmImageTransformer2DModel
     from glm_image_core.loading import constructor_kwargs
 
@@ -116,6 +154,8 @@ def dit_meta_model(weights: str = BF16):
     model = GlmImageTransformer2DModel(**kwargs, dtype=torch.bfloat16, device="meta")
     if weights == W4:
         w4_layers(model, "transformer_blocks.")
+    elif weights == SDNQ:
+        sdnq_layers(model, "dit", sdnq_dtype)
     return model, config
 
 
@@ -157,8 +197,11 @@ def stage_table() -> dict:
     glyph = glyph_bytes()
 
     dit_w4, _ = dit_meta_model(W4)
+    dit_sdnq = {dtype: memory.module_bytes(dit_meta_model(SDNQ, dtype)[0]) for dtype in SDNQ_BOUNDS}
     dit_bytes = {BF16: memory.module_bytes(dit), FP8: dit_fp8_bytes(dit), W4: memory.module_bytes(dit_w4)}
-    ar_models = {weights: ar_meta_model(weights) for weights in (BF16, INT8, W4)}
+    dit_bytes[SDNQ] = dit_sdnq[SDNQ_BOUNDS[1]]
+    ar_models = {weights: ar_meta_model(weights) for weights in (BF16, INT8, W4, SDNQ)}
+    ar_sdnq = {dtype: memory.ar_decode_bytes(ar_meta_model(SDNQ, dtype)) for dtype in SDNQ_BOUNDS}
     ar_full = ar_models[BF16]
     vision = memory.module_bytes(*memory.ar_vision_modules(ar_full))
     vit = ar_full.config.vision_config
@@ -169,10 +212,14 @@ def stage_table() -> dict:
         "AR decoder, bf16 (code rows of the embedding)": memory.ar_decode_bytes(ar_full),
         "AR decoder, int8 projections": memory.ar_decode_bytes(ar_models[INT8]),
         "AR decoder, 4-bit projections (W4A16, group size 128)": memory.ar_decode_bytes(ar_models[W4]),
+        "AR decoder, SDNQ projections, all uint4 (groups of 64)": ar_sdnq["uint4"],
+        "AR decoder, SDNQ projections, all 5-bit (groups of 128)": ar_sdnq["int5"],
         "AR vision encoder + VQ": vision,
         "DiT bf16": dit_bytes[BF16],
         "DiT fp8": dit_bytes[FP8],
         "DiT 4-bit transformer blocks (W4A16, group size 128)": dit_bytes[W4],
+        "DiT SDNQ transformer blocks, all uint4 (groups of 64)": dit_sdnq["uint4"],
+        "DiT SDNQ transformer blocks, all 5-bit (groups of 128)": dit_sdnq["int5"],
         "glyph encoder bf16": glyph,
         "VAE bf16": memory.module_bytes(vae),
     }
@@ -185,8 +232,8 @@ def stage_table() -> dict:
         per_task = {}
         for task, prompt, new, refs in (("t2i", PROMPT_TOKENS, 256 + grid, 0), ("edit", PROMPT_TOKENS + grid, grid, 1)):
             working = memory.ar_model_working_bytes(ar_model, 1, prompt, new)
-            # fp8 (ComfyUI's manual cast) and 4-bit (dequantised per call) make a bf16 copy of a weight at a time
-            dit_copy = largest_linear * 2 if recipe.dit_weights in (FP8, W4) else 0
+            # fp8 (ComfyUI's manual cast), 4-bit and SDNQ (dequantised per call) make a bf16 copy of a weight at a time
+            dit_copy = largest_linear * 2 if recipe.dit_weights in (FP8, W4, SDNQ) else 0
             dit_activations = dit_block + refs * reference_kv + dit_copy
             dit_weights = dit_bytes[recipe.dit_weights]
             partial = dit_weights + dit_activations + CONTEXT > cap

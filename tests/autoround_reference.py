@@ -1,11 +1,12 @@
 """Quantise a tiny GLM-Image folder with the `auto-round` library itself (RTN, iters=0): the 4-bit reference files.
 
-    python tests/autoround_reference.py <tiny GLM-Image root> <output root> <group size>
+    python tests/autoround_reference.py <tiny GLM-Image root> <output folder> <group size>
 
-The output is a copy of the root whose transformer/ and vision_language_encoder/ are what AutoRound writes for them,
-in its `auto_round:auto_gptq` packing: the DiT's `transformer_blocks` quantised (as in
-Intel/GLM-Image-int4-AutoRound's transformer/config.json), and the AR's text decoder layers (AutoRound's GLM-Image
-handler). Run in a subprocess: AutoRound configures logging and may start worker processes.
+The output, <output folder>/GLM-Image-int4-AutoRound, is a copy of the root whose transformer/ and
+vision_language_encoder/ are what AutoRound writes for them, in its `auto_round:auto_gptq` packing: the DiT's
+`transformer_blocks` quantised (as in Intel/GLM-Image-int4-AutoRound's transformer/config.json), and the AR's text
+decoder layers (AutoRound's GLM-Image handler). Run in a subprocess: AutoRound configures logging and may start
+worker processes.
 """
 
 from __future__ import annotations
@@ -46,4 +47,4 @@ def quantise(source: Path, out: Path, group_size: int) -> None:
 
 
 if __name__ == "__main__":
-    quantise(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
+    quantise(Path(sys.argv[1]), Path(sys.argv[2]) / "GLM-Image-int4-AutoRound", int(sys.argv[3]))

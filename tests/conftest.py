@@ -47,14 +47,12 @@ def reference_pipeline(tiny_model_dir):
     return GlmImagePipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float32)
 
 
-@pytest.fixture(scope="session")
-def autoround_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny folder with its DiT's transformer blocks and its AR's text decoder quantised to 4 bits (W4A16, group
-    size 32) by the `auto-round` library itself, as Intel/GLM-Image-int4-AutoRound was made
-    (tests/autoround_reference.py). Making it takes ~30 s, so it is kept between test sessions (CI runs four, each
-    with two workers) under GLM_IMAGE_TEST_CACHE (default ~/.cache/glm-image-tests), named by a hash of everything
-    that decides its bytes: the code that writes the tiny folder and quantises it, the published configs, and the
-    versions of auto-round and torch."""
+def made_by_library(tiny_model_dir, tmp_path_factory, library: str, script: str, *args: str):
+    """The folder that ``tests/<script>`` writes from the tiny folder with the quantisation library ``library``
+    (``python tests/<script> <tiny root> <folder> *args``). Making one takes up to ~30 s, so it is kept between test
+    sessions (CI runs four, each with two workers) under GLM_IMAGE_TEST_CACHE (default ~/.cache/glm-image-tests),
+    named by a hash of everything that decides its bytes: the code that writes the tiny folder and quantises it, the
+    published configs, and the versions of the library and torch."""
     import hashlib
     import os
     import shutil
@@ -64,24 +62,49 @@ def autoround_model_dir(tiny_model_dir, tmp_path_factory):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    script = repo / "tests" / "autoround_reference.py"
-    inputs = [script, repo / "glm_image_core" / "tiny.py", *sorted((repo / "glm_image_core" / "published").iterdir())]
-    key = hashlib.sha256(f"{version('auto-round')} {torch.__version__}".encode())
+    script_path = repo / "tests" / script
+    inputs = [
+        script_path,
+        repo / "glm_image_core" / "tiny.py",
+        *sorted((repo / "glm_image_core" / "published").iterdir()),
+    ]
+    key = hashlib.sha256(f"{version(library)} {torch.__version__} {args}".encode())
     for path in inputs:
         key.update(path.read_bytes())
     cache = Path(os.environ.get("GLM_IMAGE_TEST_CACHE", Path.home() / ".cache" / "glm-image-tests"))
-    keyed = cache / f"autoround-{key.hexdigest()[:16]}"
-    out = keyed / "GLM-Image-int4-AutoRound"  # named as its download is
-    if not out.is_dir():
-        made = tmp_path_factory.mktemp("autoround") / "GLM-Image-int4-AutoRound"
+    keyed = cache / f"{library}-{key.hexdigest()[:16]}"
+    if not keyed.is_dir():
+        made = tmp_path_factory.mktemp(library)
         done = subprocess.run(
-            [sys.executable, str(script), str(tiny_model_dir), str(made), "32"], capture_output=True, text=True
+            [sys.executable, str(script_path), str(tiny_model_dir), str(made), *args], capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr[-3000:]
         staged = cache / f".{keyed.name}.{os.getpid()}"
-        shutil.copytree(made, staged / out.name)
+        shutil.copytree(made, staged)
         try:  # complete or absent: another worker may have put its identical copy there first
             os.rename(staged, keyed)
         except OSError:
             shutil.rmtree(staged, ignore_errors=True)
-    return out
+    return keyed
+
+
+@pytest.fixture(scope="session")
+def autoround_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny folder with its DiT's transformer blocks and its AR's text decoder quantised to 4 bits (W4A16, group
+    size 32) by the `auto-round` library itself, as Intel/GLM-Image-int4-AutoRound was made
+    (tests/autoround_reference.py), named as its download is."""
+    made = made_by_library(tiny_model_dir, tmp_path_factory, "auto-round", "autoround_reference.py", "32")
+    return made / "GLM-Image-int4-AutoRound"
+
+
+@pytest.fixture(scope="session")
+def sdnq_dirs(tiny_model_dir, tmp_path_factory):
+    """The tiny folder with its DiT and its AR quantised by the `sdnq` library itself, as
+    Disty0/GLM-Image-SDNQ-4bit-dynamic was made (tests/sdnq_reference.py): GLM-Image-SDNQ-4bit-dynamic (the whole
+    folder, named as its download is) and GLM-Image-SDNQ-4bit-dynamic-svd (a DiT with SVD factors)."""
+    return made_by_library(tiny_model_dir, tmp_path_factory, "sdnq", "sdnq_reference.py")
+
+
+@pytest.fixture(scope="session")
+def sdnq_model_dir(sdnq_dirs):
+    return sdnq_dirs / "GLM-Image-SDNQ-4bit-dynamic"

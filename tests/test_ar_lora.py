@@ -126,12 +126,18 @@ def test_the_adapter_samples_peft_tokens_per_seed(tiny_model_dir, base, inputs, 
     assert not torch.equal(unadapted.target_ids, expected.target_ids)
 
 
-@pytest.fixture(scope="module", params=["int8", "4-bit"])
-def quantised(request, tiny_model_dir, autoround_model_dir):
-    """The AR with quantised decoder projections: int8 (quantised while read), 4-bit (auto-round's)."""
-    if request.param == "int8":
-        return load_ar_model(tiny_model_dir, dtype=torch.float32, quantisation="int8")
-    return load_ar_model(autoround_model_dir, dtype=torch.float32)
+def quantised_ar(weights, tiny_model_dir, request):
+    """The AR in a weight format: full (float32), int8 (quantised while read), 4-bit (auto-round's), SDNQ (sdnq's)."""
+    if weights == "4-bit":
+        return load_ar_model(request.getfixturevalue("autoround_model_dir"), dtype=torch.float32)
+    if weights == "SDNQ":
+        return load_ar_model(request.getfixturevalue("sdnq_model_dir"), dtype=torch.float32)
+    return load_ar_model(tiny_model_dir, dtype=torch.float32, quantisation="int8" if weights == "int8" else None)
+
+
+@pytest.fixture(scope="module", params=["int8", "4-bit", "SDNQ"])
+def quantised(request, tiny_model_dir):
+    return quantised_ar(request.param, tiny_model_dir, request)
 
 
 def test_over_quantised_weights_the_adapter_gives_peft_over_the_same_weights(quantised, base, inputs, tmp_path):
@@ -164,15 +170,14 @@ def relative_l2(got, expected):
     return ((got - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.parametrize("weights", ["full", "int8", "4-bit"])
+@pytest.mark.parametrize("weights", ["full", "int8", "4-bit", "SDNQ"])
 def test_a_small_update_is_kept_whole_over_every_weight_format(
-    tiny_model_dir, autoround_model_dir, base, inputs, tmp_path, weights
+    tiny_model_dir, base, inputs, tmp_path, weights, request
 ):
     """An adapter at the strength that moves the weights by 0.2% (||s B A|| / ||W|| over its layers): merged, an
     int8 or 4-bit weight would round most of it away again (and a bf16 weight 61% of it). Unmerged, the change it
     makes to the logits stays within 1% of the change PEFT's own side path makes over the same weights."""
-    folder = autoround_model_dir if weights == "4-bit" else tiny_model_dir
-    model = load_ar_model(folder, dtype=torch.float32, quantisation="int8" if weights == "int8" else None)
+    model = quantised_ar(weights, tiny_model_dir, request)
     reference = dequantised_copy(model, base)
     peft_model = make_adapter(reference, tmp_path, **ADAPTERS["attention, a list, dropout"])
     layers = ar_lora.read_adapter(tmp_path)

@@ -86,7 +86,7 @@ def memory_table(tmp_path_factory):
 def test_the_computed_memory_table_keeps_every_stage_of_the_small_card_recipes_under_their_caps(memory_table):
     stdout, result = memory_table
     assert stdout.startswith("Computed (not measured)")
-    for card, cap_gib in (("8 GB", 7), ("12 GB", 11), ("16 GB", 15)):
+    for card, cap_gib in (("8 GB", 7), ("8 GB (SDNQ)", 7), ("12 GB", 11), ("16 GB", 15)):
         for task in ("t2i", "edit"):
             stages = result["stages"][card][task]
             assert {"AR decode", "glyph", "DiT", "VAE decode"} <= set(stages)
@@ -110,6 +110,20 @@ def test_the_computed_4bit_parts_are_about_a_quarter_of_bf16(memory_table):
     dit = components["DiT 4-bit transformer blocks (W4A16, group size 128)"]
     assert 0.26 < ar / components["AR decoder, bf16 (code rows of the embedding)"] < 0.3
     assert 0.26 < dit / components["DiT bf16"] < 0.3
+
+
+def test_the_computed_sdnq_parts_lie_between_their_uint4_and_5bit_bounds(memory_table):
+    """SDNQ's uint4 layers keep 4 bits and a bf16 scale and zero point per 64 weights (4.5 bits), its 5-bit ones 5
+    bits and a bf16 scale per 128 (5.125): 0.28 and 0.32 of bf16 for the quantised layers, with the parts sdnq keeps
+    in bf16 around them; the published checkpoint, a mix, lies between."""
+    components = memory_table[1]["components"]
+    for part, bf16 in (
+        ("AR decoder, SDNQ projections", components["AR decoder, bf16 (code rows of the embedding)"]),
+        ("DiT SDNQ transformer blocks", components["DiT bf16"]),
+    ):
+        uint4 = components[f"{part}, all uint4 (groups of 64)"] / bf16
+        five_bit = components[f"{part}, all 5-bit (groups of 128)"] / bf16
+        assert 0.28 < uint4 < 0.31 < five_bit < 0.35, (part, uint4, five_bit)
 
 
 def test_bench_caps_runs_its_graphs_on_the_cpu_with_the_tiny_models(tmp_path):

@@ -153,12 +153,11 @@ def test_ar_teacher_forced_logits_match_transformers_with_auto_round(ar_model, r
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
-def test_the_fast_decoder_reads_4bit_layers_like_the_transformers_loop(ar_model, autoround_model_dir):
-    processor = load_ar_processor(autoround_model_dir)
+def fast_decoder_against_the_loop(ar_model, processor, steps: int = 6):
+    """(the fast decoder of ``ar_model``, the largest difference of its logits from the transformers loop's at the
+    prefill and at each of ``steps`` decode steps) on one prompt."""
     inputs = ar.build_ar_inputs(processor, "a red 'sign'", 256, 384)
-    steps = 6
     decoder = fast_ar.FastDecoder(ar_model, batch=1, max_length=inputs.input_ids.shape[1] + steps)
-    assert isinstance(decoder.layers[0].kv.__self__, w4a16.W4A16Linear)  # k and v joined, still packed
     cos, sin = decoder.rope(inputs.decode_position_ids)
     cache = DynamicCache(config=ar_model.config)
     prompt_length = inputs.input_ids.shape[1]
@@ -170,6 +169,12 @@ def test_the_fast_decoder_reads_4bit_layers_like_the_transformers_loop(ar_model,
             expected = ar.next_token_logits(ar_model, token, inputs.decode_position_ids[:, :, k : k + 1], cache)
             logits = decoder.step(token, cos[:, k : k + 1], sin[:, k : k + 1], torch.tensor([prompt_length + k]), 16512)
             diffs.append((logits - expected).abs().max())
+    return decoder, diffs
+
+
+def test_the_fast_decoder_reads_4bit_layers_like_the_transformers_loop(ar_model, autoround_model_dir):
+    decoder, diffs = fast_decoder_against_the_loop(ar_model, load_ar_processor(autoround_model_dir))
+    assert isinstance(decoder.layers[0].kv.__self__, w4a16.W4A16Linear)  # k and v joined, still packed
     assert max(diffs) <= 1e-4, diffs
 
 

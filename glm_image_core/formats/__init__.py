@@ -8,8 +8,8 @@ dequantisation, what the fast AR decoder multiplies with, the bytes it needs bey
 copies it makes for itself. A host with its own layers for a format (ComfyUI's ops) keys them by ``name``
 (nodes/dit_loading.py).
 
-Formats, in the order they are recognised: w4a16 (AutoRound/GPTQ 4-bit, by the config's quantization_config),
-comfy_quant (ComfyUI's per-layer markers), scaled_fp8 (ComfyUI's marker), int8 (the AR's 8-bit export), plain.
+Formats, in the order they are recognised: w4a16 (AutoRound/GPTQ 4-bit) and sdnq (SD.Next's per-layer quantisation),
+both by the config's quantization_config, comfy_quant (ComfyUI's per-layer markers), scaled_fp8 (ComfyUI's marker), int8 (the AR's 8-bit export), plain.
 Adding one: docs/how-it-works.md, "Adding a weight format".
 """
 
@@ -27,17 +27,18 @@ from .comfy_quant import ComfyQuantFormat
 from .int8 import Int8Format
 from .plain import PlainFormat
 from .scaled_fp8 import ScaledFp8Format
+from .sdnq import SdnqFormat
 from .w4a16 import W4A16Format, quant_method
 
 PLAIN, SCALED_FP8, COMFY_QUANT = PlainFormat(), ScaledFp8Format(), ComfyQuantFormat()
-INT8, W4A16 = Int8Format(), W4A16Format()
-FORMATS: list[WeightFormat] = [W4A16, COMFY_QUANT, SCALED_FP8, INT8]  # recognised in this order; else PLAIN
+INT8, W4A16, SDNQ = Int8Format(), W4A16Format(), SdnqFormat()
+FORMATS: list[WeightFormat] = [W4A16, SDNQ, COMFY_QUANT, SCALED_FP8, INT8]  # recognised in this order; else PLAIN
 
 # Formats recognised only to be refused by name: a key suffix -> what stores it.
 FOREIGN_KEY_SUFFIXES = {".absmax": "bitsandbytes 4-bit", ".SCB": "bitsandbytes 8-bit", ".qweight": "GPTQ/AWQ"}
 WHAT_IS_READ = (
-    "bf16/fp32/fp8 weights, AutoRound/GPTQ 4-bit folders with their config, ComfyUI's quantised files (scaled fp8, "
-    "comfy_quant) and the AR's 8-bit export"
+    "bf16/fp32/fp8 weights, AutoRound/GPTQ 4-bit and SDNQ folders with their config, ComfyUI's quantised files "
+    "(scaled fp8, comfy_quant) and the AR's 8-bit export"
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "INT8",
     "PLAIN",
     "SCALED_FP8",
+    "SDNQ",
     "W4A16",
     "DenseProjection",
     "Projection",

@@ -31,8 +31,8 @@ class WeightFormat:
 
     ``components``: the folder names (published layout) of the components whose files may be in this format.
     ``layer_class``: the core layer that holds a weight in this format (None: torch's ``nn.Linear``).
-    ``packed``: its layers hold no ``weight`` tensor at all (the weight is packed into other tensors): a host can
-    neither patch nor page it, and a LoRA reaches the weight through the layer, dequantised."""
+    ``packed``: its layers hold the weight as codes (packed into integers, with scales and zero points) that no host
+    can patch, cast or page as a weight: a LoRA reaches the weight through the layer, dequantised."""
 
     name = "plain"
     label = "full-precision weights"
