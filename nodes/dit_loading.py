@@ -13,7 +13,7 @@ import torch
 from ..glm_image_core import formats
 from ..glm_image_core.checkpoint import in_memory
 from ..glm_image_core.errors import InvalidInputError
-from ..glm_image_core.formats import comfy_quant, scaled_fp8, w4a16
+from ..glm_image_core.formats import comfy_quant, scaled_fp8, sdnq, w4a16
 from .model import GlmImageDiTConfig
 
 WEIGHT_DTYPES = {
@@ -66,7 +66,7 @@ def load_dit_patcher(
     model_config = GlmImageDiTConfig(
         {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
     )
-    layers = HostLayers.for_format(fmt, config, model_options)
+    layers = HostLayers(fmt, in_memory(state_dict, config, "transformer"), "custom_operations" in model_options)
     state_dict = layers.prepare(model_config, state_dict)
     if dtype is None:
         dtype = mm.unet_dtype(
@@ -87,17 +87,16 @@ def load_dit_patcher(
     # the running version's core class (ModelPatcherDynamic when comfy-aimdo is on), whose dynamic weights are the
     # loaded tensors themselves (assign: no second copy in host RAM while loading).
     parameters = comfy.utils.calculate_parameters(state_dict)
-    if layers.packed is not None:  # what the 4-bit tensors weigh, in parameters of the model's dtype
+    if layers.packed:  # what the packed tensors weigh, in parameters of the model's dtype
         parameters = sum(t.nbytes for t in state_dict.values()) // mm.dtype_size(dtype)
     initial_device = mm.unet_inital_load_device(parameters, dtype)
     model = layers.build(model_config, state_dict, dtype, initial_device)
     patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
     patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
     assign = patcher.is_dynamic() if hasattr(patcher, "is_dynamic") else False
-    if layers.packed is not None and not assign:  # as comfy.ops layers: empty tensors the file's are copied into
-        model.diffusion_model.to_empty(device=initial_device)
-    if layers.cast_to_model_dtypes:
-        state_dict = cast_to_model_dtypes(model.diffusion_model, state_dict, dtype)
+    if layers.packed and not assign:  # as comfy.ops layers: empty tensors the file's are copied into
+        allocate_meta_tensors(model.diffusion_model, initial_device)
+    state_dict = layers.cast(model.diffusion_model, state_dict, dtype)
     missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False, assign=assign)
     missing = [k for k in missing if not k.endswith(scaled_fp8.SCALE_SUFFIXES)]  # absent scales are 1
     if missing or unexpected:
@@ -177,6 +176,18 @@ class ComfyW4A16Linear(ComfyPackedLayer, w4a16.W4A16Linear):
         self.use_int4pack = False
 
 
+class ComfySdnqLinear(ComfyPackedLayer, sdnq.SDNQLinear):
+    """An SDNQ layer (``formats.sdnq``) under ComfyUI's patchers. Its codes read from the checkpoint's `weight` are
+    held, and given in its state dict, as `codes`: ComfyUI looks for no weight there (no cast, no patch, no LoRA key
+    of the stock loaders: Load GLM-Image LoRA reaches it)."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        torch.nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+
+
+PACKED_LAYERS = {formats.W4A16: ComfyW4A16Linear, formats.SDNQ: ComfySdnqLinear}  # a packed format's host layer
+
+
 MIXED_OPS_VERSION = "0.33"  # the ComfyUI with mixed-precision layers (comfy/quant_ops.py) the pack is tested with
 
 
@@ -187,32 +198,23 @@ class HostLayers:
     - plain: comfy.ops' layers for the weight dtype;
     - scaled_fp8 and comfy_quant: ComfyUI's own quantised layers, as comfy.sd sets them up for its files (0.33's
       mixed-precision layers run both; 0.3.x has scaled-fp8 layers only, and refuses per-layer files);
-    - w4a16: ``ComfyW4A16Linear`` s in place of the Linear modules the checkpoint packs.
-    A GGUF-style loader's custom operations take the state dict as it is, beside 4-bit layers."""
+    - packed formats (4-bit, SDNQ): their host layer (``PACKED_LAYERS``) in place of the Linear modules the files
+      pack, its tensors in the dtypes the format keeps them in.
+    A GGUF-style loader's custom operations take the state dict as it is, beside packed layers."""
 
-    def __init__(self, fmt: formats.WeightFormat, packed: w4a16.W4A16Settings | None, custom: bool):
-        self.format, self.packed, self.custom = fmt, packed, custom
+    def __init__(self, fmt: formats.WeightFormat, files, custom: bool):
+        self.format, self.files, self.custom = fmt, files, custom
+        self.packed = fmt.packed
         self.mixed_precision = False  # ComfyUI 0.33's mixed-precision layers (they cast for themselves)
-
-    @classmethod
-    def for_format(cls, fmt: formats.WeightFormat, config: dict, model_options: dict) -> HostLayers:
-        packed = w4a16.read_settings(config, "the DiT's config") if fmt is formats.W4A16 else None
-        return cls(fmt, packed, "custom_operations" in model_options)
 
     @property
     def quantised(self) -> bool:
         return self.format is not formats.PLAIN and not self.custom
 
-    @property
-    def cast_to_model_dtypes(self) -> bool:
-        """Quantised layers of ComfyUI take fp8 + scales as is; 4-bit layers keep their int32 codes and float16
-        scales (their other tensors are cast)."""
-        return not self.custom and self.format in (formats.PLAIN, formats.W4A16)
-
     def prepare(self, model_config, state_dict: dict) -> dict:
         """Set up ``model_config`` for these layers, as comfy.sd does for ComfyUI's own files; the state dict to
         load."""
-        if self.custom or self.format in (formats.PLAIN, formats.W4A16):
+        if self.custom or self.format is formats.PLAIN or self.packed:
             return state_dict
         if hasattr(comfy.utils, "convert_old_quants"):  # per-layer configs for both of ComfyUI's formats
             state_dict, _ = comfy.utils.convert_old_quants(state_dict, "", metadata={})
@@ -233,18 +235,54 @@ class HostLayers:
         return state_dict
 
     def build(self, model_config, state_dict: dict, dtype: torch.dtype, device):
-        """The BaseModel with these layers, its weights not loaded yet. A 4-bit DiT is built on the meta device
-        and its packed layers are swapped in there, before anything is allocated: no full-precision weight of a
-        packed layer is ever made. They replace the Linear modules ComfyUI built, before the patcher (ComfyUI 0.3.x
+        """The BaseModel with these layers, its weights not loaded yet. A packed DiT is built on the meta device and
+        its packed layers are swapped in there, before anything is allocated: no full-precision weight of a packed
+        layer is ever made. They replace the Linear modules ComfyUI built, before the patcher (ComfyUI 0.3.x
         measures the model's size when it is made), rather than entering as model_options["custom_operations"]: an
         operations class builds every Linear alike and cannot tell which the checkpoint packs, and that seam stays
         free for the user's own (GGUF-style) operations."""
-        if self.packed is None:
+        if not self.packed:
             return model_config.get_model(state_dict, "", device=device)
         model = model_config.get_model(state_dict, "", device="meta")
         model.device = device
-        w4a16.swap_linears(model.diffusion_model, state_dict, self.packed, dtype, "meta", ComfyW4A16Linear)
+        self.format.build_layers(model.diffusion_model, self.files, dtype, PACKED_LAYERS[self.format])
         return model
+
+    def cast(self, diffusion_model, state_dict: dict, dtype: torch.dtype) -> dict:
+        """The tensors in the dtypes the built layers take: ComfyUI's quantised layers and custom operations take
+        them as they are; a packed format's own tensors stay as the format keeps them, the rest in the weight dtype."""
+        if self.custom or self.format not in (formats.PLAIN, *PACKED_LAYERS):
+            return state_dict
+        if self.packed:
+            state_dict = self.format.cast(self.files, state_dict, dtype)
+            kept = {k: t for k, t in state_dict.items() if is_of_packed_layer(diffusion_model, k)}
+            return (
+                cast_to_model_dtypes(diffusion_model, {k: t for k, t in state_dict.items() if k not in kept}, dtype)
+                | kept
+            )
+        return cast_to_model_dtypes(diffusion_model, state_dict, dtype)
+
+
+def allocate_meta_tensors(model: torch.nn.Module, device) -> None:
+    """Empty tensors on ``device`` for the parameters and buffers still on the meta device (``to_empty`` for those
+    alone: a layer's computed buffers, such as an SDNQ layer's code values, keep their values)."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device=device), False)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_meta:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
+
+
+def is_of_packed_layer(model, key: str) -> bool:
+    """Whether ``key`` is a packed layer's own tensor (its codes, scales, ...; not its bias)."""
+    module_name, _, attribute = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return False
+    return attribute != "bias" and formats.of_layer(module).packed
 
 
 def comfyui_version() -> str:

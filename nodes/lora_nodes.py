@@ -116,7 +116,7 @@ class LoraLoader(io.ComfyNode):
             description="A LoRA for the GLM-Image DiT, in diffusers/PEFT key names (transformer.*.lora_A/lora_B, as "
             "diffusers-based trainers write them) or ComfyUI's (which the stock LoraLoaderModelOnly also reads), on "
             "every weight format: merged into bf16 weights, applied to the dequantised weight at each step for fp8, "
-            "ComfyUI's quantised files and 4-bit checkpoints.",
+            "ComfyUI's quantised files, 4-bit and SDNQ checkpoints.",
             inputs=[
                 io.Model.Input("model", tooltip="The GLM-Image MODEL (from Load GLM-Image DiT, or after other LoRAs)."),
                 file_input(
@@ -159,7 +159,7 @@ class ARLoraLoader(io.ComfyNode):
             category="GLM-Image",
             description="A PEFT LoRA adapter for the AR model (GLM-Image's fine-tuning path): its updates of the "
             "decoder's projections are applied beside them for each Generate Visual Tokens run, in every weight "
-            "format (full, int8, 4-bit).",
+            "format (full, int8, 4-bit, SDNQ).",
             inputs=[
                 GlmARModel.Input("ar_model", tooltip="From Load GLM-Image AR Model (or after other AR LoRAs)."),
                 file_input(

@@ -3,12 +3,15 @@ patches, caching, LoRA, compile, weight formats and memory share. Import after `
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import comfy.sample
+import numpy as np
 import torch
 
 from glm_image_core.loading import read_state_dict
+from glm_image_core.pipeline import generate
 from tests import comfy_host
 
 dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
@@ -65,3 +68,60 @@ def sample(
         callback=callback,
         seed=seed,
     )
+
+
+def folder_text_to_image(folder: str, dit: str, size: int, steps: int, seed: int, capture: str) -> dict:
+    """The text-to-image example on a downloaded folder (its AR, glyph encoder and VAE; ``dit`` in Load GLM-Image
+    DiT), fp32 on the CPU, at ``size`` x 2 with KSampler's noise seed equal to the AR seed (as in the core's
+    `generate`); its image and latent captured under ``capture`` by tests.test_nodes_edit.CaptureOutputs."""
+    graph = json.loads((comfy_host.REPO_ROOT / "tests" / "workflows" / "text_to_image.json").read_text())
+    graph["1"]["inputs"].update(model_folder=folder, dtype="fp32", device="cpu")
+    graph["2"]["inputs"].update(prompt=FOLDER_PROMPT, width=size * 2, height=size * 2, seed=seed)
+    graph["3"]["inputs"].update(encoder=folder, dtype="fp32")
+    graph["5"]["inputs"].update(dit=dit)
+    graph["6"]["inputs"].update(width=size * 2, height=size * 2)
+    graph["7"]["inputs"].update(width=size * 2, height=size * 2)
+    graph["8"]["inputs"].update(steps=steps, seed=seed)
+    graph["9"]["inputs"].update(vae=folder)
+    graph["11"] = {
+        "class_type": "GLMImageTestCapture",
+        "inputs": {"key": capture, "image": ["10", 0], "latent": ["8", 0]},
+    }
+    return graph
+
+
+FOLDER_PROMPT = 'A sign that reads "OPEN"'
+
+
+def core_text_to_image(models, size: int, steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the last latent, the image as [1, H, W, 3] floats of 0..255) of the core pipeline for ``folder_text_to_image``."""
+    latents = []
+    image = generate(
+        models, FOLDER_PROMPT, size * 2, size * 2, steps=steps, seed=seed, on_step=lambda *a: latents.append(a[2])
+    )
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))[None]
+    return models.vae.denormalize(latents[-1]), pixels
+
+
+@contextlib.contextmanager
+def pack_with_downloaded_folder(model_dir, diffusion_models, links: dict[str, object]):
+    """The pack in ComfyUI (its node classes), with ``model_dir`` under a glm_image root and each of ``links`` (name:
+    target) linked in under the ``diffusion_models`` root, and the capture node of tests.test_nodes_edit."""
+    import folder_paths
+
+    import nodes
+    from tests.test_nodes_edit import CaptureOutputs
+
+    node_classes = comfy_host.load_pack()
+    for name, target in links.items():
+        (diffusion_models / name).symlink_to(target, target_is_directory=True)
+    added = {"glm_image": str(model_dir.parent), "diffusion_models": str(diffusion_models)}
+    for name, folder in added.items():
+        folder_paths.add_model_folder_path(name, folder)
+    nodes.NODE_CLASS_MAPPINGS["GLMImageTestCapture"] = CaptureOutputs
+    try:
+        yield node_classes
+    finally:
+        del nodes.NODE_CLASS_MAPPINGS["GLMImageTestCapture"]
+        for name, folder in added.items():
+            folder_paths.folder_names_and_paths[name][0].remove(folder)

@@ -1,5 +1,5 @@
 """Load GLM-Image LoRA on every weight format of the DiT, through ComfyUI: bf16 (merged as ComfyUI merges), fp8 on
-the fly, ComfyUI's scaled-fp8 and per-layer files (0.33), and the 4-bit checkpoint (applied to the dequantised weight
+the fly, ComfyUI's scaled-fp8 and per-layer files (0.33), the 4-bit and SDNQ checkpoints (applied to the dequantised weight
 in the forward, the stored bits unchanged). The reference, per format: the weights that format stands for,
 dequantised to float32, plus strength * alpha / rank * B @ A for each LoRA, in the plain core DiT; compared is what
 the LoRAs change in the output (with them, less without), so that how ComfyUI runs a format itself (fp8 inputs, the
@@ -32,14 +32,16 @@ FORMATS = {
     "comfy_quant int8": ("int8_tensorwise", "default", MIXED_OPS, 1e-4),
     "comfy_quant fp8": ("float8_e4m3fn", "default", MIXED_OPS, 1e-4),
     "4-bit": ("4-bit", "default", True, 1e-4),
+    "SDNQ": ("sdnq", "default", True, 1e-4),
 }
+PACKED = ("W4A16Linear", "SDNQLinear")  # layers that hold codes, not a weight
 # With a LoRA, ComfyUI's int8 layer takes the dequantised weight (its W8A8 kernel takes no weight function), so
 # there the whole output is compared; elsewhere what the LoRAs change, so that how ComfyUI runs a format without
 # them (fp8 inputs, the order of its products) is not counted against the LoRA.
 WHOLE_OUTPUT = ("comfy_quant int8",)
 
 
-def dit_files(name, tiny_model_dir, autoround_model_dir, tmp_path):
+def dit_files(name, tiny_model_dir, autoround_model_dir, sdnq_model_dir, tmp_path):
     """(the DiT's files in this format, the float32 core DiT of the weights they stand for)."""
     written, weight_dtype, *_ = FORMATS[name]
     folder = tiny_model_dir / "transformer"
@@ -50,8 +52,9 @@ def dit_files(name, tiny_model_dir, autoround_model_dir, tmp_path):
                 if isinstance(module, torch.nn.Linear):
                     module.weight.data = module.weight.to(torch.float8_e4m3fn).float()
         return folder, reference
-    if written == "4-bit":
-        return autoround_model_dir / "transformer", load_transformer(autoround_model_dir, dtype=torch.float32)
+    if written in ("4-bit", "sdnq"):
+        root = autoround_model_dir if written == "4-bit" else sdnq_model_dir
+        return root / "transformer", load_transformer(root, dtype=torch.float32)
     options = {"scaled_fp8": True} if written == "scaled_fp8" else {"quant": written}
     path = save_single_file(folder, tmp_path / f"{written}.safetensors", **options)
     return path, load_transformer(path, dtype=torch.float32)
@@ -66,7 +69,7 @@ def random_lora(reference, seed):
             torch.randn(m.out_features, RANK, generator=g) * 0.1,
         )
         for name, m in reference.named_modules()
-        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "W4A16Linear"
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ in PACKED
     }
 
 
@@ -76,7 +79,7 @@ def with_updates(reference, loras):
         if name not in loras[0]:
             continue
         deltas = [s * ALPHA / RANK * (lora[name][1] @ lora[name][0]) for lora, s in zip(loras, STRENGTHS)]
-        if type(module).__name__ == "W4A16Linear":  # the plain layer of its dequantised weight
+        if type(module).__name__ in PACKED:  # the plain layer of its dequantised weight
             linear = torch.nn.Linear(module.in_features, module.out_features, module.bias is not None)
             linear.weight.data, linear.bias = module.dequantise(), module.bias
             parent, _, child = name.rpartition(".")
@@ -88,11 +91,11 @@ def with_updates(reference, loras):
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_two_stacked_loras_equal_the_dequantised_weights_plus_their_updates(
-    name, tiny_model_dir, autoround_model_dir, tmp_path
+    name, tiny_model_dir, autoround_model_dir, sdnq_model_dir, tmp_path
 ):
     if not FORMATS[name][2]:
         pytest.skip("this ComfyUI has no mixed-precision layers")
-    files, reference = dit_files(name, tiny_model_dir, autoround_model_dir, tmp_path)
+    files, reference = dit_files(name, tiny_model_dir, autoround_model_dir, sdnq_model_dir, tmp_path)
     options = None if FORMATS[name][1] != "default" else {"dtype": torch.float32}  # an option would override fp8
     patcher = load(files, FORMATS[name][1], model_options=options)
     stored = {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
@@ -119,8 +122,11 @@ def test_two_stacked_loras_equal_the_dequantised_weights_plus_their_updates(
     assert torch.equal(velocity(patcher), unpatched)
 
 
-def test_strength_zero_adds_nothing_on_packed_layers(tiny_model_dir, autoround_model_dir, tmp_path):
-    files, reference = dit_files("4-bit", tiny_model_dir, autoround_model_dir, tmp_path)
+@pytest.mark.parametrize("name", ["4-bit", "SDNQ"])
+def test_strength_zero_adds_nothing_on_packed_layers(
+    name, tiny_model_dir, autoround_model_dir, sdnq_model_dir, tmp_path
+):
+    files, reference = dit_files(name, tiny_model_dir, autoround_model_dir, sdnq_model_dir, tmp_path)
     patcher = load(files, model_options={"dtype": torch.float32})
     expected = velocity(patcher)
     patched = lora_nodes.apply_lora(patcher, peft_keys(random_lora(reference, 1)), 0.0)

@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -27,8 +26,13 @@ from comfy_extras.nodes_easycache import EasyCacheNode  # noqa: E402
 import nodes  # noqa: E402
 from glm_image_core import ar  # noqa: E402
 from glm_image_core.loading import load_transformer  # noqa: E402
-from glm_image_core.pipeline import generate, load_models  # noqa: E402
-from tests.comfy_glm import tiny_patcher  # noqa: E402
+from glm_image_core.pipeline import load_models  # noqa: E402
+from tests.comfy_glm import (  # noqa: E402
+    core_text_to_image,
+    folder_text_to_image,
+    pack_with_downloaded_folder,
+    tiny_patcher,
+)
 from tests.test_ar import PEAKED_SCALE, seeded  # noqa: E402
 from tests.test_ar_lora import ADAPTERS, dequantised_copy, make_adapter  # noqa: E402
 from tests.test_comfy_ar_lora import PROMPT as AR_PROMPT  # noqa: E402
@@ -38,7 +42,7 @@ from tests.test_comfy_ar_lora import tokens as ar_tokens  # noqa: E402
 from tests.test_comfy_easycache import MAX_DISTANCE, MIN_SKIPPED, distance, run_cached  # noqa: E402
 from tests.test_comfy_lora import not_loaded  # noqa: E402
 from tests.test_comfy_weight_formats import velocity  # noqa: E402
-from tests.test_nodes_edit import CAPTURED, CaptureOutputs  # noqa: E402
+from tests.test_nodes_edit import CAPTURED  # noqa: E402
 from tests.test_scaled_fp8 import dit_inputs, relative_error  # noqa: E402
 
 dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
@@ -58,18 +62,9 @@ NOT_PACKED = "proj_out"
 @pytest.fixture(scope="module")
 def glm(autoround_model_dir, tmp_path_factory):
     """The pack in ComfyUI; the 4-bit folder under a glm_image root and, linked in, under a diffusion_models root."""
-    node_classes = comfy_host.load_pack()
-    diffusion_models = tmp_path_factory.mktemp("diffusion_models")
-    (diffusion_models / "int4-root").symlink_to(autoround_model_dir, target_is_directory=True)
-    (diffusion_models / "int4-transformer").symlink_to(autoround_model_dir / "transformer", target_is_directory=True)
-    added = {"glm_image": str(autoround_model_dir.parent), "diffusion_models": str(diffusion_models)}
-    for name, folder in added.items():
-        folder_paths.add_model_folder_path(name, folder)
-    nodes.NODE_CLASS_MAPPINGS["GLMImageTestCapture"] = CaptureOutputs
-    yield node_classes
-    del nodes.NODE_CLASS_MAPPINGS["GLMImageTestCapture"]
-    for name, folder in added.items():
-        folder_paths.folder_names_and_paths[name][0].remove(folder)
+    links = {"int4-root": autoround_model_dir, "int4-transformer": autoround_model_dir / "transformer"}
+    with pack_with_downloaded_folder(autoround_model_dir, tmp_path_factory.mktemp("diffusion_models"), links) as glm:
+        yield glm
 
 
 def load_dit(glm, dit="int4-transformer", weight_dtype="default"):
@@ -318,44 +313,16 @@ def test_an_ar_lora_on_the_4bit_ar_samples_what_peft_samples_over_the_same_weigh
 
 
 def text_to_image(dit: str = "int4-transformer") -> dict:
-    """The text-to-image example on the 4-bit folder, fp32 on the CPU, its image and latent captured; KSampler's
-    noise seed equals the AR seed (as in the core's `generate`)."""
-    graph = json.loads((comfy_host.REPO_ROOT / "tests" / "workflows" / "text_to_image.json").read_text())
-    graph["1"]["inputs"].update(model_folder=FOLDER, dtype="fp32", device="cpu")
-    graph["2"]["inputs"].update(prompt='A sign that reads "OPEN"', width=SIZE * 2, height=SIZE * 2, seed=SEED)
-    graph["3"]["inputs"].update(encoder=FOLDER, dtype="fp32")
-    graph["5"]["inputs"].update(dit=dit)
-    graph["6"]["inputs"].update(width=SIZE * 2, height=SIZE * 2)
-    graph["7"]["inputs"].update(width=SIZE * 2, height=SIZE * 2)
-    graph["8"]["inputs"].update(steps=STEPS, seed=SEED)
-    graph["9"]["inputs"].update(vae=FOLDER)
-    graph["11"] = {
-        "class_type": "GLMImageTestCapture",
-        "inputs": {"key": "int4", "image": ["10", 0], "latent": ["8", 0]},
-    }
-    return graph
+    return folder_text_to_image(FOLDER, dit, SIZE, STEPS, SEED, capture="int4")
 
 
 def test_the_text_to_image_graph_on_the_4bit_checkpoint_equals_the_core_pipeline(glm, autoround_model_dir):
     run = comfy_host.run_prompt(text_to_image())
     assert run.success, run.execution_error()
     ours = CAPTURED["int4"]
-
-    models = load_models(autoround_model_dir, dtype=torch.float32)
-    steps = []
-    image = generate(
-        models,
-        'A sign that reads "OPEN"',
-        SIZE * 2,
-        SIZE * 2,
-        steps=STEPS,
-        guidance=1.5,
-        seed=SEED,
-        on_step=lambda step, total, latent: steps.append(latent),
-    )
-    latent_diff = (ours["latent"] - models.vae.denormalize(steps[-1])).abs().max().item()
-    expected = torch.from_numpy(np.asarray(image, dtype=np.float32))[None]
-    image_diff = (ours["image"] * 255 - expected).abs().max().item()
+    latent, image = core_text_to_image(load_models(autoround_model_dir, dtype=torch.float32), SIZE, STEPS, SEED)
+    latent_diff = (ours["latent"] - latent).abs().max().item()
+    image_diff = (ours["image"] * 255 - image).abs().max().item()
     print(f"latent max diff {latent_diff:.2e}, image max diff {image_diff:.2f} (of 255)")
     assert latent_diff <= 1e-4, latent_diff
     assert image_diff <= 1, image_diff  # the core's image is rounded to uint8

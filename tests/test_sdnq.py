@@ -130,7 +130,7 @@ def test_the_layers_hold_the_tensors_sdnqs_loader_gives_its_own(dits, ars, model
     rounded_by_diffusers = model == "dit-svd" and dtype == "bfloat16"
     for name, layer in quantised(ours, sdnq_format.SDNQLinear).items():
         for tensor in sdnq_format.LAYER_TENSORS:
-            mine, theirs = getattr(layer, tensor), getattr(library[name], tensor)
+            mine, theirs = layer.stored(tensor), getattr(library[name], tensor)
             if mine is None:
                 assert theirs is None, (name, tensor)
                 continue
@@ -148,7 +148,7 @@ def test_dequantised_weights_equal_sdnqs_own_bit_for_bit(dits, ars, model, dtype
     ours, reference = pair(dits, ars, model, dtype)
     library = quantised(reference, LibraryLinear)
     for name, layer in quantised(ours, sdnq_format.SDNQLinear).items():
-        tensors = {t: getattr(layer, t) for t in sdnq_format.LAYER_TENSORS}
+        tensors = {t: layer.stored(t) for t in sdnq_format.LAYER_TENSORS}
         expected = library[name].sdnq_dequantizer(**tensors, skip_compile=True, dtype=DTYPES[dtype])
         assert torch.equal(bits(layer.dequantise(DTYPES[dtype])), bits(expected)), name
 

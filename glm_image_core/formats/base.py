@@ -63,13 +63,23 @@ class WeightFormat:
 
     # --- a core model (glm_image_core's DiT, VAE; transformers' AR) --------------------------------------------------
 
-    def build_layers(self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None) -> None:
-        """Replace, in a meta-device model, the linear layers this format stores by its own (empty) layers."""
+    def build_layers(
+        self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None, layer_class=None
+    ) -> None:
+        """Replace, in a meta-device model, the linear layers this format stores by its own (empty) layers: of
+        ``layer_class`` where given (a host's subclass of ``self.layer_class``)."""
 
     def read(self, files: ComponentFiles, dtype: torch.dtype | None, device="cpu") -> dict[str, torch.Tensor]:
         """The tensors a core model built with ``build_layers`` takes; floating weights it computes with in
         ``dtype`` (None: as stored)."""
         return load_tensors(files.weights, dtype, device)
+
+    def cast(self, files: ComponentFiles, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict:
+        """Tensors of these files in the dtypes a model built with ``build_layers`` computes with: floating ones in
+        ``dtype`` (None: as they are), the format's own tensors as it keeps them."""
+        if dtype is None:
+            return state_dict
+        return {k: t.to(dtype) if t.is_floating_point() else t for k, t in state_dict.items()}
 
     def read_as_stored(self, files: ComponentFiles, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """The tensors for a host that builds its own layers for this format (ComfyUI's ops): quantised ones as

@@ -211,7 +211,9 @@ class Int8Format(WeightFormat):
             return frozenset()  # an export stores its scales
         return frozenset(k for k in expected if k.endswith(".weight_scale"))  # bf16 shards, quantised while read
 
-    def build_layers(self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None) -> None:
+    def build_layers(
+        self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None, layer_class=None
+    ) -> None:
         replace_decoder_linears(model)
 
     def read(self, files: ComponentFiles, dtype: torch.dtype | None, device="cpu") -> dict[str, torch.Tensor]:

@@ -256,10 +256,14 @@ def quantised_keys(files: ComponentFiles) -> set[str]:
 
 
 class SDNQLinear(nn.Module):
-    """A drop-in for ``nn.Linear`` holding an SDNQ layer as published: ``weight`` (the codes), ``scale``,
-    ``zero_point`` (unsigned dtypes), ``svd_up`` and ``svd_down`` (with SVD) and ``bias`` as frozen parameters, so
-    everything that moves or counts a model's parameters sees them. ``forward`` and ``project`` dequantise the weight
-    in the input's dtype (``dequantise``) for one matmul."""
+    """A drop-in for ``nn.Linear`` holding an SDNQ layer as published: ``codes`` (the checkpoint's ``weight``),
+    ``scale``, ``zero_point`` (unsigned dtypes), ``svd_up`` and ``svd_down`` (with SVD) and ``bias`` as frozen
+    parameters, so everything that moves or counts a model's parameters sees them. ``forward`` and ``project``
+    dequantise the weight in the input's dtype (``dequantise``) for one matmul. The codes are no weight to cast, patch
+    or page: they are held as ``codes``, and read from and written to a state dict under the checkpoint's name
+    (``STORED_AS``), so that code looking for a ``weight`` of this layer finds none."""
+
+    STORED_AS = {"codes": "weight"}  # attribute -> its key in the checkpoint
 
     def __init__(
         self,
@@ -285,7 +289,7 @@ class SDNQLinear(nn.Module):
             return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
         scale_shape = (out_features, groups, 1) if groups > 1 else (out_features, 1)
-        self.weight = frozen(*packed_shape(code, out_features, in_features, groups), dtype=code.native or torch.uint8)
+        self.codes = frozen(*packed_shape(code, out_features, in_features, groups), dtype=code.native or torch.uint8)
         self.scale = frozen(*scale_shape, dtype=dtype)
         self.zero_point = None if code.signed else frozen(*scale_shape, dtype=dtype)
         self.svd_up = frozen(out_features, svd_rank, dtype=dtype) if svd_rank else None
@@ -295,6 +299,23 @@ class SDNQLinear(nn.Module):
         # the state dict leaves out
         values = float_values(code, subnormals) if code.is_float else None
         self.register_buffer("code_values", values, persistent=False)
+
+    def stored(self, key: str) -> torch.Tensor | None:
+        """The tensor the checkpoint stores under ``key`` (sdnq's names: ``LAYER_TENSORS``)."""
+        attribute = next((a for a, k in self.STORED_AS.items() if k == key), key)
+        return getattr(self, attribute)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for attribute, key in self.STORED_AS.items():
+            if prefix + key in state_dict:
+                state_dict[prefix + attribute] = state_dict.pop(prefix + key)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for attribute, key in self.STORED_AS.items():
+            if prefix + attribute in destination:
+                destination[prefix + key] = destination.pop(prefix + attribute)
 
     def dequantise(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
         """The weight [out, in] in ``dtype``, made ``DEQUANTISE_CHUNK`` weights at a time, each chunk as sdnq makes the
@@ -325,7 +346,7 @@ class SDNQLinear(nn.Module):
         broadcast: [rows, groups, group] (or [rows, in])."""
         code = self.code
         if code.bits == 8:
-            codes = self.weight[start:stop].to(device)
+            codes = self.codes[start:stop].to(device)
         else:
             codes = unpack_codes(self._packed_rows(start, stop).to(device), code.bits)
         if self.code_values is not None:
@@ -341,8 +362,8 @@ class SDNQLinear(nn.Module):
     def _packed_rows(self, start: int, stop: int) -> torch.Tensor:
         """The packed bytes of rows [start, stop) (whole 5-bit packs: rows of 8 codes)."""
         if self.code.bits == 4:
-            return self.weight[start * self.in_features // 2 : stop * self.in_features // 2]
-        return self.weight[start * self.in_features // 8 : stop * self.in_features // 8]
+            return self.codes[start * self.in_features // 2 : stop * self.in_features // 2]
+        return self.codes[start * self.in_features // 8 : stop * self.in_features // 8]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T`` without the bias, in x's dtype."""
@@ -466,11 +487,16 @@ class SdnqFormat(WeightFormat):
             )
         check_layers(files, settings)
 
-    def build_layers(self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None) -> None:
-        swap_linears(model, files, dtype)
+    def build_layers(
+        self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None, layer_class=None
+    ) -> None:
+        swap_linears(model, files, dtype, layer_class=layer_class or SDNQLinear)
+
+    def cast(self, files: ComponentFiles, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict:
+        return cast_state_dict(state_dict, files, dtype)
 
     def read(self, files: ComponentFiles, dtype: torch.dtype | None, device="cpu") -> dict[str, torch.Tensor]:
-        return cast_state_dict(load_tensors(files.weights, None, device), files, dtype)
+        return self.cast(files, load_tensors(files.weights, None, device), dtype)
 
     def read_as_stored(self, files: ComponentFiles, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         quantised = quantised_keys(files)

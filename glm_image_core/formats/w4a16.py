@@ -410,11 +410,17 @@ class W4A16Format(WeightFormat):
     def extra_key(self, key: str, expected) -> bool:
         return False  # the packed layers' tensors are the model's own (build_layers makes them)
 
-    def build_layers(self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None) -> None:
-        swap_linears(model, files.weights.shapes, read_settings(files.config, files.config_source), dtype)
+    def build_layers(
+        self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None, layer_class=None
+    ) -> None:
+        settings = read_settings(files.config, files.config_source)
+        swap_linears(model, files.weights.shapes, settings, dtype, layer_class=layer_class or W4A16Linear)
+
+    def cast(self, files: ComponentFiles, state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict:
+        return cast_state_dict(state_dict, dtype)
 
     def read(self, files: ComponentFiles, dtype: torch.dtype | None, device="cpu") -> dict[str, torch.Tensor]:
-        return cast_state_dict(load_tensors(files.weights, None, device), dtype)
+        return self.cast(files, load_tensors(files.weights, None, device), dtype)
 
     def read_as_stored(self, files: ComponentFiles, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         return load_tensors(files.weights)
