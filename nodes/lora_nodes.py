@@ -8,7 +8,7 @@ with no hook for a custom model, so the stock LoraLoaderModelOnly reads ComfyUI/
 checkpoint packs. This node uses ComfyUI's map plus ours, and ComfyUI's own LoRA machinery (comfy.lora.load_lora,
 its patches): merged into plain weights as ComfyUI merges them; applied to the dequantised weight in the forward,
 never rewriting the stored bits, where weights are quantised (fp8, ComfyUI's quantised files: a weight function, as
-comfy.ops applies low-VRAM patches) or packed (4-bit: an object patch of the layer's LoRA patches,
+comfy.ops applies low-VRAM patches) or packed (4-bit, SDNQ: an object patch of the layer's LoRA patches,
 `dit_loading.ComfyPackedLayer`).
 """
 
@@ -19,7 +19,9 @@ import logging
 
 import comfy.lora
 import comfy.lora_convert
+import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import comfy.utils
 import torch
 from comfy_api.latest import io
@@ -32,6 +34,10 @@ from .common import file_input, schema
 from .types import GlmARModel
 
 FULL_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+# What a LoRA applied in the forward allocates for one layer, in weights of its intermediate dtype: the dequantised
+# weight, comfy.lora.calculate_weight's product up @ down and its scaled copy.
+IN_FORWARD_COPIES = 3
+MEMORY_WRAPPER_KEY = "glm_image_in_forward_lora_memory"
 
 
 def glm_lora_key_map(model) -> dict[str, str]:
@@ -85,7 +91,37 @@ def apply_lora(patcher, lora: dict, strength: float, source: str = "this LoRA"):
         else:
             merged[key] = adapter
     patched.add_patches(merged, strength)
+    if in_forward_lora_bytes(patched):
+        kind = comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING
+        patched.remove_wrappers_with_key(kind, MEMORY_WRAPPER_KEY)
+        patched.add_wrapper_with_key(kind, MEMORY_WRAPPER_KEY, with_in_forward_lora_memory)
     return patched
+
+
+def in_forward_lora_bytes(patcher) -> int:
+    """Device bytes of the largest layer's LoRA applied in the forward: packed layers dequantise in float32,
+    ComfyUI's weight functions work in the compute dtype."""
+    model = patcher.model
+    compute_bytes = comfy.model_management.dtype_size(model.manual_cast_dtype or model.get_dtype())
+    sizes = [0]
+    for name, patches in patcher.object_patches.items():
+        if name.endswith(".lora_patches") and patches:
+            layer = comfy.utils.get_attr(model, name.removesuffix(".lora_patches"))
+            sizes.append(layer.in_features * layer.out_features * 4)
+    for key in patcher.weight_wrapper_patches:
+        weight, *_ = comfy.model_patcher.get_key_weight(model, key)
+        sizes.append(weight.numel() * compute_bytes)
+    return IN_FORWARD_COPIES * max(sizes)
+
+
+def with_in_forward_lora_memory(executor, model, *args, **kwargs):
+    """A PREPARE_SAMPLING wrapper: the sampler's memory estimate (`GlmImageModel.memory_required`, asked before the
+    patcher applies its object patches) counts the LoRAs applied in the forward, for the time of the preparation."""
+    model.model.in_forward_lora_bytes = in_forward_lora_bytes(model)
+    try:
+        return executor(model, *args, **kwargs)
+    finally:
+        model.model.in_forward_lora_bytes = 0
 
 
 def divided_by_scale(layer):

@@ -38,7 +38,10 @@ class GlmImageModel(comfy.model_base.BaseModel):
     sampling and from the conds' `size()` to batch conds): the latent, plus the glyph tokens and the reference tokens
     each sample attends to, counted as latent area (one token = one patch of latent cells); plus, before sampling,
     the reference K/V that `extra_conds` will store for the whole run (2 x layers x tokens x width numbers; ~1.9 GiB
-    in bf16 per 1024x1024 reference for the published DiT)."""
+    in bf16 per 1024x1024 reference for the published DiT); plus what the largest layer's LoRA applied in the forward
+    allocates (Load GLM-Image LoRA sets it for the sampler's preparation: `lora_nodes.with_in_forward_lora_memory`)."""
+
+    in_forward_lora_bytes = 0
 
     def __init__(self, model_config, device=None):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=ComfyGlmImageDiT)
@@ -67,7 +70,8 @@ class GlmImageModel(comfy.model_base.BaseModel):
     def memory_required(self, input_shape, cond_shapes={}):  # noqa: B006 (ComfyUI's signature)
         stored = sum(math.prod(shape) for shape in cond_shapes.get("reference_kv_stored", []))
         dtype = self.manual_cast_dtype or self.get_dtype()
-        return super().memory_required(input_shape, cond_shapes) + stored * comfy.model_management.dtype_size(dtype)
+        extra = stored * comfy.model_management.dtype_size(dtype) + self.in_forward_lora_bytes
+        return super().memory_required(input_shape, cond_shapes) + extra
 
     def process_timestep(self, timestep, **kwargs):
         return timestep - 1.0  # the reference feeds the DiT t - 1

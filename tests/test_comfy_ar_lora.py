@@ -1,6 +1,6 @@
-"""Load GLM-Image AR LoRA in ComfyUI: a PEFT adapter folder from models/loras on the AR model gives the tokens
-PEFT's own PeftModel samples, the loaded AR model (cached by ComfyUI) stays as it was, and adapters that are not
-for the AR, or that point out of the loras folders, are refused when the prompt is queued."""
+"""Load GLM-Image AR LoRA in ComfyUI: a PEFT adapter folder from models/loras on the AR model (full, int8, 4-bit or
+SDNQ weights) gives the tokens PEFT's own PeftModel samples, the loaded AR model (cached by ComfyUI) stays as it was,
+and adapters that are not for the AR, or that point out of the loras folders, are refused when the prompt is queued."""
 
 import copy
 import os
@@ -20,7 +20,7 @@ import folder_paths  # noqa: E402
 
 from glm_image_core import ar  # noqa: E402
 from tests.test_ar import PEAKED_SCALE, seeded  # noqa: E402
-from tests.test_ar_lora import ADAPTERS, make_adapter  # noqa: E402
+from tests.test_ar_lora import ADAPTERS, dequantised_copy, make_adapter  # noqa: E402
 
 SIZE, SEED, PROMPT = 512, 4, "A 'cat' on a mat"
 
@@ -112,13 +112,50 @@ def test_strength_zero_returns_the_input(glm, adapter):
     assert glm["GLMImageARLoraLoader"].execute(ar_model=base, lora_name=adapter, strength=0.0)[0] is base
 
 
-def test_int8_weights_take_the_adapter_and_get_their_own_back(glm, adapter):
-    base = ar_model(glm, weights="int8")
-    q_proj = base.decoder.hf_model.model.language_model.layers[0].self_attn.q_proj
-    weight, scale = q_proj.weight.clone(), q_proj.weight_scale.clone()
-    adapted = glm["GLMImageARLoraLoader"].execute(ar_model=base, lora_name=adapter, strength=1.0)[0]
-    assert not torch.equal(tokens(glm, adapted), tokens(glm, base))
-    assert torch.equal(q_proj.weight, weight) and torch.equal(q_proj.weight_scale, scale)
+# weights: (the folder fixture, the folder's name under its glm_image root, the loader's `weights`)
+QUANTISED = {
+    "int8": ("tiny_model_dir", "GLM-Image", "int8"),
+    "4-bit": ("autoround_model_dir", "GLM-Image-int4-AutoRound", "full"),
+    "SDNQ": ("sdnq_model_dir", "GLM-Image-SDNQ-4bit-dynamic", "full"),
+}
+
+
+@pytest.mark.parametrize("weights", list(QUANTISED))
+def test_quantised_weights_sample_what_peft_samples_over_the_same_weights_and_keep_their_bits(
+    glm, weights, loras, tiny_model_dir, request
+):
+    """The adapter applies beside the quantised projections (int8, 4-bit and SDNQ), and Generate Visual Tokens samples
+    what PEFT samples over transformers' model with those weights dequantised (the peaked lm_head: every pick wins by
+    far more than float noise); the loaded model's stored bits stay as they were."""
+    fixture, folder, loader_weights = QUANTISED[weights]
+    root = request.getfixturevalue(fixture).parent
+    folder_paths.add_model_folder_path("glm_image", str(root))
+    try:
+        (base,) = glm["GLMImageARModelLoader"].execute(
+            model_folder=folder, dtype="fp32", device="cpu", weights=loader_weights
+        )
+    finally:
+        folder_paths.folder_names_and_paths["glm_image"][0].remove(str(root))
+    model = base.decoder.hf_model
+    registry = comfy_host.import_pack_module("glm_image_core.formats")
+    assert registry.of_layer(model.model.language_model.layers[0].self_attn.q_proj) is not registry.PLAIN
+    full_precision = GlmImageForConditionalGeneration.from_pretrained(
+        tiny_model_dir / "vision_language_encoder", dtype=torch.float32
+    )
+    reference = dequantised_copy(model, full_precision, registry)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(PEAKED_SCALE)
+        reference.lm_head.weight.mul_(PEAKED_SCALE)
+    stored = {name: t.clone() for name, t in model.state_dict().items()}
+    peft_model = make_adapter(reference, loras / f"glm_ar_{weights}", **ADAPTERS["attention, a list, dropout"])
+    (adapted,) = glm["GLMImageARLoraLoader"].execute(ar_model=base, lora_name=f"glm_ar_{weights}", strength=1.0)
+
+    got = tokens(glm, adapted)
+    inputs = ar.build_ar_inputs(base.processor, PROMPT, SIZE, SIZE)
+    sampling = dict(temperature=0.9, top_p=0.75, fast=False)  # what `tokens` asks of the node
+    expected = ar.generate_prior_tokens(peft_model.get_base_model(), inputs, seeded(SEED), **sampling).target_ids
+    assert torch.equal(got, expected) and not torch.equal(tokens(glm, base), expected)
+    assert all(torch.equal(t, stored[name]) for name, t in model.state_dict().items())
 
 
 def test_a_dit_lora_is_refused_when_queued_naming_its_keys(glm, loras):

@@ -14,14 +14,17 @@ comfy_host.require_comfyui()
 pytestmark = pytest.mark.host
 
 import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
 import comfy.ops  # noqa: E402
 
 from glm_image_core.loading import load_transformer, save_single_file  # noqa: E402
+from tests.comfy_glm import sample  # noqa: E402
 from tests.test_comfy_lora import ALPHA, RANK, peft_keys  # noqa: E402
 from tests.test_comfy_weight_formats import load, velocity  # noqa: E402
 from tests.test_scaled_fp8 import dit_inputs, relative_error  # noqa: E402
 
 lora_nodes = comfy_host.import_pack_module("nodes.lora_nodes")
+model_sampling = comfy_host.import_pack_module("nodes.model_sampling")
 MIXED_OPS = hasattr(comfy.ops, "mixed_precision_ops")
 STRENGTHS = (0.7, -0.4)  # two LoRAs stacked
 # format: (the file written here or None, weight_dtype, whether this ComfyUI has it, the relative L2 allowed)
@@ -132,3 +135,38 @@ def test_strength_zero_adds_nothing_on_packed_layers(
     patched = lora_nodes.apply_lora(patcher, peft_keys(random_lora(reference, 1)), 0.0)
     comfy.model_management.load_models_gpu([patched], force_full_load=True)
     assert torch.equal(velocity(patched), expected)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp8 on the fly", "4-bit", "SDNQ"])
+def test_the_samplers_memory_estimate_counts_a_lora_applied_in_the_forward(
+    name, tiny_model_dir, autoround_model_dir, sdnq_model_dir, tmp_path, monkeypatch
+):
+    """What KSampler's preparation asks of ComfyUI's memory management grows by three copies of the largest weight a
+    LoRA patch gets in the forward (in the dtype it gets it: float32 in packed layers, the compute dtype in ComfyUI's
+    weight functions), and not at all with a LoRA merged into bf16 weights; the estimate is the plain one again
+    after."""
+    files, reference = dit_files(name, tiny_model_dir, autoround_model_dir, sdnq_model_dir, tmp_path)
+    options = None if FORMATS[name][1] != "default" else {"dtype": torch.float32}
+    patcher = load(files, FORMATS[name][1], model_options=options)
+    patcher.add_object_patch("model_sampling", model_sampling.model_sampling_for_size(64, 64))
+    patched = lora_nodes.apply_lora(patcher, peft_keys(random_lora(reference, 1)), 0.7)
+    asked = []
+    load_models_gpu = comfy.model_management.load_models_gpu
+
+    def recorded(models, memory_required=0, **kwargs):
+        asked.append(memory_required)
+        return load_models_gpu(models, memory_required=memory_required, **kwargs)
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", recorded)
+    patched_weights = [0]  # the bytes of each weight a LoRA patch gets in the forward, in the dtype it gets it
+    patch = comfy.model_patcher.LowVramPatch.__call__
+    monkeypatch.setattr(
+        comfy.model_patcher.LowVramPatch,
+        "__call__",
+        lambda self, weight: patched_weights.append(weight.nbytes) or patch(self, weight),
+    )
+    for model in (patcher, patched, patcher):
+        sample(model, 64, 64, steps=1)
+    assert asked[1] - asked[0] == lora_nodes.IN_FORWARD_COPIES * max(patched_weights)
+    assert (max(patched_weights) == 0) == (name == "bf16")
+    assert asked[2] == asked[0] and patched.model.in_forward_lora_bytes == 0

@@ -11,7 +11,6 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import GlmImageForConditionalGeneration
 
 from tests import comfy_host
 
@@ -24,7 +23,6 @@ import folder_paths  # noqa: E402
 from comfy_extras.nodes_easycache import EasyCacheNode  # noqa: E402
 
 import nodes  # noqa: E402
-from glm_image_core import ar  # noqa: E402
 from glm_image_core.loading import load_transformer  # noqa: E402
 from glm_image_core.pipeline import load_models  # noqa: E402
 from tests.comfy_glm import (  # noqa: E402
@@ -33,12 +31,6 @@ from tests.comfy_glm import (  # noqa: E402
     pack_with_downloaded_folder,
     tiny_patcher,
 )
-from tests.test_ar import PEAKED_SCALE, seeded  # noqa: E402
-from tests.test_ar_lora import ADAPTERS, dequantised_copy, make_adapter  # noqa: E402
-from tests.test_comfy_ar_lora import PROMPT as AR_PROMPT  # noqa: E402
-from tests.test_comfy_ar_lora import SEED as AR_SEED  # noqa: E402
-from tests.test_comfy_ar_lora import SIZE as AR_SIZE  # noqa: E402
-from tests.test_comfy_ar_lora import tokens as ar_tokens  # noqa: E402
 from tests.test_comfy_easycache import MAX_DISTANCE, MIN_SKIPPED, distance, run_cached  # noqa: E402
 from tests.test_comfy_lora import not_loaded  # noqa: E402
 from tests.test_comfy_weight_formats import velocity  # noqa: E402
@@ -285,31 +277,6 @@ def test_the_ar_loader_keeps_the_4bit_layers_packed_whatever_weights_says_and_lo
     assert isinstance(decoder.layers[0].self_attn.q_proj, w4a16.W4A16Linear)
     (line,) = [r.getMessage() for r in caplog.records if "in 4 bits" in r.getMessage()]
     assert FOLDER in line and "stay packed" in line and ((weights == "int8") == ("'int8'" in line))
-
-
-def test_an_ar_lora_on_the_4bit_ar_samples_what_peft_samples_over_the_same_weights(glm, tiny_model_dir, tmp_path):
-    """Load GLM-Image AR LoRA on the 4-bit AR: the adapter applies beside the packed projections, and Generate Visual
-    Tokens samples what PEFT samples over transformers' model with the 4-bit weights dequantised (the peaked
-    lm_head: every pick wins by far more than float noise)."""
-    (ar_model,) = glm["GLMImageARModelLoader"].execute(model_folder=FOLDER, dtype="fp32", device="cpu", weights="full")
-    model = ar_model.decoder.hf_model
-    folder = tiny_model_dir / "vision_language_encoder"
-    full_precision = GlmImageForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
-    reference = dequantised_copy(model, full_precision, comfy_host.import_pack_module("glm_image_core.formats"))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(PEAKED_SCALE)
-        reference.lm_head.weight.mul_(PEAKED_SCALE)
-    peft_model = make_adapter(reference, tmp_path / "ar_style", **ADAPTERS["attention, a list, dropout"])
-    folder_paths.add_model_folder_path("loras", str(tmp_path))
-    try:
-        (adapted,) = glm["GLMImageARLoraLoader"].execute(ar_model=ar_model, lora_name="ar_style", strength=1.0)
-    finally:
-        folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))
-    got = ar_tokens(glm, adapted)
-    inputs = ar.build_ar_inputs(ar_model.processor, AR_PROMPT, AR_SIZE, AR_SIZE)
-    sampling = dict(temperature=0.9, top_p=0.75, fast=False)  # what ar_tokens asks of the node
-    expected = ar.generate_prior_tokens(peft_model.get_base_model(), inputs, seeded(AR_SEED), **sampling).target_ids
-    assert torch.equal(got, expected) and not torch.equal(ar_tokens(glm, ar_model), expected)
 
 
 def text_to_image(dit: str = "int4-transformer") -> dict:
