@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 
 import comfy.sample
 import numpy as np
@@ -125,3 +126,26 @@ def pack_with_downloaded_folder(model_dir, diffusion_models, links: dict[str, ob
         del nodes.NODE_CLASS_MAPPINGS["GLMImageTestCapture"]
         for name, folder in added.items():
             folder_paths.folder_names_and_paths[name][0].remove(folder)
+
+
+def refusal_of_edited_quantisation(graph: dict, model_dir, tmp_path, component: str, node: str, **changes) -> str:
+    """Queues ``graph`` with its AR loader ("1") or DiT loader ("5") on a copy of the folder ``model_dir`` whose
+    ``component`` has ``changes`` in its config's quantization_config; asserts that validation refused that node
+    before any node ran; its error, as text."""
+    import folder_paths
+
+    root = tmp_path / f"{model_dir.name}-edited"
+    shutil.copytree(model_dir, root, symlinks=True)
+    config_file = root / component / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"].update(changes)
+    config_file.write_text(json.dumps(config))
+    graph[node]["inputs"]["dit" if node == "5" else "model_folder"] = root.name
+    folder_paths.add_model_folder_path("glm_image", str(tmp_path))
+    try:
+        run = comfy_host.run_prompt(graph)
+    finally:
+        folder_paths.folder_names_and_paths["glm_image"][0].remove(str(tmp_path))
+    assert not run.success and not run.messages  # refused by validation: no node ran
+    assert set(run.node_errors) == {node}
+    return json.dumps(run.node_errors[node])
