@@ -366,6 +366,7 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
     def w4_ar() -> list:
         from common import restore_modules_, swap_w4a16_
 
+        from glm_image_core import formats
         from glm_image_core.formats import w4a16
 
         replaced = swap_w4a16_(model, "model.language_model.layers.")
@@ -374,7 +375,7 @@ def part_ar(setup: Setup, rows: Rows, args) -> None:
             graphs.records.clear()
             result = speed("4-bit", 4.0)
             # the layers that ran: fast_ar reads k_proj and v_proj through one joined layer of its own
-            layers = [m for m in model.modules() if isinstance(m, w4a16.W4A16Linear) and m.kernel is not None]
+            layers = [m for m in model.modules() if formats.of_layer(m) is formats.W4A16 and m.kernel is not None]
             kernels = {k: sum(m.kernel == k for m in layers) for k in {m.kernel for m in layers}}
             record = graphs.records[-1] if graphs.records else {}
             numbers = {"layers_run": len(layers), "last_kernel": kernels, "graph": record}
