@@ -14,6 +14,7 @@ import torch
 from glm_image_core.loading import read_state_dict
 from glm_image_core.pipeline import generate
 from tests import comfy_host
+from tests.prompt_graphs import example_prompt
 
 dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
 model_sampling = comfy_host.import_pack_module("nodes.model_sampling")
@@ -75,15 +76,18 @@ def folder_text_to_image(folder: str, dit: str, size: int, steps: int, seed: int
     """The text-to-image example on a downloaded folder (its AR, glyph encoder and VAE; ``dit`` in Load GLM-Image
     DiT), fp32 on the CPU, at ``size`` x 2 with KSampler's noise seed equal to the AR seed (as in the core's
     `generate`); its image and latent captured under ``capture`` by tests.test_nodes_edit.CaptureOutputs."""
-    graph = json.loads((comfy_host.REPO_ROOT / "tests" / "workflows" / "text_to_image.json").read_text())
-    graph["1"]["inputs"].update(model_folder=folder, dtype="fp32", device="cpu")
-    graph["2"]["inputs"].update(prompt=FOLDER_PROMPT, width=size * 2, height=size * 2, seed=seed)
-    graph["3"]["inputs"].update(encoder=folder, dtype="fp32")
-    graph["5"]["inputs"].update(dit=dit)
-    graph["6"]["inputs"].update(width=size * 2, height=size * 2)
-    graph["7"]["inputs"].update(width=size * 2, height=size * 2)
-    graph["8"]["inputs"].update(steps=steps, seed=seed)
-    graph["9"]["inputs"].update(vae=folder)
+    graph = example_prompt(
+        "text_to_image",
+        size * 2,
+        size * 2,
+        steps,
+        GLMImageARModelLoader={"model_folder": folder},
+        GLMImageGenerateTokens={"prompt": FOLDER_PROMPT, "seed": seed},
+        GLMImageGlyphEncoderLoader={"encoder": folder},
+        GLMImageDiTLoader={"dit": dit},
+        KSampler={"seed": seed},
+        GLMImageVAELoader={"vae": folder},
+    )
     graph["11"] = {
         "class_type": "GLMImageTestCapture",
         "inputs": {"key": capture, "image": ["10", 0], "latent": ["8", 0]},

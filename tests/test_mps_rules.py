@@ -4,9 +4,6 @@ the GLM-Image scheduler, VAE) and an edit with the stock KSampler run under a di
 float64 tensor; the CPU stands in for the model's device, so host-side float64 tensors are refused too (stricter
 than MPS)."""
 
-import json
-from pathlib import Path
-
 import PIL.Image
 import pytest
 import torch
@@ -14,13 +11,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from tests import comfy_host
+from tests.prompt_graphs import example_prompt
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import folder_paths  # noqa: E402
 
-WORKFLOWS = Path(__file__).parent / "workflows"
 WIDTH, HEIGHT, STEPS = 512, 512, 2
 
 
@@ -54,18 +51,6 @@ def comfy_models(tiny_model_dir, tmp_path_factory):
     folder_paths.set_input_directory(str(inputs))
     yield
     folder_paths.set_input_directory(input_dir)
-
-
-def small(graph_name: str) -> dict:
-    """An example graph at a CPU-friendly size, fp32 on the CPU."""
-    graph = json.loads((WORKFLOWS / graph_name).read_text())
-    graph["1"]["inputs"].update(dtype="fp32", device="cpu")
-    graph["2"]["inputs"].update(width=WIDTH, height=HEIGHT)
-    graph["3"]["inputs"].update(dtype="fp32")
-    graph["6"]["inputs"].update(width=WIDTH, height=HEIGHT)
-    graph["7"]["inputs"].update(width=WIDTH, height=HEIGHT)
-    graph["8"]["inputs"].update(steps=STEPS)
-    return graph
 
 
 def with_sampler_custom_advanced(graph: dict) -> dict:
@@ -104,8 +89,11 @@ def with_sampler_custom_advanced(graph: dict) -> dict:
 @pytest.mark.parametrize(
     "graph",
     [
-        pytest.param(lambda: with_sampler_custom_advanced(small("text_to_image.json")), id="text-to-image"),
-        pytest.param(lambda: small("edit_single_reference.json"), id="edit-ksampler"),
+        pytest.param(
+            lambda: with_sampler_custom_advanced(example_prompt("text_to_image", WIDTH, HEIGHT, STEPS)),
+            id="text-to-image",
+        ),
+        pytest.param(lambda: example_prompt("edit_single_reference", WIDTH, HEIGHT, STEPS), id="edit-ksampler"),
     ],
 )
 def test_a_whole_graph_runs_without_float64(comfy_models, graph):

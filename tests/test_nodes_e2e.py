@@ -1,7 +1,6 @@
 """The text-to-image graph (our loaders, stock KSampler euler/simple, CFG 1.5, stock VAEDecode) run by ComfyUI's own
 executor gives the same image as diffusers' GlmImagePipeline for the same prior tokens and initial noise."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +9,10 @@ import torch
 from PIL import Image
 
 from tests import comfy_host
+from tests.prompt_graphs import example_prompt
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import folder_paths  # noqa: E402
 from diffusers import GlmImagePipeline  # noqa: E402
@@ -20,7 +20,6 @@ from diffusers import GlmImagePipeline  # noqa: E402
 from glm_image_core import ar  # noqa: E402
 from glm_image_core.loading import load_ar_model, load_ar_processor  # noqa: E402
 
-WORKFLOWS = Path(__file__).parent / "workflows"
 HEIGHT, WIDTH, STEPS, AR_SEED, NOISE_SEED = 512, 768, 4, 7, 11
 
 
@@ -36,14 +35,14 @@ def comfy_models(tiny_model_dir, tmp_path_factory):
 
 def small_text_to_image(prompt: str) -> dict:
     """The text-to-image example at a CPU-friendly size and step count, fp32 on the CPU."""
-    graph = json.loads((WORKFLOWS / "text_to_image.json").read_text())
-    graph["1"]["inputs"].update(dtype="fp32", device="cpu")
-    graph["2"]["inputs"].update(prompt=prompt, width=WIDTH, height=HEIGHT, seed=AR_SEED)
-    graph["3"]["inputs"].update(dtype="fp32")
-    graph["6"]["inputs"].update(width=WIDTH, height=HEIGHT)
-    graph["7"]["inputs"].update(width=WIDTH, height=HEIGHT)
-    graph["8"]["inputs"].update(steps=STEPS, seed=NOISE_SEED)
-    return graph
+    return example_prompt(
+        "text_to_image",
+        WIDTH,
+        HEIGHT,
+        STEPS,
+        GLMImageGenerateTokens={"prompt": prompt, "seed": AR_SEED},
+        KSampler={"seed": NOISE_SEED},
+    )
 
 
 def saved_image(run, output: Path) -> np.ndarray:

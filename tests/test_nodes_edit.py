@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from tests import comfy_host
+from tests.prompt_graphs import example_prompt
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import folder_paths  # noqa: E402
 from diffusers import GlmImagePipeline  # noqa: E402
@@ -83,65 +84,23 @@ def comfy_edit(tiny_model_dir, tmp_path_factory):
 
 
 def edit_graph(reference_files: list[str], key: str) -> dict:
-    """The edit workflow in API format, fp32 on the CPU; KSampler's noise seed equals the AR seed (as in `generate`)."""
-    graph = {
-        "1": {
-            "class_type": "GLMImageARModelLoader",
-            "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu", "weights": "full"},
-        },
-        "2": {
-            "class_type": "GLMImageGenerateTokens",
-            "inputs": {
-                "ar_model": ["1", 0],
-                "prompt": PROMPT,
-                "width": WIDTH,
-                "height": HEIGHT,
-                "seed": SEED,
-                "temperature": 0.9,
-                "top_p": 0.75,
-                "top_k": 0,
-                "batch_size": 1,
-            },
-        },
-        "3": {"class_type": "GLMImageGlyphEncoderLoader", "inputs": {"encoder": "GLM-Image", "dtype": "fp32"}},
-        "4": {
-            "class_type": "GLMImageEncode",
-            "inputs": {
-                "glyph_encoder": ["3", 0],
-                "tokens": ["2", 0],
-                "glyph_text": "from prompt quotes",
-                "override": "",
-                "vae": ["9", 0],
-            },
-        },
-        "5": {"class_type": "GLMImageDiTLoader", "inputs": {"dit": "GLM-Image", "weight_dtype": "default"}},
-        "6": {"class_type": "GLMImageModelSampling", "inputs": {"model": ["5", 0], "width": WIDTH, "height": HEIGHT}},
-        "7": {
-            "class_type": "GLMImageEmptyLatent",
-            "inputs": {"width": WIDTH, "height": HEIGHT, "batch_size": 1, "tokens": ["2", 0]},
-        },
-        "8": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["6", 0],
-                "seed": SEED,
-                "steps": STEPS,
-                "cfg": GUIDANCE,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["4", 0],
-                "negative": ["4", 1],
-                "latent_image": ["7", 0],
-                "denoise": 1.0,
-            },
-        },
-        "9": {"class_type": "GLMImageVAELoader", "inputs": {"vae": "GLM-Image"}},
-        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
-        "11": {"class_type": "GLMImageTestCapture", "inputs": {"key": key, "image": ["10", 0], "latent": ["8", 0]}},
-    }
+    """The edit workflow in API format, fp32 on the CPU, with one LoadImage per file of ``reference_files`` and its
+    image and latent captured under ``key``; KSampler's noise seed equals the AR seed (as in `generate`)."""
+    graph = example_prompt(
+        "edit_multi_reference",
+        WIDTH,
+        HEIGHT,
+        STEPS,
+        GLMImageGenerateTokens={"prompt": PROMPT, "seed": SEED},
+        KSampler={"seed": SEED, "cfg": GUIDANCE},
+    )
+    tokens = graph["2"]["inputs"]
+    for name in [name for name in tokens if name.startswith("reference_")]:
+        del graph[tokens.pop(name)[0]]
     for i, name in enumerate(reference_files, start=1):
         graph[f"2{i}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
-        graph["2"]["inputs"][f"reference_{i}"] = [f"2{i}", 0]
+        tokens[f"reference_{i}"] = [f"2{i}", 0]
+    graph["11"] = {"class_type": "GLMImageTestCapture", "inputs": {"key": key, "image": ["10", 0], "latent": ["8", 0]}}
     return graph
 
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from tests import comfy_host
+from tests.prompt_graphs import example_prompt, upstream
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.utils  # noqa: E402
@@ -95,31 +96,19 @@ def test_interrupting_the_ar_raises_comfyuis_interrupt_and_the_next_run_is_unaff
     assert torch.equal(generate_tokens(glm, ar_model).prior_token_ids, uninterrupted.prior_token_ids)
 
 
+SAVE_TOKENS = "12"  # the text-rendering example's GLM-Image Save Visual Tokens
+
+
 def tokens_prompt() -> dict:
-    return {
-        "1": {
-            "class_type": "GLMImageARModelLoader",
-            "inputs": {"model_folder": "GLM-Image", "dtype": "fp32", "device": "cpu", "weights": "full"},
-        },
-        "2": {
-            "class_type": "GLMImageGenerateTokens",
-            "inputs": {
-                "ar_model": ["1", 0],
-                "prompt": PROMPT,
-                "width": SIZE,
-                "height": SIZE,
-                "seed": SEED,
-                "temperature": 0.9,
-                "top_p": 0.75,
-                "top_k": 0,
-                "batch_size": 1,
-            },
-        },
-        "3": {
-            "class_type": "GLMImageSaveTokens",
-            "inputs": {"tokens": ["2", 0], "filename_prefix": "glm_tokens/interrupt"},
-        },
-    }
+    """The text-rendering example's AR part: its tokens saved by GLM-Image Save Visual Tokens."""
+    graph = example_prompt(
+        "text_rendering",
+        SIZE,
+        SIZE,
+        GLMImageGenerateTokens={"prompt": PROMPT, "seed": SEED},
+        GLMImageSaveTokens={"filename_prefix": "glm_tokens/interrupt"},
+    )
+    return upstream(graph, SAVE_TOKENS)
 
 
 def test_the_executor_reports_an_interrupted_ar_and_runs_the_next_prompt(glm, uninterrupted):
@@ -134,7 +123,7 @@ def test_the_executor_reports_an_interrupted_ar_and_runs_the_next_prompt(glm, un
     run = comfy_host.run_prompt(tokens_prompt())  # the executor clears the flag itself
 
     assert run.success, run.execution_error()
-    saved_as = run.outputs["3"]["text"][0].removeprefix("saved ")  # relative to the output folder
+    saved_as = run.outputs[SAVE_TOKENS]["text"][0].removeprefix("saved ")  # relative to the output folder
     saved = read_tokens(os.path.join(folder_paths.get_output_directory(), saved_as))
     assert torch.equal(saved.prior_token_ids, uninterrupted.prior_token_ids)
 

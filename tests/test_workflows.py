@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from tests import comfy_host, locales
+from tests.prompt_graphs import example_prompt
 
 comfy_host.require_comfyui()
 pytestmark = pytest.mark.host
@@ -269,20 +270,7 @@ def test_empty_latent_takes_its_size_from_the_tokens(stem):
 
 def small_prompt(stem: str) -> dict:
     """The example's API twin at a CPU test size: fp32, the CPU, RUN_SIZES, RUN_STEPS; nothing else changed."""
-    width, height = RUN_SIZES[stem]
-    graph = load(TWINS, stem)
-    for node in graph.values():
-        inputs = node["inputs"]
-        match node["class_type"]:
-            case "GLMImageARModelLoader":
-                inputs.update(dtype="fp32", device="cpu")
-            case "GLMImageGlyphEncoderLoader":
-                inputs.update(dtype="fp32")
-            case "GLMImageGenerateTokens" | "GLMImageModelSampling":
-                inputs.update(width=width, height=height)
-            case "KSampler":
-                inputs.update(steps=RUN_STEPS)
-    return graph
+    return example_prompt(stem, *RUN_SIZES[stem], RUN_STEPS)
 
 
 def reference_images() -> dict[str, Image.Image]:
@@ -333,6 +321,7 @@ def saved_image(graph: dict, run, output: Path) -> Image.Image:
     return Image.open(output / image["subfolder"] / image["filename"])
 
 
+@pytest.mark.vram  # runs a model under ComfyUI's model management
 @pytest.mark.parametrize("stem", STEMS)
 def test_example_makes_an_image_on_the_tiny_model(run_example, host, stem):
     graph, run = run_example(stem)
@@ -351,6 +340,7 @@ def test_text_rendering_saves_its_visual_tokens(run_example, host):
     assert (host / saved).is_file()
 
 
+@pytest.mark.vram  # runs a model under ComfyUI's model management
 def test_saved_tokens_reproduce_the_image_without_the_ar(run_example, host):
     """The text-rendering graph with Load Visual Tokens in place of the AR (its size linked into ModelSampling)."""
     first_graph, first = run_example("text_rendering")
@@ -424,6 +414,7 @@ def test_server_sends_the_search_aliases(server):
     assert {"glm", "智谱", "ar tokens"} <= set(info["GLMImageGenerateTokens"]["search_aliases"])
 
 
+@pytest.mark.vram  # runs a model under ComfyUI's model management
 @pytest.mark.server
 def test_text_to_image_through_a_real_server(server):
     graph = small_prompt("text_to_image")
