@@ -14,7 +14,7 @@ from transformers import GlmImageForConditionalGeneration, GlmImageProcessor
 from tests import comfy_host
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import folder_paths  # noqa: E402
 

@@ -16,7 +16,7 @@ import torch
 from tests import comfy_host
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import torch._dynamo  # noqa: E402
 from comfy_extras.nodes_torch_compile import TorchCompileModel  # noqa: E402

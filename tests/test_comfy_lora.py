@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from tests import comfy_host
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import comfy.sd  # noqa: E402
 import folder_paths  # noqa: E402

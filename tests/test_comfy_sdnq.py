@@ -9,7 +9,7 @@ import torch
 from tests import comfy_host
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import comfy.model_management  # noqa: E402
 

@@ -10,7 +10,7 @@ import torch
 from tests import comfy_host
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import comfy.cli_args  # noqa: E402
 import comfy.sd  # noqa: E402

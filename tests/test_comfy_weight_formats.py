@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from tests import comfy_host
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import comfy.model_management  # noqa: E402
 import comfy.ops  # noqa: E402

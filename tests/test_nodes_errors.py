@@ -14,7 +14,7 @@ import torch
 from tests import comfy_host
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import comfy.sample  # noqa: E402
 import folder_paths  # noqa: E402

@@ -253,6 +253,7 @@ def test_the_error_for_an_unknown_choice_says_where_the_choices_come_from(layout
 # disk, linked into models/) and is followed, as ComfyUI follows it; what a prompt names must still be an option.
 
 
+@pytest.mark.vram  # runs a model under ComfyUI's model management
 @pytest.mark.parametrize(
     "node_id, value",
     [
@@ -360,6 +361,7 @@ def test_a_truncated_shard_fails_validation(layout):
     assert f"{SHARD} is truncated or corrupt" in error
 
 
+@pytest.mark.vram  # runs a model under ComfyUI's model management
 def test_a_complete_folder_passes_validation_and_loads(layout):
     run = comfy_host.run_prompt(loader_prompt("GLMImageDiTLoader", "GLM-Image"))
     assert run.success, run.node_errors or run.execution_error()

@@ -80,6 +80,7 @@ def hostile_file(tmp_path) -> bytes:
     return (tmp_path / "hostile.bin").read_bytes()
 
 
+@pytest.mark.vram  # runs a model under ComfyUI's model management
 @pytest.mark.server
 def test_an_uploaded_hostile_file_is_refused_at_load_visual_tokens_and_the_next_prompt_runs(tiny_model_dir, tmp_path):
     tokens_module.write_tokens(random_tokens(), tmp_path / "good.bin")

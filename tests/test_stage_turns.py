@@ -19,7 +19,7 @@ import torch
 from tests import comfy_host
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import comfy.model_management as mm  # noqa: E402
 import folder_paths  # noqa: E402
