@@ -135,6 +135,27 @@ class GlmImageModel(comfy.model_base.BaseModel):
             )
 
 
+def unconditional_view(cond: dict) -> dict:
+    """A cond of the sampler's negative as GLM's unconditional branch reads it (`extra_conds`): the empty glyph and no
+    reference images. A ConditioningZeroOut of the positive still carries the positive's references and a glyph of its
+    length; extra_conds ignores both, so the sampler's memory estimate must too."""
+    view = {k: v for k, v in cond.items() if k != "glm_references"}
+    if cond.get("glm_empty_glyph") is not None:
+        view["cross_attn"] = cond["glm_empty_glyph"]
+    return view
+
+
+def with_negative_as_unconditional(executor, model, noise_shape, conds, *args, **kwargs):
+    """A PREPARE_SAMPLING wrapper (set by the DiT's loader): ComfyUI estimates the run's memory from the conds'
+    `extra_conds_shapes` without telling which branch each cond is for, so the negative conds are given to it as the
+    unconditional branch reads them (`unconditional_view`): each reference image is counted once, for the positive
+    that computes its K/V, whatever the negative is. The run samples with these same conds (extra_conds reads them
+    alike)."""
+    if conds.get("negative"):
+        conds = {**conds, "negative": [unconditional_view(cond) for cond in conds["negative"]]}
+    return executor(model, noise_shape, conds, *args, **kwargs)
+
+
 def check_prior_matches_latent(prior: torch.Tensor, noise: torch.Tensor, image_size=None) -> None:
     """prior: long [1 or B, N]; noise: [B, C, h, w]; image_size: (height, width) px the tokens were generated for
     (from GLM-Image Encode). The token count alone cannot tell 512x768 from 768x512."""
