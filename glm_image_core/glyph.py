@@ -86,6 +86,11 @@ def length_batches(lengths: Sequence[int], budget: int = GLYPH_BATCH_TOKENS) -> 
     return [sorted(group) for group in groups]
 
 
+def span_lengths(prompt_or_texts: str | Sequence[str], tokenizer, max_length: int = GLYPH_MAX_LENGTH) -> list[int]:
+    """Tokens of each span ``encode_glyphs`` encodes for this prompt or override (pad prefix included)."""
+    return tokenize_glyph_texts(glyph_texts_for(prompt_or_texts), tokenizer, max_length)[1].sum(dim=1).tolist()
+
+
 @torch.no_grad()
 def encode_glyphs(
     prompt_or_texts: str | Sequence[str], text_encoder, tokenizer, max_length: int = GLYPH_MAX_LENGTH
@@ -105,7 +110,7 @@ def encode_glyphs(
     same bits when all spans fit one batch) at a bounded cost in memory.
     """
     input_ids, attention_mask = tokenize_glyph_texts(glyph_texts_for(prompt_or_texts), tokenizer, max_length)
-    lengths = attention_mask.sum(dim=1).tolist()
+    lengths = attention_mask.sum(dim=1).tolist()  # each span's tokens, pad prefix included
     device = text_encoder.device
     rows: list[torch.Tensor | None] = [None] * len(lengths)
     for group in length_batches(lengths):
