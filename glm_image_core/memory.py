@@ -249,3 +249,30 @@ def glyph_model_working_bytes(text_encoder, texts: Sequence[str], tokenizer) -> 
 
     dtype_bytes = next(text_encoder.parameters()).element_size()
     return glyph_working_memory(text_encoder.config, span_lengths(texts, tokenizer), dtype_bytes)
+
+
+def ar_vision_working_memory(vision_config, vq_config, patches: Sequence[int], dtype_bytes: int = 2) -> int:
+    """Bytes ``ar.encode_reference_images`` allocates beside the vision encoder's and the VQ model's weights for
+    reference images of ``patches`` 16-pixel patches each (``dtype_bytes``: the model's dtype's size).
+
+    The ViT runs once on every image's patches; its largest moment is an MLP: the fc1 output and the GELU's, in float32
+    at least (``4 + dtype`` bytes per intermediate feature), beside the residual stream, its sum and the norm
+    (3 x hidden). Its features ([all patches, hidden]) are kept while the VQ model quantises one image at a time: the
+    codebook normalised ([16384, embed_dim]), the [patches, 16384] distances as a sum and a matmul product in the
+    model's dtype with the matmul's float32 result (``2 x dtype + 4`` bytes each), beside three [patches, embed_dim]
+    copies of the image's features (permuted, normalised twice). Checked against measured allocations
+    (``tests/test_memory.py``)."""
+    b, hidden, inter = dtype_bytes, vision_config.hidden_size, vision_config.intermediate_size
+    codes, embed = vq_config.num_embeddings, vq_config.embed_dim
+    total = sum(patches)
+    vit = total * (inter * (b + 4) + 3 * hidden * b)
+    vq = codes * embed * b + max(patches) * (codes * (2 * b + 4) + 3 * embed * b)
+    return total * hidden * b + max(vit, vq)
+
+
+def ar_model_vision_working_bytes(model, image_grid_thw) -> int:
+    """``ar_vision_working_memory`` of a loaded GlmImageForConditionalGeneration for its reference images:
+    ``image_grid_thw`` [n_references, 3] (t, h, w) patches of each (``ARInputs.image_grid_thw``'s first rows)."""
+    patches = [int(t * h * w) for t, h, w in image_grid_thw.tolist()]
+    dtype_bytes = next(model.model.visual.parameters()).element_size()
+    return ar_vision_working_memory(model.config.vision_config, model.config.vq_config, patches, dtype_bytes)

@@ -2,6 +2,8 @@
 reference K/V stored for the whole run (exactly its size), the reference tokens and the glyph tokens attended to;
 each reference once, whatever the negative is (GLM-Image Encode's own, or a ConditioningZeroOut of the positive)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -140,3 +142,58 @@ def test_the_unconditional_view_samples_as_the_zero_out_negative(patcher):
     plain = patcher.clone()
     plain.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, dit_loading.UNCONDITIONAL_VIEW)
     assert torch.equal(run(patcher), run(plain))
+
+
+@pytest.fixture(scope="module")
+def glm(tiny_model_dir):
+    import folder_paths
+
+    node_classes = comfy_host.load_pack()
+    folder_paths.add_model_folder_path("glm_image", str(tiny_model_dir.parent))
+    return node_classes
+
+
+@pytest.fixture
+def asked(monkeypatch):
+    """{id of a model's patcher: the memory_required each load_models_gpu of it asked for}."""
+    requests = {}
+    load_models_gpu = comfy.model_management.load_models_gpu
+
+    def recorded(models, memory_required=0, **kwargs):
+        for patcher in models:
+            requests.setdefault(id(patcher), []).append(memory_required)
+        return load_models_gpu(models, memory_required=memory_required, **kwargs)
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", recorded)
+    return requests
+
+
+def test_the_vision_encoder_and_the_glyph_encoder_load_with_their_working_memory(glm, asked):
+    """Generate Visual Tokens asks ComfyUI to free the vision encoder's working memory for its references, and
+    GLM-Image Encode the glyph encoder's for its spans (before the fix: 0 bytes for both)."""
+    from glm_image_core import ar, glyph, memory
+
+    ar_model = glm["GLMImageARModelLoader"].execute(
+        model_folder="GLM-Image", dtype="fp32", device="cpu", weights="full"
+    )[0]
+    reference_image = torch.rand(1, 256, 384, 3, generator=torch.Generator().manual_seed(0))
+    prompt = 'a poster that reads "OPEN" and "CLOSED"'
+    with torch.inference_mode():
+        tokens = glm["GLMImageGenerateTokens"].execute(
+            ar_model=ar_model, prompt=prompt, width=512, height=512, seed=0, temperature=0.9, top_p=0.75, top_k=0,
+            batch_size=1, reference_1=reference_image,
+        )[0]  # fmt: skip
+    images = comfy_host.import_pack_module("nodes.ar_nodes").image_batch_to_pil(reference_image)
+    inputs = ar.build_ar_inputs(ar_model.processor, prompt, 512, 512, images)
+    vision = memory.ar_model_vision_working_bytes(ar_model.decoder.hf_model, inputs.image_grid_thw[:1])
+    assert vision > 0 and asked[id(ar_model.vision.patcher)] == [vision]
+
+    encoder = glm["GLMImageGlyphEncoderLoader"].execute(encoder="GLM-Image", dtype="fp32")[0]
+    text_tokens = dataclasses.replace(tokens, references=[])  # the glyph part needs no VAE
+    with torch.inference_mode():
+        glm["GLMImageEncode"].execute(
+            glyph_encoder=encoder, tokens=text_tokens, glyph_text="from prompt quotes", override=""
+        )
+    spans = glyph.extract_glyph_texts(prompt)
+    working = memory.glyph_model_working_bytes(encoder.model.hf_model, spans, encoder.tokenizer)
+    assert working > 0 and asked[id(encoder.model.patcher)] == [working]

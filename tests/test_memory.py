@@ -6,6 +6,8 @@ copies, int8 matmul, attention over a long cache, sampling), so a wrong or missi
 The tiny model's buffers are small, so its prompts are long (~1000 tokens) or its cache long (2048x2048: 4352 new
 tokens) where that moment needs it."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch._C._profiler import _EventType
@@ -18,6 +20,7 @@ TOLERANCE = 0.10  # the issue's bound: the estimate within 10% of the measured p
 UPPER_BOUND_SLACK = 0.25  # the encoders' estimates (an upper bound over CPU kernels' differing live sets): above
 LONG_PROMPT = "a cat on a mat, " * 60  # 973 tokens: the tiny tokenizer reads characters
 SHORT_PROMPT = "a cat"
+PUBLISHED = Path(memory.__file__).parent / "published"  # the published configs
 
 
 @pytest.fixture(scope="module")
@@ -173,4 +176,46 @@ def test_the_glyph_encoders_working_memory_bounds_the_measured_peak(glyph_encode
     estimate = memory.glyph_model_working_bytes(model, spans, tokenizer)
     measured = allocation_peak(lambda: glyph.encode_glyphs(spans, model, tokenizer))
     print(f"glyph, {case}, {dtype}: estimated {estimate} B, measured {measured}")
+    assert -TOLERANCE * measured <= estimate - measured <= UPPER_BOUND_SLACK * measured, (estimate, measured)
+
+
+@pytest.fixture(scope="module")
+def vision_models(tiny_model_dir):
+    """The tiny AR with the published vision encoder and VQ model (hidden 1536, MLP 6144, a 16384 x 2048 codebook),
+    2 of its 40 ViT layers (a call peaks within one layer or in the VQ), random, in bf16 and fp32."""
+    import json
+
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
+
+    config = json.loads((tiny_model_dir / "vision_language_encoder" / "config.json").read_text())
+    published = json.loads((PUBLISHED / "vision_language_encoder__config.RECONSTRUCTED.json").read_text())
+    config.update(vision_config=dict(published["vision_config"], depth=2), vq_config=published["vq_config"])
+    torch.manual_seed(0)
+    model = GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config)).eval()
+    return {
+        "fp32": model,
+        "bf16": GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config)).to(torch.bfloat16),
+    }
+
+
+VISION_CASES = {  # reference sides (px): what each case makes the peak of
+    "one 1024x1024": [1024],  # the VQ's distances
+    "four 1024x1024": [1024] * 4,  # the VQ's, beside four images' features
+    "1024 and 512": [1024, 512],
+    "sixteen 512x512": [512] * 16,  # the ViT's MLP on every image's patches
+}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("case", list(VISION_CASES))
+def test_the_vision_encoders_working_memory_bounds_the_measured_peak(vision_models, processor, case, dtype):
+    """Within 10% below and 25% above the allocation peak of encoding the references (ViT + VQ)."""
+    from PIL import Image
+
+    model = vision_models[dtype].eval()
+    images = [Image.new("RGB", (side, side), (40 * i, 150, 200)) for i, side in enumerate(VISION_CASES[case])]
+    inputs = ar.build_ar_inputs(processor, "a cat", 512, 512, images)
+    estimate = memory.ar_model_vision_working_bytes(model, inputs.image_grid_thw[: len(images)])
+    measured = allocation_peak(lambda: ar.encode_reference_images(model, inputs))
+    print(f"vision, {case}, {dtype}: estimated {estimate} B, measured {measured}")
     assert -TOLERANCE * measured <= estimate - measured <= UPPER_BOUND_SLACK * measured, (estimate, measured)
