@@ -39,7 +39,9 @@ class GlmImageModel(comfy.model_base.BaseModel):
     each sample attends to, counted as latent area (one token = one patch of latent cells); plus, before sampling,
     the reference K/V that `extra_conds` will store for the whole run (2 x layers x tokens x width numbers; ~1.9 GiB
     in bf16 per 1024x1024 reference for the published DiT); plus what the largest layer's LoRA applied in the forward
-    allocates (Load GLM-Image LoRA sets it for the sampler's preparation: `lora_nodes.with_in_forward_lora_memory`)."""
+    allocates (Load GLM-Image LoRA sets it for the sampler's preparation: `lora_nodes.with_in_forward_lora_memory`).
+    The negative conds are estimated as the unconditional branch reads them (`with_negative_as_unconditional`): no
+    references, the empty glyph, whatever is wired."""
 
     in_forward_lora_bytes = 0
 
