@@ -6,11 +6,15 @@ shapes with the formulas below. Prints the markdown table (``--json`` also write
     python benchmarks/memory_table.py [--json memory.json]
 
 What a stage holds on the device (ComfyUI evicts the other stages' models when they do not fit beside it):
-- AR vision (edits): the ViT + VQ weights, and the ViT's activations on the reference's 64x64 patches.
+- AR vision (edits): the ViT + VQ weights, and what encoding the reference allocates beside them
+  (``glm_image_core.memory.ar_vision_working_memory``: the ViT's MLP on its 32x32 patches or the VQ's distances of
+  each patch to the 16384 codes, the larger).
 - AR decode: the text decoder (int8 projections or bf16), the 16384 code rows of the embedding, the lm_head, and
   what fast_ar allocates beside them (``glm_image_core.memory.ar_working_memory``: the bf16 K/V cache, the fused k/v
   projections, and the largest moment of the prefill or of a decode step; listed buffer by buffer after the table).
-- glyph: the glyph encoder in bf16 (activations: a few MB).
+- glyph: the glyph encoder in bf16 and its activations for ``GLYPH_TOKENS`` of quoted text
+  (``glm_image_core.memory.glyph_working_memory``; with spans encoded in length batches, at most those of one
+  2048-byte span per call, ``GLYPH_WORST_CASE``, plus every span's embedding).
 - DiT: the DiT's weights (fp8: every Linear weight 1 byte, the rest bf16; bf16: as published, or what fits under the
   cap with ComfyUI's partial loading) and one block's activations for cond + uncond in one batch of 2 x (4096
   image + 256 glyph tokens), plus for edits the reference K/V of all 30 layers (4096 tokens, bf16), plus with fp8
@@ -33,7 +37,7 @@ import torch
 from common import CONFIGS, GLYPH_ENCODER_CONFIG
 
 from glm_image_core import memory
-from glm_image_core.defaults import NUM_VQ_CODES
+from glm_image_core.defaults import AR_GRID_STRIDE, NUM_VQ_CODES
 from glm_image_core.formats import int8, sdnq, w4a16
 
 GiB = 2**30
@@ -44,6 +48,7 @@ HEIGHT = WIDTH = 1024
 VAE_DECODE_BYTES_PER_PIXEL = int((5.612 - 0.756) * GiB / (1024 * 1024))
 PROMPT_TOKENS = 128  # a long prompt with GLM-4's tokenizer (the chat template adds ~10)
 GLYPH_TOKENS = 256  # quoted text, ByT5 bytes
+GLYPH_WORST_CASE = [2048] + [8] * 7  # eight spans, one of the most bytes a span keeps (2047 + end of sequence)
 
 
 BF16, INT8, FP8, W4, SDNQ = "bf16", "int8", "fp8", "4-bit", "SDNQ"  # the weight formats of the recipes
@@ -167,12 +172,16 @@ def vae_meta_model():
     return AutoencoderKL(**constructor_kwargs(AutoencoderKL, config), dtype=torch.bfloat16, device="meta")
 
 
-def glyph_bytes() -> int:
+def glyph_bytes() -> tuple[int, int, int]:
+    """(weights, activations for GLYPH_TOKENS, activations for GLYPH_WORST_CASE) in bf16, bytes."""
     from transformers import T5Config, T5EncoderModel
 
+    config = T5Config.from_dict(GLYPH_ENCODER_CONFIG)
     with torch.device("meta"):
-        model = T5EncoderModel(T5Config.from_dict(GLYPH_ENCODER_CONFIG)).to(torch.bfloat16)
-    return memory.module_bytes(model)
+        model = T5EncoderModel(config).to(torch.bfloat16)
+    typical = memory.glyph_working_memory(config, [GLYPH_TOKENS], dtype_bytes=2)
+    worst = memory.glyph_working_memory(config, GLYPH_WORST_CASE, dtype_bytes=2)
+    return memory.module_bytes(model), typical, worst
 
 
 def dit_fp8_bytes(dit) -> int:
@@ -194,7 +203,7 @@ def stage_table() -> dict:
     reference_kv = layers * 2 * image_tokens * dim * 2
     vae = vae_meta_model()
     vae_activations = VAE_DECODE_BYTES_PER_PIXEL * HEIGHT * WIDTH
-    glyph = glyph_bytes()
+    glyph, glyph_activations, glyph_worst = glyph_bytes()
 
     dit_w4, _ = dit_meta_model(W4)
     dit_sdnq = {dtype: memory.module_bytes(dit_meta_model(SDNQ, dtype)[0]) for dtype in SDNQ_BOUNDS}
@@ -205,8 +214,8 @@ def stage_table() -> dict:
     ar_full = ar_models[BF16]
     vision = memory.module_bytes(*memory.ar_vision_modules(ar_full))
     vit = ar_full.config.vision_config
-    patches = (HEIGHT // vit.patch_size) * (WIDTH // vit.patch_size)
-    vision_activations = patches * (4 * vit.hidden_size + 2 * vit.intermediate_size) * 2
+    patches = (HEIGHT // AR_GRID_STRIDE) * (WIDTH // AR_GRID_STRIDE)  # the processor's grid: one patch per 32 px
+    vision_activations = memory.ar_vision_working_memory(vit, ar_full.config.vq_config, [patches], dtype_bytes=2)
     grid = (HEIGHT // 32) * (WIDTH // 32)
     components = {
         "AR decoder, bf16 (code rows of the embedding)": memory.ar_decode_bytes(ar_full),
@@ -221,6 +230,9 @@ def stage_table() -> dict:
         "DiT SDNQ transformer blocks, all uint4 (groups of 64)": dit_sdnq["uint4"],
         "DiT SDNQ transformer blocks, all 5-bit (groups of 128)": dit_sdnq["int5"],
         "glyph encoder bf16": glyph,
+        f"glyph encoder activations, {GLYPH_TOKENS} bytes of quoted text": glyph_activations,
+        "glyph encoder activations, eight spans, one of 2048 bytes": glyph_worst,
+        "AR vision activations, one 1024x1024 reference": vision_activations,
         "VAE bf16": memory.module_bytes(vae),
     }
 
@@ -241,7 +253,7 @@ def stage_table() -> dict:
                 dit_weights = cap - dit_activations - CONTEXT
             stages = {
                 "AR decode": (ar_weights, working),
-                "glyph": (glyph, 16 * 2**20),
+                "glyph": (glyph, glyph_activations),
                 "DiT": (dit_weights, dit_activations),
                 "VAE decode": (memory.module_bytes(vae), vae_activations),
             }

@@ -195,9 +195,9 @@ def _grid_positions(position: int, h: int, w: int) -> torch.Tensor:
 
 
 # A host's way to give a stage of the AR the device: a context manager factory that has those modules resident for
-# the length of the `with` (the core pipeline's offload, ComfyUI's model management). The decoder's takes the bytes
-# the decode needs beside its weights.
-VisionStage = Callable[[], contextlib.AbstractContextManager]
+# the length of the `with` (the core pipeline's offload, ComfyUI's model management). Each takes the bytes its run
+# needs beside its weights (the vision encoder's for these references, the decode's).
+VisionStage = Callable[[int], contextlib.AbstractContextManager]
 DecoderStage = Callable[[int], contextlib.AbstractContextManager]
 
 
@@ -214,7 +214,8 @@ def generate_staged(
     .manual_seed(seeds[i])``). ``sampling``: the keyword arguments of ``generate_prior_tokens``."""
     reference_ids = None
     if inputs.reference_grids:
-        with vision_stage():
+        references = inputs.image_grid_thw[: len(inputs.reference_grids)]
+        with vision_stage(memory.ar_model_vision_working_bytes(model, references)):
             reference_ids = [ids.cpu() for ids in encode_reference_images(model, inputs)]
     working = memory.ar_model_working_bytes(
         model, len(seeds), inputs.input_ids.shape[1], inputs.geometry.num_grid_tokens

@@ -65,6 +65,32 @@ def glyph_texts_for(prompt_or_texts: str | Sequence[str]) -> list[str]:
     return [str(text) for text in prompt_or_texts]
 
 
+GLYPH_BATCH_TOKENS = 2048  # padded tokens (spans x the longest of them) per encoder call, or one longer span
+
+
+def length_batches(lengths: Sequence[int], budget: int = GLYPH_BATCH_TOKENS) -> list[list[int]]:
+    """Spans grouped for the encoder: indices into ``lengths``, each group padded to its longest span.
+
+    Spans go longest first into a group while the group's padded size (spans x its longest) stays within ``budget``
+    (a span longer than the budget goes alone). So the padding and the encoder's activations are bounded by those of
+    one span of ``budget`` tokens, however many spans there are, instead of growing with spans x the longest span.
+    Within a group the spans keep the prompt's order (when every span fits one group, it is the reference's batch).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [sorted(group) for group in groups]
+
+
+def span_lengths(prompt_or_texts: str | Sequence[str], tokenizer, max_length: int = GLYPH_MAX_LENGTH) -> list[int]:
+    """Tokens of each span ``encode_glyphs`` encodes for this prompt or override (pad prefix included)."""
+    return tokenize_glyph_texts(glyph_texts_for(prompt_or_texts), tokenizer, max_length)[1].sum(dim=1).tolist()
+
+
 @torch.no_grad()
 def encode_glyphs(
     prompt_or_texts: str | Sequence[str], text_encoder, tokenizer, max_length: int = GLYPH_MAX_LENGTH
@@ -77,14 +103,24 @@ def encode_glyphs(
         text_encoder: a ``transformers.T5EncoderModel`` (the Glyph-ByT5 encoder).
         tokenizer: a ``transformers.ByT5Tokenizer``.
 
-    Every span is encoded in one padded batch; only the non-pad positions are kept and joined span after span,
-    so ``T`` is the total token count (plus the reference's pad prefix, see ``tokenize_glyph_texts``).
+    Only the non-pad positions are kept and joined span after span, so ``T`` is the total token count (plus the
+    reference's pad prefix, see ``tokenize_glyph_texts``). The reference encodes every span in one batch padded to
+    the longest; here spans of similar length are encoded together (``length_batches``): with the attention mask,
+    a span's embedding does not depend on its padding, so the result is the reference's (to float rounding; the
+    same bits when all spans fit one batch) at a bounded cost in memory.
     """
     input_ids, attention_mask = tokenize_glyph_texts(glyph_texts_for(prompt_or_texts), tokenizer, max_length)
+    lengths = attention_mask.sum(dim=1).tolist()  # each span's tokens, pad prefix included
     device = text_encoder.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    hidden = text_encoder(input_ids, attention_mask=attention_mask).last_hidden_state  # [N, L, C]
-    return hidden[attention_mask.bool()].unsqueeze(0)  # [1, T, C]
+    rows: list[torch.Tensor | None] = [None] * len(lengths)
+    for group in length_batches(lengths):
+        width = max(lengths[i] for i in group)
+        ids, mask = input_ids[group, :width].to(device), attention_mask[group, :width].to(device)
+        hidden = text_encoder(ids, attention_mask=mask).last_hidden_state  # [n, width, C]
+        real = hidden[mask.bool()]  # [sum of the group's lengths, C]: the padding freed with `hidden`
+        for i, row in zip(group, real.split([lengths[i] for i in group])):
+            rows[i] = row
+    return torch.cat(rows).unsqueeze(0)  # [1, T, C]
 
 
 def pad_glyphs(glyphs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

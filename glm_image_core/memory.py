@@ -13,7 +13,7 @@ So a host moves ``ar_decode_modules`` for every generation and ``ar_vision_modul
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -206,3 +206,73 @@ def ar_model_working_bytes(model, batch: int, prompt_length: int, new_tokens: in
     """Device memory the AR decode of a loaded GlmImageForConditionalGeneration needs beside its weights: the peak of
     ``ar_model_working_memory``."""
     return ar_model_working_memory(model, batch, prompt_length, new_tokens).total
+
+
+def glyph_working_memory(config, lengths: Sequence[int], dtype_bytes: int = 2) -> int:
+    """Bytes ``glyph.encode_glyphs`` allocates beside the Glyph-ByT5 encoder's weights for spans of ``lengths`` tokens
+    (``glyph.span_lengths``; ``config``: its T5Config; ``dtype_bytes``: its dtype's size): the peak of its largest
+    encoder call (``glyph.length_batches``), plus the token ids and every span's embedding kept until they are joined.
+
+    One call of ``n`` spans padded to ``w`` tokens (transformers' T5 encoder, as measured on the CPU): the relative
+    position bias is made once from ``w x w`` int64 temporaries (49 bytes per pair at their peak) and kept as
+    ``[heads, w, w]``, beside a bool ``[n, w, w]`` mask when a span is padded. Each layer's MLP then holds the
+    residual stream, its two sums, the input embedding, the normed input and one projection output (5 x d_model per
+    token) with the gated GELU's input and temporaries (4 x d_ff); its attention q, k, v, output and the float mask
+    made of the bias. Checked against measured allocations (``tests/test_memory.py``): from just above the CPU's peak
+    (a call on 2048 tokens, bf16) to 20% over it (many short spans: the MLP's count is the larger of two CPU
+    kernels' live sets)."""
+    from .glyph import length_batches
+
+    b, d, ff = dtype_bytes, config.d_model, config.d_ff
+    heads, inner = config.num_heads, config.num_heads * config.d_kv
+    calls = []
+    for group in length_batches(lengths):
+        n, w = len(group), max(lengths[i] for i in group)
+        tokens = n * w
+        bias = heads * w * w * b
+        mask = n * w * w if any(lengths[i] < w for i in group) else 0
+        moments = {
+            "position buckets (int64)": 49 * w * w + tokens * 2 * d * b,
+            "MLP": bias + mask + tokens * (5 * d + 4 * ff) * b,
+            "attention": bias + mask + n * heads * w * w * b + tokens * (4 * d + 4 * inner) * b,
+        }
+        calls.append(max(moments.values()) + tokens * 2 * 8)  # + the call's ids and mask (int64)
+    ids = 2 * len(lengths) * max(lengths) * 8  # the padded ids and mask of every span
+    embeddings = sum(lengths) * d * b  # each call's real tokens (kept, then joined into as many bytes)
+    return ids + max(embeddings + max(calls), 2 * embeddings)
+
+
+def glyph_model_working_bytes(text_encoder, texts: Sequence[str], tokenizer) -> int:
+    """``glyph_working_memory`` of a loaded Glyph-ByT5 encoder for these glyph spans (as ``glyph.encode_glyphs``
+    takes them)."""
+    from .glyph import span_lengths
+
+    dtype_bytes = next(text_encoder.parameters()).element_size()
+    return glyph_working_memory(text_encoder.config, span_lengths(texts, tokenizer), dtype_bytes)
+
+
+def ar_vision_working_memory(vision_config, vq_config, patches: Sequence[int], dtype_bytes: int = 2) -> int:
+    """Bytes ``ar.encode_reference_images`` allocates beside the vision encoder's and the VQ model's weights for
+    reference images of ``patches`` 16-pixel patches each (``dtype_bytes``: the model's dtype's size).
+
+    The ViT runs once on every image's patches; its largest moment is an MLP: the fc1 output and the GELU's, in float32
+    at least (``4 + dtype`` bytes per intermediate feature), beside the residual stream, its sum and the norm
+    (3 x hidden). Its features ([all patches, hidden]) are kept while the VQ model quantises one image at a time: the
+    codebook normalised ([16384, embed_dim]), the [patches, 16384] distances as a sum and a matmul product in the
+    model's dtype with the matmul's float32 result (``2 x dtype + 4`` bytes each), beside three [patches, embed_dim]
+    copies of the image's features (permuted, normalised twice). Checked against measured allocations
+    (``tests/test_memory.py``)."""
+    b, hidden, inter = dtype_bytes, vision_config.hidden_size, vision_config.intermediate_size
+    codes, embed = vq_config.num_embeddings, vq_config.embed_dim
+    total = sum(patches)
+    vit = total * (inter * (b + 4) + 3 * hidden * b)
+    vq = codes * embed * b + max(patches) * (codes * (2 * b + 4) + 3 * embed * b)
+    return total * hidden * b + max(vit, vq)
+
+
+def ar_model_vision_working_bytes(model, image_grid_thw) -> int:
+    """``ar_vision_working_memory`` of a loaded GlmImageForConditionalGeneration for its reference images:
+    ``image_grid_thw`` [n_references, 3] (t, h, w) patches of each (``ARInputs.image_grid_thw``'s first rows)."""
+    patches = [int(t * h * w) for t, h, w in image_grid_thw.tolist()]
+    dtype_bytes = next(model.model.visual.parameters()).element_size()
+    return ar_vision_working_memory(model.config.vision_config, model.config.vq_config, patches, dtype_bytes)

@@ -227,7 +227,7 @@ def generate(
         models.ar_model,
         inputs,
         [seed],
-        vision_stage=lambda: stage(models, *memory.ar_vision_modules(models.ar_model)),
+        vision_stage=lambda working: stage(models, *memory.ar_vision_modules(models.ar_model)),
         decoder_stage=lambda working: stage(models, *memory.ar_decode_modules(models.ar_model)),
         loras=models.ar_loras,
         temperature=temperature,

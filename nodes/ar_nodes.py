@@ -205,7 +205,7 @@ class GenerateTokens(io.ComfyNode):
             ar_model.decoder.hf_model,
             inputs,
             [seed + i for i in range(batch_size)],
-            vision_stage=lambda: contextlib.nullcontext(ar_model.vision.loaded()),
+            vision_stage=lambda working: contextlib.nullcontext(ar_model.vision.loaded(working)),
             decoder_stage=decoder_stage,
             loras=ar_model.loras,  # applied unmerged for this run: the cached model is not changed
             temperature=temperature,

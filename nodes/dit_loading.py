@@ -14,7 +14,7 @@ from ..glm_image_core import formats
 from ..glm_image_core.checkpoint import in_memory
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.formats import comfy_quant, scaled_fp8, sdnq, w4a16
-from .model import GlmImageDiTConfig
+from .model import GlmImageDiTConfig, with_negative_as_unconditional
 
 WEIGHT_DTYPES = {
     "default": (None, False),
@@ -104,12 +104,16 @@ def load_dit_patcher(
             f"GLM-Image DiT weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_STATE, release_run_state)
+    patcher.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, UNCONDITIONAL_VIEW, with_negative_as_unconditional
+    )
     if initial_device != offload_device and not mm.is_device_cpu(initial_device):
         mm.load_models_gpu([patcher], force_full_load=True)  # ComfyUI's bookkeeping of a model loaded in place
     return patcher
 
 
 RUN_STATE = "glm_image_run_state"  # the key of release_run_state among the patcher's wrappers
+UNCONDITIONAL_VIEW = "glm_image_unconditional_view"  # the key of model.with_negative_as_unconditional
 
 
 def release_run_state(executor, *args, **kwargs):

@@ -7,7 +7,7 @@ import os
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from ..glm_image_core import glyph, loading
+from ..glm_image_core import glyph, loading, memory
 from ..glm_image_core.errors import InvalidInputError
 from . import paths
 from .common import file_input, pick_dtype, schema
@@ -116,7 +116,9 @@ class Encode(io.ComfyNode):
     @classmethod
     def execute(cls, glyph_encoder, tokens: VisualTokens, glyph_text, override, vae=None) -> io.NodeOutput:
         spans = glyph_spans(tokens.prompt, glyph_text, override)
-        model = glyph_encoder.model.loaded()
+        # ComfyUI frees room for the encoder's activations too (the spans' own: "" after them needs less)
+        working = memory.glyph_model_working_bytes(glyph_encoder.model.hf_model, spans, glyph_encoder.tokenizer)
+        model = glyph_encoder.model.loaded(working)
         cond = glyph.encode_glyphs(spans, model, glyph_encoder.tokenizer).to(mm.intermediate_device())
         empty = glyph.encode_glyphs([], model, glyph_encoder.tokenizer).to(mm.intermediate_device())
         extras = {

@@ -39,7 +39,9 @@ class GlmImageModel(comfy.model_base.BaseModel):
     each sample attends to, counted as latent area (one token = one patch of latent cells); plus, before sampling,
     the reference K/V that `extra_conds` will store for the whole run (2 x layers x tokens x width numbers; ~1.9 GiB
     in bf16 per 1024x1024 reference for the published DiT); plus what the largest layer's LoRA applied in the forward
-    allocates (Load GLM-Image LoRA sets it for the sampler's preparation: `lora_nodes.with_in_forward_lora_memory`)."""
+    allocates (Load GLM-Image LoRA sets it for the sampler's preparation: `lora_nodes.with_in_forward_lora_memory`).
+    The negative conds are estimated as the unconditional branch reads them (`with_negative_as_unconditional`): no
+    references, the empty glyph, whatever is wired."""
 
     in_forward_lora_bytes = 0
 
@@ -133,6 +135,27 @@ class GlmImageModel(comfy.model_base.BaseModel):
                 f"{width}x{height} latent (GLM-Image samples it with shift {mu:.3f}; a model straight from the "
                 f"loader is set for 1024x1024). Put {fix} between the GLM-Image DiT loader and the sampler."
             )
+
+
+def unconditional_view(cond: dict) -> dict:
+    """A cond of the sampler's negative as GLM's unconditional branch reads it (`extra_conds`): the empty glyph and no
+    reference images. A ConditioningZeroOut of the positive still carries the positive's references and a glyph of its
+    length; extra_conds ignores both, so the sampler's memory estimate must too."""
+    view = {k: v for k, v in cond.items() if k != "glm_references"}
+    if cond.get("glm_empty_glyph") is not None:
+        view["cross_attn"] = cond["glm_empty_glyph"]
+    return view
+
+
+def with_negative_as_unconditional(executor, model, noise_shape, conds, *args, **kwargs):
+    """A PREPARE_SAMPLING wrapper (set by the DiT's loader): ComfyUI estimates the run's memory from the conds'
+    `extra_conds_shapes` without telling which branch each cond is for, so the negative conds are given to it as the
+    unconditional branch reads them (`unconditional_view`): each reference image is counted once, for the positive
+    that computes its K/V, whatever the negative is. The run samples with these same conds (extra_conds reads them
+    alike)."""
+    if conds.get("negative"):
+        conds = {**conds, "negative": [unconditional_view(cond) for cond in conds["negative"]]}
+    return executor(model, noise_shape, conds, *args, **kwargs)
 
 
 def check_prior_matches_latent(prior: torch.Tensor, noise: torch.Tensor, image_size=None) -> None:

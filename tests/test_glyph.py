@@ -9,6 +9,7 @@ from glm_image_core.glyph import (
     encode_glyphs,
     encode_glyphs_batch,
     extract_glyph_texts,
+    length_batches,
     tokenize_glyph_texts,
 )
 
@@ -119,6 +120,38 @@ def test_encoding_matches_reference(name, text_encoder, tokenizer, reference_pip
     print(f"{name}: shape {tuple(got.shape)}, max abs diff {max_diff:.3g}")
     assert got.shape == expected.shape
     assert max_diff == 0
+
+
+def test_spans_of_very_different_lengths_encode_like_the_reference_batch(text_encoder, tokenizer, reference_pipeline):
+    """The reference pads every span to the longest in one batch; ours encodes them in batches of similar length
+    (here four: the 2048-byte span alone, then the shorter ones), the same embeddings to float rounding."""
+    spans = ["x" * 2047, "Hello", "a" * 700, "", "world " * 40, "b" * 1500, "OPEN", "c" * 690]
+    prompt = " ".join(f'"{span}"' for span in spans)
+    lengths = tokenize_glyph_texts(spans, tokenizer)[1].sum(dim=1).tolist()
+    assert len(length_batches(lengths)) == 4
+    with torch.no_grad():
+        expected = reference_pipeline._get_glyph_embeds(prompt, device=torch.device("cpu"))
+    got = encode_glyphs(prompt, text_encoder, tokenizer)
+    print(f"max abs diff {(got - expected).abs().max().item():.3g}")
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_length_batches_bound_the_padded_tokens_of_each_encoder_call():
+    lengths = [2049, 5, 700, 1, 241, 1500, 5, 690] + [30] * 100
+    groups = length_batches(lengths, budget=2048)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))  # each span once
+    for group in groups:
+        padded = len(group) * max(lengths[i] for i in group)
+        assert padded <= 2048 or len(group) == 1, (group, padded)
+        assert group == sorted(group)  # the prompt's order within a call
+    # short spans still share calls: 2049 | 1500 | 700, 690 | 241 + 7 x 30 | 68 x 30 | 25 x 30, 5, 5, 1
+    assert [len(group) for group in groups] == [1, 1, 2, 8, 68, 28]
+
+
+def test_spans_that_fit_one_batch_are_encoded_in_one_call(tokenizer):
+    lengths = tokenize_glyph_texts(["OPEN", "CLOSED", "BACK SOON"], tokenizer)[1].sum(dim=1).tolist()
+    assert length_batches(lengths) == [[0, 1, 2]]
 
 
 def test_override_list_is_encoded_like_the_same_spans_in_a_prompt(text_encoder, tokenizer):

@@ -6,6 +6,8 @@ copies, int8 matmul, attention over a long cache, sampling), so a wrong or missi
 The tiny model's buffers are small, so its prompts are long (~1000 tokens) or its cache long (2048x2048: 4352 new
 tokens) where that moment needs it."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch._C._profiler import _EventType
@@ -15,8 +17,10 @@ from glm_image_core.errors import GenerationCancelled
 from tests.benchmark_scripts import import_script
 
 TOLERANCE = 0.10  # the issue's bound: the estimate within 10% of the measured peak, either way
+UPPER_BOUND_SLACK = 0.25  # the encoders' estimates (an upper bound over CPU kernels' differing live sets): above
 LONG_PROMPT = "a cat on a mat, " * 60  # 973 tokens: the tiny tokenizer reads characters
 SHORT_PROMPT = "a cat"
+PUBLISHED = Path(memory.__file__).parent / "published"  # the published configs
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +143,79 @@ def test_the_first_decode_steps_4bit_repack_allocates_what_the_estimate_counts()
     measured = allocation_peak(repack)
     estimate = sum(formats.W4A16.first_step_bytes(1024, 8192, layer.group_size).values())
     assert abs(estimate - measured) <= TOLERANCE * measured, (estimate, measured)
+
+
+@pytest.fixture(scope="module")
+def glyph_encoders():
+    """Glyph-ByT5 encoders of the published width (d_model 1472, d_ff 3584, 6 heads) with 2 of its 12 layers (a call
+    peaks within one layer), random, in bf16 (the loader's choice on GPUs) and fp32 (on the CPU)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = dict(import_script("common").GLYPH_ENCODER_CONFIG, num_layers=2, is_encoder_decoder=False)
+    torch.manual_seed(0)
+    model = T5EncoderModel(T5Config.from_dict(config)).eval()
+    return {"fp32": model, "bf16": T5EncoderModel(T5Config.from_dict(config)).to(torch.bfloat16).eval()}
+
+
+GLYPH_CASES = {  # spans: what each case makes the peak of
+    "one of 2048 bytes among 8": ["x" * 2047] + [f"word {i}" for i in range(7)],  # the position buckets
+    "100 short spans": [f"short span {i:02d}" for i in range(100)],  # the MLP, 16 spans per call
+    "two of ~1000 bytes, padded": ["y" * 1019, "z" * 900],  # the MLP beside a padded call's bias and mask
+}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("case", list(GLYPH_CASES))
+def test_the_glyph_encoders_working_memory_bounds_the_measured_peak(glyph_encoders, case, dtype):
+    """Within 10% below and 25% above: what ComfyUI frees before the encoder runs must not fall short."""
+    from transformers import ByT5Tokenizer
+
+    from glm_image_core import glyph
+
+    spans, model, tokenizer = GLYPH_CASES[case], glyph_encoders[dtype], ByT5Tokenizer()
+    estimate = memory.glyph_model_working_bytes(model, spans, tokenizer)
+    measured = allocation_peak(lambda: glyph.encode_glyphs(spans, model, tokenizer))
+    print(f"glyph, {case}, {dtype}: estimated {estimate} B, measured {measured}")
+    assert -TOLERANCE * measured <= estimate - measured <= UPPER_BOUND_SLACK * measured, (estimate, measured)
+
+
+@pytest.fixture(scope="module")
+def vision_models(tiny_model_dir):
+    """The tiny AR with the published vision encoder and VQ model (hidden 1536, MLP 6144, a 16384 x 2048 codebook),
+    2 of its 40 ViT layers (a call peaks within one layer or in the VQ), random, in bf16 and fp32."""
+    import json
+
+    from transformers import GlmImageConfig, GlmImageForConditionalGeneration
+
+    config = json.loads((tiny_model_dir / "vision_language_encoder" / "config.json").read_text())
+    published = json.loads((PUBLISHED / "vision_language_encoder__config.RECONSTRUCTED.json").read_text())
+    config.update(vision_config=dict(published["vision_config"], depth=2), vq_config=published["vq_config"])
+    torch.manual_seed(0)
+    model = GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config)).eval()
+    return {
+        "fp32": model,
+        "bf16": GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config)).to(torch.bfloat16),
+    }
+
+
+VISION_CASES = {  # reference sides (px): what each case makes the peak of
+    "one 1024x1024": [1024],  # the VQ's distances
+    "four 1024x1024": [1024] * 4,  # the VQ's, beside four images' features
+    "1024 and 512": [1024, 512],
+    "sixteen 512x512": [512] * 16,  # the ViT's MLP on every image's patches
+}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("case", list(VISION_CASES))
+def test_the_vision_encoders_working_memory_bounds_the_measured_peak(vision_models, processor, case, dtype):
+    """Within 10% below and 25% above the allocation peak of encoding the references (ViT + VQ)."""
+    from PIL import Image
+
+    model = vision_models[dtype].eval()
+    images = [Image.new("RGB", (side, side), (40 * i, 150, 200)) for i, side in enumerate(VISION_CASES[case])]
+    inputs = ar.build_ar_inputs(processor, "a cat", 512, 512, images)
+    estimate = memory.ar_model_vision_working_bytes(model, inputs.image_grid_thw[: len(images)])
+    measured = allocation_peak(lambda: ar.encode_reference_images(model, inputs))
+    print(f"vision, {case}, {dtype}: estimated {estimate} B, measured {measured}")
+    assert -TOLERANCE * measured <= estimate - measured <= UPPER_BOUND_SLACK * measured, (estimate, measured)
