@@ -142,7 +142,7 @@ class GenerateTokens(io.ComfyNode):
                 io.String.Input(
                     "prompt",
                     multiline=True,
-                    dynamic_prompts=True,
+                    dynamic_prompts=False,  # the front end would strip //... and /*...*/ and pick one of {a|b}
                     tooltip="Text in quotes ('...', \"...\", “...”, 「...」) is rendered as glyphs; as in the reference, an "
                     'apostrophe (don\'t) also opens a single-quoted span, so prefer "..." around text to render.',
                 ),

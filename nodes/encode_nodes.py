@@ -86,7 +86,13 @@ class Encode(io.ComfyNode):
                     options=[FROM_PROMPT, OVERRIDE],
                     tooltip="Render the quoted spans of the tokens' prompt, or the override text.",
                 ),
-                io.String.Input("override", multiline=True, default="", tooltip="One glyph span per line."),
+                io.String.Input(
+                    "override",
+                    multiline=True,
+                    default="",
+                    dynamic_prompts=False,  # rendered as typed: braces, // and /* */ included
+                    tooltip="One glyph span per line.",
+                ),
                 io.Vae.Input("vae", optional=True, tooltip="Needed for editing: encodes the reference images."),
             ],
             outputs=[

@@ -48,12 +48,13 @@ def missing_tools() -> str | None:
     return None
 
 
-pytestmark = [
+BROWSER_TEST_MARKS = [  # every test that drives the front end (tests/test_browser_prompt.py too)
     pytest.mark.skipif(missing_tools() is not None, reason=f"browser test: {missing_tools()}"),
     pytest.mark.host,
     pytest.mark.server,
     pytest.mark.browser,
 ]
+pytestmark = BROWSER_TEST_MARKS
 
 
 @pytest.fixture(scope="module")
