@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import inspect
 import logging
 import math
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -199,6 +201,27 @@ def _grid_positions(position: int, h: int, w: int) -> torch.Tensor:
 # the decode needs beside its weights.
 VisionStage = Callable[[], contextlib.AbstractContextManager]
 DecoderStage = Callable[[int], contextlib.AbstractContextManager]
+
+
+SAMPLE_SEED_BITS = 53  # derived seeds stay below 2**53: a JavaScript number (the seed widget) holds them exactly
+
+
+def sample_seeds(seed: int, count: int) -> list[int]:
+    """The generator seed of each of ``count`` samples drawn at ``seed``.
+
+    Sample 0 uses ``seed`` itself (a batch of 1 is the run it always was); sample i > 0 uses the top 53 bits of the
+    8-byte BLAKE2b digest of (seed, i) packed as two unsigned 64-bit little-endian integers, the digest read as a
+    little-endian integer. So the samples of neighbouring seeds do not overlap (with ``seed + i``, seed 6 repeated
+    samples 1..N-1 of seed 5), a batch of N is the first N samples of any larger batch at that seed, and any one
+    sample can be made again alone: a batch of 1 at its derived seed (below 2**53, which ComfyUI's seed widget holds
+    exactly)."""
+    seed %= 2**64
+    return [seed, *(_derived_seed(seed, i) for i in range(1, count))][:count]
+
+
+def _derived_seed(seed: int, index: int) -> int:
+    digest = hashlib.blake2b(struct.pack("<QQ", seed, index), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> (64 - SAMPLE_SEED_BITS)
 
 
 def generate_staged(

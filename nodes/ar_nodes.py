@@ -154,7 +154,8 @@ class GenerateTokens(io.ComfyNode):
                     min=0,
                     max=0xFFFFFFFFFFFFFFFF,
                     control_after_generate=True,
-                    tooltip="Seed of the AR sampling (a private generator; sample i uses seed + i).",
+                    tooltip="Seed of the AR sampling (a private generator). Sample 0 uses the seed, sample i > 0 a seed "
+                    "hashed from (seed, i), so neighbouring seeds share no sample; the log lists each sample's seed.",
                 ),
                 io.Float.Input(
                     "temperature", default=TEMPERATURE, min=0.01, max=2.0, step=0.01, tooltip="AR sampling temperature."
@@ -201,10 +202,13 @@ class GenerateTokens(io.ComfyNode):
         def decoder_stage(working_bytes):  # ComfyUI evicts what does not fit beside the decoder and its working memory
             return contextlib.nullcontext(ar_model.decoder.loaded(working_bytes))
 
+        seeds = ar.sample_seeds(seed, batch_size)
+        if batch_size > 1:  # a batch of 1 at one of these seeds makes that sample again alone
+            logging.info("GLM-Image AR: the samples' seeds are %s", ", ".join(map(str, seeds)))
         result = ar.generate_staged(
             ar_model.decoder.hf_model,
             inputs,
-            [seed + i for i in range(batch_size)],
+            seeds,
             vision_stage=lambda: contextlib.nullcontext(ar_model.vision.loaded()),
             decoder_stage=decoder_stage,
             loras=ar_model.loras,  # applied unmerged for this run: the cached model is not changed
@@ -230,6 +234,7 @@ class GenerateTokens(io.ComfyNode):
             prompt=prompt,
             seed=seed,
             references=references,
+            sample_seeds=seeds,
         )
         return io.NodeOutput(tokens)
 
@@ -242,7 +247,7 @@ class SaveTokens(io.ComfyNode):
             display_name="GLM-Image Save Visual Tokens",
             category="GLM-Image",
             search_aliases=["save tokens", "保存 token"],
-            description=f"Writes the token grids (with prompt, size and seed) to output/glm_tokens/*{paths.TOKENS_EXTENSION}.",
+            description=f"Writes the token grids (with prompt, size and each grid's seed) to output/glm_tokens/*{paths.TOKENS_EXTENSION}.",
             inputs=[
                 GlmTokens.Input("tokens", tooltip="From Generate Visual Tokens."),
                 io.String.Input(

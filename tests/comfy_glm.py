@@ -19,6 +19,22 @@ dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
 model_sampling = comfy_host.import_pack_module("nodes.model_sampling")
 
 
+def generate_tokens(node_classes, ar_model, prompt: str, size: int, seed: int, batch_size: int = 1):
+    """GLM-Image Generate Visual Tokens at size x size with the sampling of the templates, as the executor runs it."""
+    with torch.inference_mode():
+        return node_classes["GLMImageGenerateTokens"].execute(
+            ar_model=ar_model,
+            prompt=prompt,
+            width=size,
+            height=size,
+            seed=seed,
+            temperature=0.9,
+            top_p=0.75,
+            top_k=0,
+            batch_size=batch_size,
+        )[0]
+
+
 def tiny_patcher(tiny_model_dir, width: int, height: int, weight_dtype: str = "default", model_options=None):
     """The tiny DiT through the pack's loader, with the model sampling of this image size."""
     folder = tiny_model_dir / "transformer"

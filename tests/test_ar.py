@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import hashlib
 import logging
 import os
 import warnings
@@ -285,6 +286,34 @@ def test_samples_in_a_batch_follow_their_own_generator(peaked_model, i2i_inputs)
     batch = ar.generate_prior_tokens(model, i2i_inputs, seeded(7, 8))
     assert torch.equal(batch.target_ids[0], ar.generate_prior_tokens(model, i2i_inputs, seeded(7)).target_ids[0])
     assert torch.equal(batch.target_ids[1], ar.generate_prior_tokens(model, i2i_inputs, seeded(8)).target_ids[0])
+
+
+def test_sample_0_uses_the_seed_and_sample_i_the_hash_of_seed_and_i():
+    """The documented rule, written out with hashlib: BLAKE2b-64 of (seed, i) as two little-endian uint64, top 53 bits."""
+
+    def rule(seed, i):
+        digest = hashlib.blake2b(seed.to_bytes(8, "little") + i.to_bytes(8, "little"), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 11
+
+    assert ar.sample_seeds(5, 1) == [5]
+    assert ar.sample_seeds(5, 4) == [5, rule(5, 1), rule(5, 2), rule(5, 3)]
+    assert ar.sample_seeds(2**64 + 5, 2) == ar.sample_seeds(5, 2)  # the seed modulo 2**64, as torch's manual_seed
+    assert ar.sample_seeds(2**64 - 1, 2)[1] == rule(2**64 - 1, 1)
+
+
+def test_a_batch_is_the_start_of_any_larger_batch_at_that_seed():
+    assert ar.sample_seeds(9, 3) == ar.sample_seeds(9, 16)[:3]
+
+
+def test_neighbouring_seeds_share_no_sample_seed():
+    """seed + i gave seed 6 samples 1..N-1 of seed 5; the hashed seeds of every seed in 0..2000 are all distinct."""
+    seeds = [s for seed in range(2000) for s in ar.sample_seeds(seed, 16)[1:]]
+    assert len(set(seeds)) == len(seeds) and not set(seeds) & set(range(2000))
+
+
+def test_derived_seeds_fit_a_javascript_number():
+    """The seed widget is a JavaScript number: a derived seed typed into it must make that sample again."""
+    assert all(s < 2**53 for seed in range(100) for s in ar.sample_seeds(seed, 16)[1:])
 
 
 def test_global_rng_is_untouched(model, t2i_inputs):
