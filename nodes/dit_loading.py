@@ -14,7 +14,7 @@ from ..glm_image_core import formats
 from ..glm_image_core.checkpoint import in_memory
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.formats import comfy_quant, scaled_fp8, sdnq, w4a16
-from .model import GlmImageDiTConfig
+from .model import GlmImageDiTConfig, check_sigmas_match_latent
 
 WEIGHT_DTYPES = {
     "default": (None, False),
@@ -104,6 +104,7 @@ def load_dit_patcher(
             f"GLM-Image DiT weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, RUN_STATE, release_run_state)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SCHEDULE_CHECK, check_schedule)
     if initial_device != offload_device and not mm.is_device_cpu(initial_device):
         mm.load_models_gpu([patcher], force_full_load=True)  # ComfyUI's bookkeeping of a model loaded in place
     return patcher
@@ -121,6 +122,15 @@ def release_run_state(executor, *args, **kwargs):
     except BaseException:
         executor.class_obj.__dict__.pop("conds", None)
         raise
+
+
+SCHEDULE_CHECK = "glm_image_schedule_check"  # the key of check_schedule among the patcher's wrappers
+
+
+def check_schedule(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: before the first step, refuse GLM-Image sigmas made for another size than the latent."""
+    check_sigmas_match_latent(sigmas, noise, executor.class_obj.model_patcher.get_model_object("model_sampling"))
+    return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
 
 class ComfyPackedLayer:

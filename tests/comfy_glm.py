@@ -165,3 +165,37 @@ def refusal_of_edited_quantisation(graph: dict, model_dir, tmp_path, component: 
     assert not run.success and not run.messages  # refused by validation: no node ran
     assert set(run.node_errors) == {node}
     return json.dumps(run.node_errors[node])
+
+
+def with_sampler_custom_advanced(graph: dict, scheduler: dict) -> dict:
+    """An API graph with its KSampler (node "8") replaced by SamplerCustomAdvanced (node "8" too) with the GLM-Image
+    Scheduler's sigmas; `scheduler`: that node's inputs."""
+    graph = dict(graph)
+    ksampler = graph.pop("8")["inputs"]
+    graph.update(
+        {
+            "20": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
+            "21": {
+                "class_type": "CFGGuider",
+                "inputs": {
+                    "model": ksampler["model"],
+                    "positive": ksampler["positive"],
+                    "negative": ksampler["negative"],
+                    "cfg": 1.5,
+                },
+            },
+            "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "23": {"class_type": "GLMImageScheduler", "inputs": scheduler},
+            "8": {
+                "class_type": "SamplerCustomAdvanced",
+                "inputs": {
+                    "noise": ["20", 0],
+                    "guider": ["21", 0],
+                    "sampler": ["22", 0],
+                    "sigmas": ["23", 0],
+                    "latent_image": ksampler["latent_image"],
+                },
+            },
+        }
+    )
+    return graph

@@ -20,6 +20,7 @@ import comfy.sample  # noqa: E402
 import folder_paths  # noqa: E402
 
 import nodes  # noqa: E402  (ComfyUI's nodes.py)
+from tests import comfy_glm  # noqa: E402
 
 write_tokens = comfy_host.import_pack_module("glm_image_core.tokens").write_tokens
 types = comfy_host.import_pack_module("nodes.types")
@@ -302,6 +303,29 @@ def test_glm_model_sampling_for_another_size_is_refused(files, dit, encode):
     wrong = files["GLMImageModelSampling"].execute(model=dit, width=768, height=768)[0]
     with pytest.raises(InvalidInputError, match="is for another image size than this 512x512 latent"):
         sample(wrong, positive, negative)
+
+
+def scheduler_graph(scheduler: dict) -> dict:
+    """The 512x512 token-file graph sampled by SamplerCustomAdvanced with the GLM-Image Scheduler's sigmas."""
+    return comfy_glm.with_sampler_custom_advanced(
+        tokens_graph(), {"steps": 3, **scheduler}
+    )  # 3: see glm_schedule_shift
+
+
+def test_a_scheduler_left_at_another_size_is_refused_before_the_first_step(files):
+    run = comfy_host.run_prompt(scheduler_graph({"width": 1024, "height": 1024}))
+    message = execution_error(run, node="8")
+    assert "GLM-Image's schedule for another image size (shift 3.250, as for 1024x1024)" in message
+    assert "this 512x512 latent (shift 1.750)" in message
+    assert "Connect the tokens to the 'GLM-Image Scheduler'" in message and "width and height to 512x512" in message
+
+
+@pytest.mark.parametrize(
+    "scheduler", [{"width": 512, "height": 512}, {"width": 1024, "height": 1024, "tokens": ["1", 0]}]
+)
+def test_a_scheduler_at_the_latents_size_or_given_the_tokens_samples(files, scheduler):
+    run = comfy_host.run_prompt(scheduler_graph(scheduler))
+    assert run.success, run.execution_error()
 
 
 # --- model files ----------------------------------------------------------------------------------------------------
