@@ -35,6 +35,7 @@ import torch
 from . import fast_ar, lora, memory
 from .defaults import AR_GRID_STRIDE, IMAGE_END_ID, IMAGE_START_ID, NUM_VQ_CODES
 from .errors import InvalidInputError
+from .sizes import check_reference_size
 
 CONTROL_STRINGS = ("<|dit_token_", "<|image|>", "<sop>", "<eop>")  # would change the prompt's structure
 
@@ -116,6 +117,8 @@ def build_ar_inputs(processor, prompt: str, height: int, width: int, images: Seq
             f"The prompt contains GLM-Image control tokens {found}; they would change the AR prompt's structure. "
             "Remove them from the prompt."
         )
+    for i, image in enumerate(images, 1):
+        check_reference_size(image.height, image.width, reference_min_side(processor), f"Reference image {i}")
     content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": prompt}]
     batch = processor.apply_chat_template(
         [[{"role": "user", "content": content}]],
@@ -144,6 +147,13 @@ def build_ar_inputs(processor, prompt: str, height: int, width: int, images: Seq
         geometry=geometry,
         reference_grids=reference_grids,
     )
+
+
+def reference_min_side(processor) -> int:
+    """The shortest side, in pixels, of a reference image ``processor`` (GlmImageProcessor) takes: the factor its
+    ``smart_resize`` rounds to."""
+    image_processor = processor.image_processor
+    return image_processor.patch_size * image_processor.merge_size
 
 
 def mrope_position_ids(

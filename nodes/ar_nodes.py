@@ -18,7 +18,7 @@ from ..glm_image_core import ar, dependencies, formats, loading, memory, preview
 from ..glm_image_core.defaults import PATCH_STRIDE, TEMPERATURE, TOP_P
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
-from ..glm_image_core.sizes import check_image_size
+from ..glm_image_core.sizes import check_image_size, check_reference_size
 from ..glm_image_core.tokens import read_tokens, write_tokens
 from . import paths
 from .common import SIZE_WIDGET, file_input, pick_dtype, schema, validate_size
@@ -183,6 +183,11 @@ class GenerateTokens(io.ComfyNode):
         cls, ar_model, prompt, width, height, seed, temperature, top_p, top_k, batch_size, **refs
     ) -> io.NodeOutput:
         check_image_size(height, width)
+        min_side = ar.reference_min_side(ar_model.processor)
+        for i in range(1, MAX_REFERENCE_INPUTS + 1):  # before the AR runs, naming the input
+            if refs.get(f"reference_{i}") is not None:
+                _, h, w, _ = refs[f"reference_{i}"].shape
+                check_reference_size(h, w, min_side, f"The image at reference_{i}")
         images = [
             im
             for i in range(1, MAX_REFERENCE_INPUTS + 1)

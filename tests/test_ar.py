@@ -21,6 +21,7 @@ from transformers.generation.logits_process import (
 
 from glm_image_core import ar, cuda_graph, fast_ar
 from glm_image_core.errors import GenerationCancelled, InvalidInputError
+from glm_image_core.sizes import check_reference_size
 
 NON_GRID_IDS = list(range(16384, 16512))  # image start, EOS and the unused visual ids
 
@@ -314,6 +315,47 @@ def test_neighbouring_seeds_share_no_sample_seed():
 def test_derived_seeds_fit_a_javascript_number():
     """The seed widget is a JavaScript number: a derived seed typed into it must make that sample again."""
     assert all(s < 2**53 for seed in range(100) for s in ar.sample_seeds(seed, 16)[1:])
+
+
+REFERENCE_SIZES = [  # (width, height): around the processor's two rules, aspect ratio <= 4 and sides >= 16
+    (2100, 500), (2000, 500), (500, 2000), (500, 2004), (257, 64), (256, 64), (64, 16), (64, 15), (15, 15), (16, 16),
+    (16, 17), (1, 1), (4096, 1024), (4097, 1024),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("width, height", REFERENCE_SIZES)
+def test_a_reference_size_is_refused_exactly_when_the_processor_refuses_it(processor, width, height):
+    """The check before the AR against transformers' own image processor (smart_resize raises a bare ValueError)."""
+    image = PIL.Image.new("RGB", (width, height))
+    try:
+        processor.image_processor(images=[image], return_tensors="pt")
+        processor_refuses = False
+    except ValueError:
+        processor_refuses = True
+    try:
+        check_reference_size(height, width, ar.reference_min_side(processor))
+        we_refuse = False
+    except InvalidInputError:
+        we_refuse = True
+    assert we_refuse == processor_refuses
+
+
+def test_a_wide_reference_is_refused_naming_its_size_the_rule_and_a_fix(processor):
+    with pytest.raises(InvalidInputError) as refused:
+        ar.build_ar_inputs(
+            processor, "make it blue", 512, 512, [PIL.Image.new("RGB", (640, 640)), PIL.Image.new("RGB", (2100, 500))]
+        )
+    assert str(refused.value) == (
+        "Reference image 2 is 2100x500 pixels: its aspect ratio 4.20:1 is over the 4:1 GLM-Image's processor takes. "
+        "Crop it to at most 4:1 (e.g. 2000x500) or pad its short side."
+    )
+
+
+def test_a_tiny_reference_is_refused_naming_its_size_the_rule_and_a_fix(processor):
+    with pytest.raises(
+        InvalidInputError, match=r"Reference image 1 is 40x12 pixels: its 12 px side is under the 16 px"
+    ):
+        ar.build_ar_inputs(processor, "make it blue", 512, 512, [PIL.Image.new("RGB", (40, 12))])
 
 
 def test_global_rng_is_untouched(model, t2i_inputs):

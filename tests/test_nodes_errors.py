@@ -176,6 +176,37 @@ def test_other_limits_of_the_sized_nodes_are_still_validated_by_comfyui(files):
     assert "Value 0 smaller than min of 1" in str(comfy_host.run_prompt(prompt).node_errors)
 
 
+# --- reference images -----------------------------------------------------------------------------------------------
+
+
+class NoDecoder:
+    """An AR model part that must not be reached: the check comes before the AR runs."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the AR was reached ({name})")
+
+
+@pytest.mark.parametrize(
+    "height, width, expected",
+    [
+        (500, 2100, "The image at reference_2 is 2100x500 pixels: its aspect ratio 4.20:1 is over the 4:1"),
+        (12, 40, "The image at reference_2 is 40x12 pixels: its 12 px side is under the 16 px"),
+    ],
+)
+def test_a_reference_the_processor_cannot_take_is_refused_before_the_ar(files, tiny_model_dir, height, width, expected):
+    processor = comfy_host.import_pack_module("glm_image_core.loading").load_ar_processor(tiny_model_dir)
+    ar_model = types.ARModel(decoder=NoDecoder(), processor=processor, preview_palette=None, vision=NoDecoder())
+    inputs = dict(prompt="make it blue", width=SIZE, height=SIZE, seed=0, temperature=0.9, top_p=0.75, top_k=0)
+    with pytest.raises(InvalidInputError, match=expected):
+        files["GLMImageGenerateTokens"].execute(
+            ar_model=ar_model,
+            batch_size=1,
+            reference_1=torch.rand(1, 64, 64, 3),
+            reference_2=torch.rand(2, height, width, 3),
+            **inputs,
+        )
+
+
 # --- token grids and latents ----------------------------------------------------------------------------------------
 
 
