@@ -12,6 +12,7 @@ from ..glm_image_core.errors import InvalidInputError
 from . import paths
 from .common import file_input, pick_dtype, schema
 from .types import GlmGlyphEncoder, GlmTokens, GlyphEncoder, ManagedHFModel, VisualTokens
+from .vae import check_glm_image_vae
 
 FROM_PROMPT, OVERRIDE = "from prompt quotes", "override"
 
@@ -121,6 +122,8 @@ class Encode(io.ComfyNode):
 
     @classmethod
     def execute(cls, glyph_encoder, tokens: VisualTokens, glyph_text, override, vae=None) -> io.NodeOutput:
+        if vae is not None:
+            check_glm_image_vae(vae, "GLM-Image Encode's vae input")
         spans = glyph_spans(tokens.prompt, glyph_text, override)
         model = glyph_encoder.model.loaded()
         cond = glyph.encode_glyphs(spans, model, glyph_encoder.tokenizer).to(mm.intermediate_device())

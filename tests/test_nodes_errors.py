@@ -390,6 +390,39 @@ def test_an_empty_glyph_override_fails_validation(files):
     assert "'override' but the override is empty" in validation_errors(run, node="4")
 
 
+def flux_shaped_vae():
+    """A 16-channel VAE of another model as ComfyUI's stock VAELoader builds it from Flux's ae.safetensors (the
+    shapes that decide its geometry; the weights are left empty)."""
+    import comfy.sd
+
+    sd = {
+        "decoder.conv_in.weight": torch.zeros(512, 16, 3, 3),
+        "encoder.conv_out.weight": torch.zeros(32, 512, 3, 3),
+        "encoder.down.2.downsample.conv.weight": torch.zeros(512, 512, 3, 3),
+    }
+    return comfy.sd.VAE(sd=sd)
+
+
+@pytest.mark.parametrize("references", [1, 0])
+def test_another_models_16_channel_vae_at_encode_is_refused(files, references):
+    vae = flux_shaped_vae()
+    assert vae.latent_channels == 16 and vae.downscale_ratio == 8  # as GLM-Image's: no shape tells them apart
+    encoder = files["GLMImageGlyphEncoderLoader"].execute(encoder="GLM-Image", dtype="fp32")[0]
+    with pytest.raises(InvalidInputError) as refused, torch.inference_mode():
+        files["GLMImageEncode"].execute(
+            glyph_encoder=encoder,
+            tokens=random_tokens(references=references),
+            glyph_text="from prompt quotes",
+            override="",
+            vae=vae,
+        )
+    message = str(refused.value)
+    assert (
+        "The VAE at GLM-Image Encode's vae input is not GLM-Image's: it is a 16-channel AutoencodingEngine" in message
+    )
+    assert "Connect the VAE of 'Load GLM-Image VAE'" in message
+
+
 def test_editing_tokens_without_a_vae_at_encode_fail_with_a_clear_message(files):
     message = execution_error(comfy_host.run_prompt(tokens_graph("edit.glm_tokens")), node="4")
     assert "These tokens come from reference images: connect the VAE" in message
