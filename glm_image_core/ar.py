@@ -64,7 +64,8 @@ class ARGeometry:
 
     @property
     def num_new_tokens(self) -> int:
-        """The reference's ``max_new_tokens``: every grid token plus the final EOS (t2i: ph*pw + h*w + 1)."""
+        """The reference's ``max_new_tokens``: every grid token plus the final EOS (t2i: ph*pw + h*w + 1), which the
+        reference asks for and this loop never samples (``num_grid_tokens`` are sampled)."""
         return self.num_grid_tokens + 1
 
 

@@ -106,7 +106,8 @@ def test_geometry_matches_the_processor_target_shape(processor, height, width):
 
 
 def test_geometry_step_counts():
-    assert ar.ar_geometry(1024, 1024).num_new_tokens == 1281
+    assert ar.ar_geometry(1024, 1024).num_new_tokens == 1281  # the reference's max_new_tokens, its EOS included
+    assert ar.ar_geometry(1024, 1024).num_grid_tokens == 1280  # what is sampled (the panel's and progress bar's count)
     assert ar.ar_geometry(2048, 2048).num_new_tokens == 4353
     i2i = ar.ar_geometry(1024, 768, image_to_image=True)
     assert (i2i.preview_h, i2i.preview_w, i2i.num_new_tokens) == (0, 0, 32 * 24 + 1)
