@@ -1,10 +1,11 @@
 """Visual tokens: what the AR stage hands to the DiT, and their file (``.glm_tokens``, what Save Visual Tokens writes).
 
 The file is a safetensors file: the grids as integer tensors, and in its metadata (key ``glm_image_tokens``) a JSON
-object with the prompt, size, seed, each sample's generator seed and the reference count. Anyone who reaches a ComfyUI server can upload such a file
-(``/upload/image`` takes any name), and an id outside the VQ codebook would index past the DiT's embedding table (on a
-GPU a device-side assert that breaks CUDA for the whole server process). So ``read_tokens`` checks every rule below
-before any tensor leaves the file, and a file that breaks one is an ``InvalidInputError`` naming the file and the rule.
+object with the prompt, size, seed, each grid's generator seed and the reference count. Anyone who reaches a ComfyUI
+server can upload such a file (``/upload/image`` takes any name), and an id outside the VQ codebook would index past
+the DiT's embedding table (on a GPU a device-side assert that breaks CUDA for the whole server process). So
+``read_tokens`` checks every rule below before any tensor leaves the file, and a file that breaks one is an
+``InvalidInputError`` naming the file and the rule.
 
 - metadata: exactly ``format`` ("glm_image_tokens/2"), ``prompt`` (text), ``height``/``width`` (a valid image size),
   ``seed`` (0..2**64-1), ``sample_seeds`` (one 0..2**64-1 per grid: the seed each grid was sampled with,
