@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import inspect
 import logging
 import math
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +35,7 @@ import torch
 from . import fast_ar, lora, memory
 from .defaults import AR_GRID_STRIDE, IMAGE_END_ID, IMAGE_START_ID, NUM_VQ_CODES
 from .errors import InvalidInputError
+from .sizes import check_reference_size
 
 CONTROL_STRINGS = ("<|dit_token_", "<|image|>", "<sop>", "<eop>")  # would change the prompt's structure
 
@@ -61,7 +64,8 @@ class ARGeometry:
 
     @property
     def num_new_tokens(self) -> int:
-        """The reference's ``max_new_tokens``: every grid token plus the final EOS (t2i: ph*pw + h*w + 1)."""
+        """The reference's ``max_new_tokens``: every grid token plus the final EOS (t2i: ph*pw + h*w + 1), which the
+        reference asks for and this loop never samples (``num_grid_tokens`` are sampled)."""
         return self.num_grid_tokens + 1
 
 
@@ -114,6 +118,8 @@ def build_ar_inputs(processor, prompt: str, height: int, width: int, images: Seq
             f"The prompt contains GLM-Image control tokens {found}; they would change the AR prompt's structure. "
             "Remove them from the prompt."
         )
+    for i, image in enumerate(images, 1):
+        check_reference_size(image.height, image.width, reference_min_side(processor), f"Reference image {i}")
     content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": prompt}]
     batch = processor.apply_chat_template(
         [[{"role": "user", "content": content}]],
@@ -142,6 +148,13 @@ def build_ar_inputs(processor, prompt: str, height: int, width: int, images: Seq
         geometry=geometry,
         reference_grids=reference_grids,
     )
+
+
+def reference_min_side(processor) -> int:
+    """The shortest side, in pixels, of a reference image ``processor`` (GlmImageProcessor) takes: the factor its
+    ``smart_resize`` rounds to."""
+    image_processor = processor.image_processor
+    return image_processor.patch_size * image_processor.merge_size
 
 
 def mrope_position_ids(
@@ -199,6 +212,27 @@ def _grid_positions(position: int, h: int, w: int) -> torch.Tensor:
 # needs beside its weights (the vision encoder's for these references, the decode's).
 VisionStage = Callable[[int], contextlib.AbstractContextManager]
 DecoderStage = Callable[[int], contextlib.AbstractContextManager]
+
+
+SAMPLE_SEED_BITS = 53  # derived seeds stay below 2**53: a JavaScript number (the seed widget) holds them exactly
+
+
+def sample_seeds(seed: int, count: int) -> list[int]:
+    """The generator seed of each of ``count`` samples drawn at ``seed``.
+
+    Sample 0 uses ``seed`` itself (a batch of 1 is the run it always was); sample i > 0 uses the top 53 bits of the
+    8-byte BLAKE2b digest of (seed, i) packed as two unsigned 64-bit little-endian integers, the digest read as a
+    little-endian integer. So the samples of neighbouring seeds do not overlap (with ``seed + i``, seed 6 repeated
+    samples 1..N-1 of seed 5), a batch of N is the first N samples of any larger batch at that seed, and any one
+    sample can be made again alone: a batch of 1 at its derived seed (below 2**53, which ComfyUI's seed widget holds
+    exactly)."""
+    seed %= 2**64
+    return [seed, *(_derived_seed(seed, i) for i in range(1, count))][:count]
+
+
+def _derived_seed(seed: int, index: int) -> int:
+    digest = hashlib.blake2b(struct.pack("<QQ", seed, index), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> (64 - SAMPLE_SEED_BITS)
 
 
 def generate_staged(

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from .defaults import PATCH_STRIDE
+from .defaults import MAX_SIDE, MIN_SIDE, PATCH_STRIDE
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -47,3 +47,27 @@ def glm_schedule(steps: int, height: int, width: int) -> tuple[torch.Tensor, tor
     timesteps = glm_timesteps(steps)
     sigmas = shift_sigmas(timesteps / NUM_TRAIN_TIMESTEPS, compute_mu(height, width))
     return torch.cat([sigmas, sigmas.new_zeros(1)]), timesteps - 1
+
+
+def glm_schedule_shift(sigmas: torch.Tensor) -> float | None:
+    """The shift ``mu`` for which ``sigmas`` are GLM-Image's schedule (``glm_schedule`` of ``len(sigmas) - 1`` steps
+    for an image size GLM-Image takes, 512x512..2048x2048: mu in 1.75..6.25), or None when they are not such a
+    schedule: another scheduler's, a part of one (denoise below 1, split sigmas), or fewer than 3 steps (one interior
+    sigma fits every shift, so two steps of any scheduler would read as a GLM-Image schedule).
+
+    The shift is read from the middle sigma (the best conditioned), where the integer grid puts the unshifted time s:
+    sigma = mu*s / (1 + (mu-1)*s) gives mu = sigma*(1-s) / (s*(1-sigma)); then every sigma must be that schedule's
+    (within float32 noise)."""
+    steps = len(sigmas) - 1
+    if steps < 3:
+        return None
+    values = sigmas.detach().float().cpu()
+    unshifted = glm_timesteps(steps) / NUM_TRAIN_TIMESTEPS  # [steps], 1.0 first
+    sigma, s = values[steps // 2].item(), unshifted[steps // 2].item()
+    if values[-1].item() != 0 or not 0 < sigma < 1:
+        return None
+    mu = sigma * (1 - s) / (s * (1 - sigma))
+    in_range = compute_mu(MIN_SIDE, MIN_SIDE) - 1e-3 <= mu <= compute_mu(MAX_SIDE, MAX_SIDE) + 1e-3
+    if not in_range or not torch.allclose(values[:-1], shift_sigmas(unshifted, mu), rtol=0, atol=1e-5):
+        return None
+    return mu

@@ -1,13 +1,17 @@
 """Visual tokens: what the AR stage hands to the DiT, and their file (``.glm_tokens``, what Save Visual Tokens writes).
 
 The file is a safetensors file: the grids as integer tensors, and in its metadata (key ``glm_image_tokens``) a JSON
-object with the prompt, size, seed and reference count. Anyone who reaches a ComfyUI server can upload such a file
-(``/upload/image`` takes any name), and an id outside the VQ codebook would index past the DiT's embedding table (on a
-GPU a device-side assert that breaks CUDA for the whole server process). So ``read_tokens`` checks every rule below
-before any tensor leaves the file, and a file that breaks one is an ``InvalidInputError`` naming the file and the rule.
+object with the prompt, size, seed, each grid's generator seed and the reference count. Anyone who reaches a ComfyUI
+server can upload such a file (``/upload/image`` takes any name), and an id outside the VQ codebook would index past
+the DiT's embedding table (on a GPU a device-side assert that breaks CUDA for the whole server process). So
+``read_tokens`` checks every rule below before any tensor leaves the file, and a file that breaks one is an
+``InvalidInputError`` naming the file and the rule.
 
-- metadata: exactly ``format`` ("glm_image_tokens/1"), ``prompt`` (text), ``height``/``width`` (a valid image size),
-  ``seed`` (0..2**64-1) and ``references`` (a count);
+- metadata: exactly ``format`` ("glm_image_tokens/2"), ``prompt`` (text), ``height``/``width`` (a valid image size),
+  ``seed`` (0..2**64-1), ``sample_seeds`` (one 0..2**64-1 per grid: the seed each grid was sampled with,
+  ``ar.sample_seeds``) and ``references`` (a count). Files of format "glm_image_tokens/1" (written before the
+  sample seeds were hashed) have no ``sample_seeds``: their grid i was sampled with seed + i, which is what they read
+  back with;
 - tensors: exactly ``prior_token_ids``, ``target_ids``, ``preview_ids`` and per reference i ``reference.{i}.pixels``
   and ``reference.{i}.prior_token_ids``;
 - shapes from the size: prior [N, (H/16)*(W/16)], target [N, (H/32)*(W/32)], preview [N, ph*pw] (text-to-image, the
@@ -26,13 +30,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .ar import ar_geometry
+from .ar import ar_geometry, sample_seeds
 from .defaults import AR_GRID_STRIDE, MAX_SIDE, NUM_VQ_CODES, PATCH_STRIDE
 from .errors import GlmImageError, InvalidInputError
 from .files import save_safetensors
 from .sizes import check_image_size
 
-FORMAT = "glm_image_tokens/1"
+FORMAT = "glm_image_tokens/2"
+FORMAT_1 = "glm_image_tokens/1"  # still read: no sample_seeds, grid i was sampled with seed + i
 METADATA_KEY = "glm_image_tokens"
 MAX_SEED = 2**64 - 1
 MAX_REFERENCE_PIXELS = MAX_SIDE * MAX_SIDE  # the processor's max_pixels: it never resizes a reference beyond it
@@ -60,6 +65,13 @@ class VisualTokens:
     prompt: str
     seed: int
     references: list[Reference] = field(default_factory=list)
+    sample_seeds: list[int] | None = None  # the generator seed of each grid; None: ar.sample_seeds(seed, N)
+
+    def generator_seeds(self) -> list[int]:
+        """The seed each grid was sampled with: a batch of 1 at one of them makes that grid again."""
+        if self.sample_seeds is not None:
+            return list(self.sample_seeds)
+        return sample_seeds(self.seed, self.prior_token_ids.shape[0])
 
 
 def write_tokens(tokens: VisualTokens, path: str | Path) -> Path:
@@ -77,6 +89,7 @@ def write_tokens(tokens: VisualTokens, path: str | Path) -> Path:
         "height": tokens.height,
         "width": tokens.width,
         "seed": tokens.seed,
+        "sample_seeds": tokens.generator_seeds(),
         "references": len(tokens.references),
         "format": FORMAT,
     }
@@ -135,6 +148,7 @@ def _read_checked(path: str | Path) -> VisualTokens:
         info["prompt"],
         info["seed"],
         references,
+        info["sample_seeds"],
     )
 
 
@@ -150,17 +164,19 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict:
         info = json.loads(metadata[METADATA_KEY])
     except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         raise _Refused(f"its {METADATA_KEY!r} metadata is not valid JSON ({type(e).__name__})") from None
-    expected = {"format", "prompt", "height", "width", "seed", "references"}
     if not isinstance(info, dict):
         raise _Refused(f"its {METADATA_KEY!r} metadata is a JSON {type(info).__name__}, not an object")
+    expected = {"format", "prompt", "height", "width", "seed", "references"}
+    if info.get("format") != FORMAT_1:
+        expected.add("sample_seeds")
     if set(info) != expected:
         wrong = sorted(expected - set(info)) or sorted(set(info) - expected)
         what = "lacks the entry" if wrong[0] in expected else "has an unexpected entry"
         raise _Refused(
             f"its {METADATA_KEY!r} metadata {what} {wrong[0][:40]!r} (expected {', '.join(sorted(expected))})"
         )
-    if info["format"] != FORMAT:
-        raise _Refused(f"its format is {str(info['format'])[:40]!r}, expected {FORMAT!r}")
+    if info["format"] not in (FORMAT, FORMAT_1):
+        raise _Refused(f"its format is {str(info['format'])[:40]!r}, expected {FORMAT!r} (or {FORMAT_1!r})")
     if not isinstance(info["prompt"], str):
         raise _Refused(f"its prompt is a {type(info['prompt']).__name__}, not text")
     for key in ("height", "width", "seed", "references"):
@@ -169,6 +185,9 @@ def _check_metadata(metadata: dict[str, str] | None) -> dict:
     check_image_size(info["height"], info["width"])
     if not 0 <= info["seed"] <= MAX_SEED:
         raise _Refused(f"its seed {info['seed']} is outside 0..2**64-1")
+    seeds = info.get("sample_seeds")
+    if seeds is not None and not (isinstance(seeds, list) and all(_is_int(s) and 0 <= s <= MAX_SEED for s in seeds)):
+        raise _Refused(f"its sample_seeds {str(seeds)[:60]} are not a list of seeds in 0..2**64-1")
     if info["references"] < 0:
         raise _Refused(f"its reference count {info['references']} is negative")
     return info
@@ -197,6 +216,10 @@ def _check_tensor_layout(shapes: dict[str, tuple[str, tuple[int, ...]]], info: d
     if len(prior) != 2 or prior[0] < 1 or prior[1] != cells:
         raise _Refused(f"prior_token_ids has shape {list(prior)}; {size} needs [N, {cells}] with N >= 1 grids")
     n = prior[0]
+    if info["format"] == FORMAT_1:
+        info["sample_seeds"] = [(info["seed"] + i) % 2**64 for i in range(n)]  # the rule those files were made with
+    elif len(info["sample_seeds"]) != n:
+        raise _Refused(f"it lists {len(info['sample_seeds'])} sample_seeds for its {n} grids")
     geometry = ar_geometry(height, width, image_to_image=count > 0)
     previews = [(n, geometry.num_preview_tokens), (n, 0)] if geometry.num_preview_tokens else [(n, 0)]
     _check_shape(shapes, "target_ids", [(n, geometry.grid_h * geometry.grid_w)], f"{size} with {n} grids")

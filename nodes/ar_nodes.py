@@ -18,7 +18,7 @@ from ..glm_image_core import ar, dependencies, formats, loading, memory, preview
 from ..glm_image_core.defaults import PATCH_STRIDE, TEMPERATURE, TOP_P
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.pipeline import image_to_tensor
-from ..glm_image_core.sizes import check_image_size
+from ..glm_image_core.sizes import check_image_size, check_reference_size
 from ..glm_image_core.tokens import read_tokens, write_tokens
 from . import paths
 from .common import SIZE_WIDGET, file_input, pick_dtype, schema, validate_size
@@ -142,7 +142,7 @@ class GenerateTokens(io.ComfyNode):
                 io.String.Input(
                     "prompt",
                     multiline=True,
-                    dynamic_prompts=True,
+                    dynamic_prompts=False,  # the front end would strip //... and /*...*/ and pick one of {a|b}
                     tooltip="Text in quotes ('...', \"...\", “...”, 「...」) is rendered as glyphs; as in the reference, an "
                     'apostrophe (don\'t) also opens a single-quoted span, so prefer "..." around text to render.',
                 ),
@@ -154,7 +154,8 @@ class GenerateTokens(io.ComfyNode):
                     min=0,
                     max=0xFFFFFFFFFFFFFFFF,
                     control_after_generate=True,
-                    tooltip="Seed of the AR sampling (a private generator; sample i uses seed + i).",
+                    tooltip="Seed of the AR sampling (a private generator). Sample 0 uses the seed, sample i > 0 a seed "
+                    "hashed from (seed, i), so neighbouring seeds share no sample; the log lists each sample's seed.",
                 ),
                 io.Float.Input(
                     "temperature", default=TEMPERATURE, min=0.01, max=2.0, step=0.01, tooltip="AR sampling temperature."
@@ -182,6 +183,11 @@ class GenerateTokens(io.ComfyNode):
         cls, ar_model, prompt, width, height, seed, temperature, top_p, top_k, batch_size, **refs
     ) -> io.NodeOutput:
         check_image_size(height, width)
+        min_side = ar.reference_min_side(ar_model.processor)
+        for i in range(1, MAX_REFERENCE_INPUTS + 1):  # before the AR runs, naming the input
+            if refs.get(f"reference_{i}") is not None:
+                _, h, w, _ = refs[f"reference_{i}"].shape
+                check_reference_size(h, w, min_side, f"The image at reference_{i}")
         images = [
             im
             for i in range(1, MAX_REFERENCE_INPUTS + 1)
@@ -201,10 +207,13 @@ class GenerateTokens(io.ComfyNode):
         def decoder_stage(working_bytes):  # ComfyUI evicts what does not fit beside the decoder and its working memory
             return contextlib.nullcontext(ar_model.decoder.loaded(working_bytes))
 
+        seeds = ar.sample_seeds(seed, batch_size)
+        if batch_size > 1:  # a batch of 1 at one of these seeds makes that sample again alone
+            logging.info("GLM-Image AR: the samples' seeds are %s", ", ".join(map(str, seeds)))
         result = ar.generate_staged(
             ar_model.decoder.hf_model,
             inputs,
-            [seed + i for i in range(batch_size)],
+            seeds,
             vision_stage=lambda working: contextlib.nullcontext(ar_model.vision.loaded(working)),
             decoder_stage=decoder_stage,
             loras=ar_model.loras,  # applied unmerged for this run: the cached model is not changed
@@ -230,6 +239,7 @@ class GenerateTokens(io.ComfyNode):
             prompt=prompt,
             seed=seed,
             references=references,
+            sample_seeds=seeds,
         )
         return io.NodeOutput(tokens)
 
@@ -242,7 +252,7 @@ class SaveTokens(io.ComfyNode):
             display_name="GLM-Image Save Visual Tokens",
             category="GLM-Image",
             search_aliases=["save tokens", "保存 token"],
-            description=f"Writes the token grids (with prompt, size and seed) to output/glm_tokens/*{paths.TOKENS_EXTENSION}.",
+            description=f"Writes the token grids (with prompt, size and each grid's seed) to output/glm_tokens/*{paths.TOKENS_EXTENSION}.",
             inputs=[
                 GlmTokens.Input("tokens", tooltip="From Generate Visual Tokens."),
                 io.String.Input(

@@ -14,7 +14,7 @@ from ..glm_image_core import formats
 from ..glm_image_core.checkpoint import in_memory
 from ..glm_image_core.errors import InvalidInputError
 from ..glm_image_core.formats import comfy_quant, scaled_fp8, sdnq, w4a16
-from .model import GlmImageDiTConfig, with_negative_as_unconditional
+from .model import GlmImageDiTConfig, check_sigmas_match_latent, with_negative_as_unconditional
 
 WEIGHT_DTYPES = {
     "default": (None, False),
@@ -107,6 +107,7 @@ def load_dit_patcher(
     patcher.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, UNCONDITIONAL_VIEW, with_negative_as_unconditional
     )
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, SCHEDULE_CHECK, check_schedule)
     if initial_device != offload_device and not mm.is_device_cpu(initial_device):
         mm.load_models_gpu([patcher], force_full_load=True)  # ComfyUI's bookkeeping of a model loaded in place
     return patcher
@@ -125,6 +126,15 @@ def release_run_state(executor, *args, **kwargs):
     except BaseException:
         executor.class_obj.__dict__.pop("conds", None)
         raise
+
+
+SCHEDULE_CHECK = "glm_image_schedule_check"  # the key of check_schedule among the patcher's wrappers
+
+
+def check_schedule(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: before the first step, refuse GLM-Image sigmas made for another size than the latent."""
+    check_sigmas_match_latent(sigmas, noise, executor.class_obj.model_patcher.get_model_object("model_sampling"))
+    return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
 
 class ComfyPackedLayer:

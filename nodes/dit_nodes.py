@@ -122,7 +122,9 @@ class Scheduler(io.ComfyNode):
             category="GLM-Image",
             search_aliases=["sigmas", "scheduler", "调度器"],
             description="The reference pipeline's exact sigmas (integer timestep grid, resolution shift) for any step "
-            "count, for SamplerCustomAdvanced. KSampler's 'simple' equals it when 1000 is divisible by the steps.",
+            "count, for SamplerCustomAdvanced. KSampler's 'simple' equals it when 1000 is divisible by the steps. "
+            "Connect the tokens so their size decides: the sampler refuses sigmas made for another size than its "
+            "latent.",
             inputs=[
                 io.Int.Input(
                     "steps", default=STEPS, min=1, max=1000, tooltip=f"Denoising steps (the reference uses {STEPS})."

@@ -12,6 +12,7 @@ from ..glm_image_core.errors import InvalidInputError
 from . import paths
 from .common import file_input, pick_dtype, schema
 from .types import GlmGlyphEncoder, GlmTokens, GlyphEncoder, ManagedHFModel, VisualTokens
+from .vae import check_glm_image_vae
 
 FROM_PROMPT, OVERRIDE = "from prompt quotes", "override"
 
@@ -86,7 +87,13 @@ class Encode(io.ComfyNode):
                     options=[FROM_PROMPT, OVERRIDE],
                     tooltip="Render the quoted spans of the tokens' prompt, or the override text.",
                 ),
-                io.String.Input("override", multiline=True, default="", tooltip="One glyph span per line."),
+                io.String.Input(
+                    "override",
+                    multiline=True,
+                    default="",
+                    dynamic_prompts=False,  # rendered as typed: braces, // and /* */ included
+                    tooltip="One glyph span per line.",
+                ),
                 io.Vae.Input("vae", optional=True, tooltip="Needed for editing: encodes the reference images."),
             ],
             outputs=[
@@ -115,6 +122,8 @@ class Encode(io.ComfyNode):
 
     @classmethod
     def execute(cls, glyph_encoder, tokens: VisualTokens, glyph_text, override, vae=None) -> io.NodeOutput:
+        if vae is not None:
+            check_glm_image_vae(vae, "GLM-Image Encode's vae input")
         spans = glyph_spans(tokens.prompt, glyph_text, override)
         # ComfyUI frees room for the encoder's activations too (the spans' own: "" after them needs less)
         working = memory.glyph_model_working_bytes(glyph_encoder.model.hf_model, spans, glyph_encoder.tokenizer)

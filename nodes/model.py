@@ -26,7 +26,7 @@ import torch
 from ..glm_image_core.defaults import DEFAULT_SIDE, VAE_SCALE
 from ..glm_image_core.dit import ReferenceKV
 from ..glm_image_core.errors import InvalidInputError
-from ..glm_image_core.schedule import compute_mu
+from ..glm_image_core.schedule import compute_mu, glm_schedule_shift
 from .conds import GlyphCond, ReferenceKVCond
 from .dit import ComfyGlmImageDiT
 from .latent_format import GlmImageLatentFormat
@@ -156,6 +156,28 @@ def with_negative_as_unconditional(executor, model, noise_shape, conds, *args, *
     if conds.get("negative"):
         conds = {**conds, "negative": [unconditional_view(cond) for cond in conds["negative"]]}
     return executor(model, noise_shape, conds, *args, **kwargs)
+
+
+def check_sigmas_match_latent(sigmas: torch.Tensor, noise: torch.Tensor, model_sampling) -> None:
+    """Refuse GLM-Image's schedule made for another image size than the latent (the GLM-Image Scheduler with its
+    widgets left at another size and no tokens connected): the run would give another image, silently.
+    sigmas: [steps + 1]; noise: [B, C, h, w]. Only where the model's own sampling is GLM-Image's for this latent:
+    otherwise `GlmImageModel.check_model_sampling` refuses the run with its own fix, as the sampler starts."""
+    width, height = noise.shape[-1] * VAE_SCALE, noise.shape[-2] * VAE_SCALE
+    mu = compute_mu(height, width)
+    if not isinstance(model_sampling, GlmImageModelSampling) or not math.isclose(
+        model_sampling.shift, mu, rel_tol=1e-3
+    ):
+        return
+    shift = glm_schedule_shift(sigmas)
+    if shift is None or math.isclose(shift, mu, rel_tol=1e-3):
+        return
+    side = round((shift - 0.25) / 0.75 * 16) * 16  # compute_mu's inverse for a square image
+    raise InvalidInputError(
+        f"These sigmas are GLM-Image's schedule for another image size (shift {shift:.3f}, as for {side}x{side}) "
+        f"than this {width}x{height} latent (shift {mu:.3f}); they would give another image than GLM-Image's. Connect "
+        f"the tokens to the 'GLM-Image Scheduler' (their size decides) or set its width and height to {width}x{height}."
+    )
 
 
 def check_prior_matches_latent(prior: torch.Tensor, noise: torch.Tensor, image_size=None) -> None:

@@ -119,6 +119,21 @@ class GlmImageVAE(comfy.sd.VAE):
         return self.first_stage_model.vae.state_dict()
 
 
+def check_glm_image_vae(vae, where: str) -> None:
+    """Refuse a VAE that is not GLM-Image's: only 'Load GLM-Image VAE' builds one (its first stage is `FirstStage`
+    over the core VAE, whose config was checked when it loaded; the stock VAELoader cannot build GLM-Image's
+    geometry). Other 16-channel VAEs (Flux, SD3) pass every shape check but encode into another latent space."""
+    first_stage = getattr(vae, "first_stage_model", None)
+    if isinstance(first_stage, FirstStage):
+        return
+    found = f"a {getattr(vae, 'latent_channels', '?')}-channel {type(first_stage or vae).__name__}"
+    raise InvalidInputError(
+        f"The VAE at {where} is not GLM-Image's: it is {found}, another model's VAE (Flux's and SD3's have 16 "
+        "channels too, in another latent space), so the DiT could not read what it encodes. Connect the VAE of "
+        "'Load GLM-Image VAE' (the GLM-Image folder's vae/) instead."
+    )
+
+
 def load_glm_image_vae(
     state_dict: Mapping[str, torch.Tensor],
     config: Mapping,

@@ -20,6 +20,22 @@ dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
 model_sampling = comfy_host.import_pack_module("nodes.model_sampling")
 
 
+def generate_tokens(node_classes, ar_model, prompt: str, size: int, seed: int, batch_size: int = 1):
+    """GLM-Image Generate Visual Tokens at size x size with the sampling of the templates, as the executor runs it."""
+    with torch.inference_mode():
+        return node_classes["GLMImageGenerateTokens"].execute(
+            ar_model=ar_model,
+            prompt=prompt,
+            width=size,
+            height=size,
+            seed=seed,
+            temperature=0.9,
+            top_p=0.75,
+            top_k=0,
+            batch_size=batch_size,
+        )[0]
+
+
 def tiny_patcher(tiny_model_dir, width: int, height: int, weight_dtype: str = "default", model_options=None):
     """The tiny DiT through the pack's loader, with the model sampling of this image size."""
     folder = tiny_model_dir / "transformer"
@@ -153,3 +169,37 @@ def refusal_of_edited_quantisation(graph: dict, model_dir, tmp_path, component: 
     assert not run.success and not run.messages  # refused by validation: no node ran
     assert set(run.node_errors) == {node}
     return json.dumps(run.node_errors[node])
+
+
+def with_sampler_custom_advanced(graph: dict, scheduler: dict) -> dict:
+    """An API graph with its KSampler (node "8") replaced by SamplerCustomAdvanced (node "8" too) with the GLM-Image
+    Scheduler's sigmas; `scheduler`: that node's inputs."""
+    graph = dict(graph)
+    ksampler = graph.pop("8")["inputs"]
+    graph.update(
+        {
+            "20": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
+            "21": {
+                "class_type": "CFGGuider",
+                "inputs": {
+                    "model": ksampler["model"],
+                    "positive": ksampler["positive"],
+                    "negative": ksampler["negative"],
+                    "cfg": 1.5,
+                },
+            },
+            "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "23": {"class_type": "GLMImageScheduler", "inputs": scheduler},
+            "8": {
+                "class_type": "SamplerCustomAdvanced",
+                "inputs": {
+                    "noise": ["20", 0],
+                    "guider": ["21", 0],
+                    "sampler": ["22", 0],
+                    "sigmas": ["23", 0],
+                    "latent_image": ksampler["latent_image"],
+                },
+            },
+        }
+    )
+    return graph

@@ -34,7 +34,7 @@ def stages(workflow: dict) -> tuple[list[tuple[str, list[str]]], list[str]]:
     spans = glyph.extract_glyph_texts(prompt)
     geometry = ar.ar_geometry(height, width, image_to_image=references > 0)
     first = "Prompt" + (f" + {references} image{'s' * (references > 1)}" if references else "")
-    tokens = f"{geometry.num_new_tokens} visual tokens" + (", saved" if "GLMImageSaveTokens" in nodes else "")
+    tokens = f"{geometry.num_grid_tokens} visual tokens" + (", saved" if "GLMImageSaveTokens" in nodes else "")
     return [
         (first, [] if spans else ["no quoted text"]),
         ("AR model 9B", [tokens]),

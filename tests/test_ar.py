@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import hashlib
 import logging
 import os
 import warnings
@@ -20,6 +21,7 @@ from transformers.generation.logits_process import (
 
 from glm_image_core import ar, cuda_graph, fast_ar
 from glm_image_core.errors import GenerationCancelled, InvalidInputError
+from glm_image_core.sizes import check_reference_size
 
 NON_GRID_IDS = list(range(16384, 16512))  # image start, EOS and the unused visual ids
 
@@ -104,7 +106,8 @@ def test_geometry_matches_the_processor_target_shape(processor, height, width):
 
 
 def test_geometry_step_counts():
-    assert ar.ar_geometry(1024, 1024).num_new_tokens == 1281
+    assert ar.ar_geometry(1024, 1024).num_new_tokens == 1281  # the reference's max_new_tokens, its EOS included
+    assert ar.ar_geometry(1024, 1024).num_grid_tokens == 1280  # what is sampled (the panel's and progress bar's count)
     assert ar.ar_geometry(2048, 2048).num_new_tokens == 4353
     i2i = ar.ar_geometry(1024, 768, image_to_image=True)
     assert (i2i.preview_h, i2i.preview_w, i2i.num_new_tokens) == (0, 0, 32 * 24 + 1)
@@ -285,6 +288,75 @@ def test_samples_in_a_batch_follow_their_own_generator(peaked_model, i2i_inputs)
     batch = ar.generate_prior_tokens(model, i2i_inputs, seeded(7, 8))
     assert torch.equal(batch.target_ids[0], ar.generate_prior_tokens(model, i2i_inputs, seeded(7)).target_ids[0])
     assert torch.equal(batch.target_ids[1], ar.generate_prior_tokens(model, i2i_inputs, seeded(8)).target_ids[0])
+
+
+def test_sample_0_uses_the_seed_and_sample_i_the_hash_of_seed_and_i():
+    """The documented rule, written out with hashlib: BLAKE2b-64 of (seed, i) as two little-endian uint64, top 53 bits."""
+
+    def rule(seed, i):
+        digest = hashlib.blake2b(seed.to_bytes(8, "little") + i.to_bytes(8, "little"), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 11
+
+    assert ar.sample_seeds(5, 1) == [5]
+    assert ar.sample_seeds(5, 4) == [5, rule(5, 1), rule(5, 2), rule(5, 3)]
+    assert ar.sample_seeds(2**64 + 5, 2) == ar.sample_seeds(5, 2)  # the seed modulo 2**64, as torch's manual_seed
+    assert ar.sample_seeds(2**64 - 1, 2)[1] == rule(2**64 - 1, 1)
+
+
+def test_a_batch_is_the_start_of_any_larger_batch_at_that_seed():
+    assert ar.sample_seeds(9, 3) == ar.sample_seeds(9, 16)[:3]
+
+
+def test_neighbouring_seeds_share_no_sample_seed():
+    """seed + i gave seed 6 samples 1..N-1 of seed 5; the hashed seeds of every seed in 0..2000 are all distinct."""
+    seeds = [s for seed in range(2000) for s in ar.sample_seeds(seed, 16)[1:]]
+    assert len(set(seeds)) == len(seeds) and not set(seeds) & set(range(2000))
+
+
+def test_derived_seeds_fit_a_javascript_number():
+    """The seed widget is a JavaScript number: a derived seed typed into it must make that sample again."""
+    assert all(s < 2**53 for seed in range(100) for s in ar.sample_seeds(seed, 16)[1:])
+
+
+REFERENCE_SIZES = [  # (width, height): around the processor's two rules, aspect ratio <= 4 and sides >= 16
+    (2100, 500), (2000, 500), (500, 2000), (500, 2004), (257, 64), (256, 64), (64, 16), (64, 15), (15, 15), (16, 16),
+    (16, 17), (1, 1), (4096, 1024), (4097, 1024),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("width, height", REFERENCE_SIZES)
+def test_a_reference_size_is_refused_exactly_when_the_processor_refuses_it(processor, width, height):
+    """The check before the AR against transformers' own image processor (smart_resize raises a bare ValueError)."""
+    image = PIL.Image.new("RGB", (width, height))
+    try:
+        processor.image_processor(images=[image], return_tensors="pt")
+        processor_refuses = False
+    except ValueError:
+        processor_refuses = True
+    try:
+        check_reference_size(height, width, ar.reference_min_side(processor))
+        we_refuse = False
+    except InvalidInputError:
+        we_refuse = True
+    assert we_refuse == processor_refuses
+
+
+def test_a_wide_reference_is_refused_naming_its_size_the_rule_and_a_fix(processor):
+    with pytest.raises(InvalidInputError) as refused:
+        ar.build_ar_inputs(
+            processor, "make it blue", 512, 512, [PIL.Image.new("RGB", (640, 640)), PIL.Image.new("RGB", (2100, 500))]
+        )
+    assert str(refused.value) == (
+        "Reference image 2 is 2100x500 pixels: its aspect ratio 4.20:1 is over the 4:1 GLM-Image's processor takes. "
+        "Crop it to at most 4:1 (e.g. 2000x500) or pad its short side."
+    )
+
+
+def test_a_tiny_reference_is_refused_naming_its_size_the_rule_and_a_fix(processor):
+    with pytest.raises(
+        InvalidInputError, match=r"Reference image 1 is 40x12 pixels: its 12 px side is under the 16 px"
+    ):
+        ar.build_ar_inputs(processor, "make it blue", 512, 512, [PIL.Image.new("RGB", (40, 12))])
 
 
 def test_global_rng_is_untouched(model, t2i_inputs):

@@ -48,12 +48,13 @@ def missing_tools() -> str | None:
     return None
 
 
-pytestmark = [
+BROWSER_TEST_MARKS = [  # every test that drives the front end (tests/test_browser_prompt.py too)
     pytest.mark.skipif(missing_tools() is not None, reason=f"browser test: {missing_tools()}"),
     pytest.mark.host,
     pytest.mark.server,
     pytest.mark.browser,
 ]
+pytestmark = BROWSER_TEST_MARKS
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_panel_shows_the_glyph_spans_of_the_prompt_in_encoding_order(seen):
 
 def test_panel_shows_the_ar_token_count_of_the_size(seen):
     panel = seen["initial"]
-    assert panel["tokenCount"] == str(ar.ar_geometry(panel["height"], panel["width"]).num_new_tokens)
+    assert panel["tokenCount"] == str(ar.ar_geometry(panel["height"], panel["width"]).num_grid_tokens)
 
 
 def test_encode_node_shows_the_spans_of_the_linked_prompt(seen):
@@ -113,13 +114,15 @@ def test_size_arrows_step_by_32_and_the_count_follows(seen):
     width, height = seen["initial"]["width"], seen["initial"]["height"]
     up = seen["afterArrowUp"]
     assert up["width"] == width + 32
-    assert up["tokenCount"] == str(ar.ar_geometry(height, width + 32).num_new_tokens)
+    assert up["tokenCount"] == str(ar.ar_geometry(height, width + 32).num_grid_tokens)
     assert seen["afterArrowDown"]["width"] == width
 
 
 def test_connected_references_give_the_image_to_image_count(seen):
     height, width = seen["initial"]["height"], seen["initial"]["width"]
-    assert seen["withReference"]["tokenCount"] == str(ar.ar_geometry(height, width, image_to_image=True).num_new_tokens)
+    assert seen["withReference"]["tokenCount"] == str(
+        ar.ar_geometry(height, width, image_to_image=True).num_grid_tokens
+    )
     assert seen["referenceRemoved"]["tokenCount"] == seen["initial"]["tokenCount"]
 
 

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.host, pytest.mark.vram]
 import folder_paths  # noqa: E402
 
 from glm_image_core import ar  # noqa: E402
+from tests import comfy_glm  # noqa: E402
 from tests.test_ar import PEAKED_SCALE, seeded  # noqa: E402
 from tests.test_ar_lora import ADAPTERS, dequantised_copy, make_adapter  # noqa: E402
 
@@ -66,22 +67,7 @@ def ar_model(glm, weights="full"):
 
 
 def tokens(glm, model):
-    with torch.inference_mode():
-        return (
-            glm["GLMImageGenerateTokens"]
-            .execute(
-                ar_model=model,
-                prompt=PROMPT,
-                width=SIZE,
-                height=SIZE,
-                seed=SEED,
-                temperature=0.9,
-                top_p=0.75,
-                top_k=0,
-                batch_size=1,
-            )[0]
-            .target_ids
-        )
+    return comfy_glm.generate_tokens(glm, model, PROMPT, SIZE, SEED).target_ids
 
 
 def test_the_node_samples_what_peft_samples_and_leaves_the_loaded_model_as_it_was(

@@ -18,6 +18,8 @@ pytestmark = [pytest.mark.host, pytest.mark.vram]
 
 import folder_paths  # noqa: E402
 
+from tests import comfy_glm  # noqa: E402
+
 WIDTH, HEIGHT, STEPS = 512, 512, 2
 
 
@@ -53,44 +55,14 @@ def comfy_models(tiny_model_dir, tmp_path_factory):
     folder_paths.set_input_directory(input_dir)
 
 
-def with_sampler_custom_advanced(graph: dict) -> dict:
-    """KSampler replaced by SamplerCustomAdvanced with the GLM-Image scheduler's sigmas."""
-    graph = dict(graph)
-    ksampler = graph.pop("8")["inputs"]
-    graph.update(
-        {
-            "20": {"class_type": "RandomNoise", "inputs": {"noise_seed": 3}},
-            "21": {
-                "class_type": "CFGGuider",
-                "inputs": {
-                    "model": ksampler["model"],
-                    "positive": ksampler["positive"],
-                    "negative": ksampler["negative"],
-                    "cfg": 1.5,
-                },
-            },
-            "22": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-            "23": {"class_type": "GLMImageScheduler", "inputs": {"steps": STEPS, "width": WIDTH, "height": HEIGHT}},
-            "8": {
-                "class_type": "SamplerCustomAdvanced",
-                "inputs": {
-                    "noise": ["20", 0],
-                    "guider": ["21", 0],
-                    "sampler": ["22", 0],
-                    "sigmas": ["23", 0],
-                    "latent_image": ksampler["latent_image"],
-                },
-            },
-        }
-    )
-    return graph
-
-
 @pytest.mark.parametrize(
     "graph",
     [
         pytest.param(
-            lambda: with_sampler_custom_advanced(example_prompt("text_to_image", WIDTH, HEIGHT, STEPS)),
+            lambda: comfy_glm.with_sampler_custom_advanced(
+                example_prompt("text_to_image", WIDTH, HEIGHT, STEPS),
+                {"steps": STEPS, "width": WIDTH, "height": HEIGHT},
+            ),
             id="text-to-image",
         ),
         pytest.param(lambda: example_prompt("edit_single_reference", WIDTH, HEIGHT, STEPS), id="edit-ksampler"),

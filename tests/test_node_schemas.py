@@ -28,3 +28,27 @@ def test_search_finds_every_node_by_glm_and_zhipu(node_id):
     assert {"glm", "zhipu", "智谱"} <= aliases
     own = aliases - set(comfy_host.import_pack_module("nodes.common").PACK_SEARCH_ALIASES)
     assert own  # the node's own names too, e.g. "ar tokens" for Generate Visual Tokens
+
+
+def string_inputs(node_id: str) -> dict[str, dict]:
+    """The node's text inputs as /object_info serves them to the front end: {name: options}."""
+    info = NODE_CLASSES[node_id].GET_NODE_INFO_V1()["input"]
+    return {name: spec[1] for group in info.values() for name, spec in group.items() if spec[0] == "STRING"}
+
+
+@pytest.mark.parametrize("node_id, name", [("GLMImageGenerateTokens", "prompt"), ("GLMImageEncode", "override")])
+def test_text_for_the_model_is_declared_without_dynamic_prompts(node_id, name):
+    """The front end rewrites a widget's text before queueing only when its input says dynamicPrompts: true (it
+    strips //... and /*...*/ and picks one branch of every {a|b}); poster text must reach the AR and the glyph encoder
+    as typed (the browser check: tests/test_browser_prompt.py)."""
+    assert string_inputs(node_id)[name]["dynamicPrompts"] is False
+
+
+def test_no_text_input_of_the_pack_asks_for_dynamic_prompts():
+    asking = [
+        (node_id, name)
+        for node_id in NODE_CLASSES
+        for name, o in string_inputs(node_id).items()
+        if o.get("dynamicPrompts")
+    ]
+    assert asking == []

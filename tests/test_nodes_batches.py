@@ -19,14 +19,18 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import folder_paths  # noqa: E402
 
+from tests import comfy_glm  # noqa: E402
+
+ar = comfy_host.import_pack_module("glm_image_core.ar")
 conds = comfy_host.import_pack_module("nodes.conds")
 types = comfy_host.import_pack_module("nodes.types")
 
 SIZE, STEPS, GUIDANCE = 512, 3, 1.5
-# Grid i of a batch is drawn with seed + i, but the batched forward changes the logits' last bits. On the tiny random
-# model, whose next-token distribution is nearly flat, that flips a token wherever a draw lands within float noise of a
-# cumulative-probability boundary (about one draw in 20; which ones depends on the CPU's BLAS), so the AR model here
-# has its code logits spread 30x: every pick then wins by far more than the noise (tests/test_ar.py checks this).
+# Grid i of a batch is drawn with its own seed (ar.sample_seeds), but the batched forward changes the logits' last
+# bits. On the tiny random model, whose next-token distribution is nearly flat, that flips a token wherever a draw
+# lands within float noise of a cumulative-probability boundary (about one draw in 20; which ones depends on the CPU's
+# BLAS), so the AR model here has its code logits spread 30x: every pick then wins by far more than the noise
+# (tests/test_ar.py checks this).
 AR_SEED = 5
 PEAKED_SCALE = 30.0
 PROMPT = 'A shop sign that reads "HELLO WORLD"'  # its glyphs are longer than the empty negative's
@@ -196,23 +200,14 @@ def test_a_latent_batch_of_2_shares_one_token_grid(glm, model, glyph_encoder):
     assert_each_sample_equals_its_single_run(batch, singles)
 
 
-def test_two_token_grids_from_seeds_s_and_s_plus_1_give_a_batch_of_2(glm, model, glyph_encoder, ar_model):
-    def generate_tokens(seed, batch_size):
-        with torch.inference_mode():
-            return glm["GLMImageGenerateTokens"].execute(
-                ar_model=ar_model,
-                prompt=PROMPT,
-                width=SIZE,
-                height=SIZE,
-                seed=seed,
-                temperature=0.9,
-                top_p=0.75,
-                top_k=0,
-                batch_size=batch_size,
-            )[0]
+def generate_tokens(glm, ar_model, seed, batch_size):
+    return comfy_glm.generate_tokens(glm, ar_model, PROMPT, SIZE, seed, batch_size)
 
-    tokens = generate_tokens(AR_SEED, batch_size=2)
-    single_tokens = [generate_tokens(AR_SEED, 1), generate_tokens(AR_SEED + 1, 1)]
+
+def test_a_batch_of_2_is_the_single_runs_at_its_sample_seeds(glm, model, glyph_encoder, ar_model):
+    tokens = generate_tokens(glm, ar_model, AR_SEED, batch_size=2)
+    assert tokens.sample_seeds == ar.sample_seeds(AR_SEED, 2)  # what Save Visual Tokens keeps
+    single_tokens = [generate_tokens(glm, ar_model, seed, 1) for seed in ar.sample_seeds(AR_SEED, 2)]
     assert torch.equal(tokens.prior_token_ids, torch.cat([t.prior_token_ids for t in single_tokens]))
     latent = empty_latent(glm, batch_size=1, tokens=tokens)  # the latent batch follows the grids
     assert latent["samples"].shape[0] == 2
@@ -222,6 +217,21 @@ def test_two_token_grids_from_seeds_s_and_s_plus_1_give_a_batch_of_2(glm, model,
 
     singles = [sample(model, noise[i : i + 1], *encode(glm, glyph_encoder, t)) for i, t in enumerate(single_tokens)]
     assert_each_sample_equals_its_single_run(batch, singles)
+
+
+def test_neighbouring_seeds_give_no_common_grid_in_a_batch_of_3(glm, ar_model):
+    """With seed + i, seed 6 repeated samples 1 and 2 of seed 5 token for token (ComfyUI's "increment" default)."""
+    state = torch.get_rng_state()
+    grids = [generate_tokens(glm, ar_model, seed, 3).target_ids for seed in (AR_SEED, AR_SEED + 1)]
+    assert torch.equal(torch.get_rng_state(), state)  # the AR's generators are its own
+    same = (grids[0][:, None, :] == grids[1][None, :, :]).float().mean(-1)  # [3, 3] share of equal tokens
+    assert same.max() < 0.5, same  # a shifted sample would be 1.0
+
+
+def test_the_same_seed_and_batch_give_the_same_grids(glm, ar_model):
+    first, again = (generate_tokens(glm, ar_model, AR_SEED, 3) for _ in range(2))
+    assert torch.equal(first.prior_token_ids, again.prior_token_ids)
+    assert len({tuple(g.tolist()) for g in first.target_ids}) == 3  # three different samples
 
 
 def test_reference_images_are_shared_by_every_sample_of_a_batch(glm, model, glyph_encoder, vae):

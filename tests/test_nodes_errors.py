@@ -20,6 +20,7 @@ import comfy.sample  # noqa: E402
 import folder_paths  # noqa: E402
 
 import nodes  # noqa: E402  (ComfyUI's nodes.py)
+from tests import comfy_glm  # noqa: E402
 
 write_tokens = comfy_host.import_pack_module("glm_image_core.tokens").write_tokens
 types = comfy_host.import_pack_module("nodes.types")
@@ -175,6 +176,37 @@ def test_other_limits_of_the_sized_nodes_are_still_validated_by_comfyui(files):
     assert "Value 0 smaller than min of 1" in str(comfy_host.run_prompt(prompt).node_errors)
 
 
+# --- reference images -----------------------------------------------------------------------------------------------
+
+
+class NoDecoder:
+    """An AR model part that must not be reached: the check comes before the AR runs."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the AR was reached ({name})")
+
+
+@pytest.mark.parametrize(
+    "height, width, expected",
+    [
+        (500, 2100, "The image at reference_2 is 2100x500 pixels: its aspect ratio 4.20:1 is over the 4:1"),
+        (12, 40, "The image at reference_2 is 40x12 pixels: its 12 px side is under the 16 px"),
+    ],
+)
+def test_a_reference_the_processor_cannot_take_is_refused_before_the_ar(files, tiny_model_dir, height, width, expected):
+    processor = comfy_host.import_pack_module("glm_image_core.loading").load_ar_processor(tiny_model_dir)
+    ar_model = types.ARModel(decoder=NoDecoder(), processor=processor, preview_palette=None, vision=NoDecoder())
+    inputs = dict(prompt="make it blue", width=SIZE, height=SIZE, seed=0, temperature=0.9, top_p=0.75, top_k=0)
+    with pytest.raises(InvalidInputError, match=expected):
+        files["GLMImageGenerateTokens"].execute(
+            ar_model=ar_model,
+            batch_size=1,
+            reference_1=torch.rand(1, 64, 64, 3),
+            reference_2=torch.rand(2, height, width, 3),
+            **inputs,
+        )
+
+
 # --- token grids and latents ----------------------------------------------------------------------------------------
 
 
@@ -304,6 +336,29 @@ def test_glm_model_sampling_for_another_size_is_refused(files, dit, encode):
         sample(wrong, positive, negative)
 
 
+def scheduler_graph(scheduler: dict) -> dict:
+    """The 512x512 token-file graph sampled by SamplerCustomAdvanced with the GLM-Image Scheduler's sigmas."""
+    return comfy_glm.with_sampler_custom_advanced(
+        tokens_graph(), {"steps": 3, **scheduler}
+    )  # 3: see glm_schedule_shift
+
+
+def test_a_scheduler_left_at_another_size_is_refused_before_the_first_step(files):
+    run = comfy_host.run_prompt(scheduler_graph({"width": 1024, "height": 1024}))
+    message = execution_error(run, node="8")
+    assert "GLM-Image's schedule for another image size (shift 3.250, as for 1024x1024)" in message
+    assert "this 512x512 latent (shift 1.750)" in message
+    assert "Connect the tokens to the 'GLM-Image Scheduler'" in message and "width and height to 512x512" in message
+
+
+@pytest.mark.parametrize(
+    "scheduler", [{"width": 512, "height": 512}, {"width": 1024, "height": 1024, "tokens": ["1", 0]}]
+)
+def test_a_scheduler_at_the_latents_size_or_given_the_tokens_samples(files, scheduler):
+    run = comfy_host.run_prompt(scheduler_graph(scheduler))
+    assert run.success, run.execution_error()
+
+
 # --- model files ----------------------------------------------------------------------------------------------------
 
 
@@ -333,6 +388,39 @@ def test_an_unknown_glyph_text_choice_fails_validation(files):
 def test_an_empty_glyph_override_fails_validation(files):
     run = comfy_host.run_prompt(tokens_graph(glyph_text="override", override="  \n"))
     assert "'override' but the override is empty" in validation_errors(run, node="4")
+
+
+def flux_shaped_vae():
+    """A 16-channel VAE of another model as ComfyUI's stock VAELoader builds it from Flux's ae.safetensors (the
+    shapes that decide its geometry; the weights are left empty)."""
+    import comfy.sd
+
+    sd = {
+        "decoder.conv_in.weight": torch.zeros(512, 16, 3, 3),
+        "encoder.conv_out.weight": torch.zeros(32, 512, 3, 3),
+        "encoder.down.2.downsample.conv.weight": torch.zeros(512, 512, 3, 3),
+    }
+    return comfy.sd.VAE(sd=sd)
+
+
+@pytest.mark.parametrize("references", [1, 0])
+def test_another_models_16_channel_vae_at_encode_is_refused(files, references):
+    vae = flux_shaped_vae()
+    assert vae.latent_channels == 16 and vae.downscale_ratio == 8  # as GLM-Image's: no shape tells them apart
+    encoder = files["GLMImageGlyphEncoderLoader"].execute(encoder="GLM-Image", dtype="fp32")[0]
+    with pytest.raises(InvalidInputError) as refused, torch.inference_mode():
+        files["GLMImageEncode"].execute(
+            glyph_encoder=encoder,
+            tokens=random_tokens(references=references),
+            glyph_text="from prompt quotes",
+            override="",
+            vae=vae,
+        )
+    message = str(refused.value)
+    assert (
+        "The VAE at GLM-Image Encode's vae input is not GLM-Image's: it is a 16-channel AutoencodingEngine" in message
+    )
+    assert "Connect the VAE of 'Load GLM-Image VAE'" in message
 
 
 def test_editing_tokens_without_a_vae_at_encode_fail_with_a_clear_message(files):

@@ -23,6 +23,8 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 
+from tests import comfy_glm  # noqa: E402
+
 ar_nodes = comfy_host.import_pack_module("nodes.ar_nodes")
 read_tokens = comfy_host.import_pack_module("glm_image_core.tokens").read_tokens
 
@@ -47,18 +49,7 @@ def ar_model(glm):
 
 
 def generate_tokens(glm, ar_model):
-    with torch.inference_mode():
-        return glm["GLMImageGenerateTokens"].execute(
-            ar_model=ar_model,
-            prompt=PROMPT,
-            width=SIZE,
-            height=SIZE,
-            seed=SEED,
-            temperature=0.9,
-            top_p=0.75,
-            top_k=0,
-            batch_size=1,
-        )[0]
+    return comfy_glm.generate_tokens(glm, ar_model, PROMPT, SIZE, SEED)
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +167,6 @@ def test_an_interrupted_edit_run_releases_the_reference_kv_the_guider_still_hold
     not keep the reference K/V of a run that was cancelled: ComfyUI deletes it only when sampling completes."""
     import gc
     import weakref
-
-    from tests import comfy_glm
 
     model_nodes = comfy_host.import_pack_module("nodes.model")
     made = []

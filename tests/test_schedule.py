@@ -6,7 +6,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_timesteps
 
-from glm_image_core.schedule import compute_mu, glm_schedule
+from glm_image_core.schedule import compute_mu, glm_schedule, glm_schedule_shift, glm_timesteps, shift_sigmas
 
 
 def reference_schedule(tiny_model_dir, steps, height, width):
@@ -38,3 +38,28 @@ def test_dit_sees_the_unshifted_time_while_sigmas_are_shifted():
     assert dit_timesteps[1] == 979  # t = 980, minus one
     assert sigmas[1] > 0.98  # shifted towards noise by mu = 3.25
     assert sigmas[-1] == 0
+
+
+@pytest.mark.parametrize("steps", [3, 7, 50, 1000])
+@pytest.mark.parametrize("height,width", [(512, 512), (1024, 1024), (1280, 768), (512, 2048), (2048, 2048)])
+def test_the_shift_of_a_glm_schedule_is_read_back_from_its_sigmas(steps, height, width):
+    sigmas, _ = glm_schedule(steps, height, width)
+    assert glm_schedule_shift(sigmas) == pytest.approx(compute_mu(height, width), rel=1e-5)
+
+
+def test_sigmas_that_are_no_whole_glm_schedule_have_no_shift(tiny_model_dir):
+    """Another scheduler's sigmas, part of a schedule, one or two steps: nothing to compare with an image size."""
+    sigmas, _ = glm_schedule(20, 1024, 1024)
+    karras = torch.cat([torch.linspace(1.0, 0.002, 20) ** 3, torch.zeros(1)])
+    assert glm_schedule_shift(karras) is None
+    assert glm_schedule_shift(sigmas[5:]) is None  # denoise below 1 / split sigmas
+    assert glm_schedule_shift(sigmas[:-5]) is None
+    assert glm_schedule_shift(glm_schedule(1, 512, 512)[0]) is None  # [1, 0] at every size
+    assert glm_schedule_shift(glm_schedule(2, 512, 512)[0]) is None  # [1, x, 0]: any x fits some shift
+    shift_9 = torch.cat([shift_sigmas(glm_timesteps(8) / 1000, 9.0), torch.zeros(1)])  # beyond 2048x2048's 6.25
+    assert glm_schedule_shift(shift_9) is None
+    diffusers_karras = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        tiny_model_dir / "scheduler", use_karras_sigmas=True
+    )
+    diffusers_karras.set_timesteps(20, mu=compute_mu(1024, 1024))
+    assert glm_schedule_shift(diffusers_karras.sigmas) is None

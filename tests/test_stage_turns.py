@@ -10,13 +10,11 @@ the vision encoder is never loaded for text to image; and ComfyUI counts the AR 
 keeps on the device (the code rows of the embedding, not the 168064-row table; no vision encoder).
 """
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from tests import comfy_host
+from tests.prompt_graphs import example_prompt
 
 comfy_host.require_comfyui()
 pytestmark = [pytest.mark.host, pytest.mark.vram]
@@ -26,7 +24,6 @@ import folder_paths  # noqa: E402
 
 from glm_image_core import memory  # noqa: E402
 
-WORKFLOWS = Path(__file__).parent / "workflows"
 SIMULATED_CARD = torch.device("cpu", 0)
 
 
@@ -72,15 +69,14 @@ def role(patcher) -> str:
 
 
 def int8_ar_fp8_dit_graph(seed: int, workflow: str = "text_to_image") -> dict:
-    graph = json.loads((WORKFLOWS / f"{workflow}.json").read_text())
-    graph["1"]["inputs"].update(dtype="fp32", weights="int8")
-    graph["2"]["inputs"].update(width=512, height=512, seed=seed)
-    graph["3"]["inputs"].update(dtype="fp32")
-    graph["5"]["inputs"].update(weight_dtype="fp8_e4m3fn")
-    graph["6"]["inputs"].update(width=512, height=512)
-    graph["7"]["inputs"].update(width=512, height=512)
-    graph["8"]["inputs"].update(steps=2)
-    return graph
+    return example_prompt(
+        workflow,
+        512,
+        512,
+        GLMImageARModelLoader={"weights": "int8", "device": "default"},  # on the simulated card
+        GLMImageGenerateTokens={"seed": seed},
+        GLMImageDiTLoader={"weight_dtype": "fp8_e4m3fn"},
+    )
 
 
 def test_int8_ar_and_fp8_dit_take_turns_on_a_full_card(full_card):

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import glm_image_core.tokens as tokens_module
+from glm_image_core.ar import sample_seeds
 from glm_image_core.errors import InvalidInputError
 from glm_image_core.tokens import Reference, VisualTokens, read_tokens, write_tokens
 
@@ -55,8 +56,9 @@ def as_file_contents(tokens: VisualTokens) -> tuple[dict[str, torch.Tensor], dic
         "height": tokens.height,
         "width": tokens.width,
         "seed": tokens.seed,
+        "sample_seeds": tokens.generator_seeds(),
         "references": len(tokens.references),
-        "format": "glm_image_tokens/1",
+        "format": "glm_image_tokens/2",
     }
     return tensors, info
 
@@ -86,7 +88,8 @@ BAD_VALUES = {
     "seed": [-1, 2**64, 1.5, "7", None, [7]],
     "references": [-1, 2, 3, 10**12, 0.0, "0", None],  # the bases have 0 and 1
     "prompt": [None, 5, ["a"], {"text": "a"}],
-    "format": ["glm_image_tokens/2", "", None, 1, "pt"],
+    "format": ["glm_image_tokens/3", "glm_image_tokens/1", "", None, 1, "pt"],  # a /1 file has no sample_seeds
+    "sample_seeds": [[], [7] * 5, [-1, 7], [2**64, 7], "7", None, [1.5, 7], [True, 7], {"0": 7}],  # grids: 1 or 2
 }
 
 
@@ -209,6 +212,42 @@ def test_written_tokens_read_back_unchanged(tmp_path, references):
         torch.equal(a.pixels, b.pixels) and torch.equal(a.prior_token_ids, b.prior_token_ids)
         for a, b in zip(loaded.references, tokens.references)
     ] == [True] * references
+
+
+def test_each_grid_reads_back_with_the_seed_it_was_sampled_with(tmp_path):
+    tokens = valid_tokens(grids=3)
+    tokens.sample_seeds = [7, 123, 2**64 - 1]
+
+    assert read_tokens(write_tokens(tokens, tmp_path / "t.glm_tokens")).sample_seeds == [7, 123, 2**64 - 1]
+
+
+def test_tokens_without_their_sample_seeds_are_written_with_the_documented_rule(tmp_path):
+    tokens = valid_tokens(grids=3)  # seed 7, sample_seeds None
+
+    assert read_tokens(write_tokens(tokens, tmp_path / "t.glm_tokens")).sample_seeds == sample_seeds(7, 3)
+
+
+def test_a_file_of_the_first_format_reads_back_with_seed_plus_i(tmp_path):
+    """Files written before the sample seeds were hashed: their grid i was sampled with seed + i."""
+    tensors, info = as_file_contents(valid_tokens(grids=3))
+    del info["sample_seeds"]
+    save_file(
+        tensors,
+        tmp_path / "old.glm_tokens",
+        metadata={"glm_image_tokens": json.dumps({**info, "format": "glm_image_tokens/1"})},
+    )
+
+    assert read_tokens(tmp_path / "old.glm_tokens").sample_seeds == [7, 8, 9]
+
+
+def test_sample_seeds_that_do_not_match_the_grids_are_refused(tmp_path):
+    tensors, info = as_file_contents(valid_tokens(grids=2))
+    save_file(
+        tensors, tmp_path / "short.glm_tokens", metadata={"glm_image_tokens": json.dumps({**info, "sample_seeds": [7]})}
+    )
+
+    with pytest.raises(InvalidInputError, match="lists 1 sample_seeds for its 2 grids"):
+        read_tokens(tmp_path / "short.glm_tokens")
 
 
 def test_every_mutated_file_is_refused_with_a_message_naming_it(tmp_path):

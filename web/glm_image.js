@@ -140,11 +140,12 @@ function render(panel, f) {
     const geometry = arGeometry(f.height, f.width, f.references);
     if (problem) warn(panel, t(`size.${problem.rule}`, { ...problem, side: t(`size.${problem.side}`) }));
     if (geometry) {
-      const { previewH, previewW, gridH, gridW, numNewTokens } = geometry;
+      // the tokens the AR samples: the reference's max_new_tokens counts an end token that is never sampled
+      const { previewH, previewW, gridH, gridW, numGridTokens } = geometry;
       const parts = f.references ? [] : [t("panel.previewGrid", { h: previewH, w: previewW })];
-      parts.push(t("panel.targetGrid", { h: gridH, w: gridW }), t("panel.endToken"));
+      parts.push(t("panel.targetGrid", { h: gridH, w: gridW }));
       const row = line(panel, t("panel.arTokens"));
-      row.append(element("b", "glm-token-count", String(numNewTokens)), ` (${parts.join(" + ")})`);
+      row.append(element("b", "glm-token-count", String(numGridTokens)), ` (${parts.join(" + ")})`);
     }
   } else if (f.kind === "override") {
     const spans = overrideGlyphTexts(f.override);

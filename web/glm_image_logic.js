@@ -62,8 +62,9 @@ export function sizeProblem(height, width) {
 
 /**
  * The AR token grids of a height x width target (ar_geometry), or null where ar_geometry refuses the size (not a
- * positive multiple of 32). numNewTokens is the reference's max_new_tokens: text-to-image ph*pw + h*w + 1 (1281 at
- * 1024x1024), image-to-image (references connected) h*w + 1.
+ * positive multiple of 32). numGridTokens is what the AR samples: text-to-image ph*pw + h*w (1280 at 1024x1024),
+ * image-to-image (references connected) h*w. numNewTokens is the reference's max_new_tokens, one more for the end
+ * token, which is never sampled.
  */
 export function arGeometry(height, width, imageToImage = false) {
   if (!Number.isInteger(height) || !Number.isInteger(width) || height <= 0 || width <= 0) return null;
