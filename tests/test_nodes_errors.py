@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests import comfy_host
+from tests.prompt_graphs import example_prompt
 
 comfy_host.require_comfyui()
 pytestmark = [pytest.mark.host, pytest.mark.vram]
@@ -80,37 +81,22 @@ def tokens_graph(
     glyph_text="from prompt quotes",
     override="",
 ) -> dict:
-    """Text-to-image from a token file: LoadTokens -> Encode -> KSampler (2 steps) -> VAEDecode -> SaveImage."""
-    encode = {"glyph_encoder": ["3", 0], "tokens": ["1", 0], "glyph_text": glyph_text, "override": override}
-    latent = {"width": width, "height": height, "batch_size": 1}
-    graph = {
-        "1": {"class_type": "GLMImageLoadTokens", "inputs": {"tokens_file": tokens_file}},
-        "3": {"class_type": "GLMImageGlyphEncoderLoader", "inputs": {"encoder": "GLM-Image", "dtype": "fp32"}},
-        "4": {"class_type": "GLMImageEncode", "inputs": encode},
-        "5": {"class_type": "GLMImageDiTLoader", "inputs": {"dit": "GLM-Image", "weight_dtype": "default"}},
-        "6": {"class_type": "GLMImageModelSampling", "inputs": {"model": ["5", 0], "width": width, "height": height}},
-        "7": {"class_type": "GLMImageEmptyLatent", "inputs": latent},
-        "8": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["6", 0],
-                "seed": 0,
-                "steps": 2,
-                "cfg": 1.5,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["4", 0],
-                "negative": ["4", 1],
-                "latent_image": ["7", 0],
-                "denoise": 1.0,
-            },
-        },
-        "9": {"class_type": "GLMImageVAELoader", "inputs": {"vae": "GLM-Image"}},
-        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["9", 0]}},
-        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "errors"}},
-    }
+    """The text-to-image example from a token file (node "1", GLM-Image Load Visual Tokens, in place of the AR) at
+    width x height, 2 steps; its tokens feed Encode, and the latent when ``latent_follows_tokens``."""
+    graph = example_prompt(
+        "text_to_image",
+        width,
+        height,
+        GLMImageEncode={"tokens": ["1", 0], "glyph_text": glyph_text, "override": override},
+        SaveImage={"filename_prefix": "errors"},
+    )
+    del graph["2"]
+    graph["1"] = {"class_type": "GLMImageLoadTokens", "inputs": {"tokens_file": tokens_file}}
+    del graph["6"]["inputs"]["tokens"]  # ModelSampling at its widgets' size
     if latent_follows_tokens:
-        latent["tokens"] = ["1", 0]
+        graph["7"]["inputs"]["tokens"] = ["1", 0]
+    else:
+        del graph["7"]["inputs"]["tokens"]
     return graph
 
 
