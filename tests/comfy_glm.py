@@ -20,8 +20,9 @@ dit_loading = comfy_host.import_pack_module("nodes.dit_loading")
 model_sampling = comfy_host.import_pack_module("nodes.model_sampling")
 
 
-def generate_tokens(node_classes, ar_model, prompt: str, size: int, seed: int, batch_size: int = 1):
-    """GLM-Image Generate Visual Tokens at size x size with the sampling of the templates, as the executor runs it."""
+def generate_tokens(node_classes, ar_model, prompt: str, size: int, seed: int, batch_size: int = 1, **references):
+    """GLM-Image Generate Visual Tokens at size x size with the sampling of the templates, as the executor runs it;
+    ``references``: its reference_1 .. reference_N images."""
     with torch.inference_mode():
         return node_classes["GLMImageGenerateTokens"].execute(
             ar_model=ar_model,
@@ -33,6 +34,7 @@ def generate_tokens(node_classes, ar_model, prompt: str, size: int, seed: int, b
             top_p=0.75,
             top_k=0,
             batch_size=batch_size,
+            **references,
         )[0]
 
 

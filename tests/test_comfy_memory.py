@@ -19,7 +19,7 @@ import comfy.sample  # noqa: E402
 import comfy.sampler_helpers  # noqa: E402
 
 import nodes  # noqa: E402
-from tests.comfy_glm import conditionings, dit_loading, reference, tiny_patcher  # noqa: E402
+from tests.comfy_glm import conditionings, dit_loading, generate_tokens, reference, tiny_patcher  # noqa: E402
 
 SIZE = 256
 NOISE = [1, 16, SIZE // 8, SIZE // 8]
@@ -178,11 +178,7 @@ def test_the_vision_encoder_and_the_glyph_encoder_load_with_their_working_memory
     )[0]
     reference_image = torch.rand(1, 256, 384, 3, generator=torch.Generator().manual_seed(0))
     prompt = 'a poster that reads "OPEN" and "CLOSED"'
-    with torch.inference_mode():
-        tokens = glm["GLMImageGenerateTokens"].execute(
-            ar_model=ar_model, prompt=prompt, width=512, height=512, seed=0, temperature=0.9, top_p=0.75, top_k=0,
-            batch_size=1, reference_1=reference_image,
-        )[0]  # fmt: skip
+    tokens = generate_tokens(glm, ar_model, prompt, 512, seed=0, reference_1=reference_image)
     images = comfy_host.import_pack_module("nodes.ar_nodes").image_batch_to_pil(reference_image)
     inputs = ar.build_ar_inputs(ar_model.processor, prompt, 512, 512, images)
     vision = memory.ar_model_vision_working_bytes(ar_model.decoder.hf_model, inputs.image_grid_thw[:1])

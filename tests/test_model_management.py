@@ -15,6 +15,8 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
 import folder_paths  # noqa: E402
 
+from tests import comfy_glm  # noqa: E402
+
 types = comfy_host.import_pack_module("nodes.types")
 
 SIZE = 512
@@ -43,18 +45,7 @@ def test_generate_tokens_loads_the_ar_model_through_model_management(glm):
     )[0]
     assert not is_managed(ar_model.decoder.patcher)
 
-    with torch.inference_mode():
-        glm["GLMImageGenerateTokens"].execute(
-            ar_model=ar_model,
-            prompt="a cat",
-            width=SIZE,
-            height=SIZE,
-            seed=0,
-            temperature=0.9,
-            top_p=0.75,
-            top_k=0,
-            batch_size=1,
-        )
+    comfy_glm.generate_tokens(glm, ar_model, "a cat", SIZE, seed=0)
 
     assert is_managed(ar_model.decoder.patcher)
 
@@ -94,14 +85,11 @@ def test_comfyui_can_evict_the_ar_model_and_the_next_run_loads_it_again(glm):
     ar_model = glm["GLMImageARModelLoader"].execute(
         model_folder="GLM-Image", dtype="fp32", device="cpu", weights="full"
     )[0]
-    kwargs = dict(ar_model=ar_model, prompt="a cat", width=SIZE, height=SIZE, seed=0, temperature=0.9, top_p=0.75)
-    with torch.inference_mode():
-        first = glm["GLMImageGenerateTokens"].execute(top_k=0, batch_size=1, **kwargs)[0]
+    first = comfy_glm.generate_tokens(glm, ar_model, "a cat", SIZE, seed=0)
 
     mm.free_memory(1e30, mm.get_torch_device())  # what loading a model that needs all the memory does
     assert not is_managed(ar_model.decoder.patcher)
 
-    with torch.inference_mode():
-        again = glm["GLMImageGenerateTokens"].execute(top_k=0, batch_size=1, **kwargs)[0]
+    again = comfy_glm.generate_tokens(glm, ar_model, "a cat", SIZE, seed=0)
     assert is_managed(ar_model.decoder.patcher)
     assert torch.equal(first.prior_token_ids, again.prior_token_ids)

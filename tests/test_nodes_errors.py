@@ -182,14 +182,15 @@ class NoDecoder:
 def test_a_reference_the_processor_cannot_take_is_refused_before_the_ar(files, tiny_model_dir, height, width, expected):
     processor = comfy_host.import_pack_module("glm_image_core.loading").load_ar_processor(tiny_model_dir)
     ar_model = types.ARModel(decoder=NoDecoder(), processor=processor, preview_palette=None, vision=NoDecoder())
-    inputs = dict(prompt="make it blue", width=SIZE, height=SIZE, seed=0, temperature=0.9, top_p=0.75, top_k=0)
     with pytest.raises(InvalidInputError, match=expected):
-        files["GLMImageGenerateTokens"].execute(
-            ar_model=ar_model,
-            batch_size=1,
+        comfy_glm.generate_tokens(
+            files,
+            ar_model,
+            "make it blue",
+            SIZE,
+            seed=0,
             reference_1=torch.rand(1, 64, 64, 3),
             reference_2=torch.rand(2, height, width, 3),
-            **inputs,
         )
 
 
