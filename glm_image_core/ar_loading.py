@@ -27,6 +27,7 @@ from .components import (
 from .defaults import NUM_VQ_CODES
 from .dependencies import glm_image_classes
 from .errors import InvalidInputError, ModelFilesError
+from .file_checks import check_config_sizes
 from .files import save_safetensors
 from .formats.int8 import EXPORT_TAG, read_quantising
 
@@ -85,6 +86,7 @@ def _open_ar_files(location: Path):
 def _load_ar_with_transformers(location: Path, dtype: torch.dtype | None):
     (GlmImageForConditionalGeneration,) = glm_image_classes("GlmImageForConditionalGeneration")
     files = open_component(location, AR_MODEL, None)
+    _meta_ar_model(files, formats.PLAIN)  # the config builds exactly these tensors: transformers allocates no more
     try:
         # ignore_mismatched_sizes: transformers then reports shape mismatches instead of raising a bare RuntimeError
         model, info = GlmImageForConditionalGeneration.from_pretrained(
@@ -137,7 +139,7 @@ def _meta_ar_model(files: ComponentFiles, fmt: formats.WeightFormat):
         config = GlmImageConfig.from_dict(kept)
         with torch.device("meta"):
             model = GlmImageForConditionalGeneration(config)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
         raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {AR_MODEL.label}: {e}") from e
     fmt.build_layers(model, files, None)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -171,13 +173,14 @@ def _open_ar_int8_file(path: Path):
     source = f"the config in the metadata of {weights.where}"
     try:
         config = json.loads(weights.metadata["config"])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, RecursionError) as e:
         raise ModelFilesError(f"{source} is missing or not valid JSON ({e}); export the file again.") from e
     check_config_class(AR_MODEL, config, source)
+    check_config_sizes(config, AR_MODEL.config_sizes, weights.shapes, source, "Export the file again.")
     files = ComponentFiles(weights, config, source, AR_MODEL.subfolder)
     try:
         generation_config = _generation_config(path.parent, weights.metadata.get("generation_config", "{}"))
-    except ValueError as e:
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:
         raise ModelFilesError(f"the generation config in the metadata of {weights.where} is not valid ({e}).") from e
     return files, generation_config
 
@@ -285,6 +288,6 @@ def check_ar_files(path: str | Path) -> None:
     an 8-bit export; headers and configs only."""
     location = component_location(path, AR_MODEL)
     files, _ = _open_ar_files(location)
-    formats.detect(files)
+    _meta_ar_model(files, formats.detect(files))
     if (Path(path) / "model_index.json").is_file():  # a root: the AR loads with the processor beside it
         _processor_folder(path)

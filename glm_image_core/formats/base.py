@@ -57,6 +57,10 @@ class WeightFormat:
         """Keys of the model (``expected``) that ``read`` computes rather than finds in the files."""
         return frozenset()
 
+    def integer_keys(self, files: ComponentFiles) -> set[str]:
+        """Keys this format stores as integer codes (every other tensor of a model is floating)."""
+        return set()
+
     def rows_only(self, files: ComponentFiles) -> set[str]:
         """Weight keys stored packed along their inputs: only their rows can be checked against the model's shape."""
         return set()

@@ -57,6 +57,9 @@ class ComfyQuantFormat(WeightFormat):
         suffix = next((s for s in (MARKER_SUFFIX, *PARAMETER_SUFFIXES) if key.endswith(s)), None)
         return suffix is not None and f"{key[: -len(suffix)]}.weight" in expected
 
+    def integer_keys(self, files: ComponentFiles) -> set[str]:
+        return self.rows_only(files) | {k for k in files.weights.shapes if k.endswith(MARKER_SUFFIX)}
+
     def rows_only(self, files: ComponentFiles) -> set[str]:
         # 4-bit formats among them pack a weight along its inputs; ComfyUI's layers check those shapes
         return {

@@ -487,6 +487,9 @@ class SdnqFormat(WeightFormat):
             )
         check_layers(files, settings)
 
+    def integer_keys(self, files: ComponentFiles) -> set[str]:
+        return quantised_keys(files)
+
     def build_layers(
         self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None, layer_class=None
     ) -> None:

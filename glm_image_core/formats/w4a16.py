@@ -410,6 +410,9 @@ class W4A16Format(WeightFormat):
     def extra_key(self, key: str, expected) -> bool:
         return False  # the packed layers' tensors are the model's own (build_layers makes them)
 
+    def integer_keys(self, files: ComponentFiles) -> set[str]:
+        return {f"{name}.{t}" for name in packed_layers(files.weights.shapes) for t in ("qweight", "qzeros", "g_idx")}
+
     def build_layers(
         self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None, layer_class=None
     ) -> None:
