@@ -198,8 +198,7 @@ def check_config_sizes(
         except KeyError:
             raise ModelFilesError(f"{source} has no {dotted!r}; the model is built from it. {remedy}") from None
         values = value if isinstance(value, list) and value else [value]
-        bad = next((v for v in values if not (_is_int(v) and v > 0)), None)
-        if bad is not None or (isinstance(value, list) and not value):
+        if not all(_is_int(v) and v > 0 for v in values):
             raise ModelFilesError(
                 f"{source} has {dotted} = {json.dumps(value)[:80]}; expected a positive integer"
                 f"{' (or a list of them)' if isinstance(value, list) else ''}. {remedy}"

@@ -53,6 +53,18 @@ class ComfyQuantFormat(WeightFormat):
     def recognise(self, files: ComponentFiles) -> bool:
         return bool(marked_layers(files.weights.shapes, files.weights.metadata, files.weights.where))
 
+    def check(self, files: ComponentFiles) -> None:
+        """Every marked layer stores its weight and its weight_scale (ComfyUI's formats all scale their weight)."""
+        shapes = files.weights.shapes
+        for layer in sorted(marked_layers(shapes, files.weights.metadata, files.weights.where)):
+            missing = [f"{layer}{s}" for s in (".weight", ".weight_scale") if f"{layer}{s}" not in shapes]
+            if missing:
+                raise ModelFilesError(
+                    f"{files.weights.where} marks {layer} as quantised but lacks {missing[0]}; a quantised layer "
+                    "stores its weight and its weight_scale. The file was changed after it was written: make it "
+                    "again (save_single_file(..., quant=...)) or download it again."
+                )
+
     def extra_key(self, key: str, expected) -> bool:
         suffix = next((s for s in (MARKER_SUFFIX, *PARAMETER_SUFFIXES) if key.endswith(s)), None)
         return suffix is not None and f"{key[: -len(suffix)]}.weight" in expected
@@ -109,20 +121,30 @@ def with_file_markers(state_dict: dict[str, torch.Tensor], metadata: dict[str, s
     return state_dict | {f"{layer}{MARKER_SUFFIX}": marker(config) for layer, config in layers.items()}
 
 
-def layer_configs(state_dict: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """{layer: its decoded config} for each marker tensor."""
-    return {
-        key[: -len(MARKER_SUFFIX)]: json.loads(bytes(tensor.tolist()).decode("utf-8"))
-        for key, tensor in state_dict.items()
-        if key.endswith(MARKER_SUFFIX)
-    }
+def layer_configs(state_dict: dict[str, torch.Tensor], where: str = "the file") -> dict[str, dict]:
+    """{layer: its decoded config} for each marker tensor (its values: a ModelFilesError naming it unless they are
+    the bytes of a JSON object)."""
+    configs = {}
+    for key, tensor in state_dict.items():
+        if key.endswith(MARKER_SUFFIX):
+            try:
+                config = json.loads(bytes(tensor.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
+            except (ValueError, RecursionError) as e:
+                config = e
+            if not isinstance(config, dict):
+                raise ModelFilesError(
+                    f"{key} in {where} is not the bytes of a JSON object such as {{\"format\": \"int8_tensorwise\"}} "
+                    f"({config}); the file was changed after it was written: make it again or download it again."
+                )
+            configs[key[: -len(MARKER_SUFFIX)]] = config
+    return configs
 
 
 def dequantise_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None, where: str) -> dict:
     """Plain weights from a marked state dict: weight = storage * weight_scale in float32, then ``dtype`` (None:
     float32 for them, the rest as stored). Formats that pack or rotate their weights are refused: ComfyUI's layers
     run them."""
-    configs = layer_configs(state_dict)
+    configs = layer_configs(state_dict, where)
     out = {k: v for k, v in state_dict.items() if not k.endswith(MARKER_SUFFIX)}
     for layer, config in configs.items():
         fmt = config.get("format")

@@ -430,8 +430,16 @@ def swap_linears(
 
 def check_layers(files: ComponentFiles, settings: SdnqSettings) -> None:
     """A ModelFilesError unless every quantised layer is stored as the dtype the config gives it (its codes' storage,
-    a zero point exactly for unsigned dtypes, both SVD factors or none): headers only."""
+    a zero point exactly for unsigned dtypes, both SVD factors or none), and every weight of integer codes has its
+    scale: headers only."""
     dtypes = files.weights.dtypes
+    for key, dtype in dtypes.items():
+        scale = key.removesuffix("weight") + "scale"
+        if key.endswith(".weight") and dtype.startswith(("U", "I")) and scale not in dtypes:
+            raise ModelFilesError(
+                f"{files.weights.where} stores {key} as {dtype} codes without {scale}; an SDNQ layer stores its "
+                "codes with their scale. Download the folder again."
+            )
     for name in quantised_layers(files):
         code = code_dtype(settings.dtype_of(name))
         found = {t: dtypes.get(f"{name}.{t}") for t in LAYER_TENSORS}
