@@ -17,6 +17,7 @@ from . import formats
 from .checkpoint import REDOWNLOAD, ComponentFiles, display_name, scan_weights
 from .components import (
     AR_MODEL,
+    built_shapes,
     check_config_class,
     check_config_file_names,
     check_signature,
@@ -141,8 +142,7 @@ def _meta_ar_model(files: ComponentFiles, fmt: formats.WeightFormat):
             model = GlmImageForConditionalGeneration(config)
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
         raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {AR_MODEL.label}: {e}") from e
-    fmt.build_layers(model, files, None)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = built_shapes(model, fmt, files, None)
     check_weights_match(AR_MODEL, expected, files, fmt, optional=fmt.made_while_reading(files, expected))
     return model  # dtypes come with the loaded tensors (assign=True)
 

@@ -313,6 +313,16 @@ def _layer_count(keys, prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def built_shapes(model, fmt: formats.WeightFormat, files: ComponentFiles, dtype) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a meta-device ``model`` once ``fmt`` has built its layers, and the biases of the layers it
+    replaced: a quantised layer takes its bias where the files have one, so a bias the files lack would otherwise go
+    unnoticed (the model would run without it)."""
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    fmt.build_layers(model, files, dtype)
+    after = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return after | {k: shape for k, shape in before.items() if k.endswith(".bias") and k not in after}
+
+
 def check_weights_match(
     component: Component,
     expected: dict[str, tuple[int, ...]],

@@ -43,6 +43,7 @@ from .components import (
     TRANSFORMER,
     VAE,
     Component,
+    built_shapes,
     check_config_file_names,
     check_signature,
     check_weights_match,
@@ -107,8 +108,7 @@ def _checked_meta_model(cls: type, kwargs: dict, files: ComponentFiles, fmt: for
         meta_model = cls(**kwargs, dtype=dtype, device="meta")
     except (InvalidInputError, TypeError, ValueError) as e:
         raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {component.label}: {e}") from e
-    fmt.build_layers(meta_model, files, dtype)
-    check_weights_match(component, {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}, files, fmt)
+    check_weights_match(component, built_shapes(meta_model, fmt, files, dtype), files, fmt)
     return meta_model
 
 

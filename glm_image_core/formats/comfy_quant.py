@@ -87,7 +87,9 @@ class ComfyQuantFormat(WeightFormat):
 
     def read_as_stored(self, files: ComponentFiles, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         # a file-level block becomes per-layer markers, as ComfyUI's loader makes it
-        return with_file_markers(load_tensors(files.weights), files.weights.metadata, files.weights.where)
+        state_dict = with_file_markers(load_tensors(files.weights), files.weights.metadata, files.weights.where)
+        check_marked_layers(state_dict, files.weights.where)
+        return state_dict
 
 
 def file_layers(metadata: dict[str, str], where: str) -> dict[str, dict]:
@@ -133,10 +135,32 @@ def layer_configs(state_dict: dict[str, torch.Tensor], where: str = "the file") 
                 config = e
             if not isinstance(config, dict):
                 raise ModelFilesError(
-                    f"{key} in {where} is not the bytes of a JSON object such as {{\"format\": \"int8_tensorwise\"}} "
+                    f'{key} in {where} is not the bytes of a JSON object such as {{"format": "int8_tensorwise"}} '
                     f"({config}); the file was changed after it was written: make it again or download it again."
                 )
             configs[key[: -len(MARKER_SUFFIX)]] = config
+    return configs
+
+
+def check_marked_layers(state_dict: dict[str, torch.Tensor], where: str) -> dict[str, dict]:
+    """The layer configs of a marked state dict, after checking what its markers' values say: a layer of a format
+    whose weight is storage * weight_scale stores its weight in that format's dtype, with one scale or one per output
+    row. Returns the configs."""
+    configs = layer_configs(state_dict, where)
+    for layer, config in configs.items():
+        scale, weight = state_dict[f"{layer}.weight_scale"], state_dict[f"{layer}.weight"]
+        storage = ELEMENTWISE.get(config.get("format"))
+        if storage is not None and weight.dtype != storage:
+            raise ModelFilesError(
+                f"{layer}.weight is {weight.dtype} in {where}, its marker says {config['format']} (stored as "
+                f"{storage}). The file was changed after it was written: make it again or download it again."
+            )
+        if config.get("format") in ELEMENTWISE and scale.numel() not in (1, weight.shape[0]):
+            raise ModelFilesError(
+                f"{layer}.weight_scale is {list(scale.shape)} in {where}; a {config['format']} layer has one scale, or "
+                f"one per output row ({weight.shape[0]}). The file was changed after it was written: make it again or "
+                "download it again."
+            )
     return configs
 
 
@@ -144,7 +168,7 @@ def dequantise_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtyp
     """Plain weights from a marked state dict: weight = storage * weight_scale in float32, then ``dtype`` (None:
     float32 for them, the rest as stored). Formats that pack or rotate their weights are refused: ComfyUI's layers
     run them."""
-    configs = layer_configs(state_dict, where)
+    configs = check_marked_layers(state_dict, where)
     out = {k: v for k, v in state_dict.items() if not k.endswith(MARKER_SUFFIX)}
     for layer, config in configs.items():
         fmt = config.get("format")
@@ -154,7 +178,8 @@ def dequantise_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtyp
                 f"dequantises {', '.join(ELEMENTWISE)} (without ConvRot). Load the file in ComfyUI 0.33 or newer "
                 "(Load GLM-Image DiT runs it with ComfyUI's own layers), or use the bf16 weights."
             )
-        weight = out[f"{layer}.weight"].float() * out.pop(f"{layer}.weight_scale").float()
+        scale = out.pop(f"{layer}.weight_scale").float()
+        weight = out[f"{layer}.weight"].float() * scale.reshape(-1, *[1] * (out[f"{layer}.weight"].ndim - 1))
         out.pop(f"{layer}.input_scale", None)  # activation quantisation: not part of the weight
         out[f"{layer}.weight"] = weight
     return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in out.items()}

@@ -496,7 +496,7 @@ class SdnqFormat(WeightFormat):
         check_layers(files, settings)
 
     def integer_keys(self, files: ComponentFiles) -> set[str]:
-        return quantised_keys(files)
+        return {f"{name}.weight" for name in quantised_layers(files)}  # the codes; scales and factors are floating
 
     def build_layers(
         self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None, layer_class=None
