@@ -28,6 +28,7 @@ from comfy_api.latest import io
 
 from ..glm_image_core import ar_lora, formats, lora
 from ..glm_image_core.checkpoint import SAFETENSORS_DTYPES
+from ..glm_image_core.file_checks import check_lora_alpha_values
 from ..glm_image_core.lora import check_dit_lora, diffusers_lora_names
 from . import paths
 from .common import file_input, schema
@@ -69,7 +70,8 @@ def apply_lora(patcher, lora: dict, strength: float, source: str = "this LoRA"):
 
     shapes = {key: tuple(tensor.shape) for key, tensor in lora.items()}
     dtypes = {key: SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)) for key, tensor in lora.items()}
-    _, unmatched = check_dit_lora(source, shapes, dtypes, key_map, features)
+    parts, unmatched = check_dit_lora(source, shapes, dtypes, key_map, features)
+    check_lora_alpha_values(source, {k.alpha: lora[k.alpha].item() for k in parts.values() if k.alpha})
     if unmatched:
         logging.warning(
             "GLM-Image LoRA: %d of the %d keys of %s match no layer of the DiT and are ignored: %s",
