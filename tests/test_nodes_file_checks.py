@@ -8,7 +8,6 @@ under a glm_image root, single files under diffusion_models and vae, LoRAs and a
 """
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from tests.test_file_checks import (  # noqa: E402
     copy_of,
     damaged_cases,
     dit_lora_tensors,
+    verdicts,
 )
 
 GlmImageError = comfy_host.import_pack_module("glm_image_core.errors").GlmImageError
@@ -134,22 +134,20 @@ def node_loaders(tiny_model_dir, corpus_root, tmp_path_factory):
             lambda p: lora_node.execute(model=patcher, lora_name=choice(p), strength_model=1.0),
             kind="lora",
         ),
-        Loader(
-            "AR adapter folder",
-            adapter,
-            ["adapter_model.safetensors"],
-            lambda p: adapter_node.validate_inputs(lora_name=choice(p)),
-            lambda p: adapter_node.execute(ar_model=ar_model, lora_name=choice(p), strength=1.0),
-            "adapter_config.json",
-            kind="adapter",
-        ),
-        Loader(
-            "AR adapter file",
-            adapter_file,
-            [""],
-            lambda p: adapter_node.validate_inputs(lora_name=choice(p)),
-            lambda p: adapter_node.execute(ar_model=ar_model, lora_name=choice(p), strength=1.0),
-            kind="adapter",
+        *(
+            Loader(
+                name,
+                base,
+                [weights],
+                lambda p: adapter_node.validate_inputs(lora_name=choice(p)),
+                lambda p: adapter_node.execute(ar_model=ar_model, lora_name=choice(p), strength=1.0),
+                config,
+                kind="adapter",
+            )
+            for name, base, weights, config in (
+                ("AR adapter folder", adapter, "adapter_model.safetensors", "adapter_config.json"),
+                ("AR adapter file", adapter_file, "", None),
+            )
         ),
     ]
 
@@ -181,16 +179,7 @@ def test_the_loader_nodes_refuse_every_damaged_file_when_queued_or_run_and_load_
             LOADED,
             "",
         )
-    wrong, counts = [], Counter()
-    for case in cases:
-        got, message = node_outcome(case)
-        counts[case.loader.name, got] += 1
-        listed = NOT_LISTED in message and case.expect == QUEUE  # refused by the node's own list of choices
-        if got != case.expect or not (case.is_named_in(message) or listed):
-            wrong.append(
-                f"{case.path.parent.name} {case.loader.name} {case.kind}: expected {case.expect} naming "
-                f"{case.named}, got {got}: {message[:400]}"
-            )
+    wrong, counts = verdicts(cases, node_outcome, also_named=NOT_LISTED)
     assert not wrong, "\n".join(wrong)
     assert {name for name, _ in counts} == {loader.name for loader in node_loaders}
     assert counts.total() >= 150 and sum(n for (_, got), n in counts.items() if got != QUEUE) >= 10
