@@ -217,17 +217,28 @@ def check_config_sizes(
 
 @dataclass
 class LoraTensors:
-    """One layer's LoRA tensor keys in a file: A (down), B (up), alpha."""
+    """One layer's LoRA tensor keys in a file: A (down), B (up), alpha, and the first of any other adapter tensors
+    (LoHa's hada_*, LoKr's lokr_*, DoRA's dora_scale, a full diff: what ComfyUI's LoRA code reads and checks)."""
 
     down: str | None = None
     up: str | None = None
     alpha: str | None = None
+    other: str | None = None
 
 
 def check_lora_pairs(source: str, header: Header, layers: Mapping[str, LoraTensors], what_to_do: str) -> None:
-    """InvalidInputError unless every layer has A [r, in] and B [out, r] of one rank r > 0 in a floating dtype, and
-    alpha (where given) is one number."""
+    """InvalidInputError unless every layer with A or B has both, A [r, in] and B [out, r] of one rank r > 0 in a
+    floating dtype, alpha (where given) is one number, and no layer has an alpha alone. A layer of another adapter
+    kind (``other`` tensors without A or B) is the host's to read."""
     for layer, keys in layers.items():
+        if keys.alpha is not None:
+            shape, dtype = header.shapes[keys.alpha], header.dtypes[keys.alpha]
+            if math.prod(shape) != 1 or dtype == "BOOL":
+                raise InvalidInputError(
+                    f"{source}: {keys.alpha} is {dtype} {list(shape)}; alpha is one number (a scalar). {what_to_do}"
+                )
+        if keys.down is None and keys.up is None and keys.other is not None:
+            continue
         if keys.down is None or keys.up is None:
             have, lacks = (
                 (keys.down, "B (lora_B / lora_up)") if keys.up is None else (keys.up, "A (lora_A / lora_down)")
@@ -247,12 +258,6 @@ def check_lora_pairs(source: str, header: Header, layers: Mapping[str, LoraTenso
                 f"{source}: {layer} has A {list(down)} and B {list(up)}; expected A [r, in] and B [out, r] of one "
                 f"rank r > 0. {what_to_do}"
             )
-        if keys.alpha is not None:
-            shape, dtype = header.shapes[keys.alpha], header.dtypes[keys.alpha]
-            if math.prod(shape) != 1 or dtype == "BOOL":
-                raise InvalidInputError(
-                    f"{source}: {keys.alpha} is {dtype} {list(shape)}; alpha is one number (a scalar). {what_to_do}"
-                )
 
 
 def check_lora_fits(

@@ -137,16 +137,27 @@ DIT_LORA_REMEDY = (
 
 
 def lora_parts(keys: Iterable[str], known: Mapping[str, str] | Container[str]) -> tuple[dict[str, LoraTensors], list]:
-    """({layer name as the file gives it: its A, B and alpha keys}, the keys that name no known layer)."""
+    """({layer name as the file gives it: its A, B, alpha and other adapter keys}, the keys that name no known
+    layer)."""
     parts: dict[str, LoraTensors] = {}
     unmatched = []
     for key in keys:
         name = lora_layer_of(key, known)
-        kind = "down" if key.endswith(DOWN_SUFFIXES) else "up" if key.endswith(UP_SUFFIXES) else "alpha"
-        if name is None or (kind == "alpha" and not key.endswith(ALPHA_SUFFIX)):
+        if name is None:
             unmatched.append(key)
-        else:
-            setattr(parts.setdefault(name, LoraTensors()), kind, key)
+            continue
+        kind = (
+            "down"
+            if key.endswith(DOWN_SUFFIXES)
+            else "up"
+            if key.endswith(UP_SUFFIXES)
+            else "alpha"
+            if key.endswith(ALPHA_SUFFIX)
+            else "other"
+        )
+        part = parts.setdefault(name, LoraTensors())
+        if getattr(part, kind) is None:
+            setattr(part, kind, key)
     return parts, unmatched
 
 
@@ -172,7 +183,7 @@ def check_dit_lora(
     if features is not None:
         pairs, sizes = {}, {}
         for name, keys in parts.items():
-            size = features(name)
+            size = features(name) if keys.down is not None else None
             if size is not None:
                 pairs[name], sizes[name] = (shapes[keys.down], shapes[keys.up]), size
         check_lora_fits(source, pairs, sizes, "The LoRA was trained for another model or another size of GLM-Image.")
@@ -209,9 +220,20 @@ def read_dit_lora(path: str | Path, model: torch.nn.Module) -> dict[str, LayerLo
             path.name,
             unmatched[:10],
         )
+    other_kinds = [keys.other for keys in parts.values() if keys.other]
+    if other_kinds:
+        logging.warning(
+            "GLM-Image LoRA: %d layers of %s are not LoRA pairs (LoHa, LoKr, DoRA, ...: ComfyUI's LoRA node reads "
+            "them, this loader does not) and are ignored: %s",
+            len(other_kinds),
+            path.name,
+            other_kinds[:10],
+        )
     layers = {}
     with safe_open(path, framework="pt", device="cpu") as f:
         for name, keys in parts.items():
+            if keys.down is None:
+                continue  # another adapter kind (LoHa, LoKr, ...): ComfyUI reads those, the core does not
             down, up = f.get_tensor(keys.down), f.get_tensor(keys.up)
             alpha = f.get_tensor(keys.alpha).item() if keys.alpha else down.shape[0]
             check_lora_alpha_values(path.name, {keys.alpha: alpha} if keys.alpha else {})

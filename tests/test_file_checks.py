@@ -771,3 +771,30 @@ def test_nan_values_in_a_model_file_are_loaded_as_they_are(tiny_model_dir, tmp_p
     tensors["decoder.conv_out.bias"] = torch.full_like(tensors["decoder.conv_out.bias"], math.nan)
     save_file(tensors, tmp_path / "vae.safetensors")
     assert load_vae(tmp_path / "vae.safetensors", dtype=torch.float32).decoder.conv_out.bias.isnan().all()
+
+
+def loha_tensors(model, layer: str = "proj_out", rank: int = 2) -> dict[str, torch.Tensor]:
+    """One layer of a LoHa (kohya names): tensors ComfyUI's LoRA code reads, that are not a LoRA pair."""
+    module = model.get_submodule(layer)
+    key = "lora_unet_" + layer.replace(".", "_")
+    shapes = {"hada_w1_a": (module.out_features, rank), "hada_w1_b": (rank, module.in_features)}
+    shapes |= {"hada_w2_a": (module.out_features, rank), "hada_w2_b": (rank, module.in_features)}
+    return {f"{key}.{name}": torch.full(shape, 0.1) for name, shape in shapes.items()} | {
+        f"{key}.alpha": torch.tensor(float(rank))
+    }
+
+
+def test_a_loha_passes_the_lora_check_and_the_core_names_what_it_ignores(core_dit, tmp_path, caplog):
+    path = tmp_path / "loha.safetensors"
+    save_file(dit_lora_tensors(core_dit) | loha_tensors(core_dit, "transformer_blocks.0.ff.net.2"), path)
+    lora.check_dit_lora_file(path)  # ComfyUI's LoRA node reads LoHa layers
+    assert len(lora.read_dit_lora(path, core_dit)) == 3  # the core reads the LoRA pairs only
+    assert "1 layers of loha.safetensors are not LoRA pairs" in caplog.text
+
+
+def test_an_alpha_without_its_pair_is_refused(core_dit, tmp_path):
+    tensors = dit_lora_tensors(core_dit)
+    del tensors["transformer.proj_out.lora_A.weight"], tensors["transformer.proj_out.lora_B.weight"]
+    save_file(tensors, tmp_path / "alone.safetensors")
+    with pytest.raises(InvalidInputError, match=r"alone.safetensors: transformer.proj_out has only an alpha but no"):
+        lora.check_dit_lora_file(tmp_path / "alone.safetensors")

@@ -32,6 +32,7 @@ from tests.test_file_checks import (  # noqa: E402
     copy_of,
     damaged_cases,
     dit_lora_tensors,
+    loha_tensors,
     verdicts,
 )
 
@@ -184,6 +185,17 @@ def test_the_loader_nodes_refuse_every_damaged_file_when_queued_or_run_and_load_
     assert {name for name, _ in counts} == {loader.name for loader in node_loaders}
     assert counts.total() >= 150 and sum(n for (_, got), n in counts.items() if got != QUEUE) >= 10
     print("\n".join(f"{name}: {got} x{n}" for (name, got), n in sorted(counts.items())))  # with -s: the counts
+
+
+def test_a_loha_passes_the_queue_time_check_and_comfyuis_lora_code_applies_it(tiny_model_dir, corpus_root):
+    glm = comfy_host.load_pack()
+    patcher = tiny_patcher(tiny_model_dir, 256, 256)
+    (corpus_root / "loha").mkdir()
+    save_file(loha_tensors(patcher.model.diffusion_model), corpus_root / "loha" / "loha.safetensors")
+    lora_node = glm["GLMImageLoraLoader"]
+    assert lora_node.validate_inputs(lora_name="loha/loha.safetensors") is True
+    (patched,) = lora_node.execute(model=patcher, lora_name="loha/loha.safetensors", strength_model=1.0)
+    assert list(patched.patches) == ["diffusion_model.proj_out.weight"]
 
 
 # --- a real server --------------------------------------------------------------------------------------------------
