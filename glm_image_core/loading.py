@@ -149,9 +149,14 @@ def read_checked_weights(
     tensors come as stored for the host's own layers, or, ``as_stored=False``, as a core model takes them (ComfyUI's
     quantised files dequantised; floating tensors in ``dtype``, None: as stored)."""
     cls, kwargs, files, fmt = _open_module_component(path, component)
-    _checked_meta_model(cls, kwargs, files, fmt, None)
+    meta_model = _checked_meta_model(cls, kwargs, files, fmt, None)
     state_dict = fmt.read_as_stored(files, dtype) if as_stored else fmt.read(files, dtype)
+    fmt.check_read(files, state_dict, _shapes(meta_model))
     return CheckedWeights(files.config, state_dict, fmt)
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _build_and_load(
@@ -163,7 +168,9 @@ def _build_and_load(
     layers take ``read_checked_weights`` instead."""
     cls, kwargs, files, fmt = _open_module_component(path, component)
     model = _checked_meta_model(cls, kwargs, files, fmt, dtype)
-    _assign_weights(model, fmt.read(files, dtype, device))
+    state_dict = fmt.read(files, dtype, device)
+    fmt.check_read(files, state_dict, _shapes(model))
+    _assign_weights(model, state_dict)
     return model.to(device).eval()
 
 

@@ -65,6 +65,21 @@ class ComfyQuantFormat(WeightFormat):
                     "again (save_single_file(..., quant=...)) or download it again."
                 )
 
+    def check_read(self, files: ComponentFiles, state_dict: dict, expected: dict[str, tuple[int, ...]]) -> None:
+        """A layer whose marker names a format of one stored number per weight (fp8, int8) has the weight's whole
+        shape, which the headers alone could not tell (``rows_only``); dequantised (``read``), every layer has."""
+        configs = layer_configs(state_dict, files.weights.where)
+        for key in sorted(self.rows_only(files)):
+            config = configs.get(key.removesuffix(".weight"))
+            elementwise = config is None or config.get("format") in ELEMENTWISE  # None: read dequantised
+            found = tuple(state_dict[key].shape)
+            if elementwise and key in expected and found != expected[key]:
+                raise ModelFilesError(
+                    f"{key} is {list(found)} in {files.weights.where}, {files.config_source} expects "
+                    f"{list(expected[key])}. The weights and the config come from different models or downloads: "
+                    "make the file again from one folder (save_single_file) or download it again."
+                )
+
     def extra_key(self, key: str, expected) -> bool:
         suffix = next((s for s in (MARKER_SUFFIX, *PARAMETER_SUFFIXES) if key.endswith(s)), None)
         return suffix is not None and f"{key[: -len(suffix)]}.weight" in expected

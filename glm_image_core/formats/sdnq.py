@@ -413,17 +413,23 @@ def swap_linears(
         if not isinstance(linear, nn.Linear):
             raise ModelFilesError(f"{files.weights.where} quantises {name}, which is not a linear layer of the model")
         scale = shapes[f"{name}.scale"]
-        layer = layer_class(
-            linear.in_features,
-            linear.out_features,
-            f"{name}.bias" in shapes,
-            settings.dtype_of(name),
-            groups=scale[1] if len(scale) == 3 else 1,
-            svd_rank=shapes[f"{name}.svd_up"][1] if f"{name}.svd_up" in shapes else 0,
-            subnormals=settings.subnormals,
-            dtype=dtype,
-            device=device,
-        )
+        try:
+            layer = layer_class(
+                linear.in_features,
+                linear.out_features,
+                f"{name}.bias" in shapes,
+                settings.dtype_of(name),
+                groups=scale[1] if len(scale) == 3 else 1,
+                svd_rank=shapes[f"{name}.svd_up"][1] if f"{name}.svd_up" in shapes else 0,
+                subnormals=settings.subnormals,
+                dtype=dtype,
+                device=device,
+            )
+        except (ValueError, IndexError) as e:
+            raise ModelFilesError(
+                f"{files.weights.where} stores {name} in a layout that is not SDNQ's for its [{linear.out_features}, "
+                f"{linear.in_features}] weight ({name}.scale is {list(scale)}: {e}). Download the folder again."
+            ) from e
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
 
