@@ -285,9 +285,11 @@ def _processor_folder(folder: str | Path) -> Path:
 
 def check_ar_files(path: str | Path) -> None:
     """``check_files`` for the AR model: its folder (and, given a GLM-Image root, the processor's files beside it) or
-    an 8-bit export; headers and configs only."""
+    an 8-bit export; headers and configs only. The model the config builds is compared with the headers when it
+    loads, before transformers allocates it: its class takes transformers seconds to import, too long for a queued
+    prompt's check."""
     location = component_location(path, AR_MODEL)
     files, _ = _open_ar_files(location)
-    _meta_ar_model(files, formats.detect(files))
+    formats.detect(files)
     if (Path(path) / "model_index.json").is_file():  # a root: the AR loads with the processor beside it
         _processor_folder(path)

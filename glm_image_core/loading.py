@@ -266,13 +266,15 @@ def check_files(path: str | Path, component: Component) -> None:
     the index's shards are all present, every safetensors header reads and covers its file, the weights are this
     component's and its config is of the right class (for the AR model given a GLM-Image root, also that the
     processor's files are there), a quantised file is in a format the loaders read, the config's sizes fit the
-    weights, and the model the config builds (on the meta device: no memory) has exactly the files' tensors, in
-    floating dtypes or the format's codes. It reads headers and configs only (no tensor data), so a host can run it
-    when a job is queued; the loaders repeat it before reading the weights (``file_checks``)."""
+    weights, every tensor is floating or one of the format's codes, and (DiT, VAE) the model the config builds (on the
+    meta device: no memory) has exactly the files' tensors. It reads headers and configs only (no tensor data), in
+    milliseconds, so a host can run it when a job is queued; the loaders repeat it before reading the weights
+    (``file_checks``). The glyph encoder and the AR are transformers' classes, which take seconds to import: the model
+    their config builds is compared with the headers when they load, before anything is allocated."""
     if component is AR_MODEL:
         check_ar_files(path)
     elif component is TEXT_ENCODER:
-        _checked_glyph_encoder(path)
+        formats.detect(open_component(path, TEXT_ENCODER, infer_text_encoder_config))
     else:
         cls, kwargs, files, fmt = _open_module_component(path, component)
         _checked_meta_model(cls, kwargs, files, fmt, None)

@@ -38,6 +38,7 @@ from glm_image_core.loading import (
 
 CASES = 420
 QUEUE, LOAD, LOADED, RAW = "refused when queued", "refused when read", "loaded", "raw exception"
+WHEN_LOADED = f"{QUEUE}|{LOAD}"  # shapes of transformers' models: when loaded, or when queued by a size check
 
 
 # --- safetensors bytes ----------------------------------------------------------------------------------------------
@@ -67,6 +68,9 @@ class Loader:
     config: str | None = None  # the config file in it (relative), "metadata" (a single file's), or None
     sizes: tuple[str, ...] = ()  # the config's sizes (dotted keys)
     kind: str = "model"  # "model", "lora" or "adapter"
+    # When the model the config builds is compared with the headers: when queued (DiT, VAE), or for transformers'
+    # classes (slow to import) when loaded, unless a size check when queued sees the damage first
+    shapes_seen: str = QUEUE
 
 
 def dit_lora_tensors(model, seed: int = 0, rank: int = 4) -> dict[str, torch.Tensor]:
@@ -132,6 +136,7 @@ def loaders(tiny_model_dir, autoround_model_dir, sdnq_model_dir, core_dit, core_
             lambda p: load_ar_model(p, **f32),
             "config.json",
             AR_MODEL.config_sizes,
+            shapes_seen=WHEN_LOADED,
         )
         for name, folder in (
             ("AR 4-bit folder", autoround_model_dir / "vision_language_encoder"),
@@ -203,6 +208,7 @@ def loaders(tiny_model_dir, autoround_model_dir, sdnq_model_dir, core_dit, core_
             lambda p: load_glyph_encoder(p, **f32),
             "config.json",
             TEXT_ENCODER.config_sizes,
+            shapes_seen=WHEN_LOADED,
         ),
         Loader(
             "AR folder",
@@ -212,6 +218,7 @@ def loaders(tiny_model_dir, autoround_model_dir, sdnq_model_dir, core_dit, core_
             lambda p: load_ar_model(p, **f32),
             "config.json",
             AR_MODEL.config_sizes,
+            shapes_seen=WHEN_LOADED,
         ),
         Loader(
             "AR 8-bit export",
@@ -221,6 +228,7 @@ def loaders(tiny_model_dir, autoround_model_dir, sdnq_model_dir, core_dit, core_
             lambda p: load_ar_model(p, **f32),
             "metadata",
             AR_MODEL.config_sizes,
+            shapes_seen=WHEN_LOADED,
         ),
         Loader(
             "DiT LoRA",
@@ -380,12 +388,12 @@ def model_tensor_damage(rng: random.Random, loader: Loader, path: Path):
     choice = rng.randrange(6 if codes else 5)
     if choice == 0:
         del tensors[key]
-        kind, expect, named = "tensor_missing", QUEUE, (f"{layer}|{SEEN_FIRST}",)
+        kind, expect, named = "tensor_missing", loader.shapes_seen, (f"{layer}|{SEEN_FIRST}",)
     elif choice == 1:
         tensors[key] = misshapen(rng, t)
         # a weight_scale's shape matters for the format its marker's values name: seen when read
         marked = loader.name == "DiT 8-bit file" and key.endswith(".weight_scale") and tensors[key].numel() > 1
-        expect = LOAD if marked else QUEUE
+        expect = LOAD if marked else loader.shapes_seen
         kind, named = "tensor_misshapen", (f"{layer}|{SEEN_FIRST}",)
     elif choice == 2:
         tensors[key] = t.to(rng.choice([torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool]))
@@ -393,7 +401,7 @@ def model_tensor_damage(rng: random.Random, loader: Loader, path: Path):
     elif choice == 3:
         extra = rng.choice(["extra.weight", "transformer_blocks.9.attn1.to_q.weight", "lm_head.bias", "x"])
         tensors[extra] = torch.zeros(4, 4)
-        kind, expect, named = "tensor_extra", QUEUE, (extra,)
+        kind, expect, named = "tensor_extra", loader.shapes_seen, (extra,)
     elif choice == 4:
         tensors[key] = torch.full_like(t, float("nan"))
         kind, expect, named = "tensor_nan", LOADED, ()
@@ -426,6 +434,7 @@ def config_damage(rng: random.Random, loader: Loader, path: Path):
         text = file.read_text()
         source = (loader.config,)
     config = json.loads(text)
+    expect = QUEUE
     choice = rng.randrange(8)
     if choice == 0:
         kind, new, named = "config_not_object", rng.choice(["[]", "42", '"config"', "null", "[{}]"]), source
@@ -460,11 +469,8 @@ def config_damage(rng: random.Random, loader: Loader, path: Path):
         else:
             section[last] = value + rng.choice([1, 2]) if rng.random() < 0.5 else value * 2
         kind, new, named = "config_other_shapes", json.dumps(config), source
-        if loader.name == "DiT 8-bit file":  # a quantised layer's inputs: its format is in its marker's values
-            if loader.config == "metadata":
-                header["__metadata__"]["config"] = new
-                write(path, joined(header, body))
-            return kind, f"{QUEUE}|{LOAD}", named
+        # a ComfyUI quantised layer's inputs: its format is in its marker's values, seen when read
+        expect = WHEN_LOADED if loader.name == "DiT 8-bit file" else loader.shapes_seen
     elif choice == 6 and "quantization_config" in config:
         quant = config["quantization_config"]
         if quant.get("quant_method") == "sdnq":
@@ -479,19 +485,13 @@ def config_damage(rng: random.Random, loader: Loader, path: Path):
         kind, new, named = "config_quantisation", json.dumps(config), ()
     else:
         config["_comment"] = "re-uploaded by someone"
-        kind, new, named = "config_extra_key", json.dumps(config), ()
-        if loader.config == "metadata":
-            header["__metadata__"]["config"] = new
-            write(path, joined(header, body))
-        else:
-            write(file, new)
-        return kind, LOADED, named
+        kind, new, named, expect = "config_extra_key", json.dumps(config), (), LOADED
     if loader.config == "metadata":
         header["__metadata__"]["config"] = new
         write(path, joined(header, body))
     else:
         write(file, new)
-    return kind, QUEUE, named
+    return kind, expect, named
 
 
 def index_damage(rng: random.Random, loader: Loader, path: Path):

@@ -27,6 +27,7 @@ from tests.test_file_checks import (  # noqa: E402
     LOADED,
     QUEUE,
     RAW,
+    WHEN_LOADED,
     Case,
     Loader,
     copy_of,
@@ -126,6 +127,7 @@ def node_loaders(tiny_model_dir, corpus_root, tmp_path_factory):
             lambda p: encoder_node.execute(encoder=choice(p.parent), dtype="fp32"),
             "config.json",
             components.TEXT_ENCODER.config_sizes,
+            shapes_seen=WHEN_LOADED,
         ),
         Loader(
             "DiT LoRA",

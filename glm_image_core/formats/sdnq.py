@@ -446,6 +446,13 @@ def check_layers(files: ComponentFiles, settings: SdnqSettings) -> None:
                 f"{files.weights.where} stores {key} as {dtype} codes without {scale}; an SDNQ layer stores its "
                 "codes with their scale. Download the folder again."
             )
+        weight = key.removesuffix("scale") + "weight"
+        if key.endswith(".scale") and dtypes.get(weight, CODE_STORAGE[0]) not in CODE_STORAGE:
+            raise ModelFilesError(
+                f"{files.weights.where} stores {weight} as {dtypes[weight]} beside {key}; an SDNQ layer stores its "
+                f"codes as {', '.join(CODE_STORAGE)}. The file was converted wrongly or damaged: download the folder "
+                "again."
+            )
     for name in quantised_layers(files):
         code = code_dtype(settings.dtype_of(name))
         found = {t: dtypes.get(f"{name}.{t}") for t in LAYER_TENSORS}
