@@ -33,25 +33,47 @@ from pathlib import Path
 
 from .errors import InvalidInputError, ModelFilesError
 
-# Bytes per element of every dtype a safetensors header may name (safetensors' Dtype).
-DTYPE_BYTES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
+# Bits per element of every dtype a safetensors header may name (safetensors' Dtype, 0.8: sub-byte floats included).
+DTYPE_BITS = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
 }
-FLOATING = frozenset({"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"})
+FLOATING = frozenset(
+    {
+        "F4",
+        "F6_E2M3",
+        "F6_E3M2",
+        "F8_E5M2",
+        "F8_E4M3",
+        "F8_E8M0",
+        "F8_E4M3FNUZ",
+        "F8_E5M2FNUZ",
+        "F16",
+        "BF16",
+        "F32",
+        "F64",
+    }
+)
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 METADATA_KEY = "__metadata__"
 
@@ -116,14 +138,15 @@ def _parsed(text: bytes, data_bytes: int) -> Header:
         if not isinstance(info, dict):
             raise _Broken(f"its entry for {key!r} is not an object with dtype, shape and data_offsets")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPE_BYTES:
-            raise _Broken(f"tensor {key!r} has dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)}")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise _Broken(f"tensor {key!r} has dtype {dtype!r}; expected one of {', '.join(DTYPE_BITS)}")
         if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
             raise _Broken(f"tensor {key!r} has shape {shape!r}; expected a list of sizes (integers >= 0)")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(n) and n >= 0 for n in offsets)):
             raise _Broken(f"tensor {key!r} has data_offsets {offsets!r}; expected [begin, end] in bytes")
-        expected = math.prod(shape) * DTYPE_BYTES[dtype]
-        if offsets[1] - offsets[0] != expected:
+        bits = math.prod(shape) * DTYPE_BITS[dtype]
+        expected = bits // 8
+        if bits % 8 or offsets[1] - offsets[0] != expected:
             raise _Broken(
                 f"tensor {key!r} is {dtype} {shape} ({expected} bytes) but its data_offsets {offsets} span "
                 f"{offsets[1] - offsets[0]} bytes"

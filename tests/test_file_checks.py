@@ -386,14 +386,16 @@ def model_tensor_damage(rng: random.Random, loader: Loader, path: Path):
     t = tensors[key]
     codes = sorted(k for k, v in tensors.items() if not v.is_floating_point() and not k.endswith(".comfy_quant"))
     choice = rng.randrange(6 if codes else 5)
+    # ComfyUI's quantised files say each layer's format (whether it has a weight_scale, the weight's whole shape and
+    # dtype) in its marker's values: seen when read
+    marked = loader.name == "DiT 8-bit file"
     if choice == 0:
         del tensors[key]
-        kind, expect, named = "tensor_missing", loader.shapes_seen, (f"{layer}|{SEEN_FIRST}",)
+        expect = LOAD if marked and key.endswith(".weight_scale") else loader.shapes_seen
+        kind, named = "tensor_missing", (f"{layer}|{SEEN_FIRST}",)
     elif choice == 1:
         tensors[key] = misshapen(rng, t)
-        # a weight_scale's shape matters for the format its marker's values name: seen when read
-        marked = loader.name == "DiT 8-bit file" and key.endswith(".weight_scale") and tensors[key].numel() > 1
-        expect = LOAD if marked else loader.shapes_seen
+        expect = LOAD if marked and key.endswith(".weight_scale") and tensors[key].numel() > 1 else loader.shapes_seen
         kind, named = "tensor_misshapen", (f"{layer}|{SEEN_FIRST}",)
     elif choice == 2:
         tensors[key] = t.to(rng.choice([torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool]))
@@ -408,8 +410,7 @@ def model_tensor_damage(rng: random.Random, loader: Loader, path: Path):
     else:
         key = rng.choice(codes)
         tensors[key] = tensors[key].float()
-        # ComfyUI's files say each layer's format in its marker's values: seen when read
-        expect = LOAD if loader.name == "DiT 8-bit file" else QUEUE
+        expect = LOAD if marked else QUEUE
         kind, named = "codes_as_floats", (key.rsplit(".", 1)[0],)
     save(file, tensors, metadata)
     return kind, expect, named
@@ -840,3 +841,18 @@ def test_an_alpha_without_its_pair_is_refused(core_dit, tmp_path):
     save_file(tensors, tmp_path / "alone.safetensors")
     with pytest.raises(InvalidInputError, match=r"alone.safetensors: transformer.proj_out has only an alpha but no"):
         lora.check_dit_lora_file(tmp_path / "alone.safetensors")
+
+
+def test_the_header_reader_takes_every_dtype_safetensors_writes_sub_byte_ones_included(tmp_path):
+    tensors = {"scale": ("F8_E8M0", [3], 3), "packed": ("F4", [2, 4], 4), "six": ("F6_E2M3", [4], 3)}
+    header, offset = {}, 0
+    for key, (dtype, shape, nbytes) in tensors.items():
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    (tmp_path / "x.safetensors").write_bytes(joined(header, bytes(offset)))
+    read = file_checks.read_header(tmp_path / "x.safetensors", "")
+    assert read.dtypes == {key: dtype for key, (dtype, _, _) in tensors.items()}
+    header["six"]["shape"] = [3]  # 18 bits: no whole number of bytes
+    (tmp_path / "x.safetensors").write_bytes(joined(header, bytes(offset)))
+    with pytest.raises(ModelFilesError, match=r"tensor 'six' is F6_E2M3 \[3\]"):
+        file_checks.read_header(tmp_path / "x.safetensors", "")

@@ -54,15 +54,14 @@ class ComfyQuantFormat(WeightFormat):
         return bool(marked_layers(files.weights.shapes, files.weights.metadata, files.weights.where))
 
     def check(self, files: ComponentFiles) -> None:
-        """Every marked layer stores its weight and its weight_scale (ComfyUI's formats all scale their weight)."""
+        """Every marked layer stores its weight (what else it stores depends on its format, in its marker's values:
+        ``check_marked_layers``)."""
         shapes = files.weights.shapes
         for layer in sorted(marked_layers(shapes, files.weights.metadata, files.weights.where)):
-            missing = [f"{layer}{s}" for s in (".weight", ".weight_scale") if f"{layer}{s}" not in shapes]
-            if missing:
+            if f"{layer}.weight" not in shapes:
                 raise ModelFilesError(
-                    f"{files.weights.where} marks {layer} as quantised but lacks {missing[0]}; a quantised layer "
-                    "stores its weight and its weight_scale. The file was changed after it was written: make it "
-                    "again (save_single_file(..., quant=...)) or download it again."
+                    f"{files.weights.where} marks {layer} as quantised but lacks {layer}.weight. The file was changed "
+                    "after it was written: make it again (save_single_file(..., quant=...)) or download it again."
                 )
 
     def check_read(self, files: ComponentFiles, state_dict: dict, expected: dict[str, tuple[int, ...]]) -> None:
@@ -163,14 +162,22 @@ def check_marked_layers(state_dict: dict[str, torch.Tensor], where: str) -> dict
     row. Returns the configs."""
     configs = layer_configs(state_dict, where)
     for layer, config in configs.items():
-        scale, weight = state_dict[f"{layer}.weight_scale"], state_dict[f"{layer}.weight"]
         storage = ELEMENTWISE.get(config.get("format"))
-        if storage is not None and weight.dtype != storage:
+        if storage is None:
+            continue  # ComfyUI's layers check the formats they run
+        scale, weight = state_dict.get(f"{layer}.weight_scale"), state_dict[f"{layer}.weight"]
+        if scale is None:
+            raise ModelFilesError(
+                f"{where} marks {layer} as {config['format']} but lacks {layer}.weight_scale, which that format "
+                "multiplies its stored numbers by. The file was changed after it was written: make it again or "
+                "download it again."
+            )
+        if weight.dtype != storage:
             raise ModelFilesError(
                 f"{layer}.weight is {weight.dtype} in {where}, its marker says {config['format']} (stored as "
                 f"{storage}). The file was changed after it was written: make it again or download it again."
             )
-        if config.get("format") in ELEMENTWISE and scale.numel() not in (1, weight.shape[0]):
+        if scale.numel() not in (1, weight.shape[0]):
             raise ModelFilesError(
                 f"{layer}.weight_scale is {list(scale.shape)} in {where}; a {config['format']} layer has one scale, or "
                 f"one per output row ({weight.shape[0]}). The file was changed after it was written: make it again or "
