@@ -17,6 +17,7 @@ from . import formats
 from .checkpoint import REDOWNLOAD, ComponentFiles, display_name, scan_weights
 from .components import (
     AR_MODEL,
+    built_shapes,
     check_config_class,
     check_config_file_names,
     check_signature,
@@ -27,6 +28,7 @@ from .components import (
 from .defaults import NUM_VQ_CODES
 from .dependencies import glm_image_classes
 from .errors import InvalidInputError, ModelFilesError
+from .file_checks import check_config_sizes
 from .files import save_safetensors
 from .formats.int8 import EXPORT_TAG, read_quantising
 
@@ -85,6 +87,7 @@ def _open_ar_files(location: Path):
 def _load_ar_with_transformers(location: Path, dtype: torch.dtype | None):
     (GlmImageForConditionalGeneration,) = glm_image_classes("GlmImageForConditionalGeneration")
     files = open_component(location, AR_MODEL, None)
+    _meta_ar_model(files, formats.PLAIN)  # the config builds exactly these tensors: transformers allocates no more
     try:
         # ignore_mismatched_sizes: transformers then reports shape mismatches instead of raising a bare RuntimeError
         model, info = GlmImageForConditionalGeneration.from_pretrained(
@@ -137,10 +140,9 @@ def _meta_ar_model(files: ComponentFiles, fmt: formats.WeightFormat):
         config = GlmImageConfig.from_dict(kept)
         with torch.device("meta"):
             model = GlmImageForConditionalGeneration(config)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
         raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {AR_MODEL.label}: {e}") from e
-    fmt.build_layers(model, files, None)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = built_shapes(model, fmt, files, None)
     check_weights_match(AR_MODEL, expected, files, fmt, optional=fmt.made_while_reading(files, expected))
     return model  # dtypes come with the loaded tensors (assign=True)
 
@@ -171,13 +173,14 @@ def _open_ar_int8_file(path: Path):
     source = f"the config in the metadata of {weights.where}"
     try:
         config = json.loads(weights.metadata["config"])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, RecursionError) as e:
         raise ModelFilesError(f"{source} is missing or not valid JSON ({e}); export the file again.") from e
     check_config_class(AR_MODEL, config, source)
+    check_config_sizes(config, AR_MODEL.config_sizes, weights.shapes, source, "Export the file again.")
     files = ComponentFiles(weights, config, source, AR_MODEL.subfolder)
     try:
         generation_config = _generation_config(path.parent, weights.metadata.get("generation_config", "{}"))
-    except ValueError as e:
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:
         raise ModelFilesError(f"the generation config in the metadata of {weights.where} is not valid ({e}).") from e
     return files, generation_config
 
@@ -282,7 +285,9 @@ def _processor_folder(folder: str | Path) -> Path:
 
 def check_ar_files(path: str | Path) -> None:
     """``check_files`` for the AR model: its folder (and, given a GLM-Image root, the processor's files beside it) or
-    an 8-bit export; headers and configs only."""
+    an 8-bit export; headers and configs only. The model the config builds is compared with the headers when it
+    loads, before transformers allocates it: its class takes transformers seconds to import, too long for a queued
+    prompt's check."""
     location = component_location(path, AR_MODEL)
     files, _ = _open_ar_files(location)
     formats.detect(files)

@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from .defaults import AR_DECODER_LAYERS_PREFIX, AR_DECODER_PROJECTIONS
 from .errors import InvalidInputError
+from .file_checks import (
+    LoraTensors,
+    adapter_value,
+    check_adapter_config,
+    check_lora_alpha_values,
+    check_lora_pairs,
+    read_header,
+)
 from .lora import LayerLora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,10 +63,13 @@ def read_config(config_path: Path | None) -> dict:
     """The adapter's PEFT config ({} for a single file), refused where it asks for what the merge does not do."""
     if config_path is None:
         return {}
+    source = f"{config_path.parent.name}/{ADAPTER_CONFIG}"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InvalidInputError(f"{config_path.parent.name}/{ADAPTER_CONFIG} is not valid JSON ({e}).") from e
+    except (OSError, ValueError, RecursionError) as e:
+        raise InvalidInputError(f"{source} is not valid JSON ({e}). {ADAPTER_REMEDY}") from e
+    if not isinstance(config, dict):
+        raise InvalidInputError(f"{source} is a JSON {type(config).__name__}, not an object. {ADAPTER_REMEDY}")
     refused = {
         "peft_type": config.get("peft_type", "LORA") != "LORA" and f"peft_type {config.get('peft_type')!r}",
         "modules_to_save": bool(config.get("modules_to_save")) and f"modules_to_save {config['modules_to_save']}",
@@ -105,55 +114,53 @@ def check_keys(keys, source: str) -> None:
         )
 
 
-def check_adapter(path: str | Path) -> None:
+ADAPTER_REMEDY = "Save the adapter again with PEFT's save_pretrained (safetensors), or download it again."
+
+
+def _parts(keys) -> dict[str, LoraTensors]:
+    """{module: its A, B and alpha keys} of keys that ``check_keys`` passed."""
+    parts: dict[str, LoraTensors] = {}
+    for key in keys:
+        module, kind = _module_and_kind(key)
+        setattr(parts.setdefault(module, LoraTensors()), {DOWN: "down", UP: "up", ALPHA: "alpha"}[kind], key)
+    return parts
+
+
+def check_adapter(path: str | Path) -> dict[str, LoraTensors]:
     """The checks that read no tensor data (for a host to run when a job is queued): the files are there, the
-    config asks for nothing the merge cannot do, every key is a LoRA tensor of a decoder projection."""
-    weights, config = adapter_files(path)
-    read_config(config)
-    try:
-        with safe_open(weights, framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-    except SafetensorError as e:
-        raise InvalidInputError(f"{weights.name} is not a readable safetensors file ({e}).") from e
-    check_keys(keys, Path(path).name)
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's per-module override: the first pattern that matches the end of the module name."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
+    safetensors header is whole, the config asks for nothing the merge cannot do, every key is a LoRA tensor of a
+    decoder projection, every A has its B of one rank in a floating dtype, and the config agrees with the tensors as
+    PEFT requires (``file_checks.check_adapter_config``). Returns the tensor keys by module."""
+    weights, config_path = adapter_files(path)
+    config = read_config(config_path)
+    header = read_header(weights, ADAPTER_REMEDY, InvalidInputError)
+    source = Path(path).name
+    check_keys(header.shapes, source)
+    parts = _parts(header.shapes)
+    check_lora_pairs(source, header, parts, ADAPTER_REMEDY)
+    if config_path is not None:
+        ranks = {module: header.shapes[keys.down][0] for module, keys in parts.items()}
+        check_adapter_config(f"{config_path.parent.name}/{ADAPTER_CONFIG}", config, ranks, ADAPTER_REMEDY)
+    return parts
 
 
 def read_adapter(path: str | Path) -> dict[str, LayerLora]:
     """{module name: its update} of an adapter folder or file, checked as ``check_adapter`` does."""
-    check_adapter(path)
+    parts = check_adapter(path)
     weights, config_path = adapter_files(path)
     config = read_config(config_path)
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(weights, framework="pt", device="cpu") as f:
-        for key in f.keys():
-            module, kind = _module_and_kind(key)
-            tensors.setdefault(module, {})[kind] = f.get_tensor(key)
     layers = {}
-    for module, parts in tensors.items():
-        if DOWN not in parts or UP not in parts:
-            missing = DOWN if DOWN not in parts else UP
-            raise InvalidInputError(f"{Path(path).name} has no {module}{missing}: the adapter is incomplete.")
-        down, up = parts[DOWN], parts[UP]
-        rank = down.shape[0]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != rank:
-            raise InvalidInputError(
-                f"{Path(path).name}: {module}'s lora_A {list(down.shape)} and lora_B {list(up.shape)} are not a "
-                "rank-r pair ([r, in] and [out, r])."
-            )
-        if config:
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
-        else:
-            alpha = parts[ALPHA].item() if ALPHA in parts else rank
-        scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-        layers[module] = LayerLora(down, up, scaling)
+    with safe_open(weights, framework="pt", device="cpu") as f:
+        for module, keys in parts.items():
+            down, up = f.get_tensor(keys.down), f.get_tensor(keys.up)
+            rank = down.shape[0]
+            if config:
+                alpha = adapter_value(config, "alpha_pattern", "lora_alpha", module, rank)
+            else:
+                alpha = f.get_tensor(keys.alpha).item() if keys.alpha else rank
+                check_lora_alpha_values(Path(path).name, {keys.alpha: alpha} if keys.alpha else {})
+            scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            layers[module] = LayerLora(down, up, scaling)
     return layers
 
 

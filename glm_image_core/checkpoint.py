@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import ModelFilesError
+from .file_checks import display_name, read_header
 from .files import outside_name_reason
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -70,12 +71,6 @@ def in_memory(state_dict: dict[str, torch.Tensor], config: dict, component: str)
     return ComponentFiles(weights, config, "the given config", component)
 
 
-def display_name(path: Path) -> str:
-    """``transformer/diffusion_pytorch_model-00002-of-00003.safetensors``: the file and the folder it sits in."""
-    path = Path(path)
-    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
-
-
 def _refuse_pickle(path: Path) -> ModelFilesError:
     return ModelFilesError(
         f"{display_name(path)} is a pickle checkpoint ({path.suffix}); only .safetensors weights are loaded, because "
@@ -85,21 +80,9 @@ def _refuse_pickle(path: Path) -> ModelFilesError:
 
 
 def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, str]]:
-    """Tensor shapes, metadata and dtypes of one safetensors file; a truncated or corrupt file -> ModelFilesError."""
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            slices = {key: f.get_slice(key) for key in f.keys()}
-            shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
-            dtypes = {key: s.get_dtype() for key, s in slices.items()}
-            metadata = dict(f.metadata() or {})
-    except SafetensorError as e:
-        raise ModelFilesError(
-            f"{display_name(path)} is truncated or corrupt ({path.stat().st_size} bytes; safetensors says: {e}). "
-            f"The download was probably interrupted: delete the file and {REDOWNLOAD}."
-        ) from e
-    except OSError as e:
-        raise ModelFilesError(f"{display_name(path)} cannot be read: {e}") from e
-    return shapes, metadata, dtypes
+    """Tensor shapes, metadata and dtypes of one safetensors file, checked against the file (``file_checks``)."""
+    header = read_header(path, f"The download was probably interrupted: delete the file and {REDOWNLOAD}.")
+    return header.shapes, header.metadata, header.dtypes
 
 
 def _read_index(index_path: Path) -> dict[str, str]:

@@ -16,6 +16,7 @@ from . import formats
 from .checkpoint import REDOWNLOAD, ComponentFiles, WeightFiles, display_name, scan_weights
 from .defaults import PUBLISHED_LATENTS_MEAN, PUBLISHED_LATENTS_STD
 from .errors import ModelFilesError
+from .file_checks import check_config_sizes, config_object
 from .files import outside_name_reason
 
 
@@ -32,6 +33,7 @@ class Component:
     signature_prefixes: tuple[str, ...] = ()  # ... or a key prefix only this component uses
     layer_prefix: str | None = None  # "<layer_prefix>.<i>." numbers the repeated blocks
     layer_config_key: str | None = None
+    config_sizes: tuple[str, ...] = ()  # the config's sizes the model is built from (dotted keys), checked first
 
 
 TRANSFORMER = Component(
@@ -43,6 +45,18 @@ TRANSFORMER = Component(
     ("prior_token_embedding.weight", "transformer_blocks.0.attn1.to_q.weight"),
     layer_prefix="transformer_blocks",
     layer_config_key="num_layers",
+    config_sizes=(
+        "attention_head_dim",
+        "condition_dim",
+        "in_channels",
+        "num_attention_heads",
+        "num_layers",
+        "out_channels",
+        "patch_size",
+        "prior_vq_quantizer_codebook_size",
+        "text_embed_dim",
+        "time_embed_dim",
+    ),
 )
 VAE = Component(
     "vae",
@@ -51,6 +65,14 @@ VAE = Component(
     "_class_name",
     "AutoencoderKL",
     ("decoder.conv_in.weight", "encoder.conv_in.weight"),
+    config_sizes=(
+        "block_out_channels",
+        "in_channels",
+        "latent_channels",
+        "layers_per_block",
+        "norm_num_groups",
+        "out_channels",
+    ),
 )
 TEXT_ENCODER = Component(
     "text_encoder",
@@ -61,6 +83,7 @@ TEXT_ENCODER = Component(
     ("encoder.block.0.layer.0.SelfAttention.q.weight", "shared.weight"),
     layer_prefix="encoder.block",
     layer_config_key="num_layers",
+    config_sizes=("d_ff", "d_kv", "d_model", "num_heads", "num_layers", "relative_attention_num_buckets", "vocab_size"),
 )
 AR_MODEL = Component(
     "vision_language_encoder",
@@ -70,6 +93,20 @@ AR_MODEL = Component(
     "glm_image",
     ("lm_head.weight",),
     signature_prefixes=("model.language_model.", "model.vqmodel.", "model.visual."),
+    config_sizes=tuple(
+        f"text_config.{key}"
+        for key in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "num_key_value_heads",
+            "vision_vocab_size",
+            "vocab_size",
+        )
+    )
+    + tuple(f"vision_config.{key}" for key in ("depth", "hidden_size", "intermediate_size", "num_heads", "patch_size"))
+    + tuple(f"vq_config.{key}" for key in ("embed_dim", "latent_channels", "num_embeddings")),
 )
 COMPONENTS = (TRANSFORMER, VAE, TEXT_ENCODER, AR_MODEL)
 
@@ -137,6 +174,7 @@ def component_location(path: str | Path, component: Component) -> Path:
 
 
 def check_config_class(component: Component, config: dict, source: str) -> None:
+    config_object(config, source, f"Download {component.subfolder}/config.json again from zai-org/GLM-Image.")
     value = config.get(component.config_field)
     if value == component.config_value:
         return
@@ -213,35 +251,56 @@ def check_config_file_names(folder: Path) -> None:
 def open_component(
     path: str | Path, component: Component, infer_config: Callable[[dict[str, tuple[int, ...]]], dict] | None
 ) -> ComponentFiles:
-    """Validate a component's files and find its config: config.json, single-file metadata or inferred."""
+    """Validate a component's files and find its config: config.json, single-file metadata or inferred; its sizes
+    checked against the weights (``file_checks.check_config_sizes``)."""
     location = component_location(path, component)
     weights = scan_weights(location, component.weights_name)
     check_signature(component, weights)
     if location.is_dir():
-        config = read_config(location, component)
-        return ComponentFiles(weights, config, display_name(location / "config.json"), component.subfolder)
-    if "config" in weights.metadata:
+        files = ComponentFiles(
+            weights, read_config(location, component), display_name(location / "config.json"), component.subfolder
+        )
+    elif "config" in weights.metadata:
         source = f"the config in the metadata of {weights.where}"
         try:
             config = json.loads(weights.metadata["config"])
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ModelFilesError(f"{source} is not valid JSON ({e}); re-export the file with save_single_file.") from e
         check_config_class(component, config, source)
-        return ComponentFiles(weights, config, source, component.subfolder)
-    if infer_config is None:
+        files = ComponentFiles(weights, config, source, component.subfolder)
+    elif infer_config is None:
         raise ModelFilesError(f"{weights.where}: {component.label} loads from its folder, not from a single file.")
+    else:
+        files = ComponentFiles(
+            weights,
+            inferred_config(weights, component, infer_config),
+            f"the config inferred from the shapes in {weights.where}",
+            component.subfolder,
+        )
+    check_config_sizes(
+        files.config, component.config_sizes, weights.shapes, files.config_source, config_remedy(component)
+    )
+    return files
+
+
+def config_remedy(component: Component) -> str:
+    return (
+        f"Download the {component.subfolder}/ folder again from zai-org/GLM-Image (config.json and weights "
+        "together), or re-export a single file with save_single_file."
+    )
+
+
+def inferred_config(weights: WeightFiles, component: Component, infer_config) -> dict:
+    """The config of a single file without one in its metadata, from its tensor shapes."""
     try:
-        config = infer_config(weights.shapes)
-    except (KeyError, TypeError, ValueError) as e:
+        return infer_config(weights.shapes)
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
         reason = f"tensor {e.args[0]} is missing" if isinstance(e, KeyError) else str(e)
         raise ModelFilesError(
             f"{weights.where} has no config in its metadata, and the config of {component.label} cannot be "
             f"inferred from its tensors ({reason}). Use the files of zai-org/GLM-Image, or a single file written by "
             "save_single_file."
         ) from e
-    return ComponentFiles(
-        weights, config, f"the config inferred from the shapes in {weights.where}", component.subfolder
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,6 +311,16 @@ def _layer_count(keys, prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
     return max(indices) + 1 if indices else 0
+
+
+def built_shapes(model, fmt: formats.WeightFormat, files: ComponentFiles, dtype) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a meta-device ``model`` once ``fmt`` has built its layers, and the biases of the layers it
+    replaced: a quantised layer takes its bias where the files have one, so a bias the files lack would otherwise go
+    unnoticed (the model would run without it)."""
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    fmt.build_layers(model, files, dtype)
+    after = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return after | {k: shape for k, shape in before.items() if k.endswith(".bias") and k not in after}
 
 
 def check_weights_match(

@@ -43,6 +43,7 @@ from .components import (
     TRANSFORMER,
     VAE,
     Component,
+    built_shapes,
     check_config_file_names,
     check_signature,
     check_weights_match,
@@ -107,8 +108,7 @@ def _checked_meta_model(cls: type, kwargs: dict, files: ComponentFiles, fmt: for
         meta_model = cls(**kwargs, dtype=dtype, device="meta")
     except (InvalidInputError, TypeError, ValueError) as e:
         raise ModelFilesError(f"{files.config_source} does not describe GLM-Image's {component.label}: {e}") from e
-    fmt.build_layers(meta_model, files, dtype)
-    check_weights_match(component, {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}, files, fmt)
+    check_weights_match(component, built_shapes(meta_model, fmt, files, dtype), files, fmt)
     return meta_model
 
 
@@ -149,9 +149,14 @@ def read_checked_weights(
     tensors come as stored for the host's own layers, or, ``as_stored=False``, as a core model takes them (ComfyUI's
     quantised files dequantised; floating tensors in ``dtype``, None: as stored)."""
     cls, kwargs, files, fmt = _open_module_component(path, component)
-    _checked_meta_model(cls, kwargs, files, fmt, None)
+    meta_model = _checked_meta_model(cls, kwargs, files, fmt, None)
     state_dict = fmt.read_as_stored(files, dtype) if as_stored else fmt.read(files, dtype)
+    fmt.check_read(files, state_dict, _shapes(meta_model))
     return CheckedWeights(files.config, state_dict, fmt)
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _build_and_load(
@@ -163,7 +168,9 @@ def _build_and_load(
     layers take ``read_checked_weights`` instead."""
     cls, kwargs, files, fmt = _open_module_component(path, component)
     model = _checked_meta_model(cls, kwargs, files, fmt, dtype)
-    _assign_weights(model, fmt.read(files, dtype, device))
+    state_dict = fmt.read(files, dtype, device)
+    fmt.check_read(files, state_dict, _shapes(model))
+    _assign_weights(model, state_dict)
     return model.to(device).eval()
 
 
@@ -193,26 +200,38 @@ def load_vae(path: str | Path, dtype: torch.dtype | None = torch.bfloat16, devic
 # Glyph encoder (T5) and its tokenizer
 
 
+# The token embedding is one matrix under two names (`shared`, `encoder.embed_tokens`); files store either.
+GLYPH_TIED = ("shared.weight", "encoder.embed_tokens.weight")
+
+
+def _checked_glyph_encoder(path: str | Path):
+    """(T5EncoderModel of the files' config on the meta device, the files, their format), after checking that the
+    files hold exactly its tensors."""
+    from transformers import T5Config, T5EncoderModel
+
+    files = open_component(path, TEXT_ENCODER, infer_text_encoder_config)
+    try:
+        config = T5Config.from_dict({k: v for k, v in files.config.items() if not k.startswith("_")})
+        with torch.device("meta"):
+            model = T5EncoderModel(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ModelFilesError(f"{files.config_source} does not describe {TEXT_ENCODER.label}: {e}") from e
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    fmt = formats.detect(files)
+    check_weights_match(TEXT_ENCODER, shapes, files, fmt, optional=frozenset(GLYPH_TIED))
+    if not any(k in files.weights.shapes for k in GLYPH_TIED):
+        raise ModelFilesError(f"{files.weights.where} lacks the token embedding (shared.weight); {REDOWNLOAD}.")
+    return model, files, fmt
+
+
 def load_glyph_encoder(
     path: str | Path, dtype: torch.dtype | None = torch.bfloat16, device: torch.device | str = "cpu"
 ):
     """The Glyph-ByT5 encoder (``transformers.T5EncoderModel``) from the root, ``text_encoder/`` or one file."""
-    from transformers import T5Config, T5EncoderModel
-
-    files = open_component(path, TEXT_ENCODER, infer_text_encoder_config)
-    config = T5Config.from_dict({k: v for k, v in files.config.items() if not k.startswith("_")})
-    with torch.device("meta"):
-        model = T5EncoderModel(config)
-    # The token embedding is one matrix under two names (`shared`, `encoder.embed_tokens`); files store either.
-    tied = ("shared.weight", "encoder.embed_tokens.weight")
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    fmt = formats.detect(files)
-    check_weights_match(TEXT_ENCODER, shapes, files, fmt, optional=frozenset(tied))
-    if not any(k in files.weights.shapes for k in tied):
-        raise ModelFilesError(f"{files.weights.where} lacks the token embedding (shared.weight); {REDOWNLOAD}.")
+    model, files, fmt = _checked_glyph_encoder(path)
     state_dict = fmt.read(files, dtype, device)
-    embedding = state_dict.get(tied[0], state_dict.get(tied[1]))
-    state_dict.update(dict.fromkeys(tied, embedding))
+    embedding = state_dict.get(GLYPH_TIED[0], state_dict.get(GLYPH_TIED[1]))
+    state_dict.update(dict.fromkeys(GLYPH_TIED, embedding))
     _assign_weights(model, state_dict)
     model.encoder.embed_tokens.weight = model.shared.weight
     return model.to(device).eval()
@@ -246,18 +265,19 @@ def check_files(path: str | Path, component: Component) -> None:
     """Raise ModelFilesError unless ``path`` passes every check that reads no tensor data: the folder or file exists,
     the index's shards are all present, every safetensors header reads and covers its file, the weights are this
     component's and its config is of the right class (for the AR model given a GLM-Image root, also that the
-    processor's files are there), a quantised file is in a format the loaders read. It reads headers and configs
-    only (milliseconds, also for the 9B AR), so a host can run it when a job is queued; the loaders repeat it before
-    reading the weights, and then check the tensor shapes against the model the config builds."""
+    processor's files are there), a quantised file is in a format the loaders read, the config's sizes fit the
+    weights, every tensor is floating or one of the format's codes, and (DiT, VAE) the model the config builds (on the
+    meta device: no memory) has exactly the files' tensors. It reads headers and configs only (no tensor data), in
+    milliseconds, so a host can run it when a job is queued; the loaders repeat it before reading the weights
+    (``file_checks``). The glyph encoder and the AR are transformers' classes, which take seconds to import: the model
+    their config builds is compared with the headers when they load, before anything is allocated."""
     if component is AR_MODEL:
         check_ar_files(path)
-        return
-    infer_config = {
-        TRANSFORMER: infer_transformer_config,
-        VAE: infer_vae_config,
-        TEXT_ENCODER: infer_text_encoder_config,
-    }[component]
-    formats.detect(open_component(path, component, infer_config))
+    elif component is TEXT_ENCODER:
+        formats.detect(open_component(path, TEXT_ENCODER, infer_text_encoder_config))
+    else:
+        cls, kwargs, files, fmt = _open_module_component(path, component)
+        _checked_meta_model(cls, kwargs, files, fmt, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,19 +18,23 @@ names are read too.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import re
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from . import formats
 from .errors import InvalidInputError
+from .file_checks import Header, LoraTensors, check_lora_alpha_values, check_lora_fits, check_lora_pairs, read_header
 
+PUBLISHED = Path(__file__).parent / "published"
 DIFFUSERS_LORA_PREFIXES = ("transformer.", "base_model.model.", "")
 DOWN_SUFFIXES, UP_SUFFIXES, ALPHA_SUFFIX = (
     (".lora_A.weight", ".lora_down.weight"),
@@ -100,49 +104,140 @@ def dit_layer_names(model: torch.nn.Module) -> dict[str, str]:
     return names
 
 
-def read_dit_lora(path: str | Path, model: torch.nn.Module) -> dict[str, LayerLora]:
-    """{layer of ``model`` (the core DiT): its update} from a LoRA file in diffusers/PEFT, ComfyUI or kohya key names.
-    A file none of whose keys names a layer is refused; keys of other layers are named in a warning."""
-    path, known = Path(path), dit_layer_names(model)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise InvalidInputError(f"{path.name} is not a readable safetensors LoRA ({e}).") from e
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+class AnyDitLayerName:
+    """Every name a DiT LoRA file may give a layer of a GLM-Image DiT of any size, without the model (when a prompt
+    is queued): the names ``dit_layer_names`` and ComfyUI's key map give the layers with a weight, for any block
+    number. Used as the ``known`` set of ``lora_layer_of``."""
+
+    def __init__(self):
+        from .dit import GlmImageTransformer2DModel
+
+        config = json.loads((PUBLISHED / "transformer__config.json").read_text(encoding="utf-8"))
+        with torch.device("meta"):  # the layer names depend on no size but the block count
+            model = GlmImageTransformer2DModel(**{**{k: v for k, v in config.items() if k[0] != "_"}, "num_layers": 1})
+        modules = {key.removesuffix(".weight") for key in model.state_dict() if key.endswith(".weight")}
+        names = [prefix + m for m in modules for prefix in (*DIFFUSERS_LORA_PREFIXES, "diffusion_model.")]
+        names += ["lora_unet_" + m.replace(".", "_") for m in modules]
+        patterns = (
+            re.escape(n)
+            .replace(r"transformer_blocks\.0\.", r"transformer_blocks\.\d+\.")
+            .replace(r"transformer_blocks_0_", r"transformer_blocks_\d+_")
+            for n in names
+        )
+        self.pattern = re.compile("|".join(sorted(patterns)))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.pattern.fullmatch(name) is not None
+
+
+DIT_LORA_REMEDY = (
+    "Download the LoRA again, or save it again from its trainer (diffusers' save_lora_weights or PEFT's "
+    "save_pretrained, in safetensors)."
+)
+
+
+def lora_parts(keys: Iterable[str], known: Mapping[str, str] | Container[str]) -> tuple[dict[str, LoraTensors], list]:
+    """({layer name as the file gives it: its A, B, alpha and other adapter keys}, the keys that name no known
+    layer)."""
+    parts: dict[str, LoraTensors] = {}
     unmatched = []
-    for key, tensor in tensors.items():
+    for key in keys:
         name = lora_layer_of(key, known)
-        kind = "down" if key.endswith(DOWN_SUFFIXES) else "up" if key.endswith(UP_SUFFIXES) else "alpha"
-        if name is None or (kind == "alpha" and not key.endswith(ALPHA_SUFFIX)):
+        if name is None:
             unmatched.append(key)
-        else:
-            parts.setdefault(known[name], {})[kind] = tensor
+            continue
+        kind = (
+            "down"
+            if key.endswith(DOWN_SUFFIXES)
+            else "up"
+            if key.endswith(UP_SUFFIXES)
+            else "alpha"
+            if key.endswith(ALPHA_SUFFIX)
+            else "other"
+        )
+        part = parts.setdefault(name, LoraTensors())
+        if getattr(part, kind) is None:
+            setattr(part, kind, key)
+    return parts, unmatched
+
+
+def check_dit_lora(
+    source: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, str],
+    known: Mapping[str, str] | Container[str],
+    features: Callable[[str], tuple[int, int] | None] | None = None,
+) -> tuple[dict[str, LoraTensors], list[str]]:
+    """The checks of a DiT LoRA's tensors (``file_checks``): some key names a layer of the DiT (else it is for
+    another model), every layer's A and B complete, of one rank, floating, alpha a scalar; with ``features`` (a
+    layer name as the file gives it -> the (out, in) of the model's layer, or None where it has none), each pair fits
+    its layer. Returns (the parts by layer name, the keys for no layer of the DiT: for another model)."""
+    parts, unmatched = lora_parts(shapes, known)
     if not parts:
         raise InvalidInputError(
-            f"{path.name} matches no layer of the GLM-Image DiT ({len(tensors)} keys, e.g. {', '.join(unmatched[:3])}): "
-            "it is for another model."
+            f"{source} matches no layer of the GLM-Image DiT ({len(shapes)} keys, e.g. {', '.join(unmatched[:3])}): it "
+            "is for another model. GLM-Image LoRAs name layers as diffusers does (transformer.transformer_blocks.0."
+            "attn1.to_q.lora_A.weight) or as ComfyUI does (lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight)."
         )
+    check_lora_pairs(source, Header(dict(shapes), dict(dtypes), {}), parts, DIT_LORA_REMEDY)
+    if features is not None:
+        pairs, sizes = {}, {}
+        for name, keys in parts.items():
+            size = features(name) if keys.down is not None else None
+            if size is not None:
+                pairs[name], sizes[name] = (shapes[keys.down], shapes[keys.up]), size
+        check_lora_fits(source, pairs, sizes, "The LoRA was trained for another model or another size of GLM-Image.")
+    return parts, unmatched
+
+
+def check_dit_lora_file(path: str | Path) -> None:
+    """``check_dit_lora`` of a LoRA file from its header (no tensor data, when a prompt is queued), the header
+    checked first (``file_checks.read_header``)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise InvalidInputError(f"{path.name} is not a .safetensors file; LoRAs load from safetensors files only.")
+    header = read_header(path, DIT_LORA_REMEDY, InvalidInputError)
+    check_dit_lora(path.name, header.shapes, header.dtypes, AnyDitLayerName())
+
+
+def read_dit_lora(path: str | Path, model: torch.nn.Module) -> dict[str, LayerLora]:
+    """{layer of ``model`` (the core DiT): its update} from a LoRA file in diffusers/PEFT, ComfyUI or kohya key names,
+    checked (``check_dit_lora``) before a tensor is read, and fitted to ``model``'s layers. Keys for no layer of the
+    DiT (another model's, such as a text encoder's) are counted in a warning."""
+    path, known = Path(path), dit_layer_names(model)
+    check_dit_lora_file(path)
+    header = read_header(path, DIT_LORA_REMEDY, InvalidInputError)
+
+    def features(name: str):
+        module = model.get_submodule(known[name])
+        return module.out_features, module.in_features
+
+    parts, unmatched = check_dit_lora(path.name, header.shapes, header.dtypes, known, features)
     if unmatched:
         logging.warning(
-            "GLM-Image LoRA: %d keys of %s match no layer of the DiT: %s", len(unmatched), path.name, unmatched[:10]
+            "GLM-Image LoRA: %d keys of %s match no layer of the DiT and are ignored: %s",
+            len(unmatched),
+            path.name,
+            unmatched[:10],
+        )
+    other_kinds = [keys.other for keys in parts.values() if keys.other]
+    if other_kinds:
+        logging.warning(
+            "GLM-Image LoRA: %d layers of %s are not LoRA pairs (LoHa, LoKr, DoRA, ...: ComfyUI's LoRA node reads "
+            "them, this loader does not) and are ignored: %s",
+            len(other_kinds),
+            path.name,
+            other_kinds[:10],
         )
     layers = {}
-    for layer, found in parts.items():
-        module = model.get_submodule(layer)
-        down, up = found.get("down"), found.get("up")
-        if (
-            down is None
-            or up is None
-            or up.shape != (module.out_features, down.shape[0])
-            or down.shape[1:] != (module.in_features,)
-        ):
-            raise InvalidInputError(
-                f"{path.name}: {layer} has lora_A {None if down is None else list(down.shape)} and lora_B "
-                f"{None if up is None else list(up.shape)}; the layer is [{module.out_features}, {module.in_features}]."
-            )
-        alpha = found["alpha"].item() if "alpha" in found else down.shape[0]
-        layers[layer] = LayerLora(down, up, alpha / down.shape[0])
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for name, keys in parts.items():
+            if keys.down is None:
+                continue  # another adapter kind (LoHa, LoKr, ...): ComfyUI reads those, the core does not
+            down, up = f.get_tensor(keys.down), f.get_tensor(keys.up)
+            alpha = f.get_tensor(keys.alpha).item() if keys.alpha else down.shape[0]
+            check_lora_alpha_values(path.name, {keys.alpha: alpha} if keys.alpha else {})
+            layers[known[name]] = LayerLora(down, up, alpha / down.shape[0])
     return layers
 
 

@@ -27,8 +27,9 @@ import torch
 from comfy_api.latest import io
 
 from ..glm_image_core import ar_lora, formats, lora
-from ..glm_image_core.errors import InvalidInputError
-from ..glm_image_core.lora import diffusers_lora_names, unmatched_lora_keys
+from ..glm_image_core.checkpoint import SAFETENSORS_DTYPES
+from ..glm_image_core.file_checks import check_lora_alpha_values
+from ..glm_image_core.lora import check_dit_lora, diffusers_lora_names
 from . import paths
 from .common import file_input, schema
 from .types import GlmARModel
@@ -53,15 +54,24 @@ def glm_lora_key_map(model) -> dict[str, str]:
 
 def apply_lora(patcher, lora: dict, strength: float, source: str = "this LoRA"):
     """A clone of ``patcher`` with the LoRA added at ``strength``; the input stays as it was. Refuses a LoRA none of
-    whose keys name a layer of the DiT; warns with the names of the keys it cannot place."""
+    whose keys name a layer of the DiT, or whose tensors do not fit its layers (``glm_image_core.lora.check_dit_lora``:
+    pairs complete, ranks agreeing, shapes those of the layers, alpha a scalar); warns with the count and names of
+    the keys it cannot place (another model's, such as a text encoder's)."""
     key_map = glm_lora_key_map(patcher.model)
-    unmatched = unmatched_lora_keys(lora, key_map)
-    if unmatched and len(unmatched) == len(lora):
-        raise InvalidInputError(
-            f"{source} matches no layer of the GLM-Image DiT ({len(lora)} keys, e.g. {', '.join(unmatched[:3])}): it "
-            "is for another model. GLM-Image LoRAs name layers as diffusers does (transformer.transformer_blocks.0."
-            "attn1.to_q.lora_A.weight) or as ComfyUI does (lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight)."
-        )
+    diffusion_model = patcher.model.diffusion_model
+
+    def features(name: str):
+        """(out, in) of the layer a LoRA name is for: its logical size, packed layers included."""
+        key = key_map[name]
+        if not isinstance(key, str):
+            return None
+        layer = diffusion_model.get_submodule(key.removeprefix("diffusion_model.").rpartition(".")[0])
+        return (layer.out_features, layer.in_features) if hasattr(layer, "in_features") else None
+
+    shapes = {key: tuple(tensor.shape) for key, tensor in lora.items()}
+    dtypes = {key: SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)) for key, tensor in lora.items()}
+    parts, unmatched = check_dit_lora(source, shapes, dtypes, key_map, features)
+    check_lora_alpha_values(source, {k.alpha: lora[k.alpha].item() for k in parts.values() if k.alpha})
     if unmatched:
         logging.warning(
             "GLM-Image LoRA: %d of the %d keys of %s match no layer of the DiT and are ignored: %s",
@@ -179,6 +189,7 @@ class LoraLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name, strength_model) -> io.NodeOutput:
         path = paths.resolve(paths.LORAS, lora_name)
+        paths.LORAS.check(path)  # as when queued: the file may have changed since
         if strength_model == 0:
             return io.NodeOutput(model)
         lora = comfy.utils.load_torch_file(path, safe_load=True)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import folder_paths
 
-from ..glm_image_core import ar_lora, loading
+from ..glm_image_core import ar_lora, loading, lora
 from ..glm_image_core.errors import GlmImageError, InvalidInputError
 from ..glm_image_core.tokens import read_tokens
 
@@ -222,12 +223,13 @@ class TokenFiles:
 
 @dataclass(frozen=True)
 class FolderFiles:
-    """The files of one ComfyUI model folder (e.g. "loras") whose names end in `suffix`; with a component, checked
-    like a loader's files when the prompt is queued, else only when they are read."""
+    """The files of one ComfyUI model folder (e.g. "loras") whose names end in `suffix`, checked when the prompt is
+    queued: like a loader's files (`component`), or by the core's check of such a file (`check_file`)."""
 
     folder: str
     suffix: str = ".safetensors"
     component: loading.Component | None = None
+    check_file: Callable[[str], None] | None = None
 
     def options(self) -> list[str]:
         return sorted(f for f in folder_paths.get_filename_list(self.folder) if f.endswith(self.suffix))
@@ -241,6 +243,8 @@ class FolderFiles:
     def check(self, path: str) -> None:
         if self.component is not None:
             loading.check_files(path, self.component)
+        if self.check_file is not None:
+            self.check_file(path)
 
 
 @dataclass(frozen=True)
@@ -280,7 +284,7 @@ VAE = ModelFiles(loading.VAE, "vae")
 GLYPH_ENCODER = ModelFiles(loading.TEXT_ENCODER, "text_encoders")
 AR_MODEL = ModelFiles(loading.AR_MODEL)  # a folder only: transformers loads it with its processor
 TOKENS = TokenFiles()
-LORAS = FolderFiles("loras")
+LORAS = FolderFiles("loras", check_file=lora.check_dit_lora_file)
 AR_LORAS = AdapterFiles("loras")
 AR_INT8 = FolderFiles(GLM_IMAGE_FOLDER, loading.AR_INT8_SUFFIX, loading.AR_MODEL)  # export-ar-int8's files
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..checkpoint import ComponentFiles
 from ..errors import ModelFilesError
+from ..file_checks import check_dtypes, display_name
 from .base import DenseProjection, Projection, WeightFormat
 from .comfy_quant import ComfyQuantFormat
 from .int8 import Int8Format
@@ -81,6 +82,9 @@ def detect(files: ComponentFiles) -> WeightFormat:
             f"{', '.join(f.label for f in (*FORMATS, PLAIN) if files.component in f.components)}."
         )
     fmt.check(files)
+    weights = files.weights
+    where = {key: display_name(file) for key, file in weights.key_file.items()}
+    check_dtypes(weights.dtypes, where, fmt.integer_keys(files), fmt.label)
     return fmt
 
 

@@ -57,6 +57,14 @@ class WeightFormat:
         """Keys of the model (``expected``) that ``read`` computes rather than finds in the files."""
         return frozenset()
 
+    def integer_keys(self, files: ComponentFiles) -> set[str]:
+        """Keys this format stores as integer codes (every other tensor of a model is floating)."""
+        return set()
+
+    def check_read(self, files: ComponentFiles, state_dict: dict, expected: dict[str, tuple[int, ...]]) -> None:
+        """A ModelFilesError for what only the read tensors show (``state_dict``, as ``read`` or ``read_as_stored``
+        gave them) against the shapes of the model the config builds (``expected``)."""
+
     def rows_only(self, files: ComponentFiles) -> set[str]:
         """Weight keys stored packed along their inputs: only their rows can be checked against the model's shape."""
         return set()

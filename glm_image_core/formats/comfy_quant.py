@@ -53,9 +53,38 @@ class ComfyQuantFormat(WeightFormat):
     def recognise(self, files: ComponentFiles) -> bool:
         return bool(marked_layers(files.weights.shapes, files.weights.metadata, files.weights.where))
 
+    def check(self, files: ComponentFiles) -> None:
+        """Every marked layer stores its weight (what else it stores depends on its format, in its marker's values:
+        ``check_marked_layers``)."""
+        shapes = files.weights.shapes
+        for layer in sorted(marked_layers(shapes, files.weights.metadata, files.weights.where)):
+            if f"{layer}.weight" not in shapes:
+                raise ModelFilesError(
+                    f"{files.weights.where} marks {layer} as quantised but lacks {layer}.weight. The file was changed "
+                    "after it was written: make it again (save_single_file(..., quant=...)) or download it again."
+                )
+
+    def check_read(self, files: ComponentFiles, state_dict: dict, expected: dict[str, tuple[int, ...]]) -> None:
+        """A layer whose marker names a format of one stored number per weight (fp8, int8) has the weight's whole
+        shape, which the headers alone could not tell (``rows_only``); dequantised (``read``), every layer has."""
+        configs = layer_configs(state_dict, files.weights.where)
+        for key in sorted(self.rows_only(files)):
+            config = configs.get(key.removesuffix(".weight"))
+            elementwise = config is None or config.get("format") in ELEMENTWISE  # None: read dequantised
+            found = tuple(state_dict[key].shape)
+            if elementwise and key in expected and found != expected[key]:
+                raise ModelFilesError(
+                    f"{key} is {list(found)} in {files.weights.where}, {files.config_source} expects "
+                    f"{list(expected[key])}. The weights and the config come from different models or downloads: "
+                    "make the file again from one folder (save_single_file) or download it again."
+                )
+
     def extra_key(self, key: str, expected) -> bool:
         suffix = next((s for s in (MARKER_SUFFIX, *PARAMETER_SUFFIXES) if key.endswith(s)), None)
         return suffix is not None and f"{key[: -len(suffix)]}.weight" in expected
+
+    def integer_keys(self, files: ComponentFiles) -> set[str]:
+        return self.rows_only(files) | {k for k in files.weights.shapes if k.endswith(MARKER_SUFFIX)}
 
     def rows_only(self, files: ComponentFiles) -> set[str]:
         # 4-bit formats among them pack a weight along its inputs; ComfyUI's layers check those shapes
@@ -72,7 +101,9 @@ class ComfyQuantFormat(WeightFormat):
 
     def read_as_stored(self, files: ComponentFiles, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         # a file-level block becomes per-layer markers, as ComfyUI's loader makes it
-        return with_file_markers(load_tensors(files.weights), files.weights.metadata, files.weights.where)
+        state_dict = with_file_markers(load_tensors(files.weights), files.weights.metadata, files.weights.where)
+        check_marked_layers(state_dict, files.weights.where)
+        return state_dict
 
 
 def file_layers(metadata: dict[str, str], where: str) -> dict[str, dict]:
@@ -106,20 +137,60 @@ def with_file_markers(state_dict: dict[str, torch.Tensor], metadata: dict[str, s
     return state_dict | {f"{layer}{MARKER_SUFFIX}": marker(config) for layer, config in layers.items()}
 
 
-def layer_configs(state_dict: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """{layer: its decoded config} for each marker tensor."""
-    return {
-        key[: -len(MARKER_SUFFIX)]: json.loads(bytes(tensor.tolist()).decode("utf-8"))
-        for key, tensor in state_dict.items()
-        if key.endswith(MARKER_SUFFIX)
-    }
+def layer_configs(state_dict: dict[str, torch.Tensor], where: str = "the file") -> dict[str, dict]:
+    """{layer: its decoded config} for each marker tensor (its values: a ModelFilesError naming it unless they are
+    the bytes of a JSON object)."""
+    configs = {}
+    for key, tensor in state_dict.items():
+        if key.endswith(MARKER_SUFFIX):
+            try:
+                config = json.loads(bytes(tensor.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
+            except (ValueError, RecursionError) as e:
+                config = e
+            if not isinstance(config, dict):
+                raise ModelFilesError(
+                    f'{key} in {where} is not the bytes of a JSON object such as {{"format": "int8_tensorwise"}} '
+                    f"({config}); the file was changed after it was written: make it again or download it again."
+                )
+            configs[key[: -len(MARKER_SUFFIX)]] = config
+    return configs
+
+
+def check_marked_layers(state_dict: dict[str, torch.Tensor], where: str) -> dict[str, dict]:
+    """The layer configs of a marked state dict, after checking what its markers' values say: a layer of a format
+    whose weight is storage * weight_scale stores its weight in that format's dtype, with one scale or one per output
+    row. Returns the configs."""
+    configs = layer_configs(state_dict, where)
+    for layer, config in configs.items():
+        storage = ELEMENTWISE.get(config.get("format"))
+        if storage is None:
+            continue  # ComfyUI's layers check the formats they run
+        scale, weight = state_dict.get(f"{layer}.weight_scale"), state_dict[f"{layer}.weight"]
+        if scale is None:
+            raise ModelFilesError(
+                f"{where} marks {layer} as {config['format']} but lacks {layer}.weight_scale, which that format "
+                "multiplies its stored numbers by. The file was changed after it was written: make it again or "
+                "download it again."
+            )
+        if weight.dtype != storage:
+            raise ModelFilesError(
+                f"{layer}.weight is {weight.dtype} in {where}, its marker says {config['format']} (stored as "
+                f"{storage}). The file was changed after it was written: make it again or download it again."
+            )
+        if scale.numel() not in (1, weight.shape[0]):
+            raise ModelFilesError(
+                f"{layer}.weight_scale is {list(scale.shape)} in {where}; a {config['format']} layer has one scale, or "
+                f"one per output row ({weight.shape[0]}). The file was changed after it was written: make it again or "
+                "download it again."
+            )
+    return configs
 
 
 def dequantise_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None, where: str) -> dict:
     """Plain weights from a marked state dict: weight = storage * weight_scale in float32, then ``dtype`` (None:
     float32 for them, the rest as stored). Formats that pack or rotate their weights are refused: ComfyUI's layers
     run them."""
-    configs = layer_configs(state_dict)
+    configs = check_marked_layers(state_dict, where)
     out = {k: v for k, v in state_dict.items() if not k.endswith(MARKER_SUFFIX)}
     for layer, config in configs.items():
         fmt = config.get("format")
@@ -129,7 +200,8 @@ def dequantise_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtyp
                 f"dequantises {', '.join(ELEMENTWISE)} (without ConvRot). Load the file in ComfyUI 0.33 or newer "
                 "(Load GLM-Image DiT runs it with ComfyUI's own layers), or use the bf16 weights."
             )
-        weight = out[f"{layer}.weight"].float() * out.pop(f"{layer}.weight_scale").float()
+        scale = out.pop(f"{layer}.weight_scale").float()
+        weight = out[f"{layer}.weight"].float() * scale.reshape(-1, *[1] * (out[f"{layer}.weight"].ndim - 1))
         out.pop(f"{layer}.input_scale", None)  # activation quantisation: not part of the weight
         out[f"{layer}.weight"] = weight
     return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in out.items()}

@@ -206,6 +206,9 @@ class Int8Format(WeightFormat):
     def extra_key(self, key: str, expected) -> bool:
         return key.endswith(".weight_scale") and is_quantised_weight(key.removesuffix("_scale"))
 
+    def integer_keys(self, files: ComponentFiles) -> set[str]:
+        return {k for k in files.weights.shapes if is_quantised_weight(k)} if self.recognise(files) else set()
+
     def made_while_reading(self, files: ComponentFiles, expected) -> frozenset[str]:
         if self.recognise(files):
             return frozenset()  # an export stores its scales

@@ -31,6 +31,9 @@ class ScaledFp8Format(WeightFormat):
     def extra_key(self, key: str, expected) -> bool:
         return key == MARKER or (key.endswith(SCALE_SUFFIXES) and f"{key.rsplit('.', 1)[0]}.weight" in expected)
 
+    def integer_keys(self, files: ComponentFiles) -> set[str]:
+        return {MARKER}
+
     def read(self, files: ComponentFiles, dtype: torch.dtype | None, device="cpu") -> dict[str, torch.Tensor]:
         return dequantise_state_dict(load_tensors(files.weights, None, device), dtype)
 

@@ -413,25 +413,46 @@ def swap_linears(
         if not isinstance(linear, nn.Linear):
             raise ModelFilesError(f"{files.weights.where} quantises {name}, which is not a linear layer of the model")
         scale = shapes[f"{name}.scale"]
-        layer = layer_class(
-            linear.in_features,
-            linear.out_features,
-            f"{name}.bias" in shapes,
-            settings.dtype_of(name),
-            groups=scale[1] if len(scale) == 3 else 1,
-            svd_rank=shapes[f"{name}.svd_up"][1] if f"{name}.svd_up" in shapes else 0,
-            subnormals=settings.subnormals,
-            dtype=dtype,
-            device=device,
-        )
+        try:
+            layer = layer_class(
+                linear.in_features,
+                linear.out_features,
+                f"{name}.bias" in shapes,
+                settings.dtype_of(name),
+                groups=scale[1] if len(scale) == 3 else 1,
+                svd_rank=shapes[f"{name}.svd_up"][1] if f"{name}.svd_up" in shapes else 0,
+                subnormals=settings.subnormals,
+                dtype=dtype,
+                device=device,
+            )
+        except (ValueError, IndexError) as e:
+            raise ModelFilesError(
+                f"{files.weights.where} stores {name} in a layout that is not SDNQ's for its [{linear.out_features}, "
+                f"{linear.in_features}] weight ({name}.scale is {list(scale)}: {e}). Download the folder again."
+            ) from e
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
 
 
 def check_layers(files: ComponentFiles, settings: SdnqSettings) -> None:
     """A ModelFilesError unless every quantised layer is stored as the dtype the config gives it (its codes' storage,
-    a zero point exactly for unsigned dtypes, both SVD factors or none): headers only."""
+    a zero point exactly for unsigned dtypes, both SVD factors or none), and every weight of integer codes has its
+    scale: headers only."""
     dtypes = files.weights.dtypes
+    for key, dtype in dtypes.items():
+        scale = key.removesuffix("weight") + "scale"
+        if key.endswith(".weight") and dtype.startswith(("U", "I")) and scale not in dtypes:
+            raise ModelFilesError(
+                f"{files.weights.where} stores {key} as {dtype} codes without {scale}; an SDNQ layer stores its "
+                "codes with their scale. Download the folder again."
+            )
+        weight = key.removesuffix("scale") + "weight"
+        if key.endswith(".scale") and dtypes.get(weight, CODE_STORAGE[0]) not in CODE_STORAGE:
+            raise ModelFilesError(
+                f"{files.weights.where} stores {weight} as {dtypes[weight]} beside {key}; an SDNQ layer stores its "
+                f"codes as {', '.join(CODE_STORAGE)}. The file was converted wrongly or damaged: download the folder "
+                "again."
+            )
     for name in quantised_layers(files):
         code = code_dtype(settings.dtype_of(name))
         found = {t: dtypes.get(f"{name}.{t}") for t in LAYER_TENSORS}
@@ -486,6 +507,9 @@ class SdnqFormat(WeightFormat):
                 "different models."
             )
         check_layers(files, settings)
+
+    def integer_keys(self, files: ComponentFiles) -> set[str]:
+        return {f"{name}.weight" for name in quantised_layers(files)}  # the codes; scales and factors are floating
 
     def build_layers(
         self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None, layer_class=None

@@ -406,9 +406,19 @@ class W4A16Format(WeightFormat):
                 f"{files.config_source} describes 4-bit weights, but {files.weights.where} holds no packed layer "
                 "(no `.qweight` tensor). Download the folder again: its config and weights come from different models."
             )
+        for key in sorted(self.integer_keys(files)):
+            dtype = files.weights.dtypes.get(key)
+            if dtype not in (None, "I32"):
+                raise ModelFilesError(
+                    f"{key} is {dtype} in {files.weights.where}; packed 4-bit layers store qweight, qzeros and g_idx "
+                    "as I32. The file was converted wrongly or damaged: download the folder again."
+                )
 
     def extra_key(self, key: str, expected) -> bool:
         return False  # the packed layers' tensors are the model's own (build_layers makes them)
+
+    def integer_keys(self, files: ComponentFiles) -> set[str]:
+        return {f"{name}.{t}" for name in packed_layers(files.weights.shapes) for t in ("qweight", "qzeros", "g_idx")}
 
     def build_layers(
         self, model: nn.Module, files: ComponentFiles, dtype: torch.dtype | None, layer_class=None
