@@ -9,6 +9,7 @@ is a ``ModelFilesError`` that names the file, says what was expected and what to
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,11 +194,9 @@ def scan_weights(location: str | Path, weights_name: str | None = None) -> Weigh
     )
 
 
-def load_tensors(
-    weights: WeightFiles, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Read every tensor of ``weights``; floating-point ones are cast to ``dtype`` (None: as stored)."""
-    state_dict = {}
+def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for every tensor of ``weights``, read one at a time (file by file), so that a caller that keeps
+    only what it makes of each one holds a single tensor of the files at a time."""
     by_file: dict[Path, list[str]] = {}
     for key, file in weights.key_file.items():
         by_file.setdefault(file, []).append(key)
@@ -205,12 +204,20 @@ def load_tensors(
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in keys:
-                    tensor = f.get_tensor(key)
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    state_dict[key] = tensor.to(device)
+                    yield key, f.get_tensor(key)
         except SafetensorError as e:
             raise ModelFilesError(f"{display_name(file)} could not be read ({e}); delete it and {REDOWNLOAD}.") from e
+
+
+def load_tensors(
+    weights: WeightFiles, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Read every tensor of ``weights``; floating-point ones are cast to ``dtype`` (None: as stored)."""
+    state_dict = {}
+    for key, tensor in iter_tensors(weights):
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state_dict[key] = tensor.to(device)
     return state_dict
 
 
