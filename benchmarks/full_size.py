@@ -527,10 +527,10 @@ def stage_dit_core(work: Path, source: str):
 def stage_dit_comfy(work: Path, source: str):
     """The DiT as ComfyUI's DiT loader node builds it (``read_checked_weights`` + ``load_dit_patcher``): the fp8
     (comfy_quant), scaled-fp8 and 4-bit files; one forward at 512x512 (batch 1, the cond branch)."""
-    from bench_comfy import PACK, dit_forwards, import_comfy
+    from bench_comfy import PACK, dit_forwards
 
-    comfyui = Path(os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"))
-    mm, pack_nodes = import_comfy(comfyui, cpu=True)
+    _import_for(STAGES["dit_4bit"])
+    pack_nodes = sys.modules[f"{PACK}.nodes"]
     # the loader of the pack as the nodes import it (its formats registry is the one the nodes' layers are keyed by)
     loading = importlib.import_module(f"{PACK}.glm_image_core.loading")
     path = {
@@ -563,6 +563,19 @@ def stage_dit_comfy(work: Path, source: str):
     return seconds, resident_bytes(model.diffusion_model), run
 
 
+def _import_for(stage) -> None:
+    """Import what the stage's loader imports (torch, transformers, the pack; ComfyUI for its DiT loader)."""
+    import transformers  # noqa: F401
+
+    import glm_image_core.loading  # noqa: F401
+
+    if stage.run is stage_dit_comfy:
+        from bench_comfy import PACK, import_comfy
+
+        if PACK not in sys.modules:
+            import_comfy(Path(os.environ.get("COMFYUI_PATH", "/opt/ComfyUI")), cpu=True)
+
+
 def run_child(name: str, work: Path, out: Path) -> None:
     """One stage, in this process: load (timed, VmHWM), resident bytes, the pass; the result as JSON in ``out``."""
     torch.set_num_threads(THREADS)
@@ -570,6 +583,8 @@ def run_child(name: str, work: Path, out: Path) -> None:
     stage = STAGES[name]
     result: dict = {"stage": name, "threads": torch.get_num_threads()}
     try:
+        _import_for(stage)  # so that the baseline below is the process before any weight is read
+        result["rss_before_load"] = proc_status()["VmRSS"]
         load_s, resident, run = stage.run(work, stage.source)
         result.update(load_s=load_s, resident=resident, peak_load_rss=proc_status()["VmHWM"])
         print(
@@ -689,7 +704,7 @@ STAGES = {
         stage_ar,
         "int8_read",
         _ar(AR_INT8),
-        5.7,
+        2.0,
         None,
         ("12 GB", "16 GB"),
     ),
@@ -714,7 +729,7 @@ STAGES = {
         "dit_scaled_fp8",
         ("12 GB",),
     ),
-    "ar_4bit": Stage("AR 4-bit (AutoRound folder)", stage_ar, "4bit", _ar(AR_W4), 5.7, "w4", ("8 GB",)),
+    "ar_4bit": Stage("AR 4-bit (AutoRound folder)", stage_ar, "4bit", _ar(AR_W4), 2.0, "w4", ("8 GB",)),
     "dit_4bit": Stage(
         "DiT 4-bit (AutoRound folder, ComfyUI loader)",
         stage_dit_comfy,
@@ -976,7 +991,11 @@ def system_ram(rows: list[dict]) -> dict:
                     peak_load_rss=row.get("peak_load_rss"),
                     peak_rss=row["peak_rss"],
                     resident=row.get("resident"),
-                    staging=row.get("peak_load_rss", row["peak_rss"]) - (row.get("resident") or 0),
+                    rss_before_load=row.get("rss_before_load"),
+                    # what loading held beyond the process before it and the weights it keeps
+                    staging=row.get("peak_load_rss", row["peak_rss"])
+                    - (row.get("resident") or 0)
+                    - (row.get("rss_before_load") or 0),
                 )
             table.setdefault(recipe, []).append(entry)
     return table
