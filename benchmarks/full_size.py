@@ -803,34 +803,39 @@ def derived_estimate(name: str, components: dict, extra_rows: int) -> int:
     }[name]
 
 
-def guarded_stage(name: str, work: Path, full: bool, expected: int, log_dir: Path, timeout: float) -> dict:
-    """Run stage ``name`` (or "ratios") in a child process under the watchdog, after the MemAvailable check."""
+def guarded_stages(names: list[str], work: Path, full: bool, expected: int, log_dir: Path, timeout: float) -> list:
+    """Run stages ``names`` (or "ratios") in one child process under the watchdog, after the MemAvailable check:
+    one stage per process at full size; a dry run batches them (tiny models: the imports are the cost)."""
     available = mem_available()
-    row: dict = {"stage": name, "expected_peak": expected, "available_before": available}
+    rows = [{"stage": name, "expected_peak": expected, "available_before": available} for name in names]
     if available - expected < FREE_FLOOR:
-        row["status"] = "skipped"
-        row["reason"] = (
+        reason = (
             f"expected peak {_gib(expected)} GiB (computed weights + staging) with {_gib(available)} GiB available "
             f"would leave under {_gib(FREE_FLOOR)} GiB free"
         )
-        print(f"{name}: skipped: {row['reason']}", flush=True)
-        return row
-    out = log_dir / f"{name}.json"
-    out.unlink(missing_ok=True)
-    command = [sys.executable, __file__, "--child", name, "--workdir", str(work), "--out", str(out)]
+        for row in rows:
+            row.update(status="skipped", reason=reason)
+            print(f"{row['stage']}: skipped: {reason}", flush=True)
+        return rows
+    label = "+".join(names)
+    for name in names:
+        (log_dir / f"{name}.json").unlink(missing_ok=True)
+    command = [sys.executable, __file__, "--child", ",".join(names), "--workdir", str(work), "--out", str(log_dir)]
     if not full:
         command.append("--tiny")
-    guard = run_guarded(command, available - FREE_FLOOR, timeout, log_dir / f"{name}.log")
-    row.update(watchdog_max_rss=guard["max_rss"], wall_s=guard["seconds"])
-    if out.is_file():
-        row.update(json.loads(out.read_text()))
-    elif guard["killed"]:
-        row.update(status="skipped" if "limit" in guard["killed"] else "failed", reason=guard["killed"])
-    else:
-        tail = (log_dir / f"{name}.log").read_text()[-600:]
-        row.update(status="failed", error=f"the child exited with {guard['rc']} and no result: {tail}")
-    print(f"{name}: {row.get('status')} {row.get('error') or row.get('reason') or ''}", flush=True)
-    return row
+    guard = run_guarded(command, available - FREE_FLOOR, timeout, log_dir / f"{label}.log")
+    for row in rows:
+        out = log_dir / f"{row['stage']}.json"
+        row.update(watchdog_max_rss=guard["max_rss"], wall_s=guard["seconds"])
+        if out.is_file():
+            row.update(json.loads(out.read_text()))
+        elif guard["killed"]:
+            row.update(status="skipped" if "limit" in guard["killed"] else "failed", reason=guard["killed"])
+        else:
+            tail = (log_dir / f"{label}.log").read_text()[-600:]
+            row.update(status="failed", error=f"the child exited with {guard['rc']} and no result: {tail}")
+        print(f"{row['stage']}: {row.get('status')} {row.get('error') or row.get('reason') or ''}", flush=True)
+    return rows
 
 
 def make_derived(name: str, work: Path, full: bool, needed: int, log_dir: Path, timeout: float) -> dict:
@@ -931,44 +936,38 @@ def run(work: Path, full: bool, stage_names: list[str], shard_bytes: int, timeou
         raise SystemExit(f"not enough disk for the folder: {_gib(needed)} GiB needed, {_gib(free_disk(work))} GiB free")
     seconds, folder = _timed(lambda: write_folder(work, tiny, full, shard_bytes))
     result["folder"] = {"path": str(folder), "bytes": folder_bytes(folder), "seconds_this_run": seconds}
+    groups: list[list[str]] = []  # stages run in one process: one each at full size, by derived set on a dry run
+    for name in (n for n in stage_names if n != "ratios"):
+        if groups and not full and STAGES[groups[-1][0]].needs == STAGES[name].needs:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
     rows, derived, current = [], [], None
-    for name in stage_names:
-        if name == "ratios":
-            continue
-        stage = STAGES[name]
-        if stage.needs != current and current is not None:
+    for group in groups:
+        needs = STAGES[group[0]].needs
+        if needs != current and current is not None:
             remove_derived(current, work)
             current = None
-        if stage.needs and current is None:
-            made = make_derived(
-                stage.needs,
-                work,
-                full,
-                derived_estimate(stage.needs, components, extra_rows) if full else 0,
-                log_dir,
-                timeout,
-            )
+        if needs and current is None:
+            estimate = derived_estimate(needs, components, extra_rows) if full else 0
+            made = make_derived(needs, work, full, estimate, log_dir, timeout)
             derived.append(made)
-            current = stage.needs
+            current = needs
             if made["status"] in ("skipped", "failed"):
-                rows.append(
-                    {
-                        "stage": name,
-                        "status": "skipped",
-                        "reason": f"{stage.needs} could not be written: {made.get('error') or made.get('reason')}",
-                    }
-                )
+                why = f"{needs} could not be written: {made.get('error') or made.get('reason')}"
+                rows += [{"stage": name, "status": "skipped", "reason": why} for name in group]
                 continue
-        computed = stage.computed(components, extra_rows) if full else None
-        row = guarded_stage(name, work, full, (computed or 0) + int(stage.staging if full else 0), log_dir, timeout)
-        row.update(label=stage.label, computed=computed, recipes=list(stage.recipes))
-        rows.append(row)
+        computed = {name: STAGES[name].computed(components, extra_rows) if full else None for name in group}
+        expected = sum((computed[name] or 0) + int(STAGES[name].staging if full else 0) for name in group)
+        for row in guarded_stages(group, work, full, expected, log_dir, timeout):
+            stage = STAGES[row["stage"]]
+            row.update(label=stage.label, computed=computed[row["stage"]], recipes=list(stage.recipes))
+            rows.append(row)
     if current is not None:
         remove_derived(current, work)
     result.update(stages=rows, derived=derived)
     if "ratios" in stage_names:
-        row = guarded_stage("ratios", work, full, 6 * GiB if full else 0, log_dir, timeout)
-        result["ratios"] = row
+        result["ratios"] = guarded_stages(["ratios"], work, full, 6 * GiB if full else 0, log_dir, timeout)[0]
     result["system_ram"] = system_ram(rows)
     return result
 
@@ -1062,14 +1061,18 @@ def main(argv=None) -> int:
     parser.add_argument("--write-w4", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
-    if args.child == "ratios":
-        torch.set_num_threads(THREADS)
-        print(f"ratios: torch threads {torch.get_num_threads()}", flush=True)
-        ratios = stage_ratios(args.workdir, full=not args.tiny)
-        args.out.write_text(json.dumps({"status": "verified", "threads": torch.get_num_threads(), "ratios": ratios}))
-        return 0
     if args.child:
-        run_child(args.child, args.workdir, args.out)
+        names = args.child.split(",")
+        if args.out.suffix == ".json":  # one stage, its result file named
+            args.out = args.out.parent
+        for name in names:
+            if name == "ratios":
+                print(f"ratios: torch threads {torch.get_num_threads()}", flush=True)
+                ratios = stage_ratios(args.workdir, full=not args.tiny)
+                result = {"status": "verified", "threads": torch.get_num_threads(), "ratios": ratios}
+                (args.out / "ratios.json").write_text(json.dumps(result))
+            else:
+                run_child(name, args.workdir, args.out / f"{name}.json")
         return 0
     if args.write_w4:
         write_w4_folder(args.workdir, args.workdir / FOLDER, SHARD_BYTES if not args.tiny else 2**20)
