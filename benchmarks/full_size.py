@@ -1000,6 +1000,26 @@ def system_ram(rows: list[dict]) -> dict:
     return table
 
 
+def system_ram_markdown(result: dict) -> str:
+    """Per card recipe, each of its stages: peak RSS while loading and while running, and the staging overhead."""
+    lines = [
+        "| Card recipe | Stage | Peak RSS, load (GiB) | Peak RSS, load + pass (GiB) | Resident weights (GiB) | "
+        "Staging overhead (GiB) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    labels = {row["stage"]: row.get("label", row["stage"]) for row in result["stages"]}
+    for recipe in ("8 GB", "12 GB", "16 GB", "24 GB"):
+        for entry in result["system_ram"].get(recipe, []):
+            if not entry.get("peak_rss"):
+                lines.append(f"| {recipe} | {labels[entry['stage']]} | {entry['status']} | | | |")
+                continue
+            lines.append(
+                f"| {recipe} | {labels[entry['stage']]} | {_gib(entry['peak_load_rss'])} | {_gib(entry['peak_rss'])} | "
+                f"{_gib(entry['resident'])} | {_gib(entry['staging'])} |"
+            )
+    return "\n".join(lines)
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"CPU, {result['machine']['cpus']} cores, {_gib(result['machine']['mem_total'])} GiB RAM, torch threads "
@@ -1021,6 +1041,7 @@ def markdown(result: dict) -> str:
             cells += [_gib(row.get("resident")), _gib(row.get("computed"))]
             cells = cells if first else ["", "", "", "", "", ""]
             lines.append(f"| {' | '.join(cells)} | {name} | {seconds} | {status if first else ''} |")
+    lines += ["", system_ram_markdown(result)]
     ratios = (result.get("ratios") or {}).get("ratios")
     if ratios:
         lines += [
