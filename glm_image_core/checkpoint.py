@@ -194,14 +194,23 @@ def scan_weights(location: str | Path, weights_name: str | None = None) -> Weigh
     )
 
 
-def iter_tensors(weights: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) for every tensor of ``weights``, read one at a time (file by file), so that a caller that keeps
-    only what it makes of each one holds a single tensor of the files at a time."""
+def iter_tensors(weights: WeightFiles, copy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for every tensor of ``weights``, read one at a time, so that a caller that keeps only what it
+    makes of each one holds a single tensor of the files at a time. ``copy``: each tensor is copied out of its file
+    and the file closed before the next is read, so no tensor is a view of a memory-mapped shard and the pages read
+    so far do not stay in the process's memory (as ``formats.int8.read_quantising`` reads)."""
     by_file: dict[Path, list[str]] = {}
     for key, file in weights.key_file.items():
         by_file.setdefault(file, []).append(key)
     for file, keys in by_file.items():
         try:
+            if copy:
+                for key in keys:
+                    with safe_open(file, framework="pt", device="cpu") as f:
+                        tensor = f.get_tensor(key).clone()
+                    yield key, tensor
+                    del tensor
+                continue
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in keys:
                     yield key, f.get_tensor(key)

@@ -319,7 +319,7 @@ def save_single_file(
         # each weight is quantised right after it is read: the memory peak is the 8-bit result plus one weight, not
         # the bf16 DiT (12.9 GiB) beside its 8-bit copy
         tensors = {}
-        for key, tensor in iter_tensors(weights):
+        for key, tensor in iter_tensors(weights, copy=True):
             if key not in linear:
                 tensors[key] = tensor.contiguous()
             elif scaled_fp8:
