@@ -319,12 +319,14 @@ def free_disk(path: Path) -> int:
 
 
 def proc_status(pid: int | str = "self") -> dict[str, int]:
-    """VmRSS / VmHWM (bytes) of a process, from /proc/<pid>/status."""
+    """VmRSS / VmHWM (bytes) of a process, and VmRSS's parts: RssAnon (the process's own memory) and RssFile
+    (pages of memory-mapped files, such as safetensors shards read through mmap: page cache the kernel can drop),
+    from /proc/<pid>/status."""
     values = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 values[key] = int(rest.split()[0]) * 1024
     except (FileNotFoundError, ProcessLookupError):
         pass
@@ -358,12 +360,14 @@ def run_guarded(command: list[str], limit: int, timeout: float, log: Path) -> di
     started = time.perf_counter()
     with open(log, "w") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        state = {"max_rss": 0, "killed": None}
+        state = {"max_rss": 0, "max_anon": 0, "killed": None}
 
         def watch():
             while child.poll() is None:
-                rss = proc_status(child.pid).get("VmRSS", 0)
+                status = proc_status(child.pid)
+                rss = status.get("VmRSS", 0)
                 state["max_rss"] = max(state["max_rss"], rss)
+                state["max_anon"] = max(state["max_anon"], status.get("RssAnon", 0))
                 why = None
                 if rss > limit:
                     why = f"killed at {rss / GiB:.1f} GiB RSS (limit {limit / GiB:.1f} GiB)"
@@ -586,7 +590,15 @@ def run_child(name: str, work: Path, out: Path) -> None:
         _import_for(stage)  # so that the baseline below is the process before any weight is read
         result["rss_before_load"] = proc_status()["VmRSS"]
         load_s, resident, run = stage.run(work, stage.source)
-        result.update(load_s=load_s, resident=resident, peak_load_rss=proc_status()["VmHWM"])
+        after = proc_status()
+        result.update(
+            load_s=load_s,
+            resident=resident,
+            peak_load_rss=after["VmHWM"],
+            rss_after_load=after["VmRSS"],
+            anon_after_load=after.get("RssAnon"),
+            file_after_load=after.get("RssFile"),
+        )
         print(
             f"{name}: loaded in {load_s:.1f} s, resident {_gib(resident)} GiB, peak RSS {_gib(result['peak_load_rss'])} GiB",
             flush=True,
@@ -826,7 +838,7 @@ def guarded_stages(names: list[str], work: Path, full: bool, expected: int, log_
     guard = run_guarded(command, available - FREE_FLOOR, timeout, log_dir / f"{label}.log")
     for row in rows:
         out = log_dir / f"{row['stage']}.json"
-        row.update(watchdog_max_rss=guard["max_rss"], wall_s=guard["seconds"])
+        row.update(watchdog_max_rss=guard["max_rss"], watchdog_max_anon=guard["max_anon"], wall_s=guard["seconds"])
         if out.is_file():
             row.update(json.loads(out.read_text()))
         elif guard["killed"]:
@@ -853,7 +865,9 @@ def make_derived(name: str, work: Path, full: bool, needed: int, log_dir: Path, 
         return row
     available = mem_available()
     guard = run_guarded(command, available - FREE_FLOOR, timeout, log_dir / f"derive_{name}.log")
-    row.update(seconds=guard["seconds"], max_rss=guard["max_rss"], available_before=available)
+    row.update(
+        seconds=guard["seconds"], max_rss=guard["max_rss"], max_anon=guard["max_anon"], available_before=available
+    )
     if guard["rc"] == 0 and path.exists():
         row.update(status="written", bytes=folder_bytes(path))
     else:
@@ -991,6 +1005,7 @@ def system_ram(rows: list[dict]) -> dict:
                     peak_rss=row["peak_rss"],
                     resident=row.get("resident"),
                     rss_before_load=row.get("rss_before_load"),
+                    max_anon=row.get("watchdog_max_anon"),
                     # what loading held beyond the process before it and the weights it keeps
                     staging=row.get("peak_load_rss", row["peak_rss"])
                     - (row.get("resident") or 0)
@@ -1004,18 +1019,18 @@ def system_ram_markdown(result: dict) -> str:
     """Per card recipe, each of its stages: peak RSS while loading and while running, and the staging overhead."""
     lines = [
         "| Card recipe | Stage | Peak RSS, load (GiB) | Peak RSS, load + pass (GiB) | Resident weights (GiB) | "
-        "Staging overhead (GiB) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "Staging overhead (GiB) | Peak anonymous RSS (GiB) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     labels = {row["stage"]: row.get("label", row["stage"]) for row in result["stages"]}
     for recipe in ("8 GB", "12 GB", "16 GB", "24 GB"):
         for entry in result["system_ram"].get(recipe, []):
             if not entry.get("peak_rss"):
-                lines.append(f"| {recipe} | {labels[entry['stage']]} | {entry['status']} | | | |")
+                lines.append(f"| {recipe} | {labels[entry['stage']]} | {entry['status']} | | | | |")
                 continue
             lines.append(
                 f"| {recipe} | {labels[entry['stage']]} | {_gib(entry['peak_load_rss'])} | {_gib(entry['peak_rss'])} | "
-                f"{_gib(entry['resident'])} | {_gib(entry['staging'])} |"
+                f"{_gib(entry['resident'])} | {_gib(entry['staging'])} | {_gib(entry.get('max_anon'))} |"
             )
     return "\n".join(lines)
 
