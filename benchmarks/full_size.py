@@ -994,44 +994,62 @@ def _meminfo(key: str) -> int:
 
 
 def system_ram(rows: list[dict]) -> dict:
-    """Per card recipe: each stage's peak RSS and staging overhead (peak RSS - its resident weights)."""
+    """Per card recipe: each of its stages that loaded, with its peak RSS while loading and overall, its resident
+    weights and its staging overhead (peak RSS while loading - resident weights - the process before loading; None
+    where the weights were mapped lazily, so that loading ended below them and the pass paged them in)."""
     table: dict = {}
     for row in rows:
+        if not row.get("load_s"):
+            continue
+        baseline = row.get("rss_before_load") or 0
+        mapped = row["peak_load_rss"] < row["resident"]
+        entry = {
+            "stage": row["stage"],
+            "status": row.get("status"),
+            "peak_load_rss": row["peak_load_rss"],
+            "peak_rss": row["peak_rss"],
+            "resident": row["resident"],
+            "rss_before_load": baseline,
+            "staging": None if mapped else row["peak_load_rss"] - row["resident"] - baseline,
+            "max_anon": row.get("watchdog_max_anon"),
+        }
         for recipe in row.get("recipes", ()):
-            entry = {"stage": row["stage"], "status": row.get("status")}
-            if row.get("peak_rss"):
-                entry.update(
-                    peak_load_rss=row.get("peak_load_rss"),
-                    peak_rss=row["peak_rss"],
-                    resident=row.get("resident"),
-                    rss_before_load=row.get("rss_before_load"),
-                    max_anon=row.get("watchdog_max_anon"),
-                    # what loading held beyond the process before it and the weights it keeps
-                    staging=row.get("peak_load_rss", row["peak_rss"])
-                    - (row.get("resident") or 0)
-                    - (row.get("rss_before_load") or 0),
-                )
             table.setdefault(recipe, []).append(entry)
     return table
 
 
 def system_ram_markdown(result: dict) -> str:
-    """Per card recipe, each of its stages: peak RSS while loading and while running, and the staging overhead."""
+    """Each stage that loaded: peak RSS while loading and while running, resident weights, staging overhead, and the
+    card recipes it belongs to; then each recipe's largest peak."""
     lines = [
-        "| Card recipe | Stage | Peak RSS, load (GiB) | Peak RSS, load + pass (GiB) | Resident weights (GiB) | "
+        "| Stage | Recipes | Peak RSS, load (GiB) | Peak RSS, load + pass (GiB) | Resident weights (GiB) | "
         "Staging overhead (GiB) | Peak anonymous RSS (GiB) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     labels = {row["stage"]: row.get("label", row["stage"]) for row in result["stages"]}
+    entries: dict = {}
+    for recipe, stages in result["system_ram"].items():
+        for entry in stages:
+            entries.setdefault(entry["stage"], (entry, []))[1].append(recipe)
+    for name, (entry, recipes) in entries.items():
+        staging = "mapped lazily" if entry["staging"] is None else _gib(entry["staging"])
+        lines.append(
+            f"| {labels[name]} | {', '.join(recipes)} | {_gib(entry['peak_load_rss'])} | {_gib(entry['peak_rss'])} | "
+            f"{_gib(entry['resident'])} | {staging} | {_gib(entry.get('max_anon'))} |"
+        )
+    lines += ["", "| Card recipe | Largest peak RSS (GiB) | In stage | Not measured |", "| --- | ---: | --- | --- |"]
     for recipe in ("8 GB", "12 GB", "16 GB", "24 GB"):
-        for entry in result["system_ram"].get(recipe, []):
-            if not entry.get("peak_rss"):
-                lines.append(f"| {recipe} | {labels[entry['stage']]} | {entry['status']} | | | | |")
-                continue
-            lines.append(
-                f"| {recipe} | {labels[entry['stage']]} | {_gib(entry['peak_load_rss'])} | {_gib(entry['peak_rss'])} | "
-                f"{_gib(entry['resident'])} | {_gib(entry['staging'])} | {_gib(entry.get('max_anon'))} |"
-            )
+        measured = result["system_ram"].get(recipe, [])
+        missing = [
+            f"{labels[row['stage']]} ({row.get('status')})"
+            for row in result["stages"]
+            if recipe in row.get("recipes", ()) and not row.get("load_s")
+        ]
+        top = max(measured, key=lambda e: e["peak_rss"]) if measured else None
+        lines.append(
+            f"| {recipe} | {_gib(top['peak_rss']) if top else '-'} | {labels[top['stage']] if top else '-'} | "
+            f"{'; '.join(missing) or '-'} |"
+        )
     return "\n".join(lines)
 
 
