@@ -9,6 +9,7 @@ is a ``ModelFilesError`` that names the file, says what was expected and what to
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,24 +177,39 @@ def scan_weights(location: str | Path, weights_name: str | None = None) -> Weigh
     )
 
 
-def load_tensors(
-    weights: WeightFiles, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Read every tensor of ``weights``; floating-point ones are cast to ``dtype`` (None: as stored)."""
-    state_dict = {}
+def iter_tensors(weights: WeightFiles, copy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for every tensor of ``weights``, read one at a time, so that a caller that keeps only what it
+    makes of each one holds a single tensor of the files at a time. ``copy``: each tensor is copied out of its file
+    and the file closed before the next is read, so no tensor is a view of a memory-mapped shard and the pages read
+    so far do not stay in the process's memory (as ``formats.int8.read_quantising`` reads)."""
     by_file: dict[Path, list[str]] = {}
     for key, file in weights.key_file.items():
         by_file.setdefault(file, []).append(key)
     for file, keys in by_file.items():
         try:
+            if copy:
+                for key in keys:
+                    with safe_open(file, framework="pt", device="cpu") as f:
+                        tensor = f.get_tensor(key).clone()
+                    yield key, tensor
+                    del tensor
+                continue
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in keys:
-                    tensor = f.get_tensor(key)
-                    if dtype is not None and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    state_dict[key] = tensor.to(device)
+                    yield key, f.get_tensor(key)
         except SafetensorError as e:
             raise ModelFilesError(f"{display_name(file)} could not be read ({e}); delete it and {REDOWNLOAD}.") from e
+
+
+def load_tensors(
+    weights: WeightFiles, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Read every tensor of ``weights``; floating-point ones are cast to ``dtype`` (None: as stored)."""
+    state_dict = {}
+    for key, tensor in iter_tensors(weights):
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state_dict[key] = tensor.to(device)
     return state_dict
 
 

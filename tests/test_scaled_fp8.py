@@ -3,6 +3,7 @@ tolerance, and quantisations the loaders cannot use are refused by name (ComfyUI
 test_comfy_quant.py)."""
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -82,3 +83,59 @@ def test_quantisations_it_cannot_use_are_refused_by_name(tiny_model_dir, tmp_pat
     save_file(state, tmp_path / "quantised.safetensors", metadata={"config": config})
     with pytest.raises(ModelFilesError, match=f"holds {named} weights .*proj_out.*scaled fp8, comfy_quant"):
         load_transformer(tmp_path / "quantised.safetensors")
+
+
+class _ReadRecorder:
+    """``safe_open`` that remembers the Linear weights it handed out (weakly), and how many were still alive at each
+    read: what a writer holds of the source file at once."""
+
+    def __init__(self, real, linear_weights: set[str]):
+        self.real, self.linear_weights = real, linear_weights
+        self.alive: list = []
+        self.most_alive = 0
+
+    def __call__(self, *args, **kwargs):
+        recorder, handle = self, self.real(*args, **kwargs)
+
+        class Opened:
+            def __enter__(self):
+                self.f = handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def __getattr__(self, name):  # get_slice, metadata, keys: as the real handle
+                return getattr(self.f, name)
+
+            def get_tensor(self, key):
+                recorder.alive = [ref for ref in recorder.alive if ref() is not None]
+                recorder.most_alive = max(recorder.most_alive, len(recorder.alive))
+                tensor = self.f.get_tensor(key)
+                if key in recorder.linear_weights:
+                    recorder.alive.append(weakref.ref(tensor))
+                return tensor
+
+        return Opened()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"scaled_fp8": True}, {"quant": "float8_e4m3fn"}], ids=["scaled_fp8", "comfy_quant"]
+)
+def test_quantised_export_holds_one_full_precision_linear_weight_at_a_time(
+    tiny_model_dir, tmp_path, monkeypatch, kwargs
+):
+    # At full size the DiT's bf16 weights (12.9 GiB) and their 8-bit copies (6.5 GiB) do not fit in 16-24 GB of RAM
+    # together: each weight is quantised right after it is read.
+    from glm_image_core import checkpoint
+    from glm_image_core.dit import GlmImageTransformer2DModel
+    from glm_image_core.loading import constructor_kwargs
+
+    config = json.loads((tiny_model_dir / "transformer" / "config.json").read_text())
+    with torch.device("meta"):
+        model = GlmImageTransformer2DModel(**constructor_kwargs(GlmImageTransformer2DModel, config))
+    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    recorder = _ReadRecorder(checkpoint.safe_open, linear)
+    monkeypatch.setattr(checkpoint, "safe_open", recorder)
+    save_single_file(tiny_model_dir / "transformer", tmp_path / "dit.safetensors", **kwargs)
+    assert len(linear) > 10 and recorder.most_alive <= 1
