@@ -763,41 +763,16 @@ def derived_commands(work: Path, full: bool = True) -> dict[str, tuple[Path, lis
     """Each derived set: (its path, the command that writes it)."""
     python = [sys.executable]
     folder = str(work / FOLDER)
+    export_dit = [*python, "-m", "glm_image_core", "export-dit", "--model", folder, "--quant"]
     return {
         "ar_int8": (
             work / AR_INT8_FILE,
             [*python, "-m", "glm_image_core", "export-ar-int8", "--model", folder, "-o", str(work / AR_INT8_FILE)],
         ),
-        "dit_fp8": (
-            work / DIT_FILES["fp8"],
-            [
-                *python,
-                "-m",
-                "glm_image_core",
-                "export-dit",
-                "--model",
-                folder,
-                "--quant",
-                "float8_e4m3fn",
-                "-o",
-                str(work / DIT_FILES["fp8"]),
-            ],
-        ),
-        "dit_scaled_fp8": (
-            work / DIT_FILES["scaled_fp8"],
-            [
-                *python,
-                "-m",
-                "glm_image_core",
-                "export-dit",
-                "--model",
-                folder,
-                "--quant",
-                "scaled_fp8",
-                "-o",
-                str(work / DIT_FILES["scaled_fp8"]),
-            ],
-        ),
+        **{
+            f"dit_{kind}": (work / DIT_FILES[kind], [*export_dit, quant, "-o", str(work / DIT_FILES[kind])])
+            for kind, quant in (("fp8", "float8_e4m3fn"), ("scaled_fp8", "scaled_fp8"))
+        },
         "w4": (
             work / W4_FOLDER,
             [*python, __file__, "--write-w4", "--workdir", str(work), *([] if full else ["--tiny"])],
