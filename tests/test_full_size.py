@@ -33,6 +33,8 @@ def run_script(*args: str, timeout: float) -> dict:
 
 
 def test_dry_run_verifies_each_stage_in_a_child_process(tmp_path):
+    if not (comfy_host.COMFYUI_PATH / "comfy" / "sd.py").is_file():
+        pytest.skip(f"the DiT stage loads through ComfyUI, not found at {comfy_host.COMFYUI_PATH}: set COMFYUI_PATH")
     result = run_script("--dry-run", "--stages", *DRY_RUN_STAGES, "--json", str(tmp_path / "r.json"), timeout=300)
     rows = {row["stage"]: row for row in result["stages"]}
     assert list(rows) == DRY_RUN_STAGES
