@@ -14,7 +14,9 @@ What it does, each step skipped when already complete (it resumes after an inter
 2. **Derived files**, one at a time (each measured and deleted before the next, since they do not all fit beside
    the folder on a 75 GB disk): the int8 AR export and the scaled-fp8 and ``comfy_quant`` DiT files written by the
    pack's own commands (``python -m glm_image_core export-ar-int8`` / ``export-dit``), and a 4-bit
-   AutoRound-layout folder (AR text decoder and DiT blocks) with random packed codes in the layout the loaders read.
+   AutoRound-layout folder (AR text decoder and DiT blocks) and an SDNQ folder as Disty0/GLM-Image-SDNQ-4bit-dynamic
+   lays it out (AR decoder and ViT blocks, DiT blocks; uint4, int5 and float5_e3m1fn layers), with random packed
+   codes in the layout the loaders read.
 3. **Stages**, each in its own process on the CPU through the loaders the nodes call (``STAGES``): seconds to load,
    peak RSS (``VmHWM``), the weights resident after loading against the memory table's computed bytes, then one pass
    at real size. Before a stage starts, ``MemAvailable`` is read and the stage is skipped (with both figures) when
@@ -62,7 +64,22 @@ AR_INT8_FILE = "GLM-Image.ar_int8.safetensors"
 DIT_FILES = {"fp8": "glm_image_dit_fp8.safetensors", "scaled_fp8": "glm_image_dit_scaled_fp8.safetensors"}
 W4_GROUP_SIZE = 128  # Intel/GLM-Image-int4-AutoRound's
 W4_QUANTISED = {"vision_language_encoder": "model.language_model.layers.", "transformer": "transformer_blocks."}
-SAFETENSORS_NAMES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.int32: "I32"}
+SDNQ_FOLDER = "GLM-Image-SDNQ-4bit-dynamic"
+SDNQ_PARTS = {"vision_language_encoder": "ar", "transformer": "dit"}  # memory_table.SDNQ_QUANTISED's keys
+# Disty0/GLM-Image-SDNQ-4bit-dynamic's layers are uint4, int5 or float5_e3m1fn, chosen per layer by sdnq's error
+# threshold; which layer gets which depends on the real weights: here each block's MLP output layer is int5 and its
+# attention output float5_e3m1fn, the rest uint4, so that every dtype and packing runs at full size.
+SDNQ_LAYER_DTYPES = {
+    "int5": ("mlp.down_proj", "mlp.fc2", "ff.net.2"),
+    "float5_e3m1fn": ("self_attn.o_proj", "attn.proj", "attn1.to_out.0"),
+}
+SAFETENSORS_NAMES = {
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+}
 
 
 # --- writing safetensors tensor by tensor ------------------------------------------------------------------------
@@ -305,6 +322,127 @@ def write_w4_folder(root: Path, folder: Path, shard_bytes: int) -> Path:
     return out
 
 
+def sdnq_dtype_of(layer: str) -> str:
+    return next((d for d, ends in SDNQ_LAYER_DTYPES.items() if layer.endswith(ends)), "uint4")
+
+
+def sdnq_config(model: torch.nn.Module, skipped: list[str]) -> dict:
+    """The ``quantization_config`` sdnq 0.2.8 writes (every key, as in its config.json and quantization_config.json)
+    with Disty0/GLM-Image-SDNQ-4bit-dynamic's settings (uint4 from which the dynamic search starts, no SVD, scales in
+    bf16) and this folder's per-layer dtypes."""
+    from glm_image_core.formats import sdnq
+
+    modules_dtype: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, sdnq.SDNQLinear):
+            modules_dtype.setdefault(module.code.name, []).append(f"{name}.weight")
+    return {
+        "add_skip_keys": True,
+        "codebook_steps": 24,
+        "dequantize_fp32": False,
+        "dynamic_loss_threshold": 1e-2,
+        "group_size": 0,
+        "hadamard_group_size": 256,
+        "is_integer": True,
+        "is_training": False,
+        "is_unsigned": True,
+        "minimum_allowed_channel_size": 32,
+        "minimum_allowed_numel": 16384,
+        "modules_dtype_dict": modules_dtype,
+        "modules_quant_config": {},
+        "modules_to_not_convert": skipped,
+        "modules_to_not_use_matmul": [],
+        "non_blocking": False,
+        "quant_conv": False,
+        "quant_embedding": False,
+        "quant_method": "sdnq",
+        "quantization_device": None,
+        "quantized_matmul_dtype": None,
+        "return_device": None,
+        "scale_dtype": None,
+        "sdnq_version": "0.2.8",
+        "svd_rank": 32,
+        "svd_steps": 8,
+        "use_codebook": False,
+        "use_codebook_scale": False,
+        "use_dynamic_quantization": True,
+        "use_grad_ckpt": True,
+        "use_hadamard": False,
+        "use_quantized_matmul": False,
+        "use_quantized_matmul_conv": False,
+        "use_static_quantization": True,
+        "use_stochastic_rounding": False,
+        "use_svd": False,
+        "weights_dtype": "uint4",
+        "zero_point_dtype": None,
+    }
+
+
+def sdnq_maker(model: torch.nn.Module, base):
+    """``make`` for a model with SDNQ layers: random codes (every byte is a valid pack of codes) and bf16 scales and
+    zero points that centre the codes' values and give the dequantised weight a 1/fan_in variance; other tensors
+    from ``base``."""
+    from glm_image_core.formats import sdnq
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, sdnq.SDNQLinear)}
+
+    def values_of(code) -> torch.Tensor:
+        if code.is_float:
+            return sdnq.float_values(code, subnormals=True)
+        return torch.arange(2**code.bits, dtype=torch.float32) - (2 ** (code.bits - 1) if code.signed else 0)
+
+    def make(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        module, _, tensor = name.rpartition(".")
+        layer = layers.get(module)
+        if layer is None or tensor == "bias":
+            return base(name, shape, dtype)
+        if tensor == "weight":
+            generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+        values = values_of(layer.code)
+        scale = 1 / (float(values.std()) * math.sqrt(layer.in_features))
+        return torch.full(shape, scale if tensor == "scale" else -float(values.mean()) * scale, dtype=dtype)
+
+    return make
+
+
+def write_sdnq_folder(root: Path, folder: Path, shard_bytes: int) -> Path:
+    """``root/GLM-Image-SDNQ-4bit-dynamic``: the folder with the AR's (text decoder and ViT blocks) and the DiT's
+    (blocks) layers in SDNQ's layout as Disty0/GLM-Image-SDNQ-4bit-dynamic publishes it (``sdnq_config``;
+    ``SDNQ_LAYER_DTYPES``), random codes; sdnq's ``save_pretrained`` shards (one file when everything fits one);
+    the other components linked to the bf16 folder's files."""
+    from memory_table import SDNQ_QUANTISED, sdnq_layers
+
+    out = root / SDNQ_FOLDER
+    for item in folder.iterdir():
+        if item.name not in SDNQ_PARTS and not (out / item.name).exists():
+            (out / item.name).parent.mkdir(parents=True, exist_ok=True)
+            (out / item.name).symlink_to(item.resolve(), target_is_directory=item.is_dir())
+    builders = {"vision_language_encoder": (ar_meta, "model"), "transformer": (dit_meta, "diffusion_pytorch_model")}
+    for name, (build, stem) in builders.items():
+        config = json.loads((folder / name / "config.json").read_text())
+        model = build(config)
+        embeddings = embedding_names(model)
+        sdnq_layers(model, SDNQ_PARTS[name], sdnq_dtype_of)
+        config["quantization_config"] = sdnq_config(model, list(SDNQ_QUANTISED[SDNQ_PARTS[name]][1]))
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for extra in (folder / name).glob("generation_config.json"):
+            shutil.copyfile(extra, out / name / extra.name)
+        (out / name / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        quant = json.dumps(config["quantization_config"], indent=2) + "\n"
+        (out / name / "quantization_config.json").write_text(quant)
+        specs = specs_of(model, torch.bfloat16)
+        make = sdnq_maker(model, random_maker(embeddings))
+        total = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in specs)
+        single = out / name / f"{stem}.safetensors"
+        if total <= shard_bytes:
+            if not single.is_file():
+                write_streamed(single, specs, make)
+        else:
+            write_sharded(out / name, stem, specs, make, shard_bytes)
+    return out
+
+
 def folder_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -462,6 +600,7 @@ def stage_ar(work: Path, source: str) -> tuple[float, int, callable]:
         "int8_read": (folder, "int8"),
         "int8_file": (work / AR_INT8_FILE, None),
         "4bit": (work / W4_FOLDER, None),
+        "sdnq": (work / SDNQ_FOLDER, None),
     }[source]
     seconds, model = _timed(lambda: load_ar_model(path, dtype=torch.bfloat16, quantisation=quantisation))
     processor = load_ar_processor(folder)
@@ -541,6 +680,7 @@ def stage_dit_comfy(work: Path, source: str):
         "fp8": work / DIT_FILES["fp8"],
         "scaled_fp8": work / DIT_FILES["scaled_fp8"],
         "4bit": work / W4_FOLDER,
+        "sdnq": work / SDNQ_FOLDER,
     }[source]
 
     def load():
@@ -695,6 +835,24 @@ def _ar(decoder: str):
     return lambda c, extra_rows: c[decoder] + c["AR vision encoder + VQ"] + extra_rows
 
 
+def _ar_sdnq(_components, extra_rows: int) -> int:
+    """The memory table's count for the AR of this folder's SDNQ layer dtypes (its ViT blocks quantised too)."""
+    import memory_table
+
+    from glm_image_core import memory
+
+    model = memory_table.ar_meta_model(memory_table.SDNQ, sdnq_dtype_of)
+    return memory.ar_decode_bytes(model) + memory.module_bytes(*memory.ar_vision_modules(model)) + extra_rows
+
+
+def _dit_sdnq(_components, _extra_rows: int) -> int:
+    import memory_table
+
+    from glm_image_core import memory
+
+    return memory.module_bytes(memory_table.dit_meta_model(memory_table.SDNQ, sdnq_dtype_of)[0])
+
+
 AR_BF16, AR_INT8, AR_W4 = (
     "AR decoder, bf16 (code rows of the embedding)",
     "AR decoder, int8 projections",
@@ -751,6 +909,16 @@ STAGES = {
         "w4",
         ("8 GB",),
     ),
+    "ar_sdnq": Stage("AR SDNQ (4- and 5-bit layers)", stage_ar, "sdnq", _ar_sdnq, 2.0, "sdnq", ("8 GB (SDNQ)",)),
+    "dit_sdnq": Stage(
+        "DiT SDNQ (4- and 5-bit layers, ComfyUI loader)",
+        stage_dit_comfy,
+        "sdnq",
+        _dit_sdnq,
+        1.5,
+        "sdnq",
+        ("8 GB (SDNQ)",),
+    ),
     "dit_bf16": Stage(
         "DiT bf16 (core loader)", stage_dit_core, "", lambda c, _: c["DiT bf16"], 1.5, None, ("16 GB", "24 GB")
     ),
@@ -777,6 +945,10 @@ def derived_commands(work: Path, full: bool = True) -> dict[str, tuple[Path, lis
             work / W4_FOLDER,
             [*python, __file__, "--write-w4", "--workdir", str(work), *([] if full else ["--tiny"])],
         ),
+        "sdnq": (
+            work / SDNQ_FOLDER,
+            [*python, __file__, "--write-sdnq", "--workdir", str(work), *([] if full else ["--tiny"])],
+        ),
     }
 
 
@@ -787,6 +959,7 @@ def derived_estimate(name: str, components: dict, extra_rows: int) -> int:
         "dit_fp8": components["DiT fp8"],
         "dit_scaled_fp8": components["DiT fp8"],
         "w4": _ar(AR_W4)(components, extra_rows) + components["DiT 4-bit transformer blocks (W4A16, group size 128)"],
+        "sdnq": _ar_sdnq(components, extra_rows) + _dit_sdnq(components, extra_rows),
     }[name]
 
 
@@ -912,7 +1085,7 @@ def run(work: Path, full: bool, stage_names: list[str], shard_bytes: int, timeou
     needed = folder_estimate(cfg)
     present = folder_bytes(work / FOLDER) if (work / FOLDER).is_dir() else 0
     largest = (
-        max((derived_estimate(n, components, extra_rows) for n in ("ar_int8", "dit_fp8", "w4")), default=0)
+        max((derived_estimate(n, components, extra_rows) for n in ("ar_int8", "dit_fp8", "w4", "sdnq")), default=0)
         if full
         else 0
     )
@@ -1088,6 +1261,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--write-w4", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--write-sdnq", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     if args.child:
@@ -1105,6 +1279,9 @@ def main(argv=None) -> int:
         return 0
     if args.write_w4:
         write_w4_folder(args.workdir, args.workdir / FOLDER, SHARD_BYTES if not args.tiny else 2**20)
+        return 0
+    if args.write_sdnq:
+        write_sdnq_folder(args.workdir, args.workdir / FOLDER, SHARD_BYTES if not args.tiny else 2**20)
         return 0
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     names = args.stages or (list(QUICK) if args.quick else [*STAGES, "ratios"])

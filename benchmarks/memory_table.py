@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,20 +109,21 @@ def w4_layers(model, prefix: str, group_size: int = W4_GROUP_SIZE) -> None:
     w4a16.swap_linears(model, keys, w4a16.W4A16Settings(group_size), torch.bfloat16)
 
 
-def sdnq_layers(model, part: str, dtype_name: str) -> None:
-    """The ``nn.Linear`` s that sdnq quantises in ``part`` ("ar" or "dit") as SDNQ layers of ``dtype_name``, in sdnq's
-    groups for it (2^(bits + 2) inputs, one group for fewer), scales and zero points in bf16, as published."""
+def sdnq_layers(model, part: str, dtype_name: str | Callable[[str], str]) -> None:
+    """The ``nn.Linear`` s that sdnq quantises in ``part`` ("ar" or "dit") as SDNQ layers of ``dtype_name`` (or of
+    ``dtype_name(layer name)``), in sdnq's groups for it (2^(bits + 2) inputs, one group for fewer), scales and zero
+    points in bf16, as published."""
     prefixes, skipped = SDNQ_QUANTISED[part]
-    group = 2 ** (sdnq.code_dtype(dtype_name).bits + 2)
     linears = [
         (name, m)
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and name.startswith(prefixes) and name not in skipped
     ]
     for name, linear in linears:
-        groups = max(1, linear.in_features // group)
+        layer_dtype = dtype_name(name) if callable(dtype_name) else dtype_name
+        groups = max(1, linear.in_features // 2 ** (sdnq.code_dtype(layer_dtype).bits + 2))
         layer = sdnq.SDNQLinear(
-            linear.in_features, linear.out_features, linear.bias is not None, dtype_name, groups, dtype=torch.bfloat16
+            linear.in_features, linear.out_features, linear.bias is not None, layer_dtype, groups, dtype=torch.bfloat16
         )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.to("meta"))

@@ -14,7 +14,8 @@ import pytest
 from tests import comfy_host
 
 REPO = Path(__file__).resolve().parents[1]
-DRY_RUN_STAGES = ["glyph", "ar_int8_file", "dit_scaled_fp8"]  # the writer, both export commands, both DiT loaders
+# the writers (the folder, the SDNQ folder), both export commands, the AR loader and ComfyUI's DiT loader
+DRY_RUN_STAGES = ["glyph", "ar_int8_file", "dit_scaled_fp8", "ar_sdnq", "dit_sdnq"]
 
 
 def run_script(*args: str, timeout: float) -> dict:
@@ -40,7 +41,7 @@ def test_dry_run_verifies_each_stage_in_a_child_process(tmp_path):
     assert list(rows) == DRY_RUN_STAGES
     assert {name: row["status"] for name, row in rows.items()} == dict.fromkeys(DRY_RUN_STAGES, "verified")
     assert all(row["threads"] == 2 and row["peak_rss"] > 0 and row["passes"] for row in rows.values())
-    assert [d["status"] for d in result["derived"]] == ["written", "written"]
+    assert [d["status"] for d in result["derived"]] == ["written", "written", "written"]
 
 
 @pytest.mark.fullsize
