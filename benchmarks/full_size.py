@@ -482,7 +482,12 @@ def resident_bytes(*modules: torch.nn.Module, extra: tuple[torch.Tensor, ...] = 
     tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())] + list(extra)
     for embedding in (m for module in modules for m in module.modules() if hasattr(m, "table")):
         tensors.append(embedding.table)  # CodeRowsEmbedding: the full table stays beside the code rows
-    for t in tensors:
+    while tensors:
+        t = tensors.pop()
+        if hasattr(t, "__tensor_flatten__"):  # a wrapper subclass (ComfyUI 0.33's QuantizedTensor): its inner tensors
+            names, _ = t.__tensor_flatten__()
+            tensors.extend(getattr(t, name) for name in names)
+            continue
         storage = t.untyped_storage()
         if t.device.type == "meta" or storage.data_ptr() in seen:
             continue
