@@ -1191,7 +1191,7 @@ def system_ram_markdown(result: dict) -> str:
             f"{_gib(entry['resident'])} | {staging} | {_gib(entry.get('max_anon'))} |"
         )
     lines += ["", "| Card recipe | Largest peak RSS (GiB) | In stage | Not measured |", "| --- | ---: | --- | --- |"]
-    for recipe in ("8 GB", "12 GB", "16 GB", "24 GB"):
+    for recipe in ("8 GB", "8 GB (SDNQ)", "12 GB", "16 GB", "24 GB"):
         measured = result["system_ram"].get(recipe, [])
         missing = [
             f"{labels[row['stage']]} ({row.get('status')})"
