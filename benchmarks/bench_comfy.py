@@ -27,15 +27,17 @@ from glm_image_core.defaults import DEFAULT_SIDE
 PACK = "glm_image_bench_pack"  # this repo as a package, so the nodes' relative imports resolve
 
 
-def import_comfy(comfyui: Path, cpu: bool, extra: tuple[str, ...] = ()):
+def import_comfy(comfyui: Path, cpu: bool, extra: tuple[str, ...] = (), sdpa: bool = False):
     """ComfyUI's model management and our nodes/ package (its `dit_loading` and `model_sampling` imported), without
     the rest of ComfyUI (no server, no node packs); ``extra``: more ComfyUI modules to import while the stand-ins for
-    missing packages are in place."""
+    missing packages are in place; ``sdpa``: ComfyUI's attention is torch's SDPA on a CPU too, as on CUDA (on a CPU
+    ComfyUI picks its sub-quadratic attention)."""
     sys.path.insert(0, str(comfyui))
     sys.path.insert(0, str(REPO / "tests"))
     from comfy.cli_args import args
 
-    args.cpu = cpu  # read when comfy.model_management is first imported
+    args.cpu = cpu  # both read when comfy.model_management is first imported
+    args.use_pytorch_cross_attention = args.use_pytorch_cross_attention or sdpa
     from comfy_host import _package_stubs  # stand-ins only where torchvision/torchaudio/av are not installed
 
     for name, location in ((PACK, REPO), (f"{PACK}.nodes", REPO / "nodes")):  # bare packages: no __init__ runs

@@ -5,10 +5,18 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    # pytest-xdist (`-n 2 --dist loadfile`) hands out whole files in collection order, not by their number of tests
+    # (its default): the `heavy` files come first, so no process is left with one of them when the others are done.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("host") is None:
             item.add_marker(pytest.mark.core)
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: each file stays in one piece
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,6 +12,8 @@ import torch
 from tests import comfy_host
 from tests.benchmark_scripts import import_script
 
+pytestmark = pytest.mark.heavy  # the benchmark scripts in child processes
+
 REPO = Path(__file__).resolve().parents[1]
 SPEED_ROWS = [
     "AR decode 256x256",

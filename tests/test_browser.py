@@ -1,8 +1,8 @@
 """The pack in ComfyUI's real front end: a `main.py --cpu` server with the tiny models, headless Chromium driven by
 tests/browser/run.mjs. Opens the text-rendering template from the template browser (the cards show the pack's
 pictures), checks the GLM-Image panel (glyph spans, unmatched quotes, AR token count, live updates, size arrows
-stepping by 32), runs the workflow and checks the live AR preview on the token node, the prompt box beside it and the
-output image on the canvas; then the same template with the UI in Chinese and with Vue nodes ("Nodes 2.0").
+stepping by 32), runs the workflow at 512x512 and checks the live AR preview on the token node, the prompt box beside it
+and the output image on the canvas; then the same template with the UI in Chinese and with Vue nodes ("Nodes 2.0").
 Screenshots land in tests/browser/artifacts/; with GLM_IMAGE_UPDATE_DOCS_IMAGES=1 they are also copied to
 docs/images/ for the README.
 
@@ -34,6 +34,8 @@ TEMPLATE = REPO / "example_workflows" / "text_rendering.json"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 FRONT_END_ROOT = os.environ.get("GLM_IMAGE_FRONT_END_ROOT")
 STEPS = 4  # sampler steps for the run (the template's 50 take minutes on the CPU with nothing more to show)
+# The run at the smallest size (a third of the template's AR tokens), the template's own for the README's pictures
+RUN_SIZE = [] if os.environ.get("GLM_IMAGE_UPDATE_DOCS_IMAGES") else ["--size", "512x512"]
 
 
 def missing_tools() -> str | None:
@@ -53,6 +55,7 @@ BROWSER_TEST_MARKS = [  # every test that drives the front end (tests/test_brows
     pytest.mark.host,
     pytest.mark.server,
     pytest.mark.browser,
+    pytest.mark.heavy,
 ]
 pytestmark = BROWSER_TEST_MARKS
 
@@ -64,8 +67,9 @@ def seen(tiny_model_dir):
     ARTIFACTS.mkdir(exist_ok=True)
     argv = ["--front-end-root", FRONT_END_ROOT] if FRONT_END_ROOT else []
     with comfy_host.comfy_server({"glm_image": str(tiny_model_dir.parent)}, timeout=300, extra_argv=argv) as url:
+        command = ["node", "run.mjs", "--url", url, "--out", str(ARTIFACTS), "--steps", str(STEPS), "--timeout", "900"]
         done = subprocess.run(
-            ["node", "run.mjs", "--url", url, "--out", str(ARTIFACTS), "--steps", str(STEPS), "--timeout", "900"],
+            command + RUN_SIZE,
             cwd=BROWSER,
             capture_output=True,
             text=True,
@@ -137,15 +141,22 @@ def test_panel_is_not_saved_with_the_workflow(seen):
     assert seen["initial"]["serialized"] == template_node("GLMImageGenerateTokens")["widgets_values"]
 
 
+def test_the_size_set_for_the_run_reaches_the_panel(seen):
+    run = seen["run"]
+    assert run["tokenCount"] == str(ar.ar_geometry(run["height"], run["width"]).num_grid_tokens)
+    size = [512, 512] if RUN_SIZE else [seen["initial"]["width"], seen["initial"]["height"]]
+    assert [run["width"], run["height"]] == size
+
+
 def test_ar_preview_appears_on_the_token_node_while_it_decodes(seen):
     assert seen["previewMidRun"]["previews"] >= 1 and seen["previewMidRun"]["nodeImages"] > 0
-    geometry = ar.ar_geometry(seen["initial"]["height"], seen["initial"]["width"])
+    geometry = ar.ar_geometry(seen["run"]["height"], seen["run"]["width"])
     assert seen["previewFinal"]["sizes"][0] == list(preview.preview_size(geometry))
 
 
 def test_workflow_runs_and_its_image_shows_on_the_canvas(seen):
     assert ["execution_success", None] in seen["events"]
-    assert (seen["output"]["width"], seen["output"]["height"]) == (seen["initial"]["width"], seen["initial"]["height"])
+    assert (seen["output"]["width"], seen["output"]["height"]) == (seen["run"]["width"], seen["run"]["height"])
     assert Path(seen["screenshot"]).is_file()
 
 

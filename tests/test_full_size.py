@@ -13,6 +13,8 @@ import pytest
 
 from tests import comfy_host
 
+pytestmark = pytest.mark.heavy  # a child process per stage
+
 REPO = Path(__file__).resolve().parents[1]
 # the writers (the folder, the SDNQ folder), both export commands, the AR loader and ComfyUI's DiT loader
 DRY_RUN_STAGES = ["glyph", "ar_int8_file", "dit_scaled_fp8", "ar_sdnq", "dit_sdnq"]

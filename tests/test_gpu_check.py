@@ -11,6 +11,8 @@ import pytest
 
 from tests import comfy_host
 
+pytestmark = pytest.mark.heavy  # six child processes: over a minute
+
 REPO = Path(__file__).resolve().parents[1]
 
 GPU_CHECK_ROWS = [

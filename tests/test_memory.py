@@ -16,6 +16,8 @@ from glm_image_core import ar, formats, loading, memory
 from glm_image_core.errors import GenerationCancelled
 from tests.benchmark_scripts import import_script
 
+pytestmark = pytest.mark.heavy  # the vision encoder at its real width
+
 TOLERANCE = 0.10  # the bound: the estimate within 10% of the measured peak, either way
 UPPER_BOUND_SLACK = 0.25  # the encoders' estimates (an upper bound over CPU kernels' differing live sets): above
 LONG_PROMPT = "a cat on a mat, " * 60  # 973 tokens: the tiny tokenizer reads characters

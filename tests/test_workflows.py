@@ -20,7 +20,7 @@ from tests import comfy_host, locales
 from tests.prompt_graphs import example_prompt
 
 comfy_host.require_comfyui()
-pytestmark = pytest.mark.host
+pytestmark = [pytest.mark.host, pytest.mark.heavy]  # real servers, every example run
 
 import folder_paths  # noqa: E402
 

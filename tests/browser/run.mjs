@@ -1,5 +1,5 @@
 // Drives ComfyUI's front end in headless Chromium for tests/test_browser.py:
-//   node run.mjs --url http://127.0.0.1:PORT --out DIR [--template text_rendering] [--steps N]
+//   node run.mjs --url http://127.0.0.1:PORT --out DIR [--template text_rendering] [--steps N] [--size WxH]
 // opens the pack's template from Workflow templates (its card pictures must load), reads the GLM-Image panel, edits
 // prompt and size through the page, queues the workflow, watches the AR preview arrive on the token node and the
 // image on the canvas, and saves screenshots in DIR. Then reloads the page twice and opens the template again: with
@@ -19,6 +19,7 @@ const { values: opts } = parseArgs({
     template: { type: "string", default: "text_rendering" },
     pack: { type: "string", default: "glm_image_nodes" },
     steps: { type: "string" },
+    size: { type: "string" }, // WxH: the run at this size instead of the template's (every width/height widget)
     timeout: { type: "string", default: "600" },
   },
 });
@@ -286,6 +287,21 @@ try {
       { nodeId: ids.sampler, steps: Number(opts.steps) },
     );
   }
+
+  const [width, height] = opts.size ? opts.size.split("x").map(Number) : [seen.initial.width, seen.initial.height];
+  if (opts.size) {
+    await page.evaluate(({ width, height }) => {
+      for (const node of window.app.graph.nodes) {
+        for (const w of node.widgets ?? []) {
+          if (w.name === "width" || w.name === "height") {
+            w.value = w.name === "width" ? width : height;
+            w.callback?.(w.value); // what the widget calls when edited: the panel follows
+          }
+        }
+      }
+    }, { width, height });
+  }
+  seen.run = await waitPanel(ids.tokens, (p) => p.width === width && p.height === height, "panel at the run's size");
 
   // --- run: the AR preview on the token node, then the image on the canvas -----------------------------------------
   await page.evaluate((tokensId) => {
