@@ -22,10 +22,14 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session", autouse=True)
 def one_cpu_thread():
     """The tiny models gain nothing from threads: on small VMs multi-threaded CPU ops (SDPA above all) cost more
-    than they compute, and the AR decode runs ~6x faster on one thread."""
+    than they compute, and the AR decode runs ~6x faster on one thread. The processes the tests start (servers,
+    scripts, browsers' backends) get one thread too: beside two test processes on two cores, their OpenMP threads
+    waiting for a core took a tenth of the suite's time."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
     torch.set_num_threads(threads)
 
 
