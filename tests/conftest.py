@@ -22,8 +22,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session", autouse=True)
 def one_cpu_thread():
     """The tiny models gain nothing from threads: on small VMs multi-threaded CPU ops (SDPA above all) cost more
-    than they compute, and the AR decode runs ~6x faster on one thread. The processes the tests start (servers,
-    scripts, browsers' backends) get one thread too: beside two test processes on two cores, their OpenMP threads
+    than they compute, and the AR decode runs ~6x faster on one thread. The processes the tests start (ComfyUI
+    servers, benchmark scripts) get one thread too: beside two test processes on two cores, their OpenMP threads
     waiting for a core took a tenth of the suite's time."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
