@@ -530,8 +530,10 @@ def part_comfyui(setup: Setup, rows: Rows, args) -> None:
 
 def part_compile(setup: Setup, rows: Rows, args) -> None:
     names = [f"TorchCompileModel (inductor) recompilations: {run}" for run in COMPILE_RUNS]
-    # SDPA as on CUDA: on a CPU, ComfyUI's sub-quadratic attention breaks the graph and triples the dry run's traces
-    if (modules := comfy_modules(setup, rows, args, names, sdpa=True)) is not None:
+    # On a CPU, SDPA as on CUDA: ComfyUI's CPU default (sub-quadratic attention) breaks the graph and triples the
+    # traces. On a GPU, the attention ComfyUI picks for its users (SDPA, or xformers/sage when installed).
+    sdpa = setup.device.type == "cpu"
+    if (modules := comfy_modules(setup, rows, args, names, sdpa=sdpa)) is not None:
         rows.run(names[0], lambda: compile_check(setup, *modules, rows))
 
 
