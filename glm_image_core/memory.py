@@ -258,15 +258,19 @@ def ar_vision_working_memory(vision_config, vq_config, patches: Sequence[int], d
     The ViT runs once on every image's patches; its largest moment is an MLP: the fc1 output and the GELU's, in float32
     at least (``4 + dtype`` bytes per intermediate feature), beside the residual stream, its sum and the norm
     (3 x hidden). Its features ([all patches, hidden]) are kept while the VQ model quantises one image at a time: the
-    codebook normalised ([16384, embed_dim]), the [patches, 16384] distances as a sum and a matmul product in the
-    model's dtype with the matmul's float32 result (``2 x dtype + 4`` bytes each), beside three [patches, embed_dim]
-    copies of the image's features (permuted, normalised twice). Checked against measured allocations
-    (``tests/test_memory.py``)."""
+    codebook normalised ([16384, embed_dim]) and three [patches, embed_dim] copies of the image's features (permuted,
+    normalised twice), beside the largest of: the codebook's square (its norms' input); in half precision, a contiguous
+    copy of the transposed codebook that the CPU's matmul makes, with the distances' sum and product in the model's
+    dtype; the [patches, 16384] distances as a sum and a matmul product in the model's dtype with the matmul's float32
+    result (``2 x dtype + 4`` bytes each). For a few small references the codebook terms outweigh the distances.
+    Checked against measured allocations (``tests/test_memory.py``)."""
     b, hidden, inter = dtype_bytes, vision_config.hidden_size, vision_config.intermediate_size
     codes, embed = vq_config.num_embeddings, vq_config.embed_dim
     total = sum(patches)
     vit = total * (inter * (b + 4) + 3 * hidden * b)
-    vq = codes * embed * b + max(patches) * (codes * (2 * b + 4) + 3 * embed * b)
+    codebook, image = codes * embed * b, max(patches)
+    matmul_copy = codebook + 2 * image * codes * b if b < 4 else 0
+    vq = codebook + 3 * image * embed * b + max(codebook, matmul_copy, image * codes * (2 * b + 4))
     return total * hidden * b + max(vit, vq)
 
 

@@ -201,6 +201,7 @@ def vision_models(tiny_model_dir):
 
 
 VISION_CASES = {  # reference sides (px): what each case makes the peak of
+    "one 512x512": [512],  # the VQ's codebook: its square, or the CPU matmul's copy of it in half precision
     "one 1024x1024": [1024],  # the VQ's distances
     "four 1024x1024": [1024] * 4,  # the VQ's, beside four images' features
     "1024 and 512": [1024, 512],
