@@ -255,8 +255,11 @@ def ar_vision_working_memory(vision_config, vq_config, patches: Sequence[int], d
     """Bytes ``ar.encode_reference_images`` allocates beside the vision encoder's and the VQ model's weights for
     reference images of ``patches`` 16-pixel patches each (``dtype_bytes``: the model's dtype's size).
 
-    The ViT runs once on every image's patches; its largest moment is an MLP: the fc1 output and the GELU's, in float32
-    at least (``4 + dtype`` bytes per intermediate feature), beside the residual stream, its sum and the norm
+    The embeddings first: the position table ([(image_size / 16)^2, hidden]) copied to float32 for its interpolation
+    (in half precision; in float32 the copy is the table itself), the interpolated positions in float32 and the patch
+    embeddings, their sum and the input to the blocks in the model's dtype (``4 + 3 x dtype`` bytes per feature). The
+    ViT then runs once on every image's patches; its largest moment is an MLP: the fc1 output and the GELU's, in
+    float32 at least (``4 + dtype`` bytes per intermediate feature), beside the residual stream, its sum and the norm
     (3 x hidden). Its features ([all patches, hidden]) are kept while the VQ model quantises one image at a time: the
     codebook normalised ([16384, embed_dim]) and three [patches, embed_dim] copies of the image's features (permuted,
     normalised twice), beside the largest of: the codebook's square (its norms' input); in half precision, a contiguous
@@ -267,11 +270,13 @@ def ar_vision_working_memory(vision_config, vq_config, patches: Sequence[int], d
     b, hidden, inter = dtype_bytes, vision_config.hidden_size, vision_config.intermediate_size
     codes, embed = vq_config.num_embeddings, vq_config.embed_dim
     total = sum(patches)
+    positions = (vision_config.image_size // vision_config.patch_size) ** 2
+    embeddings = (positions * hidden * 4 if b < 4 else 0) + total * hidden * (4 + 3 * b)
     vit = total * (inter * (b + 4) + 3 * hidden * b)
     codebook, image = codes * embed * b, max(patches)
     matmul_copy = codebook + 2 * image * codes * b if b < 4 else 0
     vq = codebook + 3 * image * embed * b + max(codebook, matmul_copy, image * codes * (2 * b + 4))
-    return total * hidden * b + max(vit, vq)
+    return max(embeddings, total * hidden * b + max(vit, vq))
 
 
 def ar_model_vision_working_bytes(model, image_grid_thw) -> int:

@@ -6,6 +6,7 @@ copies, int8 matmul, attention over a long cache, sampling), so a wrong or missi
 The tiny model's buffers are small, so its prompts are long (~1000 tokens) or its cache long (2048x2048: 4352 new
 tokens) where that moment needs it."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -183,29 +184,33 @@ def test_the_glyph_encoders_working_memory_bounds_the_measured_peak(glyph_encode
 
 @pytest.fixture(scope="module")
 def vision_models(tiny_model_dir):
-    """The tiny AR with the published vision encoder and VQ model (hidden 1536, MLP 6144, a 16384 x 2048 codebook),
-    2 of its 40 ViT layers (a call peaks within one layer or in the VQ), random, in bf16 and fp32."""
+    """The tiny AR with the published vision encoder (hidden 1536, MLP 6144), 2 of its 40 ViT layers (a call peaks
+    within one layer or in the VQ), random, in bf16 and fp32, by codebook size: the published VQ model's 16384 x 2048
+    codebook, or 1024 x 2048 (the VQ then weighs little beside the ViT)."""
     import json
 
     from transformers import GlmImageConfig, GlmImageForConditionalGeneration
 
     config = json.loads((tiny_model_dir / "vision_language_encoder" / "config.json").read_text())
     published = json.loads((PUBLISHED / "vision_language_encoder__config.RECONSTRUCTED.json").read_text())
-    config.update(vision_config=dict(published["vision_config"], depth=2), vq_config=published["vq_config"])
+    config["vision_config"] = dict(published["vision_config"], depth=2)
     torch.manual_seed(0)
-    model = GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config)).eval()
-    return {
-        "fp32": model,
-        "bf16": GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config)).to(torch.bfloat16),
-    }
+    models = {}
+    for codes in (PUBLISHED_CODES, 1024):
+        config["vq_config"] = dict(published["vq_config"], num_embeddings=codes)
+        model = GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config)).eval()
+        models["fp32", codes], models["bf16", codes] = model, copy.deepcopy(model).to(torch.bfloat16)
+    return models
 
 
-VISION_CASES = {  # reference sides (px): what each case makes the peak of
-    "one 512x512": [512],  # the VQ's codebook: its square, or the CPU matmul's copy of it in half precision
-    "one 1024x1024": [1024],  # the VQ's distances
-    "four 1024x1024": [1024] * 4,  # the VQ's, beside four images' features
-    "1024 and 512": [1024, 512],
-    "sixteen 512x512": [512] * 16,  # the ViT's MLP on every image's patches
+PUBLISHED_CODES = 16384
+VISION_CASES = {  # (reference sides in px, codebook size): what each case makes the peak of
+    "one 512x512": ([512], PUBLISHED_CODES),  # the VQ's codebook: its square, or the CPU matmul's copy of it (bf16)
+    "one 1024x1024": ([1024], PUBLISHED_CODES),  # the VQ's distances
+    "two 1024x1024": ([1024] * 2, PUBLISHED_CODES),  # the VQ's, beside both images' features
+    "1024 and 512": ([1024, 512], PUBLISHED_CODES),  # the VQ's of the larger image
+    # the ViT's MLP on every image's patches (fp32), the position table's float32 copy (bf16)
+    "four 512x512, 1024 codes": ([512] * 4, 1024),
 }
 
 
@@ -215,8 +220,9 @@ def test_the_vision_encoders_working_memory_bounds_the_measured_peak(vision_mode
     """Within 10% below and 25% above the allocation peak of encoding the references (ViT + VQ)."""
     from PIL import Image
 
-    model = vision_models[dtype].eval()
-    images = [Image.new("RGB", (side, side), (40 * i, 150, 200)) for i, side in enumerate(VISION_CASES[case])]
+    sides, codes = VISION_CASES[case]
+    model = vision_models[dtype, codes]
+    images = [Image.new("RGB", (side, side), (40 * i, 150, 200)) for i, side in enumerate(sides)]
     inputs = ar.build_ar_inputs(processor, "a cat", 512, 512, images)
     estimate = memory.ar_model_vision_working_bytes(model, inputs.image_grid_thw[: len(images)])
     measured = allocation_peak(lambda: ar.encode_reference_images(model, inputs))
