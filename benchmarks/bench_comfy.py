@@ -41,6 +41,8 @@ def import_comfy(comfyui: Path, cpu: bool, extra: tuple[str, ...] = (), sdpa: bo
     from comfy_host import _package_stubs  # stand-ins only where torchvision/torchaudio/av are not installed
 
     for name, location in ((PACK, REPO), (f"{PACK}.nodes", REPO / "nodes")):  # bare packages: no __init__ runs
+        if name in sys.modules:  # imported by an earlier call in this process: its submodules hang on it
+            continue
         spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
         spec.submodule_search_locations = [str(location)]
         sys.modules[name] = importlib.util.module_from_spec(spec)

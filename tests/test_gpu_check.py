@@ -11,7 +11,7 @@ import pytest
 
 from tests import comfy_host
 
-pytestmark = pytest.mark.heavy  # six child processes: over a minute
+pytestmark = pytest.mark.heavy  # a child process that runs every part: ~40 s
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ GPU_CHECK_COMFYUI_ROWS = [
 
 @pytest.fixture(scope="module")
 def gpu_check_dry_run(tmp_path_factory):
-    """``gpu_check.py --dry-run``: every part in its own process, on the CPU with the tiny models (with ComfyUI when
+    """``gpu_check.py --dry-run``: every part in one child process, on the CPU with the tiny models (with ComfyUI when
     COMFYUI_PATH has one)."""
     out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
     comfyui = comfy_host.COMFYUI_PATH
