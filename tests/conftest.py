@@ -1,11 +1,20 @@
 """Shared fixtures: the tiny GLM-Image folder in the published layout, built once per test session. Every test that
 is not marked `host` is marked `core` here (`pytest -m core`: the part that needs no ComfyUI)."""
 
+import os
+import sys
+
 import pytest
 import torch
 
 
 def pytest_configure(config):
+    # Compiled bytecode is cached as Python does by default, also where the environment turns that off
+    # (PYTHONDONTWRITEBYTECODE, set on some CI machines): the suite starts ~50 Python processes (workers, ComfyUI
+    # servers, scripts), each importing the pack and ComfyUI from source otherwise. Set here, before pytest-xdist
+    # starts its workers, so that they inherit it.
+    sys.dont_write_bytecode = False
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     # pytest-xdist (`-n 2 --dist loadfile`) hands out whole files in collection order, not by their number of tests
     # (its default): the `heavy` files come first, so no process is left with one of them when the others are done.
     if hasattr(config.option, "loadscopereorder"):
