@@ -29,8 +29,8 @@ poisons a CUDA context costs only its own part and each stage's peak is its own;
 and a crash or a timeout becomes a broken row with the end of its log. The whole run is held under ``--budget-s``
 (450 s): a part that cannot start in time is reported as skipped. ``--dry-run`` runs every part on the CPU with the
 tiny models (CI: tests/test_gpu_check.py), all in one child process (on the CPU there is nothing to isolate, and the
-imports were most of each part's time): the GPU-only checks report "skipped" but still execute what a CPU can (the int8 kernel's math, the eager decoder, ComfyUI's fp8 loader, Dynamo's
-recompilation count with the eager backend, the staged pipeline's stage boundaries). Missing packages are listed
+imports were most of each part's time): the GPU-only checks report "skipped" but still execute what a CPU can (the
+int8 kernel's math, the eager decoder, ComfyUI's fp8 loader, Dynamo's recompilation count with the eager backend, the staged pipeline's stage boundaries). Missing packages are listed
 first; on a GPU machine without them, see benchmarks/gpu_run.sh.
 """
 
@@ -100,14 +100,15 @@ class Rows:
         self.path.write_text(json.dumps([asdict(c) for c in self.rows], indent=1))
 
     def run(self, name: str, fn) -> None:
-        """Add what ``fn()`` returns (a Check, Checks or benchmark Rows); an exception becomes a broken row."""
+        """Add what ``fn()`` returns (a Check, Checks, benchmark Rows or None: a whole part, which adds its own); an
+        exception becomes a broken row."""
         try:
             result = fn()
         except Exception as e:
             logging.exception("check %r raised", name)
             self.add(Check(name, "broken", error_text(e)))
             return
-        result = result if isinstance(result, list) else [result]
+        result = [] if result is None else result if isinstance(result, list) else [result]
         self.add(*(from_row(r) if isinstance(r, Row) else r for r in result))
 
 
@@ -1004,7 +1005,7 @@ def main(argv=None) -> int:
         for name in args.part:
             if len(args.part) > 1:
                 print(f"--- {name}", file=sys.stderr, flush=True)
-            rows.run(f"{name} part", lambda name=name: PART_FUNCTIONS[name](setup, rows, args) or [])
+            rows.run(f"{name} part", lambda name=name: PART_FUNCTIONS[name](setup, rows, args))
         return 0
 
     start = time.perf_counter()

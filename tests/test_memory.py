@@ -14,6 +14,7 @@ import torch
 from torch._C._profiler import _EventType
 
 from glm_image_core import ar, formats, loading, memory
+from glm_image_core.defaults import NUM_VQ_CODES
 from glm_image_core.errors import GenerationCancelled
 from tests.benchmark_scripts import import_script
 
@@ -196,19 +197,18 @@ def vision_models(tiny_model_dir):
     config["vision_config"] = dict(published["vision_config"], depth=2)
     torch.manual_seed(0)
     models = {}
-    for codes in (PUBLISHED_CODES, 1024):
+    for codes in (NUM_VQ_CODES, 1024):
         config["vq_config"] = dict(published["vq_config"], num_embeddings=codes)
         model = GlmImageForConditionalGeneration(GlmImageConfig.from_dict(config)).eval()
         models["fp32", codes], models["bf16", codes] = model, copy.deepcopy(model).to(torch.bfloat16)
     return models
 
 
-PUBLISHED_CODES = 16384
 VISION_CASES = {  # (reference sides in px, codebook size): what each case makes the peak of
-    "one 512x512": ([512], PUBLISHED_CODES),  # the VQ's codebook: its square, or the CPU matmul's copy of it (bf16)
-    "one 1024x1024": ([1024], PUBLISHED_CODES),  # the VQ's distances
-    "two 1024x1024": ([1024] * 2, PUBLISHED_CODES),  # the VQ's, beside both images' features
-    "1024 and 512": ([1024, 512], PUBLISHED_CODES),  # the VQ's of the larger image
+    "one 512x512": ([512], NUM_VQ_CODES),  # the VQ's codebook: its square, or the CPU matmul's copy of it (bf16)
+    "one 1024x1024": ([1024], NUM_VQ_CODES),  # the VQ's distances
+    "two 1024x1024": ([1024] * 2, NUM_VQ_CODES),  # the VQ's, beside both images' features
+    "1024 and 512": ([1024, 512], NUM_VQ_CODES),  # the VQ's of the larger image
     # the ViT's MLP on every image's patches (fp32), the position table's float32 copy (bf16)
     "four 512x512, 1024 codes": ([512] * 4, 1024),
 }
