@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+from tests import allocator
+
 
 def pytest_configure(config):
     # Compiled bytecode is cached as Python does by default, also where the environment turns that off
@@ -15,6 +17,7 @@ def pytest_configure(config):
     # starts its workers, so that they inherit it.
     sys.dont_write_bytecode = False
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    allocator.keep_freed_memory()
     # pytest-xdist (`-n 2 --dist loadfile`) hands out whole files in collection order, not by their number of tests
     # (its default): the `heavy` files come first, so no process is left with one of them when the others are done.
     if hasattr(config.option, "loadscopereorder"):

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from tests import comfy_host
+from tests import allocator, comfy_host
 
 comfy_host.require_comfyui()
 pytestmark = [pytest.mark.host, pytest.mark.vram]
@@ -105,7 +105,13 @@ def loading_peak(tiny_model_dir, tmp_path, dynamic: bool) -> dict:
         file=str(tmp_path / "dit.safetensors"),
         dynamic=dynamic,
     )
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=allocator.measuring_env(),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import comfy_host
+from tests import allocator, comfy_host
 
 pytestmark = pytest.mark.heavy  # a child process per stage
 
@@ -22,7 +22,7 @@ DRY_RUN_STAGES = ["glyph", "ar_int8_file", "dit_scaled_fp8", "ar_sdnq", "dit_sdn
 
 def run_script(*args: str, timeout: float) -> dict:
     out = Path(args[args.index("--json") + 1])
-    env = {**os.environ, "COMFYUI_PATH": str(comfy_host.COMFYUI_PATH)}
+    env = {**allocator.measuring_env(), "COMFYUI_PATH": str(comfy_host.COMFYUI_PATH)}  # it measures peaks
     done = subprocess.run(
         [sys.executable, "benchmarks/full_size.py", *args],
         cwd=REPO,

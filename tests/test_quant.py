@@ -10,7 +10,6 @@ room for BLAS differences (Intel or AMD) without letting a broken scale (errors 
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from transformers import DynamicCache
 from glm_image_core import ar, fast_ar, loading
 from glm_image_core.errors import ModelFilesError
 from glm_image_core.formats import int8, int8_kernel
+from tests import allocator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -322,7 +322,7 @@ def load_peak(folder: Path, quantization: str) -> dict:
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, **MALLOC_RETURNS_FREED_MEMORY},
+        env={**allocator.measuring_env(), **MALLOC_RETURNS_FREED_MEMORY},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
