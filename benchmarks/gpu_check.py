@@ -30,8 +30,9 @@ and a crash or a timeout becomes a broken row with the end of its log. The whole
 (450 s): a part that cannot start in time is reported as skipped. ``--dry-run`` runs every part on the CPU with the
 tiny models (CI: tests/test_gpu_check.py), all in one child process (on the CPU there is nothing to isolate, and the
 imports were most of each part's time): the GPU-only checks report "skipped" but still execute what a CPU can (the
-int8 kernel's math, the eager decoder, ComfyUI's fp8 loader, Dynamo's recompilation count with the eager backend, the staged pipeline's stage boundaries). Missing packages are listed
-first; on a GPU machine without them, see benchmarks/gpu_run.sh.
+int8 kernel's math, the eager decoder, ComfyUI's fp8 loader, Dynamo's recompilation count with the eager backend,
+the staged pipeline's stage boundaries). Missing packages are listed first; on a GPU machine without them, see
+benchmarks/gpu_run.sh.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ class Rows:
             logging.exception("check %r raised", name)
             self.add(Check(name, "broken", error_text(e)))
             return
-        result = [] if result is None else result if isinstance(result, list) else [result]
+        if result is None:  # a whole part, which added its own rows
+            return
+        result = result if isinstance(result, list) else [result]
         self.add(*(from_row(r) if isinstance(r, Row) else r for r in result))
 
 

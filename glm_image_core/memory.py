@@ -264,8 +264,9 @@ def ar_vision_working_memory(vision_config, vq_config, patches: Sequence[int], d
     codebook normalised ([16384, embed_dim]) and three [patches, embed_dim] copies of the image's features (permuted,
     normalised twice), beside the largest of: the codebook's square (its norms' input); in half precision, a contiguous
     copy of the transposed codebook that the CPU's matmul makes, with the distances' sum and product in the model's
-    dtype (counted on every device: on CUDA it overstates by at most those two [patches, 16384] tensors); the [patches, 16384] distances as a sum and a matmul product in the model's dtype with the matmul's float32
-    result (``2 x dtype + 4`` bytes each). For a few small references the codebook terms outweigh the distances.
+    dtype (counted on every device: on CUDA it overstates by at most those two [patches, 16384] tensors); the
+    [patches, 16384] distances as a sum and a matmul product in the model's dtype with the matmul's float32 result
+    (``2 x dtype + 4`` bytes each). For a few small references the codebook terms outweigh the distances.
     Checked against measured allocations (``tests/test_memory.py``)."""
     b, hidden, inter = dtype_bytes, vision_config.hidden_size, vision_config.intermediate_size
     codes, embed = vq_config.num_embeddings, vq_config.embed_dim

@@ -10,6 +10,7 @@ import ctypes
 import os
 import platform
 
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"  # the settings below are glibc's
 INT_MAX = 2**31 - 1  # mallopt takes a C int
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(INT_MAX)}
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
@@ -17,7 +18,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
 
 def keep_freed_memory() -> None:
     """For this process (mallopt) and those it starts (glibc reads the environment when a process starts)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not GLIBC:
         return
     os.environ.update(KEEP_FREED_MEMORY)
     libc = ctypes.CDLL(None)

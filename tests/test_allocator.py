@@ -3,7 +3,6 @@ in again; the processes whose memory a test measures keep glibc's defaults and g
 
 import ctypes
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +11,7 @@ import pytest
 
 from tests import allocator
 
-pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings"
-)
+pytestmark = pytest.mark.skipif(not allocator.GLIBC, reason="glibc's malloc settings")
 
 BLOCK = 64 << 20  # above glibc's largest mmap threshold (32 MiB): by default a block of its own, unmapped on free
 PAGES = BLOCK // 4096
